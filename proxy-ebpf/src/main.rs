@@ -1,0 +1,190 @@
+//! The kernel half of spliced.
+//!
+//! `spliced_verdict` (sk_skb stream verdict, attached to `RECV`) hands every byte a spliced
+//! socket receives to its peer socket's egress, counts it, and tells userspace when the bytes
+//! buffered for one direction may have reached the configured bound. `spliced_msg` (sk_msg,
+//! attached to `SOCKS`) counts every byte that enters a spliced socket's send path.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::sk_action,
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_coarse_ns},
+    macros::{map, sk_msg, stream_verdict},
+    maps::{HashMap, PerCpuArray, RingBuf, SockHash},
+    programs::{SkBuffContext, SkMsgContext},
+};
+use aya_log_ebpf::warn;
+use proxy_common::{
+    EVENTS_BYTES, Flow, FlowEvent, Link, MAX_SERVICES, MAX_SOCKETS, SIDE_CLIENT, ServiceCounters,
+    UserTx,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Maps (see proxy_common::names for what each one holds and who writes it).
+// ---------------------------------------------------------------------------------------------
+
+#[map]
+static SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+
+#[map]
+static RECV: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+
+#[map]
+static LINKS: HashMap<u64, Link> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+#[map]
+static FLOWS: HashMap<u64, Flow> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+#[map]
+static SERVICE_STATS: PerCpuArray<ServiceCounters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+#[map]
+static USER_TX: PerCpuArray<UserTx> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+// ---------------------------------------------------------------------------------------------
+// sk_skb stream verdict
+// ---------------------------------------------------------------------------------------------
+
+#[stream_verdict]
+pub fn spliced_verdict(ctx: SkBuffContext) -> u32 {
+    match try_spliced_verdict(&ctx) {
+        Ok(verdict) => verdict,
+        Err(_) => sk_action::SK_DROP,
+    }
+}
+
+fn try_spliced_verdict(ctx: &SkBuffContext) -> Result<u32, i64> {
+    let len = u64::from(ctx.len());
+    // A FIN arrives as an empty skb. Redirecting it would make the peer's backlog worker see
+    // a zero-length send, which it treats as a broken pipe and stops all further transmission
+    // on that socket. There are no bytes to lose: drop it. Userspace sees the FIN itself
+    // (EPOLLRDHUP) and shuts the peer down once every byte before it has left.
+    if len == 0 {
+        return Ok(sk_action::SK_DROP);
+    }
+    // SAFETY: the helper only reads the socket of the skb in the context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(link) = (unsafe { LINKS.get(&cookie) }) else {
+        // Userspace puts a socket in RECV only after its link exists, and takes it out of
+        // RECV before deleting the link, so this cannot happen while a connection lives.
+        warn!(ctx, "spliced: no link for socket {}", cookie);
+        return Ok(sk_action::SK_DROP);
+    };
+    let mut link = *link;
+
+    let Some(flow) = FLOWS.get_ptr_mut(&cookie) else {
+        warn!(ctx, "spliced: no flow for socket {}", cookie);
+        return Ok(sk_action::SK_DROP);
+    };
+    let counters = SERVICE_STATS.get_ptr_mut(link.service);
+    // SAFETY: map values stay valid for the whole program run; only this socket's verdict
+    // writes this flow, and the kernel runs it for one socket at a time.
+    let flow = unsafe { &mut *flow };
+    // SAFETY: the helper has no arguments and no side effects.
+    flow.last_active_ns = unsafe { bpf_ktime_get_coarse_ns() };
+
+    // Parked (see proxy_common::Link): keep the bytes in this socket's receive path, charged
+    // to its receive buffer, so that TCP flow control holds the sender back.
+    if link.park != 0 || flow.parked != link.parked_moved {
+        flow.parked += len;
+        if let Some(c) = counters {
+            // SAFETY: per-CPU value of this CPU; nothing else writes it during this run.
+            unsafe { (*c).parked_bytes += len };
+        }
+        // Parked although userspace has just unparked: this run read the link before the
+        // unpark and counted after userspace's last look. Say so, or nobody moves these bytes.
+        if link.park == 0 {
+            let event = FlowEvent {
+                cookie,
+                redirected: flow.redirected,
+            };
+            // A lost event is retried by the next parked batch.
+            let _ = EVENTS.output(&event, 0);
+        }
+        return Ok(sk_action::SK_PASS);
+    }
+
+    let verdict = SOCKS.redirect_skb(ctx, &mut link.peer_cookie, 0) as u32;
+    if verdict != sk_action::SK_PASS {
+        flow.failed += len;
+        if let Some(c) = counters {
+            // SAFETY: per-CPU value of this CPU; nothing else writes it during this run.
+            unsafe { (*c).redirect_failures += 1 };
+        }
+        warn!(
+            ctx,
+            "spliced: redirect of {} bytes from socket {} refused", len, cookie
+        );
+        return Ok(sk_action::SK_DROP);
+    }
+
+    flow.redirected += len;
+
+    let mut event_state = 0u8;
+    if flow.redirected >= link.check_at && flow.notified_at != link.check_at {
+        flow.notified_at = link.check_at;
+        let event = FlowEvent {
+            cookie,
+            redirected: flow.redirected,
+        };
+        event_state = if EVENTS.output(&event, 0).is_ok() {
+            1
+        } else {
+            2
+        };
+    }
+
+    if let Some(c) = counters {
+        // SAFETY: per-CPU value of this CPU; nothing else writes it during this run.
+        let c = unsafe { &mut *c };
+        if link.side == SIDE_CLIENT {
+            c.bytes_to_backend += len;
+        } else {
+            c.bytes_to_client += len;
+        }
+        c.segments += 1;
+        match event_state {
+            1 => c.flow_events += 1,
+            2 => c.events_lost += 1,
+            _ => {}
+        }
+    }
+    Ok(verdict)
+}
+
+// ---------------------------------------------------------------------------------------------
+// sk_msg
+// ---------------------------------------------------------------------------------------------
+
+/// Runs on every message that enters the send path of a socket in `SOCKS`: what userspace
+/// writes, and also every batch the verdict program redirected there, since the kernel's
+/// backlog worker sends redirected bytes through the socket's `sendmsg`. It counts them, so
+/// that the egress total can be checked against the verdict's redirect counters plus the
+/// bytes the daemon moved itself (the tests do), and passes every message on unchanged.
+/// It does no more because rewriting or redirecting what a process sends is the job of the
+/// same-host path, which is not built yet.
+#[sk_msg]
+pub fn spliced_msg(ctx: SkMsgContext) -> u32 {
+    if let Some(tx) = USER_TX.get_ptr_mut(0) {
+        // SAFETY: per-CPU value of this CPU; nothing else writes it during this run.
+        let tx = unsafe { &mut *tx };
+        tx.messages += 1;
+        tx.bytes += u64::from(ctx.size());
+    }
+    sk_action::SK_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

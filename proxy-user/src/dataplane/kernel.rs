@@ -1,0 +1,329 @@
+//! The loaded kernel programs and their maps: loading and attaching, the per-socket map
+//! entries of a spliced pair, the per-service counters, and the pumps that turn the verdict
+//! program's ring buffer and aya-log records into events and log lines.
+
+use std::{
+    os::fd::{AsRawFd, BorrowedFd},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash},
+    programs::{ProgramError, SkMsg, SkSkb},
+};
+use proxy_common::{Flow, FlowEvent, Link, MAX_SERVICES, ServiceCounters, UserTx, names};
+
+use crate::watch::{Registry, SockEvent};
+
+/// The object built by build.rs (empty when built with `AYA_BUILD_SKIP=1`).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/spliced-ebpf"));
+
+/// Why the kernel programs could not be put in place.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("this build carries no BPF object (it was built with AYA_BUILD_SKIP=1)")]
+    NoObject,
+    #[error("loading the BPF object failed: {0}")]
+    Object(#[source] Box<aya::EbpfError>),
+    #[error("the BPF object has no {0}")]
+    Missing(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("ring buffer: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A failed map operation on a spliced pair.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} on {map} for socket {cookie}: {}", describe(source))]
+pub struct MapOpError {
+    op: &'static str,
+    map: &'static str,
+    cookie: u64,
+    #[source]
+    source: MapError,
+}
+
+impl MapOpError {
+    /// The kernel refused the socket because of its TCP state: a socket map only takes
+    /// established sockets, and one that has received FIN is in `CLOSE_WAIT`.
+    pub fn is_state_refusal(&self) -> bool {
+        matches!(
+            &self.source,
+            MapError::SyscallError(aya::sys::SyscallError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EOPNOTSUPP)
+        )
+    }
+}
+
+/// Socket maps report a missing key as a plain ENOENT from the syscall.
+fn is_enoent(e: &MapError) -> bool {
+    matches!(e, MapError::SyscallError(aya::sys::SyscallError { io_error, .. })
+        if io_error.raw_os_error() == Some(libc::ENOENT))
+}
+
+fn describe(e: &MapError) -> String {
+    match e {
+        MapError::SyscallError(aya::sys::SyscallError { call, io_error }) => {
+            format!("{call}: {io_error}")
+        }
+        other => other.to_string(),
+    }
+}
+
+struct Maps {
+    socks: SockHash<MapData, u64>,
+    recv: SockHash<MapData, u64>,
+    links: HashMap<MapData, u64, Link>,
+    flows: HashMap<MapData, u64, Flow>,
+}
+
+/// The sum over CPUs of a service's kernel counters.
+pub type ServiceTotals = ServiceCounters;
+
+/// The kernel programs, attached, and their maps.
+pub struct Kernel {
+    maps: Mutex<Maps>,
+    stats: PerCpuArray<MapData, ServiceCounters>,
+    user_tx: PerCpuArray<MapData, UserTx>,
+    // Owns the programs; dropping it detaches them. Kept last so maps close first.
+    _ebpf: Ebpf,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::Missing(name))?;
+    T::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
+impl Kernel {
+    /// Loads the programs into the kernel, attaches them to their maps, and starts the event
+    /// pump (ring buffer -> `registry`) and the kernel log pump on the current runtime.
+    pub fn load(registry: Arc<Registry>) -> Result<Self, LoadError> {
+        if OBJECT.is_empty() {
+            return Err(LoadError::NoObject);
+        }
+        let mut ebpf = EbpfLoader::new()
+            .load(OBJECT)
+            .map_err(|e| LoadError::Object(Box::new(e)))?;
+        match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => spawn_log_pump(logger)?,
+            Err(e) => tracing::warn!(error = %e, "kernel program logs are not available"),
+        }
+
+        let socks: SockHash<MapData, u64> = take(&mut ebpf, names::SOCKS)?;
+        let recv: SockHash<MapData, u64> = take(&mut ebpf, names::RECV)?;
+        let links = take(&mut ebpf, names::LINKS)?;
+        let flows = take(&mut ebpf, names::FLOWS)?;
+        let stats = take(&mut ebpf, names::SERVICE_STATS)?;
+        let user_tx = take(&mut ebpf, names::USER_TX)?;
+        let events: RingBuf<MapData> = take(&mut ebpf, names::EVENTS)?;
+
+        let name = names::VERDICT_PROG;
+        let verdict: &mut SkSkb = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::Missing(name))?
+            .try_into()
+            .map_err(|source| LoadError::Program { name, source })?;
+        verdict
+            .load()
+            .and_then(|()| verdict.attach(recv.fd()))
+            .map_err(|source| LoadError::Program { name, source })?;
+        let name = names::MSG_PROG;
+        let msg: &mut SkMsg = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::Missing(name))?
+            .try_into()
+            .map_err(|source| LoadError::Program { name, source })?;
+        msg.load()
+            .and_then(|()| msg.attach(socks.fd()))
+            .map_err(|source| LoadError::Program { name, source })?;
+
+        spawn_event_pump(events, registry)?;
+        Ok(Self {
+            maps: Mutex::new(Maps {
+                socks,
+                recv,
+                links,
+                flows,
+            }),
+            stats,
+            user_tx,
+            _ebpf: ebpf,
+        })
+    }
+
+    fn maps(&self) -> MutexGuard<'_, Maps> {
+        self.maps.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Creates the link and flow entries of one socket.
+    pub fn add_link(&self, cookie: u64, link: &Link) -> Result<(), MapOpError> {
+        let mut maps = self.maps();
+        maps.flows
+            .insert(&cookie, &Flow::default(), 0)
+            .map_err(|source| op_err("insert", names::FLOWS, cookie, source))?;
+        maps.links
+            .insert(&cookie, link, 0)
+            .map_err(|source| op_err("insert", names::LINKS, cookie, source))
+    }
+
+    /// Replaces the link of a socket (check point, parking).
+    pub fn set_link(&self, cookie: u64, link: &Link) -> Result<(), MapOpError> {
+        self.maps()
+            .links
+            .insert(&cookie, link, 0)
+            .map_err(|source| op_err("update", names::LINKS, cookie, source))
+    }
+
+    /// What the verdict program has done with the bytes this socket received.
+    pub fn flow(&self, cookie: u64) -> Result<Flow, MapOpError> {
+        self.maps()
+            .flows
+            .get(&cookie, 0)
+            .map_err(|source| op_err("lookup", names::FLOWS, cookie, source))
+    }
+
+    /// Puts a socket in `SOCKS`, where it can be redirected to.
+    pub fn add_socket(&self, cookie: u64, fd: BorrowedFd<'_>) -> Result<(), MapOpError> {
+        self.maps()
+            .socks
+            .insert(&cookie, fd.as_raw_fd(), 0)
+            .map_err(|source| op_err("insert", names::SOCKS, cookie, source))
+    }
+
+    /// Lets the bytes a socket receives flow to its peer (puts it in `RECV`).
+    pub fn start_receive(&self, cookie: u64, fd: BorrowedFd<'_>) -> Result<(), MapOpError> {
+        self.maps()
+            .recv
+            .insert(&cookie, fd.as_raw_fd(), 0)
+            .map_err(|source| op_err("insert", names::RECV, cookie, source))
+    }
+
+    /// Removes every entry of a socket. Missing entries are fine: set-up may have failed
+    /// half-way, and closing a socket removes it from the socket maps by itself.
+    pub fn forget(&self, cookie: u64) {
+        let mut maps = self.maps();
+        let results = [
+            (names::RECV, maps.recv.remove(&cookie)),
+            (names::SOCKS, maps.socks.remove(&cookie)),
+            (names::LINKS, maps.links.remove(&cookie)),
+            (names::FLOWS, maps.flows.remove(&cookie)),
+        ];
+        for (map, result) in results {
+            match result {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) if is_enoent(&e) => {}
+                Err(e) => {
+                    tracing::error!(
+                        map,
+                        cookie,
+                        error = describe(&e),
+                        "removing a map entry failed"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Entries left in each per-socket map (for leak checks).
+    pub fn entry_counts(&self) -> [(&'static str, usize); 4] {
+        let maps = self.maps();
+        [
+            (names::SOCKS, maps.socks.keys().count()),
+            (names::RECV, maps.recv.keys().count()),
+            (names::LINKS, maps.links.keys().count()),
+            (names::FLOWS, maps.flows.keys().count()),
+        ]
+    }
+
+    /// The kernel counters of a service, summed over CPUs.
+    pub fn service_totals(&self, service: u32) -> ServiceTotals {
+        let mut sum = ServiceCounters::default();
+        if service >= MAX_SERVICES {
+            return sum;
+        }
+        if let Ok(values) = self.stats.get(&service, 0) {
+            for v in values.iter() {
+                sum.bytes_to_backend += v.bytes_to_backend;
+                sum.bytes_to_client += v.bytes_to_client;
+                sum.segments += v.segments;
+                sum.redirect_failures += v.redirect_failures;
+                sum.flow_events += v.flow_events;
+                sum.events_lost += v.events_lost;
+                sum.parked_bytes += v.parked_bytes;
+            }
+        }
+        sum
+    }
+
+    /// What processes wrote into spliced sockets, summed over CPUs.
+    pub fn user_tx(&self) -> UserTx {
+        let mut sum = UserTx::default();
+        if let Ok(values) = self.user_tx.get(&0, 0) {
+            for v in values.iter() {
+                sum.messages += v.messages;
+                sum.bytes += v.bytes;
+            }
+        }
+        sum
+    }
+}
+
+fn op_err(op: &'static str, map: &'static str, cookie: u64, source: MapError) -> MapOpError {
+    MapOpError {
+        op,
+        map,
+        cookie,
+        source,
+    }
+}
+
+/// Reads [`FlowEvent`]s and hands each to the connection that owns the socket.
+fn spawn_event_pump(events: RingBuf<MapData>, registry: Arc<Registry>) -> std::io::Result<()> {
+    let mut events = crate::sys::async_readable(events)?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = events.readable_mut().await else {
+                return;
+            };
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                if let Some(event) = crate::sys::read_pod::<FlowEvent>(&item) {
+                    registry.deliver(event.cookie, SockEvent::Pressure);
+                }
+            }
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}
+
+/// Forwards aya-log records from the kernel programs into the `log` facade, which the
+/// tracing subscriber picks up.
+fn spawn_log_pump(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> std::io::Result<()> {
+    let mut logger = crate::sys::async_readable(logger)?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,68 @@
+//! The two data planes and what they share: `sockmap` (the kernel moves the bytes) and
+//! `copy` (tokio moves them), chosen once at start-up.
+
+pub mod copy;
+pub mod kernel;
+pub mod sockmap;
+
+use crate::watch::Side;
+
+/// Which data plane the operator asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataplaneChoice {
+    /// sockmap when the kernel programs load, else copy with a warning.
+    Auto,
+    /// sockmap or nothing.
+    Sockmap,
+    /// userspace copy.
+    Copy,
+}
+
+/// The life stage of the daemon, as connection tasks see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Normal operation.
+    Serve,
+    /// Not accepting; live connections may finish.
+    Drain,
+    /// The grace period is over: close what is left.
+    Abort,
+}
+
+/// How a connection ended without error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Both directions ended with FIN after their last byte.
+    Completed,
+    /// Closed by the daemon at the end of the grace period.
+    Aborted,
+}
+
+/// Why a connection ended with an error, by where the error came from.
+#[derive(Debug, thiserror::Error)]
+pub enum SpliceError {
+    #[error("client: {0}")]
+    Client(#[source] std::io::Error),
+    #[error("backend: {0}")]
+    Backend(#[source] std::io::Error),
+    #[error("peer reset: {0}")]
+    Peer(#[source] std::io::Error),
+    #[error("{0} closed without end of stream")]
+    Closed(&'static str),
+    #[error("both peers stopped reading while sending; buffer bound reached")]
+    Stalled,
+    #[error("kernel map: {0}")]
+    Map(#[source] kernel::MapOpError),
+    #[error("internal: {0}")]
+    Internal(#[source] std::io::Error),
+}
+
+impl SpliceError {
+    pub fn closed(side: Side) -> Self {
+        Self::Closed(match side {
+            Side::Client => "client",
+            Side::Backend => "backend",
+        })
+    }
+}

@@ -1,0 +1,9 @@
+//! spliced: an edge TCP proxy in the style of Fly.io's. Userspace accepts and connects; a BPF
+//! sockmap moves the bytes. See the README for the design and `dataplane::sockmap` for what
+//! the kernel does not do by itself.
+
+pub mod config;
+pub mod dataplane;
+pub mod server;
+pub mod sys;
+pub mod watch;

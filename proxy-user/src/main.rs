@@ -1,0 +1,201 @@
+//! The `spliced` command line: `run` serves a fly.toml, `check` validates one and prints its
+//! routing table.
+
+use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use proxy_user::{
+    config::Config,
+    dataplane::DataplaneChoice,
+    server::{self, RunOptions},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "spliced",
+    version,
+    about = "Edge TCP proxy whose bytes move through a BPF sockmap"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the services of a fly.toml.
+    Run {
+        /// Path of the fly.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Address to listen on; repeat for several. Default: every IPv4 and IPv6 address.
+        #[arg(long = "listen-addr", value_name = "IP")]
+        listen_addrs: Vec<IpAddr>,
+        /// Who moves the bytes: the kernel (sockmap), userspace (copy), or sockmap when it
+        /// loads and copy otherwise (auto).
+        #[arg(long, value_enum, default_value_t = DataplaneChoice::Auto)]
+        dataplane: DataplaneChoice,
+        /// Seconds live connections may take to finish after SIGINT or SIGTERM.
+        #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+        grace: f64,
+        /// Bytes the kernel may buffer per direction of a connection before the sender is
+        /// held back (sockmap data plane).
+        #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
+        max_buffer: u64,
+        /// Seconds to wait for a backend to accept a connection.
+        #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
+        connect_timeout: f64,
+        /// Unix socket that answers each connection with a JSON snapshot of the counters.
+        #[arg(long, value_name = "PATH")]
+        admin_socket: Option<PathBuf>,
+    },
+    /// Validate a fly.toml and print what spliced would serve.
+    Check {
+        /// Path of the fly.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .map_err(|_| anyhow::anyhow!("--{flag}: {value} is not a number of seconds >= 0"))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config, format } => match Config::load(&config) {
+            Ok(c) => {
+                match format {
+                    Format::Json => println!(
+                        "{}",
+                        serde_json::to_string_pretty(&c).expect("config serializes")
+                    ),
+                    Format::Text => print_table(&c),
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Run {
+            config,
+            listen_addrs,
+            dataplane,
+            grace,
+            max_buffer,
+            connect_timeout,
+            admin_socket,
+        } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let opts = (|| -> anyhow::Result<RunOptions> {
+                anyhow::ensure!(
+                    max_buffer >= 64 * 1024,
+                    "--max-buffer: at least 65536 bytes"
+                );
+                Ok(RunOptions {
+                    listen_addrs,
+                    dataplane,
+                    grace: seconds("grace", grace)?,
+                    max_buffer,
+                    connect_timeout: seconds("connect-timeout", connect_timeout)?,
+                    admin_socket,
+                })
+            })();
+            let opts = match opts {
+                Ok(o) => o,
+                Err(e) => {
+                    eprintln!("spliced: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            raise_fd_limit();
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("spliced: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(server::run(config, opts)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// Each connection holds two sockets: take every descriptor the hard limit allows.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read or write only the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) != 0 {
+                tracing::warn!("cannot raise the open-file limit to {}", lim.rlim_max);
+            }
+        }
+    }
+}
+
+fn print_table(c: &Config) {
+    println!(
+        "{:<8} {:<10} {:<14} {:<10}",
+        "PORT", "SERVICE", "INTERNAL_PORT", "HANDLERS"
+    );
+    for (s, p) in c.public_ports() {
+        let handlers = if p.handlers.is_empty() {
+            "-".to_owned()
+        } else {
+            p.handlers.join(",")
+        };
+        println!(
+            "{:<8} {:<10} {:<14} {:<10}",
+            p.port,
+            format!("services[{}]", s.index),
+            s.internal_port,
+            handlers
+        );
+    }
+    for s in c.services.iter().filter(|s| s.ports.is_empty()) {
+        println!(
+            "internal-only: services[{}] on port {}",
+            s.index, s.internal_port
+        );
+    }
+}

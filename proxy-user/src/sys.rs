@@ -1,0 +1,290 @@
+//! The few socket calls the standard library and socket2 do not offer: socket cookies,
+//! `TCP_INFO` byte counters, `SIOCOUTQ`, the `SO_RCVLOWAT` poke, and epoll for the lifecycle
+//! watcher, and registering such descriptors with tokio. Every `unsafe` block of the daemon
+//! lives here.
+
+use std::{
+    io,
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
+};
+
+/// The kernel's unique id of a socket (`SO_COOKIE`); the key of every per-socket map.
+pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the buffer and its length describe a valid u64 for the kernel to fill.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// The prefix of `struct tcp_info` (include/uapi/linux/tcp.h) that spliced reads. The kernel
+/// only appends to this struct, so these offsets are stable.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+struct RawTcpInfo {
+    state: u8,
+    ca_state: u8,
+    retransmits: u8,
+    probes: u8,
+    backoff: u8,
+    options: u8,
+    wscale: u8,
+    flags: u8,
+    u32s_a: [u32; 4],
+    u32s_b: [u32; 5],
+    u32s_c: [u32; 4],
+    u32s_d: [u32; 8],
+    rcv_rtt: u32,
+    rcv_space: u32,
+    total_retrans: u32,
+    pacing_rate: u64,
+    max_pacing_rate: u64,
+    bytes_acked: u64,
+    bytes_received: u64,
+    segs_out: u32,
+    segs_in: u32,
+    notsent_bytes: u32,
+    min_rtt: u32,
+    data_segs_in: u32,
+    data_segs_out: u32,
+}
+
+const _: () = assert!(size_of::<RawTcpInfo>() == 160);
+const _: () = assert!(std::mem::offset_of!(RawTcpInfo, bytes_acked) == 120);
+
+/// What spliced needs of a TCP socket's state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpCounters {
+    /// `TCP_ESTABLISHED` (1), `TCP_CLOSE` (7), ...
+    pub state: u8,
+    /// Bytes of this socket's output its peer has acknowledged.
+    pub bytes_acked: u64,
+    /// Sequence space received in order (data bytes, plus one for a FIN).
+    pub bytes_received: u64,
+    /// Bytes written to the socket and not yet acknowledged (`SIOCOUTQ`), read after the rest.
+    pub outq: u64,
+}
+
+impl TcpCounters {
+    /// Bytes ever written into this socket's send queue.
+    ///
+    /// `bytes_acked` is read before `outq`, so an acknowledgement arriving between the two
+    /// reads can only make this smaller than the truth, never larger.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_acked + self.outq
+    }
+}
+
+/// The TCP state value for a closed socket.
+pub const TCP_CLOSE: u8 = 7;
+
+/// Reads [`TcpCounters`] of a TCP socket.
+pub fn tcp_counters(fd: BorrowedFd<'_>) -> io::Result<TcpCounters> {
+    let mut info = RawTcpInfo::default();
+    let mut len = size_of::<RawTcpInfo>() as libc::socklen_t;
+    // SAFETY: the buffer and its length describe a valid RawTcpInfo for the kernel to fill; the
+    // kernel writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (len as usize) < size_of::<RawTcpInfo>() {
+        return Err(io::Error::other("kernel returned a short tcp_info"));
+    }
+    let mut outq: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int to the pointer given.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &raw mut outq) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(TcpCounters {
+        state: info.state,
+        bytes_acked: info.bytes_acked,
+        bytes_received: info.bytes_received,
+        outq: u64::try_from(outq).unwrap_or(0),
+    })
+}
+
+/// Sets `SO_RCVLOWAT` to 1. Beyond its meaning, the kernel runs the socket's data-ready
+/// callback when it is set, which makes the verdict program take bytes that were queued
+/// before the socket entered the map.
+pub fn poke_receive(fd: BorrowedFd<'_>) -> io::Result<()> {
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)
+}
+
+/// The pending error of a socket (`SO_ERROR`), which reading clears.
+pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
+    let mut err: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the buffer and its length describe a valid int for the kernel to fill.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&raw mut err).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((err != 0).then(|| io::Error::from_raw_os_error(err)))
+}
+
+fn setsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: the option value is a valid int of the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// An epoll instance used only to learn of end-of-stream and errors on spliced sockets.
+pub struct Epoll {
+    fd: OwnedFd,
+}
+
+/// Bits of an epoll event.
+pub mod ev {
+    /// The peer shut down its writing half (FIN received).
+    pub const RDHUP: u32 = libc::EPOLLRDHUP as u32;
+    /// Both halves are shut down, or the socket is closed.
+    pub const HUP: u32 = libc::EPOLLHUP as u32;
+    /// An error is pending.
+    pub const ERR: u32 = libc::EPOLLERR as u32;
+}
+
+impl Epoll {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall; on success it returns a new fd that we own.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+        Ok(Self {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Watches `fd` for FIN, hang-up and errors only, edge-triggered. Not asking for `EPOLLIN`
+    /// keeps the daemon asleep while the kernel moves bytes through the socket.
+    pub fn add(&self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
+        let mut event = libc::epoll_event {
+            events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+            u64: token,
+        };
+        // SAFETY: both fds are valid for the duration of the call; the event is initialised.
+        let rc = unsafe {
+            libc::epoll_ctl(
+                self.fd.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                fd.as_raw_fd(),
+                &raw mut event,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        // SAFETY: both fds are valid for the duration of the call; a null event is allowed.
+        let rc = unsafe {
+            libc::epoll_ctl(
+                self.fd.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd.as_raw_fd(),
+                std::ptr::null_mut(),
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Collects ready events without blocking into `out` as `(token, events)`.
+    pub fn poll_now(&self, out: &mut Vec<(u64, u32)>) -> io::Result<()> {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 256];
+        loop {
+            // SAFETY: the buffer holds `events.len()` initialised entries for the kernel to fill.
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.fd.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    events.len() as i32,
+                    0,
+                )
+            };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err);
+            }
+            let n = n as usize;
+            out.extend(events[..n].iter().map(|e| (e.u64, e.events)));
+            if n < events.len() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl AsRawFd for Epoll {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// Registers a descriptor-owning value with the tokio reactor for readability.
+pub fn async_readable<T: AsRawFd>(inner: T) -> io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: `inner` owns its descriptor and moves into the AsyncFd, which keeps it until the
+    // registration is dropped; nothing else closes or replaces that descriptor meanwhile.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into_parts().1)
+}
+
+/// Reads a plain-integer `T` from the start of `bytes`, if long enough.
+pub fn read_pod<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < size_of::<T>() {
+        return None;
+    }
+    // SAFETY: `T: Pod` is valid for any bit pattern, the length was checked, and
+    // read_unaligned makes no alignment assumption.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}

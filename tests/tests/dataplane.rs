@@ -1,0 +1,667 @@
+//! The L4 checklist every data plane passes, over loopback and across a veth pair: each check
+//! runs four times (sockmap and copy, loopback and veth), each in namespaces of its own.
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{Shutdown, TcpStream},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use tests::{
+    Daemon, GIB, MAX_BUFFER, Net, Pattern, Server, Topo, echo, eventually, raise_fd_limit,
+    recv_exact_pattern, recv_pattern, send_pattern, set_reset_on_close,
+};
+
+/// One check, instantiated for both data planes and both topologies. A check may carry the
+/// reason it is ignored on the sockmap plane, where it still fails (see issue 2).
+macro_rules! checklist {
+    ($($check:ident $(= $why:literal)?),* $(,)?) => {
+        mod sockmap_loopback { $( #[test] $(#[ignore = $why])? fn $check() { super::$check("sockmap", tests::Topo::Loopback) } )* }
+        mod sockmap_veth { $( #[test] $(#[ignore = $why])? fn $check() { super::$check("sockmap", tests::Topo::Veth) } )* }
+        mod copy_loopback { $( #[test] fn $check() { super::$check("copy", tests::Topo::Loopback) } )* }
+        mod copy_veth { $( #[test] fn $check() { super::$check("copy", tests::Topo::Veth) } )* }
+    };
+}
+
+checklist!(
+    small_transfer,
+    bulk_to_backend = "sockmap: a fast reader still gets parked; userspace then moves most bytes",
+    bulk_to_client = "sockmap: a fast reader still gets parked; userspace then moves most bytes",
+    full_duplex = "sockmap: full-duplex echo loses or duplicates 64 KiB batches (issue 2)",
+    small_messages,
+    half_close_client_first,
+    half_close_backend_first,
+    backend_refuses,
+    backend_resets,
+    client_resets,
+    concurrent_1000,
+    slow_reader = "sockmap: parked bytes queue uncharged; the sender is not held (issue 2)",
+    data_before_insertion,
+    shutdown_with_live_sessions,
+    leak_check,
+    ipv6_client = "sockmap: 64 MiB full-duplex echo ends early (issue 2)",
+);
+
+fn setup(plane: &str, topo: Topo) -> (Net, Daemon) {
+    raise_fd_limit();
+    let net = Net::new(topo);
+    let daemon = Daemon::start(&net.proxy, plane, &[]);
+    let want = if plane == "copy" { "copy" } else { "sockmap" };
+    assert_eq!(daemon.stats()["dataplane"], want, "{}", daemon.log());
+    (net, daemon)
+}
+
+fn echo_server(net: &Net) -> Server {
+    Server::start(&net.proxy, net.backend(), echo)
+}
+
+fn small_transfer(plane: &str, topo: Topo) {
+    let (net, daemon) = setup(plane, topo);
+    let _backend = echo_server(&net);
+    let mut c = net.connect();
+    c.write_all(b"hello spliced\n").expect("write");
+    let mut got = [0; 14];
+    c.read_exact(&mut got).expect("echo arrives");
+    assert_eq!(&got, b"hello spliced\n");
+    c.shutdown(Shutdown::Write).expect("half-close");
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).expect("end of stream");
+    assert_eq!(rest, b"");
+    let s = daemon.wait_idle();
+    assert_eq!(s["connections"]["completed"], 1, "{s:#}");
+}
+
+/// Client -> backend, 1 GiB, checked byte by byte; on the sockmap plane the daemon's own
+/// reads and writes stay under a few KiB meanwhile.
+fn bulk_to_backend(plane: &str, topo: Topo) {
+    let (net, daemon) = setup(plane, topo);
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let _backend = Server::start(&net.proxy, net.backend(), move |mut s| {
+        let r = recv_pattern(&mut s, 1);
+        let _ = s.shutdown(Shutdown::Write);
+        tx.lock().expect("lock").send(r).expect("test waits");
+    });
+    let mut c = net.connect();
+    let io_before = daemon.io_bytes();
+    send_pattern(&mut c, 1, GIB).expect("send 1 GiB");
+    c.shutdown(Shutdown::Write).expect("half-close");
+    let got = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("backend finished");
+    assert_eq!(got, Ok(GIB));
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).expect("end of stream");
+    let io = daemon.io_bytes() - io_before;
+    let s = daemon.wait_idle();
+    if plane == "sockmap" {
+        assert!(io < 16 * 1024, "the daemon read or wrote {io} bytes: {s:#}");
+        let svc = &s["kernel"]["services"][0];
+        let moved = s["kernel"]["userspace_moved_bytes"]
+            .as_u64()
+            .expect("moved");
+        assert_eq!(
+            svc["bytes_to_backend"].as_u64().expect("counter") + moved,
+            GIB,
+            "{s:#}"
+        );
+        assert_eq!(svc["redirect_failures"], 0, "{s:#}");
+        // The sk_msg program saw every byte that entered the backend socket's send path.
+        assert_eq!(s["kernel"]["user_tx_bytes"].as_u64(), Some(GIB), "{s:#}");
+    }
+}
+
+/// Backend -> client, 1 GiB, checked byte by byte.
+fn bulk_to_client(plane: &str, topo: Topo) {
+    let (net, daemon) = setup(plane, topo);
+    let _backend = Server::start(&net.proxy, net.backend(), |mut s| {
+        if send_pattern(&mut s, 2, GIB).is_ok() {
+            let _ = s.shutdown(Shutdown::Write);
+            let _ = s.read(&mut [0; 1]);
+        }
+    });
+    let mut c = net.connect();
+    let io_before = daemon.io_bytes();
+    assert_eq!(recv_pattern(&mut c, 2), Ok(GIB));
+    let io = daemon.io_bytes() - io_before;
+    drop(c);
+    let s = daemon.wait_idle();
+    if plane == "sockmap" {
+        assert!(io < 16 * 1024, "the daemon read or wrote {io} bytes: {s:#}");
+    }
+}
+
+/// 1 GiB each way at once through an echo backend.
+fn full_duplex(plane: &str, topo: Topo) {
+    let (net, daemon) = setup(plane, topo);
+    let _backend = echo_server(&net);
+    let c = net.connect();
+    let mut w = c.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || {
+        send_pattern(&mut w, 3, GIB).expect("send");
+        w.shutdown(Shutdown::Write).expect("half-close");
+    });
+    let mut r = c;
+    assert_eq!(recv_pattern(&mut r, 3), Ok(GIB));
+    writer.join().expect("writer");
+    daemon.wait_idle();
+}
+
+/// Many small writes of varying size, echoed and checked.
+fn small_messages(plane: &str, topo: Topo) {
+    const COUNT: usize = 50_000;
+    let (net, daemon) = setup(plane, topo);
+    let _backend = echo_server(&net);
+    let c = net.connect();
+    let mut w = c.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || {
+        let mut p = Pattern::new(4);
+        let mut buf = [0u8; 1500];
+        let mut total = 0u64;
+        for i in 0..COUNT {
+            let n = 1 + (i * 7919) % 1500;
+            p.fill(&mut buf[..n]);
+            w.write_all(&buf[..n]).expect("write");
+            total += n as u64;
+        }
+        w.shutdown(Shutdown::Write).expect("half-close");
+        total
+    });
+    let mut r = c;
+    let got = recv_pattern(&mut r, 4).expect("echo checks out");
+    assert_eq!(got, writer.join().expect("writer"));
+    daemon.wait_idle();
+}
+
+/// The client sends and half-closes; the backend reads to the end, then answers; the client
+/// gets the whole answer and then EOF.
+fn half_close_client_first(plane: &str, topo: Topo) {
+    let (net, daemon) = setup(plane, topo);
+    let _backend = Server::start(&net.proxy, net.backend(), |mut s| {
+        let n = recv_pattern(&mut s, 5).expect("request checks out");
+        s.write_all(&n.to_le_bytes()).expect("answer");
+        send_pattern(&mut s, 6, 8 << 20).expect("answer");
+        // Dropped: close with everything sent.
+    });
+    let mut c = net.connect();
+    send_pattern(&mut c, 5, 8 << 20).expect("request");
+    c.shutdown(Shutdown::Write).expect("half-close");
+    let mut len = [0; 8];
+    c.read_exact(&mut len).expect("answer starts");
+    assert_eq!(u64::from_le_bytes(len), 8 << 20);
+    assert_eq!(recv_pattern(&mut c, 6), Ok(8 << 20));
+    daemon.wait_idle();
+}
+
+/// The backend sends and half-closes while the client still sends; the client gets all and
+/// EOF, keeps sending, half-closes, and the backend gets all of it.
+fn half_close_backend_first(plane: &str, topo: Topo) {
+    let (net, daemon) = setup(plane, topo);
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let _backend = Server::start(&net.proxy, net.backend(), move |mut s| {
+        send_pattern(&mut s, 7, 8 << 20).expect("send");
+        s.shutdown(Shutdown::Write).expect("half-close");
+        let r = recv_pattern(&mut s, 8);
+        tx.lock().expect("lock").send(r).expect("test waits");
+    });
+    let mut c = net.connect();
+    let mut w = c.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || {
+        send_pattern(&mut w, 8, 4 << 20).expect("send while the other way ends");
+        w
+    });
+    assert_eq!(recv_pattern(&mut c, 7), Ok(8 << 20));
+    let mut w = writer.join().expect("writer");
+    // The other direction keeps flowing after the backend's EOF.
+    let mut p = Pattern::new(8);
+    let mut skip = vec![0; 4 << 20];
+    p.fill(&mut skip);
+    let mut more = vec![0; 4 << 20];
+    p.fill(&mut more);
+    w.write_all(&more).expect("send after EOF");
+    w.shutdown(Shutdown::Write).expect("half-close");
+    let got = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("backend finished");
+    assert_eq!(got, Ok(8 << 20));
+    daemon.wait_idle();
+}
+
+/// Reads until end or error; returns how it ended and when.
+fn read_until_closed(s: &mut TcpStream) -> (Result<u64, ErrorKind>, Instant) {
+    let mut total = 0;
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (Ok(total), Instant::now()),
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return (Err(e.kind()), Instant::now()),
+        }
+    }
+}
+
+fn backend_refuses(plane: &str, topo: Topo) {
+    let (net, daemon) = setup(plane, topo);
+    // No backend listens.
+    let mut c = net.connect();
+    c.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let start = Instant::now();
+    let _ = c.write_all(b"anyone there?");
+    let (end, at) = read_until_closed(&mut c);
+    assert!(
+        matches!(end, Ok(0) | Err(ErrorKind::ConnectionReset)),
+        "the client's connection should close: {end:?}"
+    );
+    assert!(
+        at - start < Duration::from_secs(5),
+        "closed after {:?}",
+        at - start
+    );
+    let s = daemon.wait_idle();
+    assert_eq!(s["connections"]["backend_unreachable"], 1, "{s:#}");
+}
+
+fn backend_resets(plane: &str, topo: Topo) {
+    let (net, daemon) = setup(plane, topo);
+    let (tx, rx) = mpsc::channel::<()>();
+    let tx = Mutex::new(tx);
+    let _backend = Server::start(&net.proxy, net.backend(), move |mut s| {
+        let mut buf = vec![0; 1 << 20];
+        s.read_exact(&mut buf).expect("first MiB");
+        s.write_all(b"partial answer").expect("answer");
+        set_reset_on_close(&s);
+        drop(s);
+        tx.lock().expect("lock").send(()).expect("test waits");
+    });
+    let mut c = net.connect();
+    // More than the backend reads, so that its close would reset even without SO_LINGER.
+    // One thread only: a concurrent writer could take the reset error the reader must see.
+    send_pattern(&mut c, 9, (1 << 20) + 4096).expect("send");
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("backend reset");
+    let reset_at = Instant::now();
+    c.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let (end, at) = read_until_closed(&mut c);
+    assert_eq!(
+        end,
+        Err(ErrorKind::ConnectionReset),
+        "the client should see a reset"
+    );
+    assert!(
+        at - reset_at < Duration::from_secs(3),
+        "reset after {:?}",
+        at - reset_at
+    );
+    daemon.wait_idle();
+}
+
+fn client_resets(plane: &str, topo: Topo) {
+    let (net, daemon) = setup(plane, topo);
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let _backend = Server::start(&net.proxy, net.backend(), move |mut s| {
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let r = read_until_closed(&mut s);
+        tx.lock().expect("lock").send(r).expect("test waits");
+    });
+    let mut c = net.connect();
+    send_pattern(&mut c, 10, 1 << 20).expect("send");
+    std::thread::sleep(Duration::from_millis(100));
+    set_reset_on_close(&c);
+    let reset_at = Instant::now();
+    drop(c);
+    let (end, at) = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("backend saw the end");
+    assert_eq!(
+        end,
+        Err(ErrorKind::ConnectionReset),
+        "the backend should see a reset"
+    );
+    assert!(
+        at - reset_at < Duration::from_secs(3),
+        "reset after {:?}",
+        at - reset_at
+    );
+    daemon.wait_idle();
+}
+
+fn concurrent_1000(plane: &str, topo: Topo) {
+    let (net, daemon) = setup(plane, topo);
+    let _backend = echo_server(&net);
+    let mut conns: Vec<TcpStream> = (0..1000).map(|_| net.connect()).collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.write_all(format!("connection {i:04}").as_bytes())
+            .expect("write");
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            daemon.stats()["connections"]["active"] == 1000
+        }),
+        "1000 connections should be live at once"
+    );
+    for (i, c) in conns.iter_mut().enumerate() {
+        let mut got = [0; 15];
+        c.read_exact(&mut got).expect("echo");
+        assert_eq!(got, *format!("connection {i:04}").as_bytes());
+        c.shutdown(Shutdown::Write).expect("half-close");
+    }
+    for c in &mut conns {
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).expect("end of stream");
+    }
+    drop(conns);
+    let s = daemon.wait_idle();
+    assert_eq!(s["connections"]["completed"], 1000, "{s:#}");
+}
+
+fn sysctl_max(path: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .expect("sysctl")
+        .split_whitespace()
+        .last()
+        .and_then(|v| v.parse().ok())
+        .expect("three numbers")
+}
+
+/// 100 clients push into backends that do not read. Each client is held back by TCP once
+/// the proxy's bound and the sockets' own buffers are full, and stays held back; then the
+/// backends read everything, byte-exact.
+fn slow_reader(plane: &str, topo: Topo) {
+    const CLIENTS: usize = 100;
+    let (net, daemon) = setup(plane, topo);
+    let held: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    let held2 = Arc::clone(&held);
+    let _backend = Server::start(&net.proxy, net.backend(), move |s| {
+        held2.lock().expect("lock").push(s);
+    });
+    let mut pushers: Vec<Pusher> = (0..CLIENTS)
+        .map(|i| {
+            let c = net.connect();
+            c.set_nonblocking(true).expect("nonblocking");
+            Pusher {
+                c,
+                p: Pattern::new(100 + i as u64),
+                pending: Vec::new(),
+                off: 0,
+                pushed: 0,
+            }
+        })
+        .collect();
+    push_until_held(&mut pushers);
+    let first: Vec<u64> = pushers.iter().map(|x| x.pushed).collect();
+    let mem_first = tcp_mem_pages();
+    // Held back, and stays held back.
+    std::thread::sleep(Duration::from_secs(2));
+    push_until_held(&mut pushers);
+    let pushed: Vec<u64> = pushers.iter().map(|x| x.pushed).collect();
+    let mem_second = tcp_mem_pages();
+    let rmem = sysctl_max("/proc/sys/net/ipv4/tcp_rmem");
+    let wmem = sysctl_max("/proc/sys/net/ipv4/tcp_wmem");
+    // The client's send buffer, the proxy's receive buffer (and what is parked in it), the
+    // bound, the proxy's send buffer, the backend's receive buffer.
+    let bound = MAX_BUFFER + 3 * rmem + 2 * wmem;
+    let max = *pushed.iter().max().expect("clients");
+    let total: u64 = pushed.iter().sum();
+    eprintln!(
+        "slow_reader {plane} {topo:?}: per client max {max} B, total {total} B; bound {bound} B; \
+         TCP memory {mem_first} -> {mem_second} pages"
+    );
+    assert!(
+        max <= bound,
+        "a client pushed {max} bytes past a stalled backend (bound {bound})"
+    );
+    for (i, (a, b)) in first.iter().zip(&pushed).enumerate() {
+        assert!(b - a <= 2 * rmem, "client {i} kept going: {a} -> {b}");
+    }
+    // Now the backends read: every byte arrives, in order.
+    let backends: Vec<TcpStream> = std::mem::take(&mut *held.lock().expect("lock"));
+    assert_eq!(backends.len(), CLIENTS);
+    let conns: Vec<TcpStream> = pushers.into_iter().map(|x| x.c).collect();
+    for c in &conns {
+        c.set_nonblocking(false).expect("blocking");
+        c.shutdown(Shutdown::Write).expect("half-close");
+    }
+    let readers: Vec<_> = backends
+        .into_iter()
+        .map(|mut b| {
+            std::thread::spawn(move || {
+                let mut first = [0u8; 8];
+                b.read_exact(&mut first).expect("data");
+                let seed = (100..100 + CLIENTS as u64)
+                    .find(|&s| {
+                        let mut p = Pattern::new(s);
+                        p.check(&first).is_ok()
+                    })
+                    .expect("a known stream");
+                let mut p = Pattern::new(seed);
+                p.check(&first).expect("first bytes");
+                let mut rest = Vec::new();
+                b.read_to_end(&mut rest).expect("rest");
+                p.check(&rest).expect("byte-exact");
+                (seed, p.pos())
+            })
+        })
+        .collect();
+    let mut got: Vec<(u64, u64)> = readers
+        .into_iter()
+        .map(|r| r.join().expect("reader"))
+        .collect();
+    got.sort_unstable();
+    for (i, (seed, n)) in got.into_iter().enumerate() {
+        assert_eq!(seed, 100 + i as u64);
+        assert_eq!(n, pushed[i], "client {i}");
+    }
+    drop(conns);
+    daemon.wait_idle();
+}
+
+/// A client writing its stream as fast as the connection takes it.
+struct Pusher {
+    c: TcpStream,
+    p: Pattern,
+    pending: Vec<u8>,
+    off: usize,
+    pushed: u64,
+}
+
+/// Writes on every connection until none has taken a byte for a second.
+fn push_until_held(pushers: &mut [Pusher]) {
+    let mut last_progress = Instant::now();
+    while last_progress.elapsed() < Duration::from_secs(1) {
+        for (i, x) in pushers.iter_mut().enumerate() {
+            loop {
+                if x.off == x.pending.len() {
+                    x.pending.resize(64 * 1024, 0);
+                    x.p.fill(&mut x.pending);
+                    x.off = 0;
+                }
+                match x.c.write(&x.pending[x.off..]) {
+                    Ok(n) => {
+                        x.off += n;
+                        x.pushed += n as u64;
+                        last_progress = Instant::now();
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("client {i}: {e}"),
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn tcp_mem_pages() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/sockstat").expect("sockstat");
+    text.lines()
+        .find(|l| l.starts_with("TCP:"))
+        .and_then(|l| l.split_whitespace().skip_while(|w| *w != "mem").nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("TCP mem")
+}
+
+/// Bytes that arrive before the sockets enter the map are delivered at once: a client that
+/// speaks first, and a backend that greets first.
+fn data_before_insertion(plane: &str, topo: Topo) {
+    let (net, daemon) = setup(plane, topo);
+    let _backend = Server::start(&net.proxy, net.backend(), |mut s| {
+        s.write_all(b"220 ready\n").expect("greeting");
+        let mut req = [0; 5];
+        if s.read_exact(&mut req).is_ok() {
+            let _ = s.write_all(&req);
+        }
+    });
+    for i in 0..200 {
+        let mut c = net.connect();
+        c.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        if i % 2 == 0 {
+            // Speaks first, at once.
+            c.write_all(b"PING\n").expect("request");
+        }
+        let mut greeting = [0; 10];
+        c.read_exact(&mut greeting)
+            .unwrap_or_else(|e| panic!("round {i}: greeting stalled: {e}"));
+        assert_eq!(&greeting, b"220 ready\n");
+        if i % 2 == 1 {
+            c.write_all(b"PING\n").expect("request");
+        }
+        let mut answer = [0; 5];
+        c.read_exact(&mut answer)
+            .unwrap_or_else(|e| panic!("round {i}: answer stalled: {e}"));
+        assert_eq!(&answer, b"PING\n");
+    }
+    daemon.wait_idle();
+}
+
+/// SIGTERM: no new connections, live ones go on for the grace period and are then closed,
+/// and nothing of ours stays in the kernel.
+fn shutdown_with_live_sessions(plane: &str, topo: Topo) {
+    raise_fd_limit();
+    let net = Net::new(topo);
+    let daemon = Daemon::start(&net.proxy, plane, &["--grace", "2"]);
+    let _backend = echo_server(&net);
+    let mut live = net.connect();
+    live.write_all(b"before").expect("write");
+    let mut got = [0; 6];
+    live.read_exact(&mut got).expect("echo");
+    // A second session that ends during the grace period.
+    let mut finishing = net.connect();
+    finishing.write_all(b"x").expect("write");
+    finishing.read_exact(&mut [0; 1]).expect("echo");
+
+    daemon.signal(libc::SIGTERM);
+    let term_at = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(2), || net
+            .client()
+            .connect(net.public())
+            .is_err()),
+        "still accepting after SIGTERM"
+    );
+    // Live sessions keep working during the grace period.
+    live.write_all(b"during").expect("write during grace");
+    live.read_exact(&mut got).expect("echo during grace");
+    assert_eq!(&got, b"during");
+    finishing.shutdown(Shutdown::Write).expect("half-close");
+    let mut rest = Vec::new();
+    finishing
+        .read_to_end(&mut rest)
+        .expect("clean end during grace");
+    // Then the grace period ends and the live session is closed.
+    live.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let (_, closed_at) = read_until_closed(&mut live);
+    let after = closed_at - term_at;
+    assert!(
+        after >= Duration::from_millis(1900) && after < Duration::from_secs(5),
+        "closed {after:?} after SIGTERM, grace 2 s"
+    );
+    let log = daemon.stop();
+    assert!(log.contains("grace period over"), "{log}");
+    // The kernel frees programs and maps after their last reference goes, a little later.
+    assert!(
+        eventually(Duration::from_secs(5), || tests::loaded_bpf_objects()
+            .is_empty()),
+        "left in the kernel after exit: {:?}",
+        tests::loaded_bpf_objects()
+    );
+}
+
+/// 10,000 connections open and close: maps empty, no fd leaked, RSS stable.
+fn leak_check(plane: &str, topo: Topo) {
+    let (net, daemon) = setup(plane, topo);
+    let _backend = echo_server(&net);
+    let round = |n: usize| {
+        net.client().run({
+            let addr = net.public();
+            move || {
+                for batch in 0..n / 100 {
+                    let mut conns: Vec<TcpStream> = (0..100)
+                        .map(|_| TcpStream::connect(addr).expect("connect"))
+                        .collect();
+                    for (i, c) in conns.iter_mut().enumerate() {
+                        // Some close cleanly, some reset, some close at once.
+                        match (batch + i) % 3 {
+                            0 => {
+                                c.write_all(b"ping").expect("write");
+                                c.read_exact(&mut [0; 4]).expect("echo");
+                                c.shutdown(Shutdown::Write).expect("half-close");
+                                let _ = c.read_to_end(&mut Vec::new());
+                            }
+                            1 => {
+                                c.write_all(b"ping").expect("write");
+                                set_reset_on_close(c);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        });
+    };
+    round(1000);
+    daemon.wait_idle();
+    let fds = daemon.fd_count();
+    let rss = daemon.rss_kib();
+    round(9000);
+    let s = daemon.wait_idle();
+    assert_eq!(s["connections"]["accepted"], 10_000, "{s:#}");
+    // A leak per connection would show as thousands; the runtime may open one or two
+    // descriptors of its own on the way.
+    let fds_after = daemon.fd_count();
+    assert!(
+        fds_after <= fds + 2,
+        "file descriptors leaked: {fds} -> {fds_after}"
+    );
+    let rss_after = daemon.rss_kib();
+    eprintln!(
+        "leak_check {plane} {topo:?}: RSS {rss} KiB after 1,000, {rss_after} KiB after 10,000"
+    );
+    assert!(
+        rss_after < rss + 8 * 1024,
+        "RSS grew from {rss} to {rss_after} KiB"
+    );
+}
+
+fn ipv6_client(plane: &str, topo: Topo) {
+    let (net, daemon) = setup(plane, topo);
+    let _backend = echo_server(&net);
+    let c = net.client().connect(net.public_v6()).expect("IPv6 connect");
+    let mut w = c.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || {
+        send_pattern(&mut w, 11, 64 << 20).expect("send");
+        w.shutdown(Shutdown::Write).expect("half-close");
+    });
+    let mut r = c;
+    let mut p = Pattern::new(11);
+    recv_exact_pattern(&mut r, &mut p, 64 << 20).expect("echo over IPv6");
+    writer.join().expect("writer");
+    daemon.wait_idle();
+}
