@@ -30,8 +30,9 @@ checklist!(
     bulk_to_client = "sockmap: a fast reader still gets parked; userspace then moves most bytes",
     full_duplex = "sockmap: full-duplex echo loses or duplicates 64 KiB batches (issue 2)",
     small_messages,
-    half_close_client_first,
-    half_close_backend_first,
+    half_close_client_first = "sockmap: a direction parked near its end can be cut short (issue 2)",
+    half_close_backend_first =
+        "sockmap: a direction parked near its end can be cut short (issue 2)",
     backend_refuses,
     backend_resets,
     client_resets,
