@@ -1,0 +1,148 @@
+//! The daemon as a whole: data plane choice when BPF cannot load, and a real server from
+//! Debian driven by its own client through the proxy.
+
+use std::{
+    io::{Read, Write},
+    net::Shutdown,
+    process::Command,
+    time::Duration,
+};
+
+use tests::{BACKEND_PORT, Daemon, Net, Netns, Server, Topo, echo, raise_fd_limit};
+
+/// Runs the daemon without the capabilities BPF needs.
+const NO_BPF: &[&str] = &[
+    "setpriv",
+    "--bounding-set",
+    "-bpf,-sys_admin,-perfmon",
+    "--",
+];
+
+#[test]
+fn auto_falls_back_to_copy_when_bpf_cannot_load() {
+    let net = Net::new(Topo::Loopback);
+    let daemon = Daemon::start_with(&net.proxy, NO_BPF, "auto", &[]);
+    assert_eq!(daemon.stats()["dataplane"], "copy");
+    let log = daemon.log();
+    assert!(
+        log.contains("WARN") && log.contains("copy"),
+        "no warning about the fallback:\n{log}"
+    );
+    let _backend = Server::start(&net.proxy, net.backend(), echo);
+    let mut c = net.connect();
+    c.write_all(b"still served").expect("write");
+    let mut got = [0; 12];
+    c.read_exact(&mut got).expect("echo");
+    assert_eq!(&got, b"still served");
+    c.shutdown(Shutdown::Write).expect("half-close");
+    daemon.stop();
+}
+
+#[test]
+fn sockmap_refuses_to_start_without_bpf() {
+    let ns = Netns::new("nobpf");
+    let dir = tests::Scratch::new();
+    let config = dir.0.join("fly.toml");
+    std::fs::write(&config, tests::test_config()).expect("config");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .args(NO_BPF)
+        .arg(tests::spliced_bin())
+        .args(["run", "--dataplane", "sockmap", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run spliced");
+    assert!(!out.status.success(), "spliced started without BPF");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sockmap"),
+        "the error should name the data plane: {err}"
+    );
+}
+
+fn redis_through_proxy(plane: &str) {
+    raise_fd_limit();
+    let net = Net::new(Topo::Veth);
+    let daemon = Daemon::start(&net.proxy, plane, &[]);
+    let port = BACKEND_PORT.to_string();
+    let mut redis = net
+        .proxy
+        .run(move || {
+            Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port,
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+        })
+        .expect("start redis-server");
+    assert!(
+        tests::eventually(Duration::from_secs(10), || {
+            net.proxy.connect(net.backend()).is_ok()
+        }),
+        "redis-server did not start"
+    );
+    let host = net.public().ip().to_string();
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.client().name,
+            "redis-benchmark",
+            "-h",
+            &host,
+        ])
+        .args(["-p", &net.public().port().to_string()])
+        .args([
+            "-n",
+            "20000",
+            "-c",
+            "20",
+            "-t",
+            "set,get,lpush",
+            "-d",
+            "512",
+            "--csv",
+        ])
+        .output()
+        .expect("run redis-benchmark");
+    let _ = redis.kill();
+    let _ = redis.wait();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "redis-benchmark failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for test in ["SET", "GET", "LPUSH"] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("\"{test}\"")))
+            .unwrap_or_else(|| panic!("no {test} result: {text}"));
+        let rps: f64 = line
+            .split(',')
+            .nth(1)
+            .and_then(|v| v.trim_matches('"').parse().ok())
+            .expect("rps");
+        assert!(rps > 0.0, "{line}");
+        eprintln!("redis-benchmark {plane} {test}: {rps} requests/s");
+    }
+    daemon.wait_idle();
+}
+
+#[test]
+fn redis_benchmark_copy() {
+    redis_through_proxy("copy");
+}
+
+#[test]
+fn redis_benchmark_sockmap() {
+    redis_through_proxy("sockmap");
+}
