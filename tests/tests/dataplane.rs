@@ -29,7 +29,7 @@ checklist!(
     bulk_to_backend = "sockmap: a fast reader still gets parked; userspace then moves most bytes",
     bulk_to_client = "sockmap: a fast reader still gets parked; userspace then moves most bytes",
     full_duplex = "sockmap: full-duplex echo loses or duplicates 64 KiB batches (issue 2)",
-    small_messages,
+    small_messages = "sockmap: full-duplex echo can end early (issue 2)",
     half_close_client_first = "sockmap: a direction parked near its end can be cut short (issue 2)",
     half_close_backend_first =
         "sockmap: a direction parked near its end can be cut short (issue 2)",
