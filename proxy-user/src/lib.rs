@@ -2,8 +2,10 @@
 //! sockmap moves the bytes. See the README for the design and `dataplane::sockmap` for what
 //! the kernel does not do by itself.
 
+pub mod check;
 pub mod config;
 pub mod dataplane;
+pub mod proxy_proto;
 pub mod server;
 pub mod sys;
 pub mod watch;

@@ -5,7 +5,7 @@ use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use proxy_user::{
-    config::Config,
+    config::{Config, ConfigError},
     dataplane::DataplaneChoice,
     server::{self, RunOptions},
 };
@@ -81,22 +81,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config, format } => match Config::load(&config) {
-            Ok(c) => {
-                match format {
-                    Format::Json => println!(
-                        "{}",
-                        serde_json::to_string_pretty(&c).expect("config serializes")
-                    ),
-                    Format::Text => print_table(&c),
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(2)
-            }
-        },
+        Command::Check { config, format } => check(&config, format),
         Command::Run {
             config,
             listen_addrs,
@@ -106,13 +91,25 @@ fn main() -> ExitCode {
             connect_timeout,
             admin_socket,
         } => {
-            let config = match Config::load(&config) {
+            let path = config;
+            let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
                     return ExitCode::from(2);
                 }
             };
+            for w in &config.warnings {
+                tracing::warn!("{w}");
+            }
+            let unservable = config.unservable();
+            if !unservable.is_empty() {
+                for problem in unservable {
+                    eprintln!("{}: {problem}", path.display());
+                }
+                eprintln!("spliced: refusing to start; `spliced check` shows what each port needs");
+                return ExitCode::from(2);
+            }
             let opts = (|| -> anyhow::Result<RunOptions> {
                 anyhow::ensure!(
                     max_buffer >= 64 * 1024,
@@ -173,29 +170,37 @@ fn raise_fd_limit() {
     }
 }
 
-fn print_table(c: &Config) {
-    println!(
-        "{:<8} {:<10} {:<14} {:<10}",
-        "PORT", "SERVICE", "INTERNAL_PORT", "HANDLERS"
-    );
-    for (s, p) in c.public_ports() {
-        let handlers = if p.handlers.is_empty() {
-            "-".to_owned()
-        } else {
-            p.handlers.join(",")
-        };
-        println!(
-            "{:<8} {:<10} {:<14} {:<10}",
-            p.port,
-            format!("services[{}]", s.index),
-            s.internal_port,
-            handlers
-        );
-    }
-    for s in c.services.iter().filter(|s| s.ports.is_empty()) {
-        println!(
-            "internal-only: services[{}] on port {}",
-            s.index, s.internal_port
-        );
+/// `spliced check`: 0 and the routing table when valid, 2 and every error otherwise.
+fn check(path: &std::path::Path, format: Format) -> ExitCode {
+    match (Config::load(path), format) {
+        (Ok(c), Format::Text) => {
+            print!("{}", proxy_user::check::render_text(&c));
+            eprint!("{}", proxy_user::check::render_warnings(&c));
+            ExitCode::SUCCESS
+        }
+        (Ok(c), Format::Json) => {
+            let report = proxy_user::check::Report::new(&c);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).expect("the report serializes")
+            );
+            ExitCode::SUCCESS
+        }
+        (Err(e), Format::Text) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+        (Err(e), Format::Json) => {
+            let errors = match &e {
+                ConfigError::Invalid(d) => serde_json::to_value(d).unwrap_or_default(),
+                ConfigError::Read { .. } => serde_json::json!([{ "message": e.to_string() }]),
+            };
+            println!(
+                "{}",
+                serde_json::json!({ "valid": false, "errors": errors })
+            );
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
     }
 }

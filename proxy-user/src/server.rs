@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -21,7 +21,7 @@ use tokio::{
 };
 
 use crate::{
-    config::Config,
+    config::{Config, ProxyProtoVersion},
     dataplane::{
         DataplaneChoice, Outcome, Phase, SpliceError, copy,
         kernel::{Kernel, LoadError},
@@ -83,9 +83,16 @@ pub struct ConnStats {
     pub copied_fallback: AtomicU64,
 }
 
+/// Where the connections of one public port go.
 struct Route {
+    /// The service's id: the kernel counts bytes per id.
     service: u32,
-    backend: SocketAddr,
+    /// The service's machines at its internal port.
+    backends: Vec<SocketAddr>,
+    /// Round-robin position over `backends`.
+    next: AtomicUsize,
+    /// The PROXY protocol header to send each backend first, if any.
+    proxy_proto: Option<ProxyProtoVersion>,
 }
 
 enum Plane {
@@ -109,6 +116,7 @@ struct Shared {
 }
 
 /// Runs the daemon until a stop signal and the end of the grace period.
+#[expect(clippy::too_many_lines, reason = "start, serve, drain: one sequence")]
 pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     let plane = choose_plane(&opts)?;
     tracing::info!(dataplane = plane.name(), "data plane ready");
@@ -123,27 +131,30 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     };
     let mut listeners = Vec::new();
     for (service, port) in config.public_ports() {
-        if !port.handlers.is_empty() {
-            tracing::warn!(
-                port = port.port,
-                handlers = ?port.handlers,
-                "handlers are not implemented yet; serving this port as raw TCP"
-            );
+        let backends: Vec<SocketAddr> = config
+            .machines_of(service)
+            .map(|m| SocketAddr::new(m.address, service.internal_port))
+            .collect();
+        if backends.is_empty() {
+            tracing::warn!(port = port.port, service = %service.name, "no machine serves this port: its connections will be refused");
         }
+        let route = Arc::new(Route {
+            service: service.id,
+            backends,
+            next: AtomicUsize::new(0),
+            proxy_proto: port.proxy_proto,
+        });
         for ip in &listen_addrs {
             let addr = SocketAddr::new(*ip, port.port);
             let listener = bind(addr).map_err(|source| StartError::Bind { addr, source })?;
-            tracing::info!(%addr, service = service.index, internal_port = service.internal_port, "listening");
-            listeners.push((
-                listener,
-                Arc::new(Route {
-                    service: service.index as u32,
-                    backend: SocketAddr::new(
-                        IpAddr::V4(Ipv4Addr::LOCALHOST),
-                        service.internal_port,
-                    ),
-                }),
-            ));
+            tracing::info!(
+                %addr,
+                service = %service.name,
+                internal_port = service.internal_port,
+                proxy_proto = ?port.proxy_proto,
+                "listening"
+            );
+            listeners.push((listener, Arc::clone(&route)));
         }
     }
     if listeners.is_empty() {
@@ -295,7 +306,7 @@ async fn serve(
     route: Arc<Route>,
     phase: watch::Receiver<Phase>,
 ) {
-    let result = connect_and_splice(&shared, client, &route, phase).await;
+    let result = connect_and_splice(&shared, client, peer, &route, phase).await;
     let stats = &shared.stats;
     stats.active.fetch_sub(1, Ordering::Relaxed);
     match result {
@@ -314,20 +325,41 @@ async fn serve(
     }
 }
 
+/// Connects to the route's machines in round-robin order, trying each at most once.
+async fn connect_backend(shared: &Shared, route: &Route) -> Result<TcpStream, std::io::Error> {
+    let n = route.backends.len();
+    let first = route.next.fetch_add(1, Ordering::Relaxed);
+    let mut last = std::io::Error::new(
+        std::io::ErrorKind::NotConnected,
+        "no machine serves this service",
+    );
+    for i in 0..n {
+        let addr = route.backends[(first + i) % n];
+        match tokio::time::timeout(shared.opts.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(b)) => return Ok(b),
+            Ok(Err(e)) => {
+                tracing::debug!(%addr, error = %e, "backend refused");
+                last = e;
+            }
+            Err(_) => {
+                tracing::debug!(%addr, "backend did not answer in time");
+                last = std::io::ErrorKind::TimedOut.into();
+            }
+        }
+    }
+    Err(last)
+}
+
 async fn connect_and_splice(
     shared: &Shared,
     client: TcpStream,
+    peer: SocketAddr,
     route: &Route,
     phase: watch::Receiver<Phase>,
 ) -> Result<Outcome, SpliceError> {
-    let backend = match tokio::time::timeout(
-        shared.opts.connect_timeout,
-        TcpStream::connect(route.backend),
-    )
-    .await
-    {
-        Ok(Ok(b)) => b,
-        Ok(Err(e)) => {
+    let mut backend = match connect_backend(shared, route).await {
+        Ok(b) => b,
+        Err(e) => {
             shared
                 .stats
                 .backend_unreachable
@@ -335,15 +367,16 @@ async fn connect_and_splice(
             reset(&client);
             return Err(SpliceError::Backend(e));
         }
-        Err(_) => {
-            shared
-                .stats
-                .backend_unreachable
-                .fetch_add(1, Ordering::Relaxed);
-            reset(&client);
-            return Err(SpliceError::Backend(std::io::ErrorKind::TimedOut.into()));
-        }
     };
+    if let Some(version) = route.proxy_proto {
+        // Written before splicing, so it is the first thing the backend reads, once.
+        let local = client.local_addr().map_err(SpliceError::Internal)?;
+        let header = crate::proxy_proto::header(version, peer, local);
+        if let Err(e) = backend.write_all(&header).await {
+            reset(&client);
+            return Err(SpliceError::Backend(e));
+        }
+    }
     for s in [&client, &backend] {
         s.set_nodelay(true).map_err(SpliceError::Internal)?;
     }

@@ -1,0 +1,115 @@
+//! Unit tests of the config model; the corpus tests live in `proxy-user/tests/`.
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse("fly.toml", text)
+}
+
+#[test]
+fn short_and_long_port_forms() {
+    let c = parse(
+        "app = \"x\"\n[env]\nA = \"1\"\n\n[[services]]\ninternal_port = \"9000\"\nprotocol = \"tcp\"\nport = 10001\n\n[[services]]\ninternal_port = 9001\n[[services.ports]]\nport = \"10002\"\n[[services.ports]]\nstart_port = 10003\nend_port = 10004\n",
+    )
+    .expect("valid config");
+    let ports: Vec<(u16, u16)> = c
+        .public_ports()
+        .map(|(s, p)| (p.port, s.internal_port))
+        .collect();
+    assert_eq!(
+        ports,
+        vec![(10001, 9000), (10002, 9001), (10003, 9001), (10004, 9001)]
+    );
+}
+
+#[test]
+fn first_portless_service_gets_80_and_443() {
+    let c = parse("[[services]]\ninternal_port = 8080\n[[services]]\ninternal_port = 9\n")
+        .expect("valid config");
+    let ports: Vec<u16> = c.services[0].ports.iter().map(|p| p.port).collect();
+    assert_eq!(ports, vec![80, 443]);
+    assert!(c.services[1].ports.is_empty(), "second is internal-only");
+}
+
+#[test]
+fn bad_port_names_line_column_and_field() {
+    let err = parse("[[services]]\ninternal_port = 8080\n  [[services.ports]]\n  port = 70000\n")
+        .expect_err("70000 is not a port")
+        .to_string();
+    assert_eq!(
+        err,
+        "fly.toml:4:10: services[0].ports[0].port: 70000 is not a port (1-65535)"
+    );
+}
+
+#[test]
+fn duplicate_public_port_names_both_blocks() {
+    let err = parse("[[services]]\nport = 80\n[[services]]\nport = 80\n")
+        .expect_err("duplicate")
+        .to_string();
+    assert_eq!(
+        err,
+        "fly.toml:4:8: services[1].port: public port 80/tcp is already claimed by services[0]"
+    );
+}
+
+#[test]
+fn syntax_error_has_position() {
+    let err = parse("[[services]\n").expect_err("bad toml").to_string();
+    assert!(err.starts_with("fly.toml:1:"), "{err}");
+}
+
+#[test]
+fn udp_parses_but_is_not_servable() {
+    let c = parse("[[services]]\nprotocol = \"udp\"\nport = 53\n").expect("udp parses");
+    assert_eq!(c.services[0].protocol, Protocol::Udp);
+    assert_eq!(
+        c.unservable(),
+        vec!["port 53/udp (services[0]): UDP services are not implemented yet".to_owned()]
+    );
+}
+
+#[test]
+fn every_error_is_reported() {
+    let err = parse(
+        "[[services]]\ninternal_port = 0\n[[services.ports]]\nport = 80\nhandlers = [\"https\"]\n[services.concurrency]\nhard_limit = 5\nsoft_limit = 6\n",
+    )
+    .expect_err("three errors")
+    .to_string();
+    assert_eq!(
+        err,
+        "fly.toml:2:17: services[0].internal_port: 0 is not a port (1-65535)\n\
+         fly.toml:5:13: services[0].ports[0].handlers[0]: \"https\" is not a handler (tls, http, proxy_proto, pg_tls, edge_http); did you mean \"http\"?\n\
+         fly.toml:8:14: services[0].concurrency.soft_limit: 6 is above hard_limit 5"
+    );
+}
+
+#[test]
+fn same_port_other_protocol_is_fine() {
+    let c = parse("[[services]]\nport = 53\n[[services]]\nprotocol = \"udp\"\nport = 53\n")
+        .expect("tcp and udp may share a port");
+    assert_eq!(c.public_ports().count(), 2);
+}
+
+#[test]
+fn machines_follow_process_groups() {
+    let c = parse(
+        "[processes]\nweb = \"run web\"\nworker = \"run worker\"\n\
+         [[services]]\nprocesses = [\"web\"]\nport = 10\n\
+         [[services]]\nprocesses = [\"worker\"]\nport = 11\n\
+         [[machines]]\nid = \"a\"\naddress = \"10.0.0.1\"\nprocesses = [\"web\"]\n\
+         [[machines]]\nid = \"b\"\naddress = \"fd00::2\"\n",
+    )
+    .expect("valid");
+    assert_eq!(c.services[0].machines, vec!["a", "b"]);
+    assert_eq!(c.services[1].machines, vec!["b"]);
+}
+
+#[test]
+fn unknown_key_warns_with_suggestion() {
+    let c = parse("[[services]]\ninternal_prot = 9\nport = 10\n").expect("a warning only");
+    assert_eq!(
+        c.warnings[0].to_string(),
+        "fly.toml:2:1: services[0].internal_prot: unknown key, ignored; did you mean `internal_port`?"
+    );
+}
