@@ -281,9 +281,24 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with a command (and its arguments) that runs the daemon.
     pub fn start_with(ns: &Netns, wrapper: &[&str], plane: &str, extra: &[&str]) -> Self {
+        Self::start_full(ns, wrapper, &test_config(), plane, extra)
+    }
+
+    /// Like [`Daemon::start`], serving the fly.toml `config`.
+    pub fn start_config(ns: &Netns, config: &str, plane: &str, extra: &[&str]) -> Self {
+        Self::start_full(ns, &[], config, plane, extra)
+    }
+
+    fn start_full(
+        ns: &Netns,
+        wrapper: &[&str],
+        config_text: &str,
+        plane: &str,
+        extra: &[&str],
+    ) -> Self {
         let dir = Scratch::new();
         let config = dir.0.join("fly.toml");
-        std::fs::write(&config, test_config()).expect("write the config");
+        std::fs::write(&config, config_text).expect("write the config");
         let admin = dir.0.join("admin.sock");
         let log = dir.0.join("spliced.log");
         let mut cmd = Command::new("ip");
@@ -716,5 +731,60 @@ pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// nginx from Debian, run in a namespace with a configuration of the test's own; stopped at
+/// drop.
+pub struct Nginx {
+    child: Child,
+    dir: Scratch,
+}
+
+impl Nginx {
+    /// Starts nginx with `http_block` (the body of its `http { }`) in `ns`, and waits until
+    /// `ready` accepts connections.
+    pub fn start(ns: &Netns, http_block: &str, ready: SocketAddr) -> Self {
+        let dir = Scratch::new();
+        let d = dir.0.display();
+        let conf = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+             error_log {d}/error.log info;\nevents {{ worker_connections 256; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  \
+             proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  \
+             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n{http_block}\n}}\n"
+        );
+        let conf_path = dir.0.join("nginx.conf");
+        std::fs::write(&conf_path, conf).expect("nginx config");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "nginx", "-e"])
+            .arg(dir.0.join("error.log"))
+            .arg("-p")
+            .arg(&dir.0)
+            .arg("-c")
+            .arg(&conf_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx (cargo xtask setup installs it)");
+        let mut n = Self { child, dir };
+        let up = eventually(Duration::from_secs(10), || ns.connect(ready).is_ok());
+        if !up {
+            let _ = n.child.kill();
+            panic!("nginx did not start:\n{}", n.error_log());
+        }
+        n
+    }
+
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -14,7 +14,8 @@ use clap::{Parser, Subcommand};
 /// The nightly that builds the eBPF crate; its LLVM (22) must match bpf-linker's.
 const EBPF_TOOLCHAIN: &str = "nightly-2026-07-20";
 /// Debian packages: LLVM 22 for bpf-linker, bpftool for the tests' checks, redis for a real
-/// backend driven by its own client, iproute2 for network namespaces.
+/// backend driven by its own client, nginx as a real PROXY protocol consumer, iproute2 for
+/// network namespaces.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -23,6 +24,7 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "redis-server",
     "redis-tools",
+    "nginx",
     "iproute2",
 ];
 /// Where the demo backend of `cargo xtask run` listens: `examples/fly.toml`'s `internal_port`.
@@ -111,6 +113,33 @@ fn is_root() -> bool {
 }
 
 /// Installs, idempotently, everything the build and the tests need.
+/// While alive, Debian's maintainer scripts may not start services (`policy-rc.d` exiting
+/// 101), unless the machine already has a policy of its own, which is left alone.
+struct DenyServiceStarts(Option<&'static Path>);
+
+impl DenyServiceStarts {
+    const POLICY: &'static str = "/usr/sbin/policy-rc.d";
+
+    fn new() -> Result<Self> {
+        let path = Path::new(Self::POLICY);
+        if path.exists() {
+            return Ok(Self(None));
+        }
+        std::fs::write(path, "#!/bin/sh\nexit 101\n").context(Self::POLICY)?;
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .context(Self::POLICY)?;
+        Ok(Self(Some(path)))
+    }
+}
+
+impl Drop for DenyServiceStarts {
+    fn drop(&mut self) {
+        if let Some(path) = self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 fn setup() -> Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
@@ -132,6 +161,9 @@ fn setup() -> Result<()> {
             "installing Debian packages needs root; run as root"
         );
         check(Command::new("apt-get").args(["update", "-q"]))?;
+        // The tests start redis and nginx themselves, inside their own namespaces: keep the
+        // packages from starting system-wide copies on the host's ports.
+        let _no_services = DenyServiceStarts::new()?;
         check(
             Command::new("apt-get")
                 .args(["install", "-y", "-q", "--no-install-recommends"])

@@ -120,7 +120,13 @@ pub(super) struct Sites {
 pub(super) fn read(r: &mut Reader<'_>, text: &str) -> Result<(Config, Sites), ConfigError> {
     let root = toml::de::DeTable::parse(text).map_err(|e| {
         let at = e.span().map_or(0, |s| s.start);
-        let message = e.message().trim_end().to_owned();
+        let mut message = e.message().trim_end().to_owned();
+        // Name the key: the parser's message alone does not.
+        if message == "duplicate key"
+            && let Some(key) = e.span().and_then(|s| text.get(s))
+        {
+            message = format!("duplicate key `{}`", key.trim());
+        }
         ConfigError::Invalid(vec![r.diagnostic(at, "", message)])
     })?;
     let top = Table::new("", root.get_ref(), root.span());
@@ -457,9 +463,31 @@ fn read_ports(
     template.proxy_proto = read_proxy_proto(r, t, &template.handlers);
     if let Some(v) = t.get("tls_options") {
         template.tls_options = read_tls(r, v, &t.field("tls_options"));
+        if !template
+            .handlers
+            .iter()
+            .any(|h| matches!(h, Handler::Tls | Handler::PgTls))
+        {
+            r.warn(
+                v.span().start,
+                &t.field("tls_options"),
+                "has no effect without the tls or pg_tls handler",
+            );
+        }
     }
     if let Some(v) = t.get("http_options") {
         template.http_options = Some(to_json(v));
+        if !template
+            .handlers
+            .iter()
+            .any(|h| matches!(h, Handler::Http | Handler::EdgeHttp))
+        {
+            r.warn(
+                v.span().start,
+                &t.field("http_options"),
+                "has no effect without the http or edge_http handler",
+            );
+        }
     }
     let field = |k: &str| t.field(k);
     match (t.get("port"), t.get("start_port"), t.get("end_port")) {
