@@ -120,6 +120,19 @@ pub struct PublicPort {
 }
 
 impl PublicPort {
+    /// A raw TCP port (no handler) declared at `line` (0: given by default).
+    pub fn raw(port: u16, line: usize) -> Self {
+        Self {
+            port,
+            handlers: Vec::new(),
+            force_https: false,
+            proxy_proto: None,
+            tls_options: None,
+            http_options: None,
+            line,
+        }
+    }
+
     /// Handlers this build cannot serve yet; the port is refused by `spliced run`.
     pub fn unimplemented_handlers(&self) -> Vec<Handler> {
         self.handlers

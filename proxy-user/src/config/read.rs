@@ -361,7 +361,7 @@ fn read_service(r: &mut Reader<'_>, block: Table<'_, '_>, config: &mut Config, s
         && let Some(port) = r.port(v, &block.field("port"))
     {
         let (line, _) = r.position(v.span().start);
-        s.ports.push(plain_port(port, line));
+        s.ports.push(PublicPort::raw(port, line));
         port_sites.push((v.span().start, block.field("port")));
     }
     if let Some(v) = block.get("ports") {
@@ -387,18 +387,6 @@ fn read_service(r: &mut Reader<'_>, block: Table<'_, '_>, config: &mut Config, s
         }
     }
     push_service(config, sites, (s, block.span.0), port_sites, processes);
-}
-
-fn plain_port(port: u16, line: usize) -> PublicPort {
-    PublicPort {
-        port,
-        handlers: Vec::new(),
-        force_https: false,
-        proxy_proto: None,
-        tls_options: None,
-        http_options: None,
-        line,
-    }
 }
 
 fn read_handlers(
@@ -445,7 +433,7 @@ fn read_ports(
     sites: &mut Vec<(usize, String)>,
 ) {
     r.unknown_keys(t, PORT_KEYS);
-    let mut template = plain_port(0, r.position(t.span.0).0);
+    let mut template = PublicPort::raw(0, r.position(t.span.0).0);
     if let Some(v) = t.get("handlers") {
         template.handlers = read_handlers(r, v, &t.field("handlers"), protocol);
     }

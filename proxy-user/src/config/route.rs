@@ -84,15 +84,7 @@ fn default_ports(r: &mut Reader<'_>, config: &mut Config, sites: &Sites) {
         s.ports = DEFAULT_PUBLIC_PORTS
             .iter()
             .filter(|&&p| !claimed.contains(&(p, s.protocol)))
-            .map(|&port| PublicPort {
-                port,
-                handlers: Vec::new(),
-                force_https: false,
-                proxy_proto: None,
-                tls_options: None,
-                http_options: None,
-                line: 0,
-            })
+            .map(|&port| PublicPort::raw(port, 0))
             .collect();
         if s.ports.is_empty() {
             s.exposure = Exposure::InternalOnly;
