@@ -2,6 +2,7 @@
 //! sockmap moves the bytes. See the README for the design and `dataplane::sockmap` for what
 //! the kernel does not do by itself.
 
+pub mod balance;
 pub mod check;
 pub mod config;
 pub mod dataplane;

@@ -5,6 +5,7 @@ use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use proxy_user::{
+    balance::QueuePolicy,
     config::{Config, ConfigError},
     dataplane::DataplaneChoice,
     server::{self, RunOptions},
@@ -48,6 +49,14 @@ enum Command {
         /// Unix socket that answers each connection with a JSON snapshot of the counters.
         #[arg(long, value_name = "PATH")]
         admin_socket: Option<PathBuf>,
+        /// Connections that may wait, per service, while every machine is at its hard limit;
+        /// one more is closed at once.
+        #[arg(long, value_name = "N", default_value_t = 1024)]
+        queue_limit: usize,
+        /// Seconds a connection may wait for a machine under its hard limit before it is
+        /// closed.
+        #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+        queue_timeout: f64,
     },
     /// Validate a fly.toml and print what spliced would serve.
     Check {
@@ -90,6 +99,8 @@ fn main() -> ExitCode {
             max_buffer,
             connect_timeout,
             admin_socket,
+            queue_limit,
+            queue_timeout,
         } => {
             let path = config;
             let config = match Config::load(&path) {
@@ -122,6 +133,10 @@ fn main() -> ExitCode {
                     max_buffer,
                     connect_timeout: seconds("connect-timeout", connect_timeout)?,
                     admin_socket,
+                    queue: QueuePolicy {
+                        limit: queue_limit,
+                        max_wait: seconds("queue-timeout", queue_timeout)?,
+                    },
                 })
             })();
             let opts = match opts {

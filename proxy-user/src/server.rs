@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -21,6 +21,7 @@ use tokio::{
 };
 
 use crate::{
+    balance::{Lease, Pool, PoolStats, QueuePolicy, Refusal},
     config::{Config, ProxyProtoVersion},
     dataplane::{
         DataplaneChoice, Outcome, Phase, SpliceError, copy,
@@ -44,6 +45,9 @@ pub struct RunOptions {
     pub connect_timeout: Duration,
     /// Where to serve a JSON snapshot of counters, one per connection.
     pub admin_socket: Option<PathBuf>,
+    /// Connections that may wait, per service, for a machine under its hard limit, and for
+    /// how long.
+    pub queue: QueuePolicy,
 }
 
 /// Why the daemon could not start.
@@ -77,8 +81,10 @@ pub struct ConnStats {
     pub completed: AtomicU64,
     pub aborted: AtomicU64,
     pub failed: AtomicU64,
-    /// The backend refused or did not answer in time.
+    /// Every machine tried refused or did not answer in time.
     pub backend_unreachable: AtomicU64,
+    /// Closed without a machine: none serves the service, or all stayed at their hard limit.
+    pub refused: AtomicU64,
     /// Connections the kernel would not take (a side had already sent FIN), copied instead.
     pub copied_fallback: AtomicU64,
 }
@@ -87,10 +93,8 @@ pub struct ConnStats {
 struct Route {
     /// The service's id: the kernel counts bytes per id.
     service: u32,
-    /// The service's machines at its internal port.
-    backends: Vec<SocketAddr>,
-    /// Round-robin position over `backends`.
-    next: AtomicUsize,
+    /// The service's machines at its internal port, with their load.
+    pool: Arc<Pool>,
     /// The PROXY protocol header to send each backend first, if any.
     proxy_proto: Option<ProxyProtoVersion>,
 }
@@ -113,6 +117,8 @@ struct Shared {
     plane: Plane,
     stats: ConnStats,
     opts: RunOptions,
+    /// One per service, in service order.
+    pools: Vec<Arc<Pool>>,
 }
 
 /// Runs the daemon until a stop signal and the end of the grace period.
@@ -129,19 +135,38 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     } else {
         opts.listen_addrs.clone()
     };
+    let pools: Vec<Arc<Pool>> = config
+        .services
+        .iter()
+        .map(|service| {
+            let machines: Vec<(String, SocketAddr)> = config
+                .machines_of(service)
+                .map(|m| {
+                    (
+                        m.id.clone(),
+                        SocketAddr::new(m.address, service.internal_port),
+                    )
+                })
+                .collect();
+            let limits = service.concurrency;
+            Arc::new(Pool::new(
+                service.name.clone(),
+                machines,
+                limits.and_then(|c| c.soft_limit),
+                limits.and_then(|c| c.hard_limit),
+                opts.queue,
+            ))
+        })
+        .collect();
     let mut listeners = Vec::new();
     for (service, port) in config.public_ports() {
-        let backends: Vec<SocketAddr> = config
-            .machines_of(service)
-            .map(|m| SocketAddr::new(m.address, service.internal_port))
-            .collect();
-        if backends.is_empty() {
+        let pool = Arc::clone(&pools[service.id as usize]);
+        if pool.machines.is_empty() {
             tracing::warn!(port = port.port, service = %service.name, "no machine serves this port: its connections will be refused");
         }
         let route = Arc::new(Route {
             service: service.id,
-            backends,
-            next: AtomicUsize::new(0),
+            pool,
             proxy_proto: port.proxy_proto,
         });
         for ip in &listen_addrs {
@@ -165,6 +190,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         plane,
         stats: ConnStats::default(),
         opts,
+        pools,
     });
     let (phase_tx, phase_rx) = watch::channel(Phase::Serve);
     let mut conns = JoinSet::new();
@@ -325,29 +351,37 @@ async fn serve(
     }
 }
 
-/// Connects to the route's machines in round-robin order, trying each at most once.
-async fn connect_backend(shared: &Shared, route: &Route) -> Result<TcpStream, std::io::Error> {
-    let n = route.backends.len();
-    let first = route.next.fetch_add(1, Ordering::Relaxed);
-    let mut last = std::io::Error::new(
-        std::io::ErrorKind::NotConnected,
-        "no machine serves this service",
-    );
-    for i in 0..n {
-        let addr = route.backends[(first + i) % n];
-        match tokio::time::timeout(shared.opts.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(b)) => return Ok(b),
-            Ok(Err(e)) => {
-                tracing::debug!(%addr, error = %e, "backend refused");
-                last = e;
-            }
-            Err(_) => {
-                tracing::debug!(%addr, "backend did not answer in time");
-                last = std::io::ErrorKind::TimedOut.into();
-            }
-        }
+/// Why no backend connection was made.
+enum NoBackend {
+    Refused(Refusal),
+    Unreachable(std::io::Error),
+}
+
+/// A slot on the best machine of the route's service, and a connection to it. A machine that
+/// refuses or does not answer in time is skipped for the next best, each tried at most once.
+async fn connect_backend(shared: &Shared, route: &Route) -> Result<(TcpStream, Lease), NoBackend> {
+    let mut lease = route.pool.acquire().await.map_err(NoBackend::Refused)?;
+    let mut tried = Vec::new();
+    loop {
+        let addr = lease.addr();
+        let error =
+            match tokio::time::timeout(shared.opts.connect_timeout, TcpStream::connect(addr)).await
+            {
+                Ok(Ok(b)) => return Ok((b, lease)),
+                Ok(Err(e)) => e,
+                Err(_) => std::io::ErrorKind::TimedOut.into(),
+            };
+        tracing::debug!(%addr, %error, service = %route.pool.service, "machine unreachable; trying the next");
+        route.pool.machines[lease.index()]
+            .connect_failures
+            .fetch_add(1, Ordering::Relaxed);
+        tried.push(lease.index());
+        drop(lease);
+        lease = route
+            .pool
+            .retry(&tried)
+            .ok_or(NoBackend::Unreachable(error))?;
     }
-    Err(last)
 }
 
 async fn connect_and_splice(
@@ -357,15 +391,21 @@ async fn connect_and_splice(
     route: &Route,
     phase: watch::Receiver<Phase>,
 ) -> Result<Outcome, SpliceError> {
-    let mut backend = match connect_backend(shared, route).await {
+    // Held until the connection ends: it is the machine's count of live connections.
+    let (mut backend, _lease) = match connect_backend(shared, route).await {
         Ok(b) => b,
-        Err(e) => {
+        Err(NoBackend::Unreachable(e)) => {
             shared
                 .stats
                 .backend_unreachable
                 .fetch_add(1, Ordering::Relaxed);
             reset(&client);
             return Err(SpliceError::Backend(e));
+        }
+        Err(NoBackend::Refused(why)) => {
+            shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+            reset(&client);
+            return Err(SpliceError::Backend(std::io::Error::other(why)));
         }
     };
     if let Some(version) = route.proxy_proto {
@@ -416,7 +456,16 @@ fn reset(s: &TcpStream) {
 struct Snapshot<'a> {
     dataplane: &'static str,
     connections: &'a ConnStats,
+    /// Per service: its machines' load and its queue.
+    services: Vec<PoolSnapshot<'a>>,
     kernel: Option<KernelSnapshot>,
+}
+
+#[derive(Serialize)]
+struct PoolSnapshot<'a> {
+    name: &'a str,
+    machines: &'a [crate::balance::MachineStats],
+    queue: &'a PoolStats,
 }
 
 #[derive(Serialize)]
@@ -475,6 +524,15 @@ fn snapshot(shared: &Shared) -> Snapshot<'_> {
     Snapshot {
         dataplane: shared.plane.name(),
         connections: &shared.stats,
+        services: shared
+            .pools
+            .iter()
+            .map(|p| PoolSnapshot {
+                name: &p.service,
+                machines: &p.machines,
+                queue: &p.stats,
+            })
+            .collect(),
         kernel,
     }
 }

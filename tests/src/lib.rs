@@ -788,3 +788,62 @@ impl Drop for Nginx {
         let _ = self.child.wait();
     }
 }
+
+/// Backend hosts: one namespace each, joined to the proxy's namespace by its own veth pair
+/// (proxy side 10.77.i.1/24, machine side 10.77.i.2/24).
+pub struct Machines {
+    pub ns: Vec<Netns>,
+}
+
+impl Machines {
+    pub fn new(proxy: &Netns, n: usize) -> Self {
+        let ns: Vec<Netns> = (0..n).map(|i| Netns::new(&format!("m{i}"))).collect();
+        for (i, m) in ns.iter().enumerate() {
+            let (mn, pn, pv) = (m.name.as_str(), proxy.name.as_str(), format!("vm{i}"));
+            sh(&[
+                "ip", "-n", mn, "link", "add", "e0", "type", "veth", "peer", "name", &pv, "netns",
+                pn,
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                mn,
+                "addr",
+                "add",
+                &format!("10.77.{i}.2/24"),
+                "dev",
+                "e0",
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                pn,
+                "addr",
+                "add",
+                &format!("10.77.{i}.1/24"),
+                "dev",
+                &pv,
+            ]);
+            sh(&["ip", "-n", mn, "link", "set", "e0", "up"]);
+            sh(&["ip", "-n", pn, "link", "set", &pv, "up"]);
+        }
+        Self { ns }
+    }
+
+    /// Machine `i`'s backend address.
+    pub fn backend(&self, i: usize) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 77, i as u8, 2)), BACKEND_PORT)
+    }
+
+    /// The `[[machines]]` blocks naming them `m0`, `m1`, ...
+    pub fn config(&self) -> String {
+        let mut out = String::new();
+        for i in 0..self.ns.len() {
+            let _ = std::fmt::Write::write_fmt(
+                &mut out,
+                format_args!("[[machines]]\n  id = \"m{i}\"\n  address = \"10.77.{i}.2\"\n"),
+            );
+        }
+        out
+    }
+}

@@ -1,0 +1,416 @@
+//! Choosing a machine for each connection, as fly-proxy does: least-loaded by live
+//! connections, in bands (machines under their soft limit first, then those between soft and
+//! hard limit), ties broken at random; never past the hard limit. When every machine is at its
+//! hard limit, connections wait in a bounded first-in first-out queue for a slot, up to a
+//! maximum wait. Every decision is counted per machine and per service.
+
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+/// How long and how many connections may wait for a machine below its hard limit.
+#[derive(Clone, Copy, Debug)]
+pub struct QueuePolicy {
+    /// Connections waiting per service; one more is refused at once.
+    pub limit: usize,
+    /// Longest wait; past it the connection is closed.
+    pub max_wait: Duration,
+}
+
+/// One backend of a service, with its live load.
+#[derive(Debug, Serialize)]
+pub struct MachineStats {
+    pub id: String,
+    pub addr: SocketAddr,
+    /// Connections spliced to it now.
+    pub active: AtomicU64,
+    /// Connections it has been given in all.
+    pub chosen: AtomicU64,
+    /// Connects it refused or did not answer in time.
+    pub connect_failures: AtomicU64,
+}
+
+/// Counters of a service's pool.
+#[derive(Debug, Default, Serialize)]
+pub struct PoolStats {
+    /// Connections waiting for a slot now.
+    pub queued: AtomicU64,
+    /// Connections that waited and then got a slot.
+    pub dequeued: AtomicU64,
+    /// Connections refused because the queue was full.
+    pub queue_full: AtomicU64,
+    /// Connections closed because they waited too long.
+    pub queue_timeouts: AtomicU64,
+    /// Connects retried on another machine after one failed.
+    pub retried: AtomicU64,
+}
+
+/// The machines of one service and who waits for them.
+pub struct Pool {
+    pub service: String,
+    pub machines: Vec<MachineStats>,
+    soft_limit: Option<u64>,
+    hard_limit: Option<u64>,
+    policy: QueuePolicy,
+    state: Mutex<State>,
+    pub stats: PoolStats,
+}
+
+struct State {
+    /// Senders of the queued connections, oldest first. A slot travels as a [`Lease`], so one
+    /// handed to a waiter that gives up in the same instant is released when dropped.
+    waiters: VecDeque<oneshot::Sender<Lease>>,
+    rng: u64,
+}
+
+/// Why no machine was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the service has no machine")]
+    NoMachine,
+    #[error("every machine is at its hard limit and the queue is full")]
+    QueueFull,
+    #[error("every machine stayed at its hard limit for the whole queue wait")]
+    QueueTimeout,
+}
+
+/// A slot on one machine, released when dropped.
+pub struct Lease {
+    /// `None` once disarmed: dropping it then releases nothing.
+    pool: Option<Arc<Pool>>,
+    index: usize,
+    machine: SocketAddr,
+}
+
+impl Lease {
+    fn new(pool: &Arc<Pool>, index: usize) -> Self {
+        Self {
+            machine: pool.machines[index].addr,
+            pool: Some(Arc::clone(pool)),
+            index,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.machine
+    }
+
+    /// Position of its machine in the pool, for [`Pool::retry`].
+    pub fn index(&self) -> usize {
+        self.index
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            pool.release(self.index);
+        }
+    }
+}
+
+impl Pool {
+    pub fn new(
+        service: String,
+        machines: Vec<(String, SocketAddr)>,
+        soft_limit: Option<u32>,
+        hard_limit: Option<u32>,
+        policy: QueuePolicy,
+    ) -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0x9e37_79b9_7f4a_7c15, |d| d.as_nanos() as u64)
+            | 1;
+        Self {
+            service,
+            machines: machines
+                .into_iter()
+                .map(|(id, addr)| MachineStats {
+                    id,
+                    addr,
+                    active: AtomicU64::new(0),
+                    chosen: AtomicU64::new(0),
+                    connect_failures: AtomicU64::new(0),
+                })
+                .collect(),
+            soft_limit: soft_limit.map(u64::from),
+            hard_limit: hard_limit.map(u64::from),
+            policy,
+            state: Mutex::new(State {
+                waiters: VecDeque::new(),
+                rng: seed,
+            }),
+            stats: PoolStats::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The machine to take next, skipping `exclude`: lowest band, then fewest connections,
+    /// then at random. Bands: 0 below the soft limit, 1 from soft to hard limit. Machines at
+    /// the hard limit are not candidates. Called with the state locked, so the choice and the
+    /// count it raises are one step.
+    fn pick(&self, state: &mut State, exclude: &[usize]) -> Option<usize> {
+        let mut best: Option<(u8, u64, usize)> = None;
+        let mut ties = 0u64;
+        for (i, m) in self.machines.iter().enumerate() {
+            if exclude.contains(&i) {
+                continue;
+            }
+            let active = m.active.load(Ordering::Relaxed);
+            if self.hard_limit.is_some_and(|h| active >= h) {
+                continue;
+            }
+            let band = u8::from(self.soft_limit.is_some_and(|s| active >= s));
+            let key = (band, active);
+            match best {
+                Some((b, a, _)) if (b, a) < key => {}
+                Some((b, a, _)) if (b, a) == key => {
+                    // Reservoir sampling keeps each tied machine equally likely.
+                    ties += 1;
+                    state.rng ^= state.rng << 13;
+                    state.rng ^= state.rng >> 7;
+                    state.rng ^= state.rng << 17;
+                    if state.rng.is_multiple_of(ties) {
+                        best = Some((band, active, i));
+                    }
+                }
+                _ => {
+                    ties = 1;
+                    best = Some((band, active, i));
+                }
+            }
+        }
+        let (_, _, i) = best?;
+        let m = &self.machines[i];
+        m.active.fetch_add(1, Ordering::Relaxed);
+        m.chosen.fetch_add(1, Ordering::Relaxed);
+        Some(i)
+    }
+
+    /// A slot on the best machine, waiting in the queue when all are full.
+    pub async fn acquire(self: &Arc<Self>) -> Result<Lease, Refusal> {
+        if self.machines.is_empty() {
+            return Err(Refusal::NoMachine);
+        }
+        let rx = {
+            let mut state = self.lock();
+            // Waiters go first: a newcomer never overtakes the queue.
+            if state.waiters.is_empty()
+                && let Some(index) = self.pick(&mut state, &[])
+            {
+                return Ok(Lease::new(self, index));
+            }
+            if state.waiters.len() >= self.policy.limit {
+                self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+                return Err(Refusal::QueueFull);
+            }
+            let (tx, rx) = oneshot::channel();
+            state.waiters.push_back(tx);
+            self.stats.queued.fetch_add(1, Ordering::Relaxed);
+            rx
+        };
+        let outcome = tokio::time::timeout(self.policy.max_wait, rx).await;
+        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(Ok(lease)) = outcome {
+            self.stats.dequeued.fetch_add(1, Ordering::Relaxed);
+            Ok(lease)
+        } else {
+            // Timed out: the dropped receiver makes `release` skip this waiter; a lease sent
+            // in the same instant is dropped with the receiver, which releases it.
+            self.stats.queue_timeouts.fetch_add(1, Ordering::Relaxed);
+            Err(Refusal::QueueTimeout)
+        }
+    }
+
+    /// Another machine, after those in `tried` could not be reached: no queueing, nothing
+    /// tried twice.
+    pub fn retry(self: &Arc<Self>, tried: &[usize]) -> Option<Lease> {
+        let mut state = self.lock();
+        let index = self.pick(&mut state, tried)?;
+        self.stats.retried.fetch_add(1, Ordering::Relaxed);
+        Some(Lease::new(self, index))
+    }
+
+    /// Frees a slot of machine `index` and hands the first live waiter a slot, if any.
+    fn release(self: &Arc<Self>, index: usize) {
+        let mut state = self.lock();
+        self.machines[index].active.fetch_sub(1, Ordering::Relaxed);
+        while !state.waiters.is_empty() {
+            let Some(slot) = self.pick(&mut state, &[]) else {
+                return;
+            };
+            let waiter = state.waiters.pop_front().expect("checked non-empty");
+            if let Err(mut lease) = waiter.send(Lease::new(self, slot)) {
+                // That waiter gave up. Undo by hand: a dropped lease would take the lock again.
+                lease.pool = None;
+                let m = &self.machines[slot];
+                m.active.fetch_sub(1, Ordering::Relaxed);
+                m.chosen.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(
+        n: usize,
+        soft: Option<u32>,
+        hard: Option<u32>,
+        limit: usize,
+        wait_ms: u64,
+    ) -> Arc<Pool> {
+        let machines = (0..n)
+            .map(|i| {
+                (
+                    format!("m{i}"),
+                    SocketAddr::from(([10, 0, 0, i as u8 + 1], 80)),
+                )
+            })
+            .collect();
+        Arc::new(Pool::new(
+            "services[0]".to_owned(),
+            machines,
+            soft,
+            hard,
+            QueuePolicy {
+                limit,
+                max_wait: Duration::from_millis(wait_ms),
+            },
+        ))
+    }
+
+    fn active(p: &Pool) -> Vec<u64> {
+        p.machines
+            .iter()
+            .map(|m| m.active.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn least_loaded_within_bands() {
+        let p = pool(3, Some(2), Some(4), 8, 50);
+        let mut held = Vec::new();
+        for _ in 0..6 {
+            held.push(p.acquire().await.expect("a slot"));
+        }
+        assert_eq!(active(&p), vec![2, 2, 2], "soft limits fill evenly");
+        held.push(p.acquire().await.expect("a slot above soft"));
+        assert_eq!(active(&p).iter().sum::<u64>(), 7);
+        // Freeing a slot on m0 makes it the only machine under its soft limit.
+        held.retain(|l| l.index() != 0);
+        let l = p.acquire().await.expect("a slot");
+        assert_eq!(
+            l.index(),
+            0,
+            "the machine under its soft limit is preferred"
+        );
+    }
+
+    #[tokio::test]
+    async fn ties_are_broken_at_random() {
+        let p = pool(3, None, None, 8, 50);
+        let mut seen = [0u32; 3];
+        for _ in 0..300 {
+            let l = p.acquire().await.expect("a slot");
+            seen[l.index()] += 1;
+        }
+        assert!(
+            seen.iter().all(|&n| n > 50),
+            "uneven choice among idle machines: {seen:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn hard_limit_queues_in_arrival_order() {
+        let p = pool(1, None, Some(1), 8, 5_000);
+        let first = p.acquire().await.expect("a slot");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for i in 0..3 {
+            let pool = Arc::clone(&p);
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let lease = pool.acquire().await.expect("a slot after waiting");
+                tx.send(i).expect("test listens");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                drop(lease);
+            });
+            // Let each waiter queue before the next.
+            while p.stats.queued.load(Ordering::Relaxed) < i + 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert_eq!(active(&p), vec![1]);
+        drop(first);
+        let order: Vec<u64> = vec![
+            rx.recv().await.expect("first"),
+            rx.recv().await.expect("second"),
+            rx.recv().await.expect("third"),
+        ];
+        assert_eq!(order, vec![0, 1, 2]);
+        while active(&p) != vec![0] {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(p.stats.dequeued.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn queue_full_and_timeouts_are_refused_and_counted() {
+        let p = pool(1, None, Some(1), 1, 30);
+        let held = p.acquire().await.expect("a slot");
+        let waiting = {
+            let p = Arc::clone(&p);
+            tokio::spawn(async move { p.acquire().await.map(|_| ()) })
+        };
+        while p.stats.queued.load(Ordering::Relaxed) < 1 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(p.acquire().await.err(), Some(Refusal::QueueFull));
+        assert_eq!(
+            waiting.await.expect("waiter task"),
+            Err(Refusal::QueueTimeout)
+        );
+        assert_eq!(p.stats.queue_full.load(Ordering::Relaxed), 1);
+        assert_eq!(p.stats.queue_timeouts.load(Ordering::Relaxed), 1);
+        drop(held);
+        assert_eq!(active(&p), vec![0], "no slot leaked");
+        assert!(p.acquire().await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn retry_skips_tried_machines() {
+        let p = pool(2, None, None, 8, 50);
+        let l = p.acquire().await.expect("a slot");
+        let tried = [l.index()];
+        drop(l);
+        let next = p.retry(&tried).expect("the other machine");
+        assert_ne!(next.index(), tried[0]);
+        let tried = [0, 1];
+        assert!(p.retry(&tried).is_none());
+        assert_eq!(p.stats.retried.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn no_machine_is_refused() {
+        let p = pool(0, None, None, 8, 50);
+        assert_eq!(p.acquire().await.err(), Some(Refusal::NoMachine));
+    }
+}
