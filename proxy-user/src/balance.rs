@@ -2,7 +2,9 @@
 //! connections, in bands (machines under their soft limit first, then those between soft and
 //! hard limit), ties broken at random; never past the hard limit. When every machine is at its
 //! hard limit, connections wait in a bounded first-in first-out queue for a slot, up to a
-//! maximum wait. Every decision is counted per machine and per service.
+//! maximum wait. A machine failing a health check is out of rotation until it passes again;
+//! when every machine of a service fails, all of them are used (see [`Pool::pick`]). Every
+//! decision is counted per machine and per service, and changes of state are logged.
 
 #![forbid(unsafe_code)]
 
@@ -11,9 +13,9 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde::Serialize;
@@ -39,6 +41,12 @@ pub struct MachineStats {
     pub chosen: AtomicU64,
     /// Connects it refused or did not answer in time.
     pub connect_failures: AtomicU64,
+    /// In rotation: it passes every health check (true until a check says otherwise).
+    pub healthy: AtomicBool,
+    /// Health checks it fails now.
+    pub failing_checks: AtomicU32,
+    /// Health check runs it has failed in all.
+    pub check_failures: AtomicU64,
 }
 
 /// Counters of a service's pool.
@@ -46,6 +54,8 @@ pub struct MachineStats {
 pub struct PoolStats {
     /// Connections waiting for a slot now.
     pub queued: AtomicU64,
+    /// The most connections ever waiting at once.
+    pub max_queued: AtomicU64,
     /// Connections that waited and then got a slot.
     pub dequeued: AtomicU64,
     /// Connections refused because the queue was full.
@@ -54,6 +64,8 @@ pub struct PoolStats {
     pub queue_timeouts: AtomicU64,
     /// Connects retried on another machine after one failed.
     pub retried: AtomicU64,
+    /// Connections routed while every machine failed its health checks.
+    pub routed_all_failing: AtomicU64,
 }
 
 /// The machines of one service and who waits for them.
@@ -71,6 +83,10 @@ struct State {
     /// Senders of the queued connections, oldest first. A slot travels as a [`Lease`], so one
     /// handed to a waiter that gives up in the same instant is released when dropped.
     waiters: VecDeque<oneshot::Sender<Lease>>,
+    /// When the queue last became non-empty, for the log.
+    queued_since: Option<Instant>,
+    /// Machines in rotation.
+    healthy: usize,
     rng: u64,
 }
 
@@ -132,6 +148,7 @@ impl Pool {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0x9e37_79b9_7f4a_7c15, |d| d.as_nanos() as u64)
             | 1;
+        let n = machines.len();
         Self {
             service,
             machines: machines
@@ -142,13 +159,18 @@ impl Pool {
                     active: AtomicU64::new(0),
                     chosen: AtomicU64::new(0),
                     connect_failures: AtomicU64::new(0),
+                    healthy: AtomicBool::new(true),
+                    failing_checks: AtomicU32::new(0),
+                    check_failures: AtomicU64::new(0),
                 })
-                .collect(),
+                .collect::<Vec<_>>(),
             soft_limit: soft_limit.map(u64::from),
             hard_limit: hard_limit.map(u64::from),
             policy,
             state: Mutex::new(State {
                 waiters: VecDeque::new(),
+                queued_since: None,
+                healthy: n,
                 rng: seed,
             }),
             stats: PoolStats::default(),
@@ -163,13 +185,18 @@ impl Pool {
 
     /// The machine to take next, skipping `exclude`: lowest band, then fewest connections,
     /// then at random. Bands: 0 below the soft limit, 1 from soft to hard limit. Machines at
-    /// the hard limit are not candidates. Called with the state locked, so the choice and the
+    /// the hard limit are not candidates, nor are machines failing a health check while
+    /// another passes. When every machine fails, all are candidates: a check can be wrong
+    /// while the service works (a bad path, a slow dependency), and a connection tried on a
+    /// machine that is really down fails fast and is retried on the next, whereas refusing
+    /// everything is a certain outage. Called with the state locked, so the choice and the
     /// count it raises are one step.
     fn pick(&self, state: &mut State, exclude: &[usize]) -> Option<usize> {
         let mut best: Option<(u8, u64, usize)> = None;
         let mut ties = 0u64;
+        let all_failing = state.healthy == 0;
         for (i, m) in self.machines.iter().enumerate() {
-            if exclude.contains(&i) {
+            if exclude.contains(&i) || !(all_failing || m.healthy.load(Ordering::Relaxed)) {
                 continue;
             }
             let active = m.active.load(Ordering::Relaxed);
@@ -200,6 +227,11 @@ impl Pool {
         let m = &self.machines[i];
         m.active.fetch_add(1, Ordering::Relaxed);
         m.chosen.fetch_add(1, Ordering::Relaxed);
+        if all_failing {
+            self.stats
+                .routed_all_failing
+                .fetch_add(1, Ordering::Relaxed);
+        }
         Some(i)
     }
 
@@ -221,8 +253,15 @@ impl Pool {
                 return Err(Refusal::QueueFull);
             }
             let (tx, rx) = oneshot::channel();
+            if state.waiters.is_empty() {
+                state.queued_since = Some(Instant::now());
+                tracing::info!(service = %self.service, "every machine is at its hard limit: new connections wait");
+            }
             state.waiters.push_back(tx);
             self.stats.queued.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .max_queued
+                .fetch_max(state.waiters.len() as u64, Ordering::Relaxed);
             rx
         };
         let outcome = tokio::time::timeout(self.policy.max_wait, rx).await;
@@ -251,17 +290,67 @@ impl Pool {
     fn release(self: &Arc<Self>, index: usize) {
         let mut state = self.lock();
         self.machines[index].active.fetch_sub(1, Ordering::Relaxed);
+        self.serve_waiters(&mut state);
+    }
+
+    /// Hands free slots to waiters, oldest first.
+    fn serve_waiters(self: &Arc<Self>, state: &mut State) {
         while !state.waiters.is_empty() {
-            let Some(slot) = self.pick(&mut state, &[]) else {
+            let Some(slot) = self.pick(state, &[]) else {
                 return;
             };
             let waiter = state.waiters.pop_front().expect("checked non-empty");
+            if state.waiters.is_empty()
+                && let Some(since) = state.queued_since.take()
+            {
+                tracing::info!(
+                    service = %self.service,
+                    queued_for = ?since.elapsed(),
+                    dequeued = self.stats.dequeued.load(Ordering::Relaxed),
+                    timeouts = self.stats.queue_timeouts.load(Ordering::Relaxed),
+                    refused = self.stats.queue_full.load(Ordering::Relaxed),
+                    "queue drained"
+                );
+            }
             if let Err(mut lease) = waiter.send(Lease::new(self, slot)) {
                 // That waiter gave up. Undo by hand: a dropped lease would take the lock again.
                 lease.pool = None;
                 let m = &self.machines[slot];
                 m.active.fetch_sub(1, Ordering::Relaxed);
                 m.chosen.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A health check of machine `index` changed from passing to failing or back. The
+    /// machine is in rotation while it fails none.
+    pub fn check_changed(self: &Arc<Self>, index: usize, passing: bool, check: &str, why: &str) {
+        let mut state = self.lock();
+        let m = &self.machines[index];
+        let failing = if passing {
+            m.failing_checks.fetch_sub(1, Ordering::Relaxed) - 1
+        } else {
+            m.failing_checks.fetch_add(1, Ordering::Relaxed) + 1
+        };
+        let healthy = failing == 0;
+        if healthy == m.healthy.swap(healthy, Ordering::Relaxed) {
+            return;
+        }
+        let (service, machine) = (&self.service, &m.id);
+        if healthy {
+            state.healthy += 1;
+            tracing::info!(%service, %machine, addr = %m.addr, %check, "machine back in rotation");
+            if state.healthy == 1 && self.machines.len() > 1 {
+                tracing::info!(%service, "a machine passes its checks again: routing only to passing machines");
+            }
+            self.serve_waiters(&mut state);
+        } else {
+            state.healthy -= 1;
+            tracing::warn!(%service, %machine, addr = %m.addr, %check, %why, "machine out of rotation: health check failed");
+            if state.healthy == 0 {
+                tracing::error!(%service, "every machine fails its health checks: routing to all of them until one passes");
+                // Machines left out a moment ago are candidates again.
+                self.serve_waiters(&mut state);
             }
         }
     }
@@ -406,6 +495,42 @@ mod tests {
         let tried = [0, 1];
         assert!(p.retry(&tried).is_none());
         assert_eq!(p.stats.retried.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn failing_machines_leave_rotation_unless_all_fail() {
+        let p = pool(2, None, Some(1), 8, 5_000);
+        p.check_changed(0, false, "tcp_checks[0]", "refused");
+        for _ in 0..3 {
+            let l = p.acquire().await.expect("a slot");
+            assert_eq!(l.index(), 1, "the failing machine is out of rotation");
+        }
+        // m1 full, m0 out: a newcomer waits, and gets m0 the moment it passes again.
+        let held = p.acquire().await.expect("a slot");
+        let waiting = {
+            let p = Arc::clone(&p);
+            tokio::spawn(async move { p.acquire().await.map(|l| l.index()) })
+        };
+        while p.stats.queued.load(Ordering::Relaxed) < 1 {
+            tokio::task::yield_now().await;
+        }
+        p.check_changed(0, true, "tcp_checks[0]", "");
+        assert_eq!(waiting.await.expect("waiter task"), Ok(0));
+        drop(held);
+        // Both failing: both used, and counted.
+        p.check_changed(0, false, "tcp_checks[0]", "refused");
+        p.check_changed(1, false, "tcp_checks[0]", "refused");
+        let a = p.acquire().await.expect("a slot while all fail");
+        let b = p.acquire().await.expect("a slot while all fail");
+        assert_ne!(a.index(), b.index());
+        assert_eq!(p.stats.routed_all_failing.load(Ordering::Relaxed), 2);
+        // Two checks failing on one machine: it returns only when both pass.
+        p.check_changed(1, true, "tcp_checks[0]", "");
+        p.check_changed(0, false, "http_checks[0]", "status 500");
+        p.check_changed(0, true, "tcp_checks[0]", "");
+        assert!(!p.machines[0].healthy.load(Ordering::Relaxed));
+        p.check_changed(0, true, "http_checks[0]", "");
+        assert!(p.machines[0].healthy.load(Ordering::Relaxed));
     }
 
     #[tokio::test]

@@ -120,8 +120,14 @@ fn checks(s: &Service) -> String {
         .map(|c| format!("tcp every {}", secs(c.interval)))
         .collect();
     out.extend(s.http_checks.iter().map(|c| {
+        // TLS checks are parsed but not run yet (see `health`).
+        let not_run = if c.protocol == "http" {
+            ""
+        } else {
+            " (not run)"
+        };
         format!(
-            "{} {} {}/{}",
+            "{} {} {}/{}{not_run}",
             c.protocol,
             c.method,
             c.path,

@@ -57,6 +57,13 @@ enum Command {
         /// closed.
         #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
         queue_timeout: f64,
+        /// Machines tried per connection, at most, when connects are refused or time out.
+        #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+        connect_attempts: u16,
+        /// Seconds without a byte in either direction after which a connection is closed;
+        /// 0 turns this off.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+        idle_timeout: f64,
     },
     /// Validate a fly.toml and print what spliced would serve.
     Check {
@@ -101,6 +108,8 @@ fn main() -> ExitCode {
             admin_socket,
             queue_limit,
             queue_timeout,
+            connect_attempts,
+            idle_timeout,
         } => {
             let path = config;
             let config = match Config::load(&path) {
@@ -137,6 +146,9 @@ fn main() -> ExitCode {
                         limit: queue_limit,
                         max_wait: seconds("queue-timeout", queue_timeout)?,
                     },
+                    connect_attempts: usize::from(connect_attempts),
+                    idle_timeout: Some(seconds("idle-timeout", idle_timeout)?)
+                        .filter(|d| !d.is_zero()),
                 })
             })();
             let opts = match opts {

@@ -48,6 +48,10 @@ pub struct RunOptions {
     /// Connections that may wait, per service, for a machine under its hard limit, and for
     /// how long.
     pub queue: QueuePolicy,
+    /// Machines tried per connection, at most, before the client is reset.
+    pub connect_attempts: usize,
+    /// A connection with no byte either way for this long is closed; `None`: never.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Why the daemon could not start.
@@ -85,6 +89,8 @@ pub struct ConnStats {
     pub backend_unreachable: AtomicU64,
     /// Closed without a machine: none serves the service, or all stayed at their hard limit.
     pub refused: AtomicU64,
+    /// Closed after the idle timeout.
+    pub idle_closed: AtomicU64,
     /// Connections the kernel would not take (a side had already sent FIN), copied instead.
     pub copied_fallback: AtomicU64,
 }
@@ -192,6 +198,8 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         opts,
         pools,
     });
+    // Dropped (which stops every check) when the daemon returns.
+    let _health = crate::health::start(&config.services, &shared.pools);
     let (phase_tx, phase_rx) = watch::channel(Phase::Serve);
     let mut conns = JoinSet::new();
     let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -263,6 +271,7 @@ fn choose_plane(opts: &RunOptions) -> Result<Plane, StartError> {
             max_buffer: opts.max_buffer,
             moved_bytes: AtomicU64::new(0),
             parks: AtomicU64::new(0),
+            idle_timeout: opts.idle_timeout,
         })
     };
     match opts.dataplane {
@@ -344,6 +353,10 @@ async fn serve(
             stats.aborted.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%peer, "connection closed at end of grace period");
         }
+        Ok(Outcome::Idle) => {
+            stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, "idle connection closed");
+        }
         Err(e) => {
             stats.failed.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -377,6 +390,9 @@ async fn connect_backend(shared: &Shared, route: &Route) -> Result<(TcpStream, L
             .fetch_add(1, Ordering::Relaxed);
         tried.push(lease.index());
         drop(lease);
+        if tried.len() >= shared.opts.connect_attempts {
+            return Err(NoBackend::Unreachable(error));
+        }
         lease = route
             .pool
             .retry(&tried)
@@ -391,8 +407,17 @@ async fn connect_and_splice(
     route: &Route,
     phase: watch::Receiver<Phase>,
 ) -> Result<Outcome, SpliceError> {
+    let mut abort = phase.clone();
+    let connected = tokio::select! {
+        c = connect_backend(shared, route) => c,
+        // A connection still waiting in the queue at the end of the grace period.
+        _ = abort.wait_for(|p| *p == Phase::Abort) => {
+            reset(&client);
+            return Ok(Outcome::Aborted);
+        }
+    };
     // Held until the connection ends: it is the machine's count of live connections.
-    let (mut backend, _lease) = match connect_backend(shared, route).await {
+    let (mut backend, _lease) = match connected {
         Ok(b) => b,
         Err(NoBackend::Unreachable(e)) => {
             shared
@@ -420,8 +445,9 @@ async fn connect_and_splice(
     for s in [&client, &backend] {
         s.set_nodelay(true).map_err(SpliceError::Internal)?;
     }
+    let idle = shared.opts.idle_timeout;
     match &shared.plane {
-        Plane::Copy => copy::run(client, backend, phase).await,
+        Plane::Copy => copy::run(client, backend, phase, idle).await,
         Plane::Sockmap(splicer) => {
             let client = client.into_std().map_err(SpliceError::Internal)?;
             let backend = backend.into_std().map_err(SpliceError::Internal)?;
@@ -437,7 +463,7 @@ async fn connect_and_splice(
                     );
                     let client = TcpStream::from_std(client).map_err(SpliceError::Internal)?;
                     let backend = TcpStream::from_std(backend).map_err(SpliceError::Internal)?;
-                    copy::run(client, backend, phase).await
+                    copy::run(client, backend, phase, idle).await
                 }
             }
         }

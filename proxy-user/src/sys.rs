@@ -124,6 +124,19 @@ pub fn tcp_counters(fd: BorrowedFd<'_>) -> io::Result<TcpCounters> {
     })
 }
 
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock of the kernel's activity stamps
+/// (`bpf_ktime_get_coarse_ns`).
+pub fn monotonic_coarse_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: the kernel fills the timespec passed; the clock id is valid on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
+    debug_assert_eq!(rc, 0, "CLOCK_MONOTONIC_COARSE exists on every Linux");
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
 /// Sets `SO_RCVLOWAT` to 1. Beyond its meaning, the kernel runs the socket's data-ready
 /// callback when it is set, which makes the verdict program take bytes that were queued
 /// before the socket entered the map.

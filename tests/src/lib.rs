@@ -830,6 +830,13 @@ impl Machines {
         Self { ns }
     }
 
+    /// Takes machine `i`'s link down (`up == false`): its packets are dropped, as when a
+    /// host dies without a word. Or brings it back.
+    pub fn set_up(&self, i: usize, up: bool) {
+        let state = if up { "up" } else { "down" };
+        sh(&["ip", "-n", &self.ns[i].name, "link", "set", "e0", state]);
+    }
+
     /// Machine `i`'s backend address.
     pub fn backend(&self, i: usize) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 77, i as u8, 2)), BACKEND_PORT)

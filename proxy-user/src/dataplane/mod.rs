@@ -37,6 +37,8 @@ pub enum Outcome {
     Completed,
     /// Closed by the daemon at the end of the grace period.
     Aborted,
+    /// Closed by the daemon after no byte moved either way for the idle timeout.
+    Idle,
 }
 
 /// Why a connection ended with an error, by where the error came from.

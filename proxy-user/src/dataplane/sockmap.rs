@@ -63,6 +63,8 @@ pub struct Splicer {
     pub moved_bytes: AtomicU64,
     /// Times a socket was parked.
     pub parks: AtomicU64,
+    /// A connection with no byte received on either socket for this long is closed.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// What became of a pair handed to [`Splicer::run`].
@@ -115,6 +117,8 @@ struct Pair<'a> {
     dirs: [Direction; 2],
     /// Most parked bytes seen waiting for userspace, per side (for the log).
     max_unread: [u64; 2],
+    /// [`sys::monotonic_coarse_ns`] when the pair was spliced.
+    started_ns: u64,
 }
 
 impl Pair<'_> {
@@ -327,6 +331,17 @@ impl Pair<'_> {
         Ok(true)
     }
 
+    /// How long until the pair has been idle for `timeout`: zero when it has. The verdict
+    /// stamps each socket's flow with the time of its last received bytes, on the same clock.
+    fn idle_left(&self, timeout: Duration) -> Result<Duration, SpliceError> {
+        let mut last = self.started_ns;
+        for side in [Side::Client, Side::Backend] {
+            last = last.max(self.flow(side)?.last_active_ns);
+        }
+        let idle = Duration::from_nanos(sys::monotonic_coarse_ns().saturating_sub(last));
+        Ok(timeout.saturating_sub(idle))
+    }
+
     /// Whatever a timer tick can move forward. Returns whether something still waits.
     fn on_tick(&mut self) -> Result<bool, SpliceError> {
         let mut waiting = false;
@@ -389,6 +404,7 @@ impl Splicer {
             preface: [0, 0],
             dirs: Default::default(),
             max_unread: [0; 2],
+            started_ns: sys::monotonic_coarse_ns(),
         };
 
         let mut refused = false;
@@ -424,7 +440,7 @@ impl Splicer {
         }
         .await;
 
-        if !refused && !matches!(result, Ok(Outcome::Completed)) {
+        if !refused && !matches!(result, Ok(Outcome::Completed | Outcome::Idle)) {
             // Abortive close: the peers see a reset, not a clean end of a truncated stream.
             for s in [&client, &backend] {
                 socket2::SockRef::from(s)
@@ -452,6 +468,8 @@ async fn drive(
 ) -> Result<Outcome, SpliceError> {
     let mut delay = POLL_MIN;
     let mut waiting = false;
+    let idle = pair.splicer.idle_timeout;
+    let mut idle_check = tokio::time::Instant::now() + idle.unwrap_or_default();
     loop {
         if pair.dirs.iter().all(|d| d.done) {
             return Ok(Outcome::Completed);
@@ -459,16 +477,17 @@ async fn drive(
         if *phase.borrow() == Phase::Abort {
             return Ok(Outcome::Aborted);
         }
-        let event = if waiting {
-            tokio::select! {
-                e = rx.recv() => e,
-                () = tokio::time::sleep(delay) => None,
-                _ = phase.changed() => continue,
-            }
-        } else {
-            tokio::select! {
-                e = rx.recv() => e,
-                _ = phase.changed() => continue,
+        let event = tokio::select! {
+            e = rx.recv() => e,
+            () = tokio::time::sleep(delay), if waiting => None,
+            _ = phase.changed() => continue,
+            () = tokio::time::sleep_until(idle_check), if idle.is_some() => {
+                let left = pair.idle_left(idle.unwrap_or_default())?;
+                if left.is_zero() {
+                    return Ok(Outcome::Idle);
+                }
+                idle_check = tokio::time::Instant::now() + left;
+                continue;
             }
         };
         match event {
