@@ -696,3 +696,55 @@ fn redis_benchmark_spreads_over_three_redis_servers() {
     }
     daemon.stop();
 }
+
+#[test]
+fn queued_connections_go_through_in_arrival_order() {
+    const WAITERS: u8 = 6;
+    raise_fd_limit();
+    let net = Net::new(Topo::Veth);
+    let machines = Machines::new(&net.proxy, 1);
+    // The backend notes the first byte of each connection, in the order they reach it.
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&order);
+    let server = Server::start(&machines.ns[0], machines.backend(0), move |mut s| {
+        let mut b = [0u8; 1];
+        if s.read_exact(&mut b).is_ok() {
+            seen.lock().expect("order").push(b[0]);
+            let _ = s.write_all(&b);
+            let _ = s.read(&mut b);
+        }
+    });
+    let cfg = config(&machines, "  [services.concurrency]\n    hard_limit = 1\n");
+    let daemon = Daemon::start_config(&net.proxy, &cfg, "sockmap", &[]);
+    let mut first = net.connect();
+    first.write_all(&[0]).expect("send");
+    first.read_exact(&mut [0u8; 1]).expect("served");
+    let mut waiting = Vec::new();
+    for i in 1..=WAITERS {
+        let mut c = net.connect();
+        c.write_all(&[i]).expect("send");
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        waiting.push(c);
+        until(&daemon, Duration::from_secs(5), "queued", |st| {
+            st["services"][0]["queue"]["queued"] == u64::from(i)
+        });
+    }
+    drop(first);
+    // Each is served only after the one before it has gone: out of order, a read below
+    // would wait for a slot that its predecessor holds, and time out.
+    for (i, mut c) in waiting.into_iter().enumerate() {
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b)
+            .unwrap_or_else(|e| panic!("waiter {} not served in turn: {e}", i + 1));
+        assert_eq!(usize::from(b[0]), i + 1);
+    }
+    assert_eq!(
+        *order.lock().expect("order"),
+        (0..=WAITERS).collect::<Vec<u8>>()
+    );
+    let st = daemon.wait_idle();
+    assert_eq!(st["services"][0]["queue"]["dequeued"], u64::from(WAITERS));
+    daemon.stop();
+    drop(server);
+}
