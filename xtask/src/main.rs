@@ -27,6 +27,8 @@ const APT_PACKAGES: &[&str] = &[
     "nginx",
     "iproute2",
 ];
+/// The peers `cargo xtask bench` measures spliced against, from Debian.
+const BENCH_PACKAGES: &[&str] = &["haproxy", "libnginx-mod-stream", "socat"];
 /// Where the demo backend of `cargo xtask run` listens: `examples/fly.toml`'s `internal_port`.
 const DEMO_BACKEND: &str = "127.0.0.1:18080";
 
@@ -53,6 +55,16 @@ enum Cmd {
         #[arg(long, default_value_t = 300)]
         seconds: u64,
     },
+    /// The benchmark suite: direct, spliced (sockmap, copy), `HAProxy`, nginx and socat,
+    /// interleaved, over loopback and veth; JSON, markdown and SVG in target/bench.
+    Bench {
+        /// A smoke run in under three minutes.
+        #[arg(long)]
+        quick: bool,
+        /// More arguments for spliced-bench (--targets a,b --topologies loopback).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Format check, clippy, unit tests, then the privileged integration tests.
     Test {
         /// Only integration tests whose name contains this.
@@ -72,6 +84,7 @@ fn main() -> Result<()> {
         Cmd::Run { args } => run(&root, &args),
         Cmd::Test { filter, no_lint } => test(&root, filter.as_deref(), no_lint),
         Cmd::Fuzz { seconds } => fuzz(&root, seconds),
+        Cmd::Bench { quick, args } => bench(&root, quick, &args),
     }
 }
 
@@ -191,8 +204,14 @@ impl Drop for DenyServiceStarts {
 }
 
 fn setup() -> Result<()> {
+    setup_with(&[])
+}
+
+/// [`setup`], with more Debian packages.
+fn setup_with(more: &[&str]) -> Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
+        .chain(more)
         .copied()
         .filter(|p| {
             !Command::new("dpkg-query")
@@ -327,6 +346,52 @@ fn demo_backend(listener: &TcpListener) {
             }
         });
     }
+}
+
+/// Builds and runs `spliced-bench`, then checks that it wrote well-formed output: the
+/// figures themselves are not judged (the benchmark asserts no timing).
+fn bench(root: &Path, quick: bool, args: &[String]) -> Result<()> {
+    setup_with(BENCH_PACKAGES)?;
+    let spliced = build_daemon(root)?;
+    check(Command::new("cargo").args([
+        "build",
+        "--release",
+        "--package",
+        "tests",
+        "--bin",
+        "spliced-bench",
+    ]))?;
+    ensure!(
+        is_root(),
+        "the benchmark needs root (network namespaces, BPF); run as root"
+    );
+    let out = root.join("target/bench");
+    let mut cmd = Command::new(root.join("target/release/spliced-bench"));
+    cmd.arg("--spliced").arg(&spliced).arg("--out").arg(&out);
+    if quick {
+        cmd.arg("--quick");
+    }
+    check(cmd.args(args))?;
+    let text = std::fs::read_to_string(out.join("results.json")).context("results.json")?;
+    let doc: serde_json::Value = serde_json::from_str(&text).context("results.json is not JSON")?;
+    let summary = doc["summary"].as_array().map_or(&[][..], Vec::as_slice);
+    let measured = summary
+        .iter()
+        .filter(|s| s["median"].as_f64().is_some_and(f64::is_finite))
+        .count();
+    ensure!(
+        doc["machine"]["cpus"].as_u64().is_some() && measured > 0,
+        "results.json has no measured figure"
+    );
+    for f in ["results.md", "throughput.svg"] {
+        let body = std::fs::read_to_string(out.join(f)).with_context(|| f.to_owned())?;
+        ensure!(!body.trim().is_empty(), "{f} is empty");
+    }
+    note(&format!(
+        "benchmark output in {} ({measured} figures)",
+        out.display()
+    ));
+    Ok(())
 }
 
 fn test(root: &Path, filter: Option<&str>, no_lint: bool) -> Result<()> {

@@ -1,0 +1,160 @@
+//! The load generator: each workload runs on the calling thread (inside the client's
+//! namespace) and threads it spawns, against one target address. The backend protocol is in
+//! `topo::start_backend`.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+/// No single read or write of a workload waits longer than this: a stalled target fails its
+/// sample instead of hanging the run.
+const STALL: Duration = Duration::from_secs(30);
+const CHUNK: usize = 256 * 1024;
+
+fn connect(addr: SocketAddr, mode: u8) -> Result<TcpStream> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("connect {addr}"))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(STALL))?;
+    s.set_write_timeout(Some(STALL))?;
+    s.write_all(&[mode])?;
+    Ok(s)
+}
+
+/// Sends `bytes` to the sink and waits for its count: seconds from connect to the count.
+pub fn bulk(addr: SocketAddr, bytes: u64) -> Result<f64> {
+    let start = Instant::now();
+    let mut s = connect(addr, b'S')?;
+    send(&mut s, bytes)?;
+    s.shutdown(Shutdown::Write)?;
+    let mut count = [0u8; 8];
+    s.read_exact(&mut count).context("the sink's count")?;
+    let got = u64::from_le_bytes(count);
+    ensure!(
+        got == bytes + 1,
+        "the sink got {} of {bytes} bytes",
+        got - 1
+    );
+    Ok(start.elapsed().as_secs_f64())
+}
+
+fn send(s: &mut TcpStream, mut left: u64) -> Result<()> {
+    let buf = vec![0x5au8; CHUNK];
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        s.write_all(&buf[..n]).context("send")?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// Sends `bytes` to the echo while reading them back: seconds until the last byte is back.
+pub fn duplex(addr: SocketAddr, bytes: u64) -> Result<f64> {
+    let start = Instant::now();
+    let mut s = connect(addr, b'E')?;
+    let mut w = s.try_clone()?;
+    let writer = std::thread::spawn(move || -> Result<()> {
+        send(&mut w, bytes)?;
+        w.shutdown(Shutdown::Write)?;
+        Ok(())
+    });
+    let mut buf = vec![0u8; CHUNK];
+    let mut got = 0u64;
+    while got < bytes {
+        match s.read(&mut buf) {
+            Ok(0) => bail!("echo ended after {got} of {bytes} bytes"),
+            Ok(n) => got += n as u64,
+            Err(e) => bail!("echo read after {got} of {bytes} bytes: {e}"),
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    Ok(secs)
+}
+
+/// `count` request/response rounds of `size` bytes on one connection: each round's time in
+/// nanoseconds, sorted.
+pub fn round_trips(addr: SocketAddr, size: usize, count: usize) -> Result<Vec<u64>> {
+    let mut s = connect(addr, b'E')?;
+    let msg = vec![0x33u8; size];
+    let mut back = vec![0u8; size];
+    // Warm-up: the first rounds pay for connection set-up.
+    for _ in 0..=count / 10 {
+        s.write_all(&msg)?;
+        s.read_exact(&mut back)?;
+    }
+    let mut times = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = Instant::now();
+        s.write_all(&msg)?;
+        s.read_exact(&mut back).context("echo")?;
+        times.push(t.elapsed().as_nanos() as u64);
+    }
+    times.sort_unstable();
+    Ok(times)
+}
+
+/// The `q` quantile of sorted `values`.
+pub fn quantile(values: &[u64], q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((values.len() as f64 - 1.0) * q).round() as usize;
+    values[i.min(values.len() - 1)] as f64
+}
+
+/// New connections, one after another for `duration`, each carrying a 32-byte exchange and
+/// closed by the client: connections per second.
+pub fn connection_rate(addr: SocketAddr, duration: Duration) -> Result<f64> {
+    let start = Instant::now();
+    let mut done = 0u64;
+    let msg = [0x44u8; 32];
+    let mut back = [0u8; 32];
+    while start.elapsed() < duration {
+        let mut s = connect(addr, b'E')?;
+        s.write_all(&msg)?;
+        s.read_exact(&mut back).context("echo")?;
+        drop(s);
+        done += 1;
+    }
+    Ok(done as f64 / start.elapsed().as_secs_f64())
+}
+
+/// `conns` connections at once, each sending its share of `total` bytes to the sink: seconds
+/// until the last count is back.
+pub fn sweep(addr: SocketAddr, conns: usize, total: u64) -> Result<f64> {
+    let each = total / conns as u64;
+    let start = Instant::now();
+    let workers: Vec<_> = (0..conns)
+        .map(|_| {
+            std::thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn(move || bulk(addr, each))
+        })
+        .collect::<std::io::Result<_>>()?;
+    for w in workers {
+        w.join().map_err(|_| anyhow::anyhow!("worker panicked"))??;
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Opens `n` connections that stay idle; they close when the returned sockets drop. Each is
+/// proven through (one echo) so that the proxy has spliced it before memory is read.
+pub fn idle(addr: SocketAddr, n: usize) -> Result<Vec<TcpStream>> {
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut s = connect(addr, b'E').with_context(|| format!("idle connection {i}"))?;
+        s.write_all(b"i")?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)
+            .with_context(|| format!("idle connection {i}"))?;
+        conns.push(s);
+    }
+    Ok(conns)
+}

@@ -1,0 +1,324 @@
+//! `spliced-bench`: the benchmark suite behind `cargo xtask bench`. Root only: it builds
+//! network namespaces. It measures direct connection, spliced (sockmap and copy planes),
+//! `HAProxy`, nginx stream and socat in the same run, interleaved (every target once per
+//! workload per round), over loopback and over veth, and writes JSON, a markdown table and
+//! SVG charts. It asserts no timing: a sample that fails is recorded with its error.
+
+mod load;
+mod report;
+mod topo;
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+use tests::Scratch;
+
+use crate::topo::{TARGETS, Target, Topology};
+
+const MIB: u64 = 1 << 20;
+
+/// How much each workload does.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub quick: bool,
+    pub rounds: usize,
+    pub bulk_bytes: u64,
+    pub duplex_bytes: u64,
+    pub round_trips: usize,
+    pub connect_secs: f64,
+    pub sweep: Vec<usize>,
+    pub sweep_bytes: u64,
+    pub idle_conns: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                quick,
+                rounds: 2,
+                bulk_bytes: 128 * MIB,
+                duplex_bytes: 32 * MIB,
+                round_trips: 2_000,
+                connect_secs: 1.0,
+                sweep: vec![1, 10, 100],
+                sweep_bytes: 64 * MIB,
+                idle_conns: 500,
+            }
+        } else {
+            Self {
+                quick,
+                rounds: 5,
+                bulk_bytes: 1024 * MIB,
+                duplex_bytes: 256 * MIB,
+                round_trips: 20_000,
+                connect_secs: 4.0,
+                sweep: vec![1, 10, 100, 1000],
+                sweep_bytes: 512 * MIB,
+                // 10,000 would take 20,000 descriptors in each proxy (more in HAProxy, which keeps
+                // splice pipes): over the hard
+                // open-file limit of the machines this runs on (20,000, not raisable there).
+                idle_conns: 8_000,
+            }
+        }
+    }
+}
+
+/// One measurement of one target.
+#[derive(Clone, Debug, Serialize)]
+pub struct Sample {
+    pub topology: &'static str,
+    pub workload: String,
+    pub target: &'static str,
+    pub round: usize,
+    /// Figure name -> value.
+    pub figures: BTreeMap<String, f64>,
+    pub error: Option<String>,
+}
+
+struct Args {
+    quick: bool,
+    out: PathBuf,
+    spliced: PathBuf,
+    targets: Vec<&'static str>,
+    topologies: Vec<String>,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        quick: false,
+        out: PathBuf::from("target/bench"),
+        spliced: tests::spliced_bin(),
+        targets: TARGETS.to_vec(),
+        topologies: vec!["loopback".to_owned(), "veth".to_owned()],
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => args.quick = true,
+            "--out" => args.out = it.next().context("--out PATH")?.into(),
+            "--spliced" => args.spliced = it.next().context("--spliced PATH")?.into(),
+            "--targets" => {
+                let list = it.next().context("--targets a,b,...")?;
+                args.targets = list
+                    .split(',')
+                    .map(|t| {
+                        TARGETS
+                            .iter()
+                            .copied()
+                            .find(|k| *k == t)
+                            .with_context(|| format!("unknown target {t}; known: {TARGETS:?}"))
+                    })
+                    .collect::<Result<_>>()?;
+            }
+            "--topologies" => {
+                let list = it.next().context("--topologies a,b")?;
+                args.topologies = list.split(',').map(str::to_owned).collect();
+            }
+            other => anyhow::bail!(
+                "unknown argument {other}; usage: spliced-bench [--quick] [--out DIR] \
+                 [--spliced PATH] [--targets a,b] [--topologies loopback,veth]"
+            ),
+        }
+    }
+    Ok(args)
+}
+
+fn main() -> Result<()> {
+    let mut raw = std::env::args().skip(1);
+    if raw.next().as_deref() == Some("--backend") {
+        let addr = raw.next().context("--backend ADDR")?.parse()?;
+        tests::raise_fd_limit();
+        return topo::serve_backend(addr);
+    }
+    let args = parse_args()?;
+    tests::raise_fd_limit();
+    let plan = Plan::new(args.quick);
+    let started = Instant::now();
+    let dir = Scratch::new();
+    let mut samples = Vec::new();
+    for name in &args.topologies {
+        let topo = match name.as_str() {
+            "loopback" => Topology::loopback(),
+            "veth" => Topology::veth(),
+            other => anyhow::bail!("unknown topology {other}"),
+        };
+        let _backend = topo::Backend::start(&topo.backend, topo.backend_addr)?;
+        let mut targets = Vec::new();
+        for t in &args.targets {
+            targets.push(topo::start_target(t, &topo, &args.spliced, &dir)?);
+        }
+        eprintln!(
+            "[bench] {}: {} targets up; {} rounds",
+            topo.name,
+            targets.len(),
+            plan.rounds
+        );
+        for round in 0..plan.rounds {
+            run_round(&topo, &targets, &plan, round, &mut samples);
+            eprintln!(
+                "[bench] {} round {} done ({:.0} s so far)",
+                topo.name,
+                round + 1,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let machine = report::machine();
+    let summary = report::summarize(&samples);
+    std::fs::create_dir_all(&args.out)?;
+    let doc = serde_json::json!({
+        "machine": machine,
+        "plan": plan,
+        "placement": "not pinned: client, proxy and backend share every CPU under the scheduler, the same for every target",
+        "duration_secs": started.elapsed().as_secs_f64(),
+        "summary": summary,
+        "samples": samples,
+    });
+    std::fs::write(
+        args.out.join("results.json"),
+        serde_json::to_string_pretty(&doc)?,
+    )?;
+    let md = report::markdown(&summary, &machine, &plan);
+    std::fs::write(args.out.join("results.md"), &md)?;
+    report::charts(&summary, &plan, &args.out)?;
+    println!("{md}");
+    eprintln!(
+        "[bench] wrote {}/results.json, results.md and charts in {:.0} s",
+        args.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// CPU seconds of a target's process tree, and of the whole machine.
+struct Cpu {
+    proxy: f64,
+    machine: f64,
+}
+
+fn cpu(target: &Target) -> Cpu {
+    Cpu {
+        proxy: target.pid.map_or(0.0, report::tree_cpu_secs),
+        machine: report::machine_cpu_secs(),
+    }
+}
+
+fn run_round(
+    topo: &Topology,
+    targets: &[Target],
+    plan: &Plan,
+    round: usize,
+    out: &mut Vec<Sample>,
+) {
+    let mut measure = |workload: &str, f: &dyn Fn(&Target) -> Result<BTreeMap<String, f64>>| {
+        for t in targets {
+            let result = f(t);
+            let (figures, error) = match result {
+                Ok(f) => (f, None),
+                Err(e) => {
+                    eprintln!("[bench] {} {workload} {}: {e:#}", topo.name, t.name);
+                    (BTreeMap::new(), Some(format!("{e:#}")))
+                }
+            };
+            out.push(Sample {
+                topology: topo.name,
+                workload: workload.to_owned(),
+                target: t.name,
+                round,
+                figures,
+                error,
+            });
+            // Let sockets of the last sample leave TIME_WAIT-heavy states settle.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let client = &topo.client;
+
+    measure("bulk", &|t| {
+        let (addr, bytes) = (t.addr, plan.bulk_bytes);
+        let before = cpu(t);
+        let secs = client.run(move || load::bulk(addr, bytes))?;
+        let after = cpu(t);
+        let gib = bytes as f64 / (1u64 << 30) as f64;
+        Ok(BTreeMap::from([
+            ("MB/s".to_owned(), bytes as f64 / secs / 1e6),
+            (
+                "proxy CPU s/GiB".to_owned(),
+                (after.proxy - before.proxy) / gib,
+            ),
+            (
+                "machine CPU s/GiB".to_owned(),
+                (after.machine - before.machine) / gib,
+            ),
+        ]))
+    });
+    measure("duplex", &|t| {
+        let (addr, bytes) = (t.addr, plan.duplex_bytes);
+        let secs = client.run(move || load::duplex(addr, bytes))?;
+        Ok(BTreeMap::from([(
+            "MB/s each way".to_owned(),
+            bytes as f64 / secs / 1e6,
+        )]))
+    });
+    for size in [64usize, 4096] {
+        let name = if size == 64 { "rr 64 B" } else { "rr 4 KiB" };
+        measure(name, &|t| {
+            let (addr, n) = (t.addr, plan.round_trips);
+            let times = client.run(move || load::round_trips(addr, size, n))?;
+            Ok(BTreeMap::from([
+                ("p50 µs".to_owned(), load::quantile(&times, 0.5) / 1e3),
+                ("p99 µs".to_owned(), load::quantile(&times, 0.99) / 1e3),
+                ("p99.9 µs".to_owned(), load::quantile(&times, 0.999) / 1e3),
+            ]))
+        });
+    }
+    measure("connect", &|t| {
+        let (addr, d) = (t.addr, Duration::from_secs_f64(plan.connect_secs));
+        let rate = client.run(move || load::connection_rate(addr, d))?;
+        Ok(BTreeMap::from([("conn/s".to_owned(), rate)]))
+    });
+    for &conns in &plan.sweep {
+        measure(&format!("sweep {conns:>4}"), &|t| {
+            let (addr, bytes) = (t.addr, plan.sweep_bytes);
+            let secs = client.run(move || load::sweep(addr, conns, bytes))?;
+            Ok(BTreeMap::from([(
+                "MB/s".to_owned(),
+                bytes as f64 / secs / 1e6,
+            )]))
+        });
+    }
+    measure("idle", &|t| {
+        if t.name == "socat" {
+            anyhow::bail!("not measured: socat forks a process per connection");
+        }
+        let (addr, n) = (t.addr, plan.idle_conns);
+        // Against the proxy's memory when it started listening: an allocator keeps what
+        // earlier rounds freed, so a delta within the round would hide it.
+        let rss_before = t.rss_at_start_kib;
+        let kernel_before = report::kernel_kib();
+        let conns = client.run(move || load::idle(addr, n))?;
+        // Let the proxy finish splicing the last ones.
+        std::thread::sleep(Duration::from_millis(300));
+        let rss_after = t.pid.map_or(0.0, report::tree_rss_kib);
+        let kernel_after = report::kernel_kib();
+        drop(conns);
+        // Let the proxies close them before the next target.
+        std::thread::sleep(Duration::from_secs(1));
+        Ok(BTreeMap::from([
+            (
+                "proxy RSS KiB/conn".to_owned(),
+                (rss_after - rss_before) / n as f64,
+            ),
+            (
+                "kernel KiB/conn".to_owned(),
+                (kernel_after - kernel_before) / n as f64,
+            ),
+        ]))
+    });
+}

@@ -1,0 +1,396 @@
+//! Where the benchmark runs: the namespaces of a topology, the backend server, and every
+//! target (direct and the proxies) started side by side on their own ports.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use tests::{Netns, Scratch, sh};
+
+/// The backend's port, in every topology.
+pub const BACKEND_PORT: u16 = 18080;
+
+/// One way of placing client, proxy and backend.
+pub struct Topology {
+    pub name: &'static str,
+    pub client: Arc<Netns>,
+    pub proxy: Arc<Netns>,
+    pub backend: Arc<Netns>,
+    /// The proxy's address as clients reach it.
+    pub public_ip: IpAddr,
+    /// The backend as the proxy (and, for "direct", the client) reaches it.
+    pub backend_addr: SocketAddr,
+}
+
+/// Settings every namespace gets, so that the connection-rate workload does not run out of
+/// ports to `TIME_WAIT`.
+fn tune(ns: &Netns) {
+    for (key, value) in [
+        ("net.ipv4.tcp_tw_reuse", "1"),
+        ("net.ipv4.ip_local_port_range", "1024 65535"),
+        ("net.core.somaxconn", "8192"),
+    ] {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns.name,
+            "sysctl",
+            "-q",
+            "-w",
+            &format!("{key}={value}"),
+        ]);
+    }
+}
+
+impl Topology {
+    /// Client, proxy and backend in one namespace, over loopback.
+    pub fn loopback() -> Self {
+        let ns = Arc::new(Netns::new("bench-lo"));
+        tune(&ns);
+        Self {
+            name: "loopback",
+            client: Arc::clone(&ns),
+            proxy: Arc::clone(&ns),
+            backend: ns,
+            public_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            backend_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), BACKEND_PORT),
+        }
+    }
+
+    /// client | proxy | backend, three namespaces joined by two veth pairs; the proxy's
+    /// namespace routes between the other two, which is the "direct" path.
+    pub fn veth() -> Self {
+        let (c, p, b) = (
+            Netns::new("bench-c"),
+            Netns::new("bench-p"),
+            Netns::new("bench-b"),
+        );
+        let (cn, pn, bn) = (c.name.as_str(), p.name.as_str(), b.name.as_str());
+        sh(&[
+            "ip", "-n", cn, "link", "add", "vc", "type", "veth", "peer", "name", "vp", "netns", pn,
+        ]);
+        sh(&[
+            "ip", "-n", bn, "link", "add", "vb", "type", "veth", "peer", "name", "vq", "netns", pn,
+        ]);
+        for (ns, addr, dev) in [
+            (cn, "198.18.0.1/24", "vc"),
+            (pn, "198.18.0.2/24", "vp"),
+            (pn, "198.19.0.1/24", "vq"),
+            (bn, "198.19.0.2/24", "vb"),
+        ] {
+            sh(&["ip", "-n", ns, "addr", "add", addr, "dev", dev]);
+            sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
+        }
+        sh(&[
+            "ip",
+            "-n",
+            cn,
+            "route",
+            "add",
+            "default",
+            "via",
+            "198.18.0.2",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            bn,
+            "route",
+            "add",
+            "default",
+            "via",
+            "198.19.0.1",
+        ]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            pn,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_forward=1",
+        ]);
+        for ns in [&c, &p, &b] {
+            tune(ns);
+        }
+        Self {
+            name: "veth",
+            client: Arc::new(c),
+            proxy: Arc::new(p),
+            backend: Arc::new(b),
+            public_ip: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)),
+            backend_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 19, 0, 2)), BACKEND_PORT),
+        }
+    }
+}
+
+/// The backend: each connection's first byte says what it wants. `S`: a sink that reads to
+/// end of stream and answers with the byte count (8 bytes, little endian). `E`: an echo.
+/// It runs as a process of its own (this binary with `--backend`), so that its descriptors
+/// and the client's are counted apart.
+pub struct Backend(Child);
+
+impl Backend {
+    pub fn start(ns: &Netns, addr: SocketAddr) -> Result<Self> {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(std::env::current_exe()?)
+            .args(["--backend", &addr.to_string()])
+            .stdin(Stdio::null())
+            .spawn()
+            .context("start the backend")?;
+        let backend = Self(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ns
+            .run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)))
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                bail!("the backend did not listen on {addr}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(backend)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The backend process's main loop.
+pub fn serve_backend(addr: SocketAddr) -> Result<()> {
+    let listener = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        std::thread::Builder::new()
+            .stack_size(64 * 1024)
+            .spawn(move || serve(conn))
+            .ok();
+    }
+    Ok(())
+}
+
+fn serve(mut s: TcpStream) {
+    let _ = s.set_nodelay(true);
+    let mut mode = [0u8; 1];
+    if s.read_exact(&mut mode).is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; 256 * 1024];
+    match mode[0] {
+        b'S' => {
+            let mut total = 1u64;
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => total += n as u64,
+                    Err(_) => return,
+                }
+            }
+            let _ = s.write_all(&total.to_le_bytes());
+        }
+        b'E' => loop {
+            match s.read(&mut buf) {
+                Ok(0) => {
+                    let _ = s.shutdown(std::net::Shutdown::Write);
+                    return;
+                }
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        },
+        _ => {}
+    }
+}
+
+/// What a client connects to.
+pub struct Target {
+    pub name: &'static str,
+    pub addr: SocketAddr,
+    /// The process whose CPU time is the proxy's (with its children), if any.
+    pub pid: Option<u32>,
+    /// Resident memory of its process tree once it listened, KiB.
+    pub rss_at_start_kib: f64,
+    child: Option<Child>,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            // SIGTERM first: spliced detaches its programs and nginx removes its pid file.
+            // SAFETY: kill on a child we own.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if c.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Every target name, in the order they are measured in each round.
+pub const TARGETS: &[&str] = &["direct", "sockmap", "copy", "haproxy", "nginx", "socat"];
+
+/// Starts target `name` in the topology's proxy namespace, on its own port.
+pub fn start_target(
+    name: &'static str,
+    topo: &Topology,
+    spliced: &Path,
+    dir: &Scratch,
+) -> Result<Target> {
+    let index = TARGETS
+        .iter()
+        .position(|t| *t == name)
+        .context("unknown target")?;
+    if name == "direct" {
+        return Ok(Target {
+            name,
+            addr: topo.backend_addr,
+            pid: None,
+            rss_at_start_kib: 0.0,
+            child: None,
+        });
+    }
+    let listen = SocketAddr::new(topo.public_ip, 10_000 + index as u16);
+    let file = |n: &str| -> PathBuf { dir.0.join(format!("{}-{name}-{n}", topo.name)) };
+    let mut cmd = command(name, topo, listen, spliced, &file)?;
+    let log = std::fs::File::create(file("log"))?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("start {name}"))?;
+    let mut target = Target {
+        name,
+        addr: listen,
+        pid: Some(child.id()),
+        rss_at_start_kib: 0.0,
+        child: Some(child),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ok = topo
+            .client
+            .run(move || TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok());
+        if ok {
+            target.rss_at_start_kib = crate::report::tree_rss_kib(target.pid.unwrap_or(0));
+            return Ok(target);
+        }
+        if let Some(st) = target
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+        {
+            let log = std::fs::read_to_string(file("log")).unwrap_or_default();
+            bail!("{name} exited at start ({st}): {log}");
+        }
+        if Instant::now() > deadline {
+            bail!("{name} did not start listening on {listen}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The command that runs proxy `name` on `listen`, with its config written by `file`.
+fn command(
+    name: &str,
+    topo: &Topology,
+    listen: SocketAddr,
+    spliced: &Path,
+    file: &dyn Fn(&str) -> PathBuf,
+) -> Result<Command> {
+    let (port, backend) = (listen.port(), topo.backend_addr);
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &topo.proxy.name]);
+    match name {
+        "sockmap" | "copy" => {
+            let config = file("fly.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "app = \"bench\"\n\n[[services]]\n  internal_port = {}\n  port = {port}\n\n\
+                     [[machines]]\n  id = \"backend\"\n  address = \"{}\"\n",
+                    backend.port(),
+                    backend.ip()
+                ),
+            )?;
+            cmd.arg(spliced)
+                .args(["run", "--config"])
+                .arg(&config)
+                .args(["--dataplane", name, "--listen-addr"])
+                .arg(topo.public_ip.to_string())
+                .env("RUST_LOG", "warn");
+        }
+        "haproxy" => {
+            // mode tcp with splice(2) both ways; everything else at HAProxy's defaults
+            // (threads: one per CPU). Timeouts long enough never to fire during a run.
+            // maxconn fits the machine's open-file limit (two descriptors per connection, two per splice pipe).
+            let config = file("haproxy.cfg");
+            std::fs::write(
+                &config,
+                format!(
+                    "global\n  maxconn 9000\n  maxpipes 500\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
+                     timeout client 120s\n  timeout server 120s\n\nfrontend f\n  bind {listen}\n  \
+                     option splice-auto\n  default_backend b\n\nbackend b\n  server s1 {backend}\n"
+                ),
+            )?;
+            cmd.args(["haproxy", "-db", "-f"]).arg(&config);
+        }
+        "nginx" => {
+            // The stream module, one worker per CPU, proxy_buffer_size 64k (the copy plane's
+            // buffer, four times nginx's default), and proxy_half_close on: without it nginx
+            // closes both sides at the client's FIN and the reply is lost, as every other
+            // target passes the FIN on.
+            let config = file("nginx.conf");
+            std::fs::write(
+                &config,
+                format!(
+                    "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
+                     worker_processes auto;\nworker_rlimit_nofile 20000;\ndaemon off;\n\
+                     pid {};\nerror_log {} warn;\n\
+                     events {{ worker_connections 19900; }}\n\
+                     stream {{ server {{ listen {listen} backlog=8192; proxy_pass {backend}; \
+                     proxy_buffer_size 64k; proxy_half_close on; }} }}\n",
+                    file("nginx.pid").display(),
+                    file("nginx.log").display()
+                ),
+            )?;
+            cmd.args(["nginx", "-c"]).arg(&config);
+        }
+        "socat" => {
+            // socat's own model: one forked process per connection.
+            cmd.args([
+                "socat".to_owned(),
+                format!(
+                    "TCP-LISTEN:{port},bind={},fork,reuseaddr,backlog=8192,nodelay",
+                    topo.public_ip
+                ),
+                format!("TCP:{backend},nodelay"),
+            ]);
+        }
+        _ => bail!("unknown target {name}"),
+    }
+    Ok(cmd)
+}
