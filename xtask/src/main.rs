@@ -27,8 +27,9 @@ const APT_PACKAGES: &[&str] = &[
     "nginx",
     "iproute2",
 ];
-/// The peers `cargo xtask bench` measures spliced against, from Debian.
-const BENCH_PACKAGES: &[&str] = &["haproxy", "libnginx-mod-stream", "socat"];
+/// The peers `cargo xtask bench` measures spliced against, and the real clients it drives
+/// (iperf3, wrk; redis-benchmark and nginx come with the test packages), from Debian.
+const BENCH_PACKAGES: &[&str] = &["haproxy", "libnginx-mod-stream", "socat", "iperf3", "wrk"];
 /// Where the demo backend of `cargo xtask run` listens: `examples/fly.toml`'s `internal_port`.
 const DEMO_BACKEND: &str = "127.0.0.1:18080";
 

@@ -5,6 +5,7 @@
 //! SVG charts. It asserts no timing: a sample that fails is recorded with its error.
 
 mod load;
+mod real;
 mod report;
 mod topo;
 
@@ -34,6 +35,10 @@ pub struct Plan {
     pub sweep: Vec<usize>,
     pub sweep_bytes: u64,
     pub idle_conns: usize,
+    /// Seconds of each iperf3 and wrk run.
+    pub real_secs: u32,
+    /// Requests per redis-benchmark test.
+    pub redis_requests: u32,
 }
 
 impl Plan {
@@ -42,13 +47,15 @@ impl Plan {
             Self {
                 quick,
                 rounds: 2,
-                bulk_bytes: 128 * MIB,
+                bulk_bytes: 64 * MIB,
                 duplex_bytes: 32 * MIB,
                 round_trips: 2_000,
-                connect_secs: 1.0,
-                sweep: vec![1, 10, 100],
+                connect_secs: 0.5,
+                sweep: vec![1, 100],
                 sweep_bytes: 64 * MIB,
                 idle_conns: 500,
+                real_secs: 1,
+                redis_requests: 10_000,
             }
         } else {
             Self {
@@ -64,6 +71,8 @@ impl Plan {
                 // splice pipes): over the hard
                 // open-file limit of the machines this runs on (20,000, not raisable there).
                 idle_conns: 8_000,
+                real_secs: 2,
+                redis_requests: 50_000,
             }
         }
     }
@@ -84,7 +93,7 @@ pub struct Sample {
 struct Args {
     quick: bool,
     out: PathBuf,
-    spliced: PathBuf,
+    spliced: topo::SplicedCmd,
     targets: Vec<&'static str>,
     topologies: Vec<String>,
 }
@@ -93,7 +102,10 @@ fn parse_args() -> Result<Args> {
     let mut args = Args {
         quick: false,
         out: PathBuf::from("target/bench"),
-        spliced: tests::spliced_bin(),
+        spliced: topo::SplicedCmd {
+            bin: tests::spliced_bin(),
+            extra: Vec::new(),
+        },
         targets: TARGETS.to_vec(),
         topologies: vec!["loopback".to_owned(), "veth".to_owned()],
     };
@@ -102,7 +114,11 @@ fn parse_args() -> Result<Args> {
         match a.as_str() {
             "--quick" => args.quick = true,
             "--out" => args.out = it.next().context("--out PATH")?.into(),
-            "--spliced" => args.spliced = it.next().context("--spliced PATH")?.into(),
+            "--spliced" => args.spliced.bin = it.next().context("--spliced PATH")?.into(),
+            "--spliced-arg" => args
+                .spliced
+                .extra
+                .push(it.next().context("--spliced-arg ARG")?),
             "--targets" => {
                 let list = it.next().context("--targets a,b,...")?;
                 args.targets = list
@@ -122,7 +138,8 @@ fn parse_args() -> Result<Args> {
             }
             other => anyhow::bail!(
                 "unknown argument {other}; usage: spliced-bench [--quick] [--out DIR] \
-                 [--spliced PATH] [--targets a,b] [--topologies loopback,veth]"
+                 [--spliced PATH] [--spliced-arg ARG]... [--targets a,b] \
+                 [--topologies loopback,veth]"
             ),
         }
     }
@@ -149,6 +166,7 @@ fn main() -> Result<()> {
             other => anyhow::bail!("unknown topology {other}"),
         };
         let _backend = topo::Backend::start(&topo.backend, topo.backend_addr)?;
+        let _real = topo::RealBackends::start(&topo, &dir)?;
         let mut targets = Vec::new();
         for t in &args.targets {
             targets.push(topo::start_target(t, &topo, &args.spliced, &dir)?);
@@ -209,6 +227,10 @@ fn cpu(target: &Target) -> Cpu {
     }
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "the workloads one after another, in the order they run"
+)]
 fn run_round(
     topo: &Topology,
     targets: &[Target],
@@ -293,6 +315,16 @@ fn run_round(
             )]))
         });
     }
+    let ns = client.name.as_str();
+    measure("iperf3", &|t| {
+        real::iperf3(ns, t.addrs[topo::service("iperf3")], plan.real_secs)
+    });
+    measure("redis-benchmark", &|t| {
+        real::redis_benchmark(ns, t.addrs[topo::service("redis")], plan.redis_requests)
+    });
+    measure("wrk", &|t| {
+        real::wrk(ns, t.addrs[topo::service("http")], plan.real_secs)
+    });
     measure("idle", &|t| {
         if t.name == "socat" {
             anyhow::bail!("not measured: socat forks a process per connection");

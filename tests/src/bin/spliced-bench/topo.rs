@@ -4,17 +4,36 @@
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
+
+use std::fmt::Write as _;
 
 use anyhow::{Context as _, Result, bail};
 use tests::{Netns, Scratch, sh};
 
 /// The backend's port, in every topology.
 pub const BACKEND_PORT: u16 = 18080;
+
+/// What every target forwards, each on its own public port: our load generator's backend
+/// (sink and echo), then real servers driven by their own clients.
+pub const SERVICES: &[(&str, u16)] = &[
+    ("load", BACKEND_PORT),
+    ("iperf3", 18083),
+    ("redis", 18081),
+    ("http", 18082),
+];
+
+/// The index of service `name` in [`SERVICES`].
+pub fn service(name: &str) -> usize {
+    SERVICES
+        .iter()
+        .position(|(n, _)| *n == name)
+        .expect("a known service")
+}
 
 /// One way of placing client, proxy and backend.
 pub struct Topology {
@@ -148,16 +167,7 @@ impl Backend {
             .spawn()
             .context("start the backend")?;
         let backend = Self(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while ns
-            .run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)))
-            .is_err()
-        {
-            if Instant::now() > deadline {
-                bail!("the backend did not listen on {addr}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_listening(ns, addr, "the backend")?;
         Ok(backend)
     }
 }
@@ -167,6 +177,110 @@ impl Drop for Backend {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The real servers behind [`SERVICES`] after the first: iperf3, redis-server and nginx
+/// (HTTP, answering `200 ok`), in the backend's namespace.
+pub struct RealBackends(Vec<Child>);
+
+impl RealBackends {
+    pub fn start(topo: &Topology, dir: &Scratch) -> Result<Self> {
+        let ip = topo.backend_addr.ip().to_string();
+        let port = |name: &str| SERVICES[service(name)].1.to_string();
+        let nginx_conf = dir.0.join(format!("{}-backend-nginx.conf", topo.name));
+        std::fs::write(
+            &nginx_conf,
+            format!(
+                "daemon off;\nworker_processes 1;\npid {};\nerror_log {} warn;\n\
+                 events {{ worker_connections 4096; }}\nhttp {{ access_log off; server {{ \
+                 listen {ip}:{}; location / {{ return 200 \"ok\\n\"; }} }} }}\n",
+                dir.0
+                    .join(format!("{}-backend-nginx.pid", topo.name))
+                    .display(),
+                dir.0
+                    .join(format!("{}-backend-nginx.log", topo.name))
+                    .display(),
+                port("http"),
+            ),
+        )?;
+        let commands: Vec<Vec<String>> = vec![
+            vec![
+                "iperf3".into(),
+                "-s".into(),
+                "-p".into(),
+                port("iperf3"),
+                "-B".into(),
+                ip.clone(),
+            ],
+            vec![
+                "redis-server".into(),
+                "--port".into(),
+                port("redis"),
+                "--bind".into(),
+                ip.clone(),
+                "--protected-mode".into(),
+                "no".into(),
+                "--save".into(),
+                String::new(),
+                "--appendonly".into(),
+                "no".into(),
+            ],
+            vec![
+                "nginx".into(),
+                "-c".into(),
+                nginx_conf.display().to_string(),
+            ],
+        ];
+        let mut children = Vec::new();
+        for c in commands {
+            children.push(
+                Command::new("ip")
+                    .args(["netns", "exec", &topo.backend.name])
+                    .args(&c)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .with_context(|| format!("start {}", c[0]))?,
+            );
+        }
+        let backends = Self(children);
+        for (name, p) in &SERVICES[1..] {
+            wait_listening(
+                &topo.backend,
+                SocketAddr::new(topo.backend_addr.ip(), *p),
+                name,
+            )?;
+        }
+        Ok(backends)
+    }
+}
+
+impl Drop for RealBackends {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            // SAFETY: kill on a child we own; SIGTERM lets nginx remove its pid file.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+        for c in &mut self.0 {
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Waits up to 10 s until `addr` accepts connections from inside `ns`.
+fn wait_listening(ns: &Netns, addr: SocketAddr, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ns
+        .run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)))
+        .is_err()
+    {
+        if Instant::now() > deadline {
+            bail!("{what} did not listen on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 /// The backend process's main loop.
@@ -219,20 +333,29 @@ fn serve(mut s: TcpStream) {
     }
 }
 
+/// The daemon under test, and arguments added to each `spliced run`.
+pub struct SplicedCmd {
+    pub bin: PathBuf,
+    pub extra: Vec<String>,
+}
+
 /// What a client connects to.
 pub struct Target {
     pub name: &'static str,
+    /// Where the load generator connects (the first of [`SERVICES`]).
     pub addr: SocketAddr,
+    /// Where each of [`SERVICES`] is reached through this target.
+    pub addrs: Vec<SocketAddr>,
     /// The process whose CPU time is the proxy's (with its children), if any.
     pub pid: Option<u32>,
     /// Resident memory of its process tree once it listened, KiB.
     pub rss_at_start_kib: f64,
-    child: Option<Child>,
+    children: Vec<Child>,
 }
 
 impl Drop for Target {
     fn drop(&mut self) {
-        if let Some(c) = &mut self.child {
+        for c in &mut self.children {
             // SIGTERM first: spliced detaches its programs and nginx removes its pid file.
             // SAFETY: kill on a child we own.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
@@ -249,6 +372,11 @@ impl Drop for Target {
     }
 }
 
+/// The public port of service `k` on target `i`.
+fn public_port(k: usize, i: usize) -> u16 {
+    10_000 + 100 * k as u16 + i as u16
+}
+
 /// Every target name, in the order they are measured in each round.
 pub const TARGETS: &[&str] = &["direct", "sockmap", "copy", "haproxy", "nginx", "socat"];
 
@@ -256,7 +384,7 @@ pub const TARGETS: &[&str] = &["direct", "sockmap", "copy", "haproxy", "nginx", 
 pub fn start_target(
     name: &'static str,
     topo: &Topology,
-    spliced: &Path,
+    spliced: &SplicedCmd,
     dir: &Scratch,
 ) -> Result<Target> {
     let index = TARGETS
@@ -267,95 +395,133 @@ pub fn start_target(
         return Ok(Target {
             name,
             addr: topo.backend_addr,
+            addrs: SERVICES
+                .iter()
+                .map(|(_, p)| SocketAddr::new(topo.backend_addr.ip(), *p))
+                .collect(),
             pid: None,
             rss_at_start_kib: 0.0,
-            child: None,
+            children: Vec::new(),
         });
     }
-    let listen = SocketAddr::new(topo.public_ip, 10_000 + index as u16);
+    let addrs: Vec<SocketAddr> = (0..SERVICES.len())
+        .map(|k| SocketAddr::new(topo.public_ip, public_port(k, index)))
+        .collect();
     let file = |n: &str| -> PathBuf { dir.0.join(format!("{}-{name}-{n}", topo.name)) };
-    let mut cmd = command(name, topo, listen, spliced, &file)?;
-    let log = std::fs::File::create(file("log"))?;
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("start {name}"))?;
     let mut target = Target {
         name,
-        addr: listen,
-        pid: Some(child.id()),
+        addr: addrs[0],
+        addrs: addrs.clone(),
+        pid: None,
         rss_at_start_kib: 0.0,
-        child: Some(child),
+        children: Vec::new(),
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let ok = topo
-            .client
-            .run(move || TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok());
-        if ok {
-            target.rss_at_start_kib = crate::report::tree_rss_kib(target.pid.unwrap_or(0));
-            return Ok(target);
-        }
-        if let Some(st) = target
-            .child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
-        {
-            let log = std::fs::read_to_string(file("log")).unwrap_or_default();
-            bail!("{name} exited at start ({st}): {log}");
-        }
-        if Instant::now() > deadline {
-            bail!("{name} did not start listening on {listen}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    for (i, mut cmd) in commands(name, topo, &addrs, spliced, &file)?
+        .into_iter()
+        .enumerate()
+    {
+        let log = std::fs::File::create(file(&format!("{i}.log")))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {name}"))?;
+        target.pid.get_or_insert(child.id());
+        target.children.push(child);
     }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for &listen in &addrs {
+        loop {
+            let ok = topo.client.run(move || {
+                TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok()
+            });
+            if ok {
+                break;
+            }
+            if let Some(st) = target
+                .children
+                .iter_mut()
+                .find_map(|c| c.try_wait().ok().flatten())
+            {
+                let log = std::fs::read_to_string(file("0.log")).unwrap_or_default();
+                bail!("{name} exited at start ({st}): {log}");
+            }
+            if Instant::now() > deadline {
+                bail!("{name} did not start listening on {listen}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    target.rss_at_start_kib = crate::report::tree_rss_kib(target.pid.unwrap_or(0));
+    Ok(target)
 }
 
-/// The command that runs proxy `name` on `listen`, with its config written by `file`.
-fn command(
+/// The commands that run proxy `name` on `addrs` (one per [`SERVICES`]), with configs
+/// written by `file`.
+fn commands(
     name: &str,
     topo: &Topology,
-    listen: SocketAddr,
-    spliced: &Path,
+    addrs: &[SocketAddr],
+    spliced: &SplicedCmd,
     file: &dyn Fn(&str) -> PathBuf,
-) -> Result<Command> {
-    let (port, backend) = (listen.port(), topo.backend_addr);
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &topo.proxy.name]);
+) -> Result<Vec<Command>> {
+    let backend_ip = topo.backend_addr.ip();
+    let pairs: Vec<(SocketAddr, SocketAddr)> = addrs
+        .iter()
+        .zip(SERVICES)
+        .map(|(a, (_, p))| (*a, SocketAddr::new(backend_ip, *p)))
+        .collect();
+    let netns = || {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &topo.proxy.name]);
+        cmd
+    };
+    let mut cmd = netns();
     match name {
         "sockmap" | "copy" => {
             let config = file("fly.toml");
-            std::fs::write(
-                &config,
-                format!(
-                    "app = \"bench\"\n\n[[services]]\n  internal_port = {}\n  port = {port}\n\n\
-                     [[machines]]\n  id = \"backend\"\n  address = \"{}\"\n",
+            let mut text = String::from("app = \"bench\"\n");
+            for (listen, backend) in &pairs {
+                let _ = write!(
+                    text,
+                    "\n[[services]]\n  internal_port = {}\n  port = {}\n",
                     backend.port(),
-                    backend.ip()
-                ),
-            )?;
-            cmd.arg(spliced)
+                    listen.port()
+                );
+            }
+            let _ = write!(
+                text,
+                "\n[[machines]]\n  id = \"backend\"\n  address = \"{backend_ip}\"\n"
+            );
+            std::fs::write(&config, text)?;
+            cmd.arg(&spliced.bin)
                 .args(["run", "--config"])
                 .arg(&config)
                 .args(["--dataplane", name, "--listen-addr"])
                 .arg(topo.public_ip.to_string())
+                .args(&spliced.extra)
                 .env("RUST_LOG", "warn");
         }
         "haproxy" => {
             // mode tcp with splice(2) both ways; everything else at HAProxy's defaults
             // (threads: one per CPU). Timeouts long enough never to fire during a run.
-            // maxconn fits the machine's open-file limit (two descriptors per connection, two per splice pipe).
+            // maxconn fits the machine's open-file limit (two descriptors per connection,
+            // two per splice pipe).
             let config = file("haproxy.cfg");
-            std::fs::write(
-                &config,
-                format!(
-                    "global\n  maxconn 9000\n  maxpipes 500\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
-                     timeout client 120s\n  timeout server 120s\n\nfrontend f\n  bind {listen}\n  \
-                     option splice-auto\n  default_backend b\n\nbackend b\n  server s1 {backend}\n"
-                ),
-            )?;
+            let mut text = String::from(
+                "global\n  maxconn 9000\n  maxpipes 500\n\ndefaults\n  mode tcp\n  \
+                 timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n  \
+                 option splice-auto\n",
+            );
+            for (k, (listen, backend)) in pairs.iter().enumerate() {
+                let _ = write!(
+                    text,
+                    "\nfrontend f{k}\n  bind {listen}\n  default_backend b{k}\n\n\
+                     backend b{k}\n  server s1 {backend}\n"
+                );
+            }
+            std::fs::write(&config, text)?;
             cmd.args(["haproxy", "-db", "-f"]).arg(&config);
         }
         "nginx" => {
@@ -364,15 +530,21 @@ fn command(
             // closes both sides at the client's FIN and the reply is lost, as every other
             // target passes the FIN on.
             let config = file("nginx.conf");
+            let mut servers = String::new();
+            for (listen, backend) in &pairs {
+                let _ = write!(
+                    servers,
+                    " server {{ listen {listen} backlog=8192; proxy_pass {backend}; \
+                     proxy_buffer_size 64k; proxy_half_close on; }}"
+                );
+            }
             std::fs::write(
                 &config,
                 format!(
                     "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
                      worker_processes auto;\nworker_rlimit_nofile 20000;\ndaemon off;\n\
                      pid {};\nerror_log {} warn;\n\
-                     events {{ worker_connections 19900; }}\n\
-                     stream {{ server {{ listen {listen} backlog=8192; proxy_pass {backend}; \
-                     proxy_buffer_size 64k; proxy_half_close on; }} }}\n",
+                     events {{ worker_connections 19900; }}\nstream {{{servers} }}\n",
                     file("nginx.pid").display(),
                     file("nginx.log").display()
                 ),
@@ -380,17 +552,24 @@ fn command(
             cmd.args(["nginx", "-c"]).arg(&config);
         }
         "socat" => {
-            // socat's own model: one forked process per connection.
-            cmd.args([
-                "socat".to_owned(),
-                format!(
-                    "TCP-LISTEN:{port},bind={},fork,reuseaddr,backlog=8192,nodelay",
-                    topo.public_ip
-                ),
-                format!("TCP:{backend},nodelay"),
-            ]);
+            // socat's own model: one forked process per connection; one listener per port.
+            let mut all = Vec::new();
+            for (listen, backend) in &pairs {
+                let mut c = netns();
+                c.args([
+                    "socat".to_owned(),
+                    format!(
+                        "TCP-LISTEN:{},bind={},fork,reuseaddr,backlog=8192,nodelay",
+                        listen.port(),
+                        listen.ip()
+                    ),
+                    format!("TCP:{backend},nodelay"),
+                ]);
+                all.push(c);
+            }
+            return Ok(all);
         }
         _ => bail!("unknown target {name}"),
     }
-    Ok(cmd)
+    Ok(vec![cmd])
 }
