@@ -1,22 +1,17 @@
 //! The userspace data plane: tokio copies bytes between the two sockets. It is the fallback
 //! where the kernel programs cannot load, and the reference the sockmap plane is tested
 //! against. Each direction holds at most one buffer of `COPY_BUFFER` bytes in the daemon, so
-//! a slow reader holds its sender back through TCP flow control.
+//! a slow reader holds its sender back through TCP flow control; and it holds that buffer
+//! only while bytes flow: a direction whose socket has nothing to read gives it back, so an
+//! idle connection costs no buffer.
 
 use std::{
     io,
-    pin::Pin,
     sync::atomic::{AtomicU64, Ordering},
-    task::{Context, Poll},
     time::Duration,
 };
 
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
-    sync::watch,
-    time::Instant,
-};
+use tokio::{net::TcpStream, sync::watch, time::Instant};
 
 use super::{Outcome, Phase, SpliceError};
 
@@ -27,8 +22,8 @@ pub const COPY_BUFFER: usize = 64 * 1024;
 /// byte has moved for `idle_timeout`. An end of stream on one side becomes a shutdown of the
 /// other side's writing half once every byte before it was written.
 pub async fn run(
-    mut client: TcpStream,
-    mut backend: TcpStream,
+    client: TcpStream,
+    backend: TcpStream,
     mut phase: watch::Receiver<Phase>,
     idle_timeout: Option<Duration>,
 ) -> Result<Outcome, SpliceError> {
@@ -36,18 +31,12 @@ pub async fn run(
     // Milliseconds after `start` of the last byte read from either side.
     let last_read = AtomicU64::new(0);
     let result = {
-        let mut c = Stamped {
-            inner: &mut client,
-            start,
-            last_read: &last_read,
+        let copy = async {
+            tokio::try_join!(
+                one_way(&client, &backend, start, &last_read),
+                one_way(&backend, &client, start, &last_read)
+            )
         };
-        let mut b = Stamped {
-            inner: &mut backend,
-            start,
-            last_read: &last_read,
-        };
-        let copy =
-            tokio::io::copy_bidirectional_with_sizes(&mut c, &mut b, COPY_BUFFER, COPY_BUFFER);
         tokio::pin!(copy);
         let idle = idle_timeout.unwrap_or_default();
         let mut idle_check = start + idle;
@@ -78,45 +67,42 @@ pub async fn run(
     result
 }
 
-/// A stream that notes when it last read bytes.
-struct Stamped<'a> {
-    inner: &'a mut TcpStream,
+/// Moves bytes from `from` to `to` until `from` ends its stream, then shuts `to`'s writing
+/// half. Notes in `last_read` (milliseconds after `start`) when it last read bytes.
+async fn one_way(
+    from: &TcpStream,
+    to: &TcpStream,
     start: Instant,
-    last_read: &'a AtomicU64,
-}
-
-impl AsyncRead for Stamped<'_> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut *this.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            let ms = u64::try_from(this.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-            this.last_read.store(ms, Ordering::Relaxed);
+    last_read: &AtomicU64,
+) -> io::Result<()> {
+    let mut buf: Option<Vec<u8>> = None;
+    loop {
+        from.readable().await?;
+        let b = buf.get_or_insert_with(|| vec![0; COPY_BUFFER]);
+        let n = match from.try_read(b) {
+            Ok(0) => {
+                socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
+                return Ok(());
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Drained: give the buffer back until there is more to read.
+                buf = None;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        last_read.store(ms, Ordering::Relaxed);
+        let mut sent = 0;
+        while sent < n {
+            to.writable().await?;
+            match to.try_write(&b[sent..n]) {
+                Ok(w) => sent += w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
         }
-        poll
-    }
-}
-
-impl AsyncWrite for Stamped<'_> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
