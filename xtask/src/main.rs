@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 const EBPF_TOOLCHAIN: &str = "nightly-2026-07-20";
 /// Debian packages: LLVM 22 for bpf-linker, bpftool for the tests' checks, redis for a real
 /// backend driven by its own client, nginx as a real PROXY protocol consumer, iproute2 for
-/// network namespaces.
+/// network namespaces, netcat for the demo `cargo xtask run` suggests.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -26,6 +26,7 @@ const APT_PACKAGES: &[&str] = &[
     "redis-tools",
     "nginx",
     "iproute2",
+    "netcat-openbsd",
 ];
 /// The peers `cargo xtask bench` measures spliced against, and the real clients it drives
 /// (iperf3, wrk; redis-benchmark and nginx come with the test packages), from Debian.
