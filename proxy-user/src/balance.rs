@@ -85,8 +85,6 @@ struct State {
     waiters: VecDeque<oneshot::Sender<Lease>>,
     /// When the queue last became non-empty, for the log.
     queued_since: Option<Instant>,
-    /// Machines in rotation.
-    healthy: usize,
     rng: u64,
 }
 
@@ -148,7 +146,6 @@ impl Pool {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0x9e37_79b9_7f4a_7c15, |d| d.as_nanos() as u64)
             | 1;
-        let n = machines.len();
         Self {
             service,
             machines: machines
@@ -170,11 +167,18 @@ impl Pool {
             state: Mutex::new(State {
                 waiters: VecDeque::new(),
                 queued_since: None,
-                healthy: n,
                 rng: seed,
             }),
             stats: PoolStats::default(),
         }
+    }
+
+    /// Machines in rotation. Their flags change only with the state locked.
+    fn in_rotation(&self) -> usize {
+        self.machines
+            .iter()
+            .filter(|m| m.healthy.load(Ordering::Relaxed))
+            .count()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -194,7 +198,7 @@ impl Pool {
     fn pick(&self, state: &mut State, exclude: &[usize]) -> Option<usize> {
         let mut best: Option<(u8, u64, usize)> = None;
         let mut ties = 0u64;
-        let all_failing = state.healthy == 0;
+        let all_failing = self.in_rotation() == 0;
         for (i, m) in self.machines.iter().enumerate() {
             if exclude.contains(&i) || !(all_failing || m.healthy.load(Ordering::Relaxed)) {
                 continue;
@@ -337,17 +341,16 @@ impl Pool {
             return;
         }
         let (service, machine) = (&self.service, &m.id);
+        let in_rotation = self.in_rotation();
         if healthy {
-            state.healthy += 1;
             tracing::info!(%service, %machine, addr = %m.addr, %check, "machine back in rotation");
-            if state.healthy == 1 && self.machines.len() > 1 {
+            if in_rotation == 1 && self.machines.len() > 1 {
                 tracing::info!(%service, "a machine passes its checks again: routing only to passing machines");
             }
             self.serve_waiters(&mut state);
         } else {
-            state.healthy -= 1;
             tracing::warn!(%service, %machine, addr = %m.addr, %check, %why, "machine out of rotation: health check failed");
-            if state.healthy == 0 {
+            if in_rotation == 0 {
                 tracing::error!(%service, "every machine fails its health checks: routing to all of them until one passes");
                 // Machines left out a moment ago are candidates again.
                 self.serve_waiters(&mut state);

@@ -64,6 +64,25 @@ pub fn raise_fd_limit() {
     }
 }
 
+/// Joins two namespaces by a veth pair: each end is named, given its addresses (IPv6 ones
+/// without duplicate address detection, so they work at once) and brought up.
+pub fn veth(a: (&Netns, &str, &[&str]), b: (&Netns, &str, &[&str])) {
+    sh(&[
+        "ip", "-n", &a.0.name, "link", "add", a.1, "type", "veth", "peer", "name", b.1, "netns",
+        &b.0.name,
+    ]);
+    for (ns, dev, addrs) in [a, b] {
+        for addr in addrs {
+            let mut cmd = vec!["ip", "-n", &ns.name, "addr", "add", addr, "dev", dev];
+            if addr.contains(':') {
+                cmd.push("nodad");
+            }
+            sh(&cmd);
+        }
+        sh(&["ip", "-n", &ns.name, "link", "set", dev, "up"]);
+    }
+}
+
 /// A network namespace that lives as long as this value.
 pub struct Netns {
     pub name: String,
@@ -146,37 +165,10 @@ impl Net {
             Topo::Loopback => None,
             Topo::Veth => {
                 let client = Netns::new("client");
-                let (c, p) = (client.name.as_str(), proxy.name.as_str());
-                sh(&[
-                    "ip", "-n", c, "link", "add", "vc", "type", "veth", "peer", "name", "vp",
-                    "netns", p,
-                ]);
-                sh(&["ip", "-n", c, "addr", "add", "198.18.0.1/24", "dev", "vc"]);
-                sh(&["ip", "-n", p, "addr", "add", "198.18.0.2/24", "dev", "vp"]);
-                sh(&[
-                    "ip",
-                    "-n",
-                    c,
-                    "addr",
-                    "add",
-                    "fd00:5::1/64",
-                    "dev",
-                    "vc",
-                    "nodad",
-                ]);
-                sh(&[
-                    "ip",
-                    "-n",
-                    p,
-                    "addr",
-                    "add",
-                    "fd00:5::2/64",
-                    "dev",
-                    "vp",
-                    "nodad",
-                ]);
-                sh(&["ip", "-n", c, "link", "set", "vc", "up"]);
-                sh(&["ip", "-n", p, "link", "set", "vp", "up"]);
+                veth(
+                    (&client, "vc", &["198.18.0.1/24", "fd00:5::1/64"]),
+                    (&proxy, "vp", &["198.18.0.2/24", "fd00:5::2/64"]),
+                );
                 Some(client)
             }
         };
@@ -799,33 +791,10 @@ impl Machines {
     pub fn new(proxy: &Netns, n: usize) -> Self {
         let ns: Vec<Netns> = (0..n).map(|i| Netns::new(&format!("m{i}"))).collect();
         for (i, m) in ns.iter().enumerate() {
-            let (mn, pn, pv) = (m.name.as_str(), proxy.name.as_str(), format!("vm{i}"));
-            sh(&[
-                "ip", "-n", mn, "link", "add", "e0", "type", "veth", "peer", "name", &pv, "netns",
-                pn,
-            ]);
-            sh(&[
-                "ip",
-                "-n",
-                mn,
-                "addr",
-                "add",
-                &format!("10.77.{i}.2/24"),
-                "dev",
-                "e0",
-            ]);
-            sh(&[
-                "ip",
-                "-n",
-                pn,
-                "addr",
-                "add",
-                &format!("10.77.{i}.1/24"),
-                "dev",
-                &pv,
-            ]);
-            sh(&["ip", "-n", mn, "link", "set", "e0", "up"]);
-            sh(&["ip", "-n", pn, "link", "set", &pv, "up"]);
+            veth(
+                (m, "e0", &[&format!("10.77.{i}.2/24")]),
+                (proxy, &format!("vm{i}"), &[&format!("10.77.{i}.1/24")]),
+            );
         }
         Self { ns }
     }

@@ -66,6 +66,32 @@ struct Setup {
     net: Net,
 }
 
+impl Setup {
+    /// Connections open now at each machine.
+    fn open_now(&self) -> Vec<u32> {
+        self.loads
+            .iter()
+            .map(|l| l.now.load(Ordering::SeqCst))
+            .collect()
+    }
+
+    /// The most connections each machine ever had open at once.
+    fn peaks(&self) -> Vec<u32> {
+        self.loads
+            .iter()
+            .map(|l| l.max.load(Ordering::SeqCst))
+            .collect()
+    }
+
+    /// Connections all machines accepted.
+    fn served(&self) -> u32 {
+        self.loads
+            .iter()
+            .map(|l| l.total.load(Ordering::SeqCst))
+            .sum()
+    }
+}
+
 fn setup(n: usize, serving: &[usize]) -> Setup {
     raise_fd_limit();
     let net = Net::new(Topo::Veth);
@@ -103,20 +129,12 @@ fn least_loaded_fills_soft_limits_evenly() {
         ping(&mut c).expect("served");
         held.push(c);
     }
-    let per: Vec<u32> = s
-        .loads
-        .iter()
-        .map(|l| l.now.load(Ordering::SeqCst))
-        .collect();
+    let per = s.open_now();
     assert_eq!(per, vec![2, 2, 2], "least-loaded within the soft band");
     // Past every soft limit, the next goes to a machine between soft and hard.
     let mut c = s.net.connect();
     ping(&mut c).expect("served above the soft limit");
-    let per: Vec<u32> = s
-        .loads
-        .iter()
-        .map(|l| l.now.load(Ordering::SeqCst))
-        .collect();
+    let per = s.open_now();
     assert_eq!(per.iter().sum::<u32>(), 7);
     assert!(per.iter().all(|&n| n <= 3), "{per:?}");
     drop(c);
@@ -154,12 +172,8 @@ fn hard_limit_holds_under_a_burst_and_the_queue_drains() {
             .expect("client thread")
             .unwrap_or_else(|e| panic!("client {i} was not served: {e}\n{}", daemon.log()));
     }
-    let max: Vec<u32> = s
-        .loads
-        .iter()
-        .map(|l| l.max.load(Ordering::SeqCst))
-        .collect();
-    let total: u32 = s.loads.iter().map(|l| l.total.load(Ordering::SeqCst)).sum();
+    let max = s.peaks();
+    let total = s.served();
     println!("largest concurrency per machine: {max:?} (hard limit {HARD}), {total} served");
     assert!(
         max.iter().all(|&m| m <= HARD),
@@ -590,12 +604,8 @@ fn burst_of_10000_keeps_every_machine_within_its_hard_limit() {
         .join()
         .expect("client thread");
     let took = start.elapsed();
-    let max: Vec<u32> = s
-        .loads
-        .iter()
-        .map(|l| l.max.load(Ordering::SeqCst))
-        .collect();
-    let total: u32 = s.loads.iter().map(|l| l.total.load(Ordering::SeqCst)).sum();
+    let max = s.peaks();
+    let total = s.served();
     let st = daemon.wait_idle();
     let queue = &st["services"][0]["queue"];
     println!(

@@ -106,8 +106,8 @@ async fn one_way(
     }
 }
 
-/// `copy_bidirectional` does not say which side failed; the error kind does well enough for
-/// the log (both sides are reset either way).
+/// The error kind says enough for the log (both sides are reset either way); which direction
+/// failed is not kept.
 fn classify(e: std::io::Error) -> SpliceError {
     match e.kind() {
         std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => {

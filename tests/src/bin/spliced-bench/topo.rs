@@ -13,7 +13,7 @@ use std::{
 use std::fmt::Write as _;
 
 use anyhow::{Context as _, Result, bail};
-use tests::{Netns, Scratch, sh};
+use tests::{Netns, Scratch, sh, veth};
 
 /// The backend's port, in every topology.
 pub const BACKEND_PORT: u16 = 18080;
@@ -91,22 +91,15 @@ impl Topology {
             Netns::new("bench-p"),
             Netns::new("bench-b"),
         );
+        veth(
+            (&c, "vc", &["198.18.0.1/24"]),
+            (&p, "vp", &["198.18.0.2/24"]),
+        );
+        veth(
+            (&b, "vb", &["198.19.0.2/24"]),
+            (&p, "vq", &["198.19.0.1/24"]),
+        );
         let (cn, pn, bn) = (c.name.as_str(), p.name.as_str(), b.name.as_str());
-        sh(&[
-            "ip", "-n", cn, "link", "add", "vc", "type", "veth", "peer", "name", "vp", "netns", pn,
-        ]);
-        sh(&[
-            "ip", "-n", bn, "link", "add", "vb", "type", "veth", "peer", "name", "vq", "netns", pn,
-        ]);
-        for (ns, addr, dev) in [
-            (cn, "198.18.0.1/24", "vc"),
-            (pn, "198.18.0.2/24", "vp"),
-            (pn, "198.19.0.1/24", "vq"),
-            (bn, "198.19.0.2/24", "vb"),
-        ] {
-            sh(&["ip", "-n", ns, "addr", "add", addr, "dev", dev]);
-            sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
-        }
         sh(&[
             "ip",
             "-n",
