@@ -26,22 +26,25 @@ macro_rules! checklist {
 
 checklist!(
     small_transfer,
-    bulk_to_backend = "sockmap: a fast reader still gets parked; userspace then moves most bytes",
-    bulk_to_client = "sockmap: a fast reader still gets parked; userspace then moves most bytes",
-    full_duplex = "sockmap: full-duplex echo loses or duplicates 64 KiB batches (issue 2)",
-    small_messages = "sockmap: full-duplex echo can end early (issue 2)",
-    half_close_client_first = "sockmap: a direction parked near its end can be cut short (issue 2)",
-    half_close_backend_first =
-        "sockmap: a direction parked near its end can be cut short (issue 2)",
+    bulk_to_backend = "sockmap: a sender faster than the kernel's redirect worker gets parked, \
+                       and userspace then carries parked bytes (issue 2)",
+    bulk_to_client = "sockmap: parked bytes are carried by userspace, and a carried run can \
+                      repeat one 64 KiB batch (issue 2)",
+    full_duplex = "sockmap: bytes parked behind the other direction's redirect backlog are not \
+                   charged to the socket, so neither sender is held (issue 2)",
+    small_messages,
+    half_close_client_first,
+    half_close_backend_first,
     backend_refuses,
     backend_resets,
     client_resets,
     concurrent_1000,
-    slow_reader = "sockmap: parked bytes queue uncharged; the sender is not held (issue 2)",
+    slow_reader,
     data_before_insertion,
     shutdown_with_live_sessions,
     leak_check,
-    ipv6_client = "sockmap: 64 MiB full-duplex echo ends early (issue 2)",
+    ipv6_client = "sockmap: the 64 MiB full-duplex echo shares full_duplex's fault across veth \
+                   (issue 2)",
 );
 
 fn setup(plane: &str, topo: Topo) -> (Net, Daemon) {

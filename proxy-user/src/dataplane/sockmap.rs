@@ -103,8 +103,6 @@ struct Direction {
     sent: u64,
     /// Taken, not yet written.
     pending: Vec<u8>,
-    /// A read from this side returned end of stream.
-    drained: bool,
 }
 
 struct Pair<'a> {
@@ -186,12 +184,17 @@ impl Pair<'_> {
     }
 
     /// Moves bytes userspace must carry from `side` into its peer, as far as both sockets
-    /// allow without blocking: reads at most `limit` bytes in all (None: to end of stream),
-    /// holding at most `max_buffer` of them, and writes them once every byte the kernel
-    /// redirected is in the peer's send queue. Reading does not wait for that: the bytes it
-    /// frees may be what the kernel needs to make progress on the other direction. Returns
-    /// whether everything was moved.
-    fn carry(&mut self, side: Side, limit: Option<u64>) -> Result<bool, SpliceError> {
+    /// allow without blocking, until `total` bytes have been taken from `side` over the life
+    /// of the connection: reads at most `max_buffer` ahead of what is written, and writes them
+    /// once every byte the kernel redirected is in the peer's send queue. Reading does not wait
+    /// for that: the bytes it frees may be what the kernel needs to make progress on the other
+    /// direction. Returns whether all `total` bytes were moved.
+    ///
+    /// The total is exact, never "until end of stream": a parked batch can wait in the
+    /// socket's psock queue behind bytes the kernel is still sending the other way, and a read
+    /// meanwhile reports end of stream once the FIN is in; taking that for the end cut
+    /// streams short.
+    fn carry(&mut self, side: Side, total: u64) -> Result<bool, SpliceError> {
         let i = side.index();
         let flow = self.flow(side)?;
         let clear = self.backlog(side, &flow)? == 0;
@@ -215,20 +218,14 @@ impl Pair<'_> {
                     Err(e) => return Err(side_error(side.other(), e)),
                 }
             }
-            let left = match limit {
-                Some(total) => total.saturating_sub(dir.moved),
-                None if dir.drained => 0,
-                None => u64::MAX,
-            };
-            let want = left
+            let want = total
+                .saturating_sub(dir.moved)
                 .min(MOVE_CHUNK as u64)
                 .min(cap.saturating_sub(dir.pending.len()) as u64) as usize;
             if want > 0 {
                 match (&*from).read(&mut buf[..want]) {
-                    Ok(0) => {
-                        dir.drained = true;
-                        progress = true;
-                    }
+                    // Not readable yet (see above); a later tick tries again.
+                    Ok(0) => {}
                     Ok(n) => {
                         dir.moved += n as u64;
                         dir.pending.extend_from_slice(&buf[..n]);
@@ -238,11 +235,7 @@ impl Pair<'_> {
                     Err(e) => return Err(side_error(side, e)),
                 }
             }
-            let all_read = match limit {
-                Some(total) => dir.moved >= total,
-                None => dir.drained,
-            };
-            if all_read && dir.pending.is_empty() {
+            if dir.moved >= total && dir.pending.is_empty() {
                 return Ok(true);
             }
             if !progress {
@@ -279,12 +272,18 @@ impl Pair<'_> {
                 // same socket: both peers have stopped reading while sending. Give up.
                 return Err(SpliceError::Stalled);
             }
-            if !self.carry(side, Some(parked))? {
+            if !self.carry(side, parked)? {
                 return Ok(false);
             }
             let moved = self.dirs[i].moved;
             if self.links[i].park != 0 || self.links[i].parked_moved != moved {
                 let flow = self.flow(side)?;
+                // Parked because the peer is slow: stay parked until it has taken everything
+                // the kernel redirected, or the sender is let go at once (nothing parked yet
+                // is not the same as drained).
+                if self.backlog(side, &flow)? > 0 {
+                    return Ok(false);
+                }
                 self.links[i].park = 0;
                 self.links[i].parked_moved = moved;
                 self.rearm(side, &flow, 0)?;
@@ -311,15 +310,27 @@ impl Pair<'_> {
             || flow.parked > self.dirs[i].moved
             || own.state == sys::TCP_CLOSE;
         if carried {
-            if !self.carry(side, None)? {
+            // Everything the socket received before its FIN (bytes_received counts the FIN's
+            // sequence number as one byte) that the kernel did not redirect.
+            let total = own
+                .bytes_received
+                .saturating_sub(1 + flow.redirected + flow.failed);
+            if !self.carry(side, total)? {
                 return Ok(false);
             }
         } else {
             // bytes_received counts the FIN's sequence number as one byte.
             let taken = flow.redirected + flow.parked + flow.failed + 1;
-            if taken < own.bytes_received || self.backlog(side, &flow)? > 0 {
+            if taken < own.bytes_received {
                 return Ok(false);
             }
+        }
+        // Whichever way the bytes went, every byte the kernel redirected must be in the
+        // peer's send queue before the FIN: the shutdown fails what still waits in the
+        // peer's backlog.
+        let flow = self.flow(side)?;
+        if self.backlog(side, &flow)? > 0 {
+            return Ok(false);
         }
         match self.socks[side.other().index()].shutdown(std::net::Shutdown::Write) {
             // NotConnected: the peer already went away; its own event ends the connection.
