@@ -9,9 +9,10 @@ pub mod names {
     /// redirect target of the verdict program, and the `sk_msg` program is attached to it.
     pub const SOCKS: &str = "SOCKS";
     /// Sockhash of the sockets whose received bytes pass the stream verdict, which is
-    /// attached here. A socket stays in it until its connection ends: the kernel stops a
-    /// socket's verdict without its lock when the socket leaves the map, so a batch being
-    /// read at that moment is dropped. Pausing is done by parking instead (see [`crate::Link`]).
+    /// attached here. A socket leaves it while it is *held* (see [`crate::Link::hold`]), and
+    /// then only from the `sock_ops` program, under the socket's lock and with its receive queue
+    /// empty: a socket that leaves the map while the verdict is part-way through its queue has
+    /// the rest of that batch dropped by the kernel.
     pub const RECV: &str = "RECV";
     /// Hash map, socket cookie -> [`crate::Link`]. Written only by userspace.
     pub const LINKS: &str = "LINKS";
@@ -27,6 +28,8 @@ pub mod names {
     pub const VERDICT_PROG: &str = "spliced_verdict";
     /// The `sk_msg` program.
     pub const MSG_PROG: &str = "spliced_msg";
+    /// The `sock_ops` program that holds a socket.
+    pub const HOLD_PROG: &str = "spliced_hold";
 }
 
 /// Capacity of the socket maps: two sockets per connection.
@@ -42,13 +45,6 @@ pub const SIDE_CLIENT: u32 = 0;
 pub const SIDE_BACKEND: u32 = 1;
 
 /// How the kernel forwards the bytes one socket receives. Key: that socket's cookie.
-///
-/// Parking: while `park` is set, or while the socket has parked bytes that userspace has not
-/// yet moved (`Flow::parked != parked_moved`), the verdict returns `SK_PASS` instead of
-/// redirecting. The bytes then wait in the socket's own receive path, charged to its receive
-/// buffer, so TCP closes the window and the sender is held back. Userspace moves the parked
-/// bytes on once the peer has drained, and only then sets `parked_moved` to unpark; bytes
-/// parked meanwhile keep the socket parked, so no byte overtakes another.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Link {
@@ -57,14 +53,16 @@ pub struct Link {
     /// When [`Flow::redirected`] reaches this many bytes the verdict program emits one
     /// [`FlowEvent`], and userspace checks how much is buffered in the kernel.
     pub check_at: u64,
-    /// Parked bytes userspace has moved on.
-    pub parked_moved: u64,
     /// Index into [`names::SERVICE_STATS`].
     pub service: u32,
     /// [`SIDE_CLIENT`] or [`SIDE_BACKEND`].
     pub side: u32,
-    /// Non-zero: park what this socket receives.
-    pub park: u32,
+    /// Non-zero: hold this socket. The `sock_ops` program takes it out of [`names::RECV`] at
+    /// the next packet it sends (an acknowledgement, typically) once the verdict has taken
+    /// every byte it received: that runs under the socket's lock, so no verdict is part-way
+    /// through its queue. The socket's bytes then stay in its receive queue, charged to its
+    /// receive buffer, and TCP holds the sender back until the daemon puts it back.
+    pub hold: u32,
     #[expect(
         clippy::pub_underscore_fields,
         reason = "explicit padding of a kernel ABI struct"
@@ -74,8 +72,8 @@ pub struct Link {
 
 /// What the kernel has done with the bytes one socket received. Key: that socket's cookie.
 ///
-/// Only the verdict program of that socket writes it, and the kernel runs it for one socket
-/// at a time (under the socket lock), so plain 64-bit adds are exact without atomics.
+/// Only the verdict and `sock_ops` programs of that socket write it, and the kernel runs both
+/// under the socket lock, so plain 64-bit adds are exact without atomics.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
@@ -83,12 +81,12 @@ pub struct Flow {
     pub redirected: u64,
     /// Bytes whose redirect the kernel refused (they are dropped; the connection is aborted).
     pub failed: u64,
-    /// Bytes parked in the socket's own receive path.
-    pub parked: u64,
     /// The [`Link::check_at`] for which an event was last emitted.
     pub notified_at: u64,
     /// `bpf_ktime_get_coarse_ns` of the last received bytes.
     pub last_active_ns: u64,
+    /// Times the `sock_ops` program took the socket out of [`names::RECV`] (see [`Link::hold`]).
+    pub holds: u64,
 }
 
 /// Per-service counters kept by the kernel, one copy per CPU; userspace sums them.
@@ -107,8 +105,8 @@ pub struct ServiceCounters {
     pub flow_events: u64,
     /// Flow-control events lost because the ring buffer was full.
     pub events_lost: u64,
-    /// Bytes parked because the peer was slow.
-    pub parked_bytes: u64,
+    /// Times a socket was held because its peer was slow.
+    pub holds: u64,
 }
 
 /// Bytes that entered the send path of spliced sockets (redirected by the verdict program or
@@ -134,7 +132,7 @@ pub struct FlowEvent {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<Link>() == 40);
+    assert!(core::mem::size_of::<Link>() == 32);
     assert!(core::mem::size_of::<Flow>() == 40);
     assert!(core::mem::size_of::<ServiceCounters>() == 56);
     assert!(core::mem::size_of::<UserTx>() == 16);

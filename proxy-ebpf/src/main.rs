@@ -4,16 +4,23 @@
 //! socket receives to its peer socket's egress, counts it, and tells userspace when the bytes
 //! buffered for one direction may have reached the configured bound. `spliced_msg` (sk_msg,
 //! attached to `SOCKS`) counts every byte that enters a spliced socket's send path.
+//! `spliced_hold` (sock_ops, attached to the daemon's cgroup) takes a socket out of `RECV`
+//! under its socket lock when the daemon asks, which is how a sender is held back.
 #![no_std]
 #![no_main]
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::sk_action,
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_coarse_ns},
-    macros::{map, sk_msg, stream_verdict},
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, sk_action,
+    },
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_map_delete_elem},
+    macros::{map, sk_msg, sock_ops, stream_verdict},
     maps::{HashMap, PerCpuArray, RingBuf, SockHash},
-    programs::{SkBuffContext, SkMsgContext},
+    programs::{SkBuffContext, SkMsgContext, SockOpsContext},
 };
 use aya_log_ebpf::warn;
 use proxy_common::{
@@ -88,27 +95,6 @@ fn try_spliced_verdict(ctx: &SkBuffContext) -> Result<u32, i64> {
     // SAFETY: the helper has no arguments and no side effects.
     flow.last_active_ns = unsafe { bpf_ktime_get_coarse_ns() };
 
-    // Parked (see proxy_common::Link): keep the bytes in this socket's receive path, charged
-    // to its receive buffer, so that TCP flow control holds the sender back.
-    if link.park != 0 || flow.parked != link.parked_moved {
-        flow.parked += len;
-        if let Some(c) = counters {
-            // SAFETY: per-CPU value of this CPU; nothing else writes it during this run.
-            unsafe { (*c).parked_bytes += len };
-        }
-        // Parked although userspace has just unparked: this run read the link before the
-        // unpark and counted after userspace's last look. Say so, or nobody moves these bytes.
-        if link.park == 0 {
-            let event = FlowEvent {
-                cookie,
-                redirected: flow.redirected,
-            };
-            // A lost event is retried by the next parked batch.
-            let _ = EVENTS.output(&event, 0);
-        }
-        return Ok(sk_action::SK_PASS);
-    }
-
     let verdict = SOCKS.redirect_skb(ctx, &mut link.peer_cookie, 0) as u32;
     if verdict != sk_action::SK_PASS {
         flow.failed += len;
@@ -177,6 +163,76 @@ pub fn spliced_msg(ctx: SkMsgContext) -> u32 {
         tx.bytes += u64::from(ctx.size());
     }
     sk_action::SK_PASS
+}
+
+// ---------------------------------------------------------------------------------------------
+// sock_ops: hold
+// ---------------------------------------------------------------------------------------------
+
+/// Holds a socket whose link asks for it (see `proxy_common::Link::hold`): takes it out of
+/// `RECV`, so that its bytes stay in its receive queue and TCP holds the sender back.
+///
+/// Leaving the verdict map stops the socket's verdict at once, and a verdict part-way through
+/// the socket's queue would drop the rest of the batch. So the socket leaves only from here:
+/// in the header-options callback of a packet the socket sends, which the kernel runs under
+/// the socket's lock, and only when the verdict has taken every byte the socket received, so
+/// no batch is left in its queue. An acknowledgement sent from inside the verdict's run (the
+/// kernel acknowledges as it consumes) then ends that run: the queue is empty.
+///
+/// Every connection the daemon's cgroup establishes gets the header-options callback turned on
+/// (it reserves no option space, so packets are unchanged); sockets without a link are left
+/// alone.
+#[sock_ops]
+pub fn spliced_hold(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            let flags = ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
+            // A failure leaves the socket without holds; the daemon sees it never held.
+            let _ = ctx.set_cb_flags(flags as i32);
+        }
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB => hold(&ctx),
+        _ => {}
+    }
+    1
+}
+
+fn hold(ctx: &SockOpsContext) {
+    // SAFETY: the helper only reads the socket of the context.
+    let mut cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: map values stay valid for the whole run.
+    let Some(link) = (unsafe { LINKS.get(&cookie) }) else {
+        return;
+    };
+    if link.hold == 0 {
+        return;
+    }
+    let Some(flow) = FLOWS.get_ptr_mut(&cookie) else {
+        return;
+    };
+    // SAFETY: the kernel runs this under the socket lock, as it does the verdict, the only
+    // other writer of this flow.
+    let flow = unsafe { &mut *flow };
+    // SAFETY: a field of the context the kernel filled.
+    let received = unsafe { (*ctx.ops).bytes_received };
+    if flow.redirected + flow.failed != received {
+        // Bytes wait in the queue (or the verdict is part-way through it): not now.
+        return;
+    }
+    // SAFETY: RECV is a map of this object (SockHash is a transparent wrapper of its
+    // definition), and the key is a u64 on the stack.
+    let removed = unsafe {
+        bpf_map_delete_elem(
+            core::ptr::addr_of!(RECV).cast_mut().cast::<c_void>(),
+            core::ptr::addr_of_mut!(cookie).cast::<c_void>(),
+        )
+    };
+    if removed == 0 {
+        flow.holds += 1;
+        if let Some(c) = SERVICE_STATS.get_ptr_mut(link.service) {
+            // SAFETY: per-CPU value of this CPU; nothing else writes it during this run.
+            unsafe { (*c).holds += 1 };
+        }
+    }
 }
 
 #[cfg(not(test))]

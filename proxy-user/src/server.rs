@@ -270,7 +270,7 @@ fn choose_plane(opts: &RunOptions) -> Result<Plane, StartError> {
             watcher,
             max_buffer: opts.max_buffer,
             moved_bytes: AtomicU64::new(0),
-            parks: AtomicU64::new(0),
+            holds: AtomicU64::new(0),
             idle_timeout: opts.idle_timeout,
         })
     };
@@ -497,7 +497,7 @@ struct PoolSnapshot<'a> {
 #[derive(Serialize)]
 struct KernelSnapshot {
     userspace_moved_bytes: u64,
-    parks: u64,
+    holds: u64,
     services: Vec<ServiceSnapshot>,
     user_tx_bytes: u64,
     user_tx_messages: u64,
@@ -514,7 +514,7 @@ struct ServiceSnapshot {
     redirect_failures: u64,
     flow_events: u64,
     events_lost: u64,
-    parked_bytes: u64,
+    kernel_holds: u64,
 }
 
 fn snapshot(shared: &Shared) -> Snapshot<'_> {
@@ -532,13 +532,13 @@ fn snapshot(shared: &Shared) -> Snapshot<'_> {
                     redirect_failures: t.redirect_failures,
                     flow_events: t.flow_events,
                     events_lost: t.events_lost,
-                    parked_bytes: t.parked_bytes,
+                    kernel_holds: t.holds,
                 })
                 .collect();
             let tx = s.kernel.user_tx();
             Some(KernelSnapshot {
                 userspace_moved_bytes: s.moved_bytes.load(Ordering::Relaxed),
-                parks: s.parks.load(Ordering::Relaxed),
+                holds: s.holds.load(Ordering::Relaxed),
                 services,
                 user_tx_bytes: tx.bytes,
                 user_tx_messages: tx.messages,

@@ -10,7 +10,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash},
-    programs::{ProgramError, SkMsg, SkSkb},
+    programs::{CgroupAttachMode, ProgramError, SkMsg, SkSkb, SockOps},
 };
 use proxy_common::{Flow, FlowEvent, Link, MAX_SERVICES, ServiceCounters, UserTx, names};
 
@@ -42,6 +42,8 @@ pub enum LoadError {
     },
     #[error("ring buffer: {0}")]
     Io(#[from] std::io::Error),
+    #[error("finding the daemon's cgroup (v2) to attach {prog}: {reason}")]
+    Cgroup { prog: &'static str, reason: String },
 }
 
 /// A failed map operation on a spliced pair.
@@ -63,6 +65,15 @@ impl MapOpError {
             &self.source,
             MapError::SyscallError(aya::sys::SyscallError { io_error, .. })
                 if io_error.raw_os_error() == Some(libc::EOPNOTSUPP)
+        )
+    }
+
+    /// The socket is in the map already.
+    pub fn is_busy(&self) -> bool {
+        matches!(
+            &self.source,
+            MapError::SyscallError(aya::sys::SyscallError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EBUSY)
         )
     }
 }
@@ -151,6 +162,19 @@ impl Kernel {
         msg.load()
             .and_then(|()| msg.attach(socks.fd()))
             .map_err(|source| LoadError::Program { name, source })?;
+        let name = names::HOLD_PROG;
+        let cgroup = own_cgroup().map_err(|reason| LoadError::Cgroup { prog: name, reason })?;
+        let hold: &mut SockOps = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::Missing(name))?
+            .try_into()
+            .map_err(|source| LoadError::Program { name, source })?;
+        hold.load()
+            // aya attaches with a BPF link on this kernel, and links to a cgroup always coexist
+            // with other programs; the kernel refuses the multi flag on a link (EINVAL).
+            .and_then(|()| hold.attach(&cgroup, CgroupAttachMode::Single))
+            .map_err(|source| LoadError::Program { name, source })?;
+        tracing::debug!(cgroup = ?cgroup, "hold program attached");
 
         spawn_event_pump(events, registry)?;
         Ok(Self {
@@ -181,7 +205,7 @@ impl Kernel {
             .map_err(|source| op_err("insert", names::LINKS, cookie, source))
     }
 
-    /// Replaces the link of a socket (check point, parking).
+    /// Replaces the link of a socket (check point, hold).
     pub fn set_link(&self, cookie: u64, link: &Link) -> Result<(), MapOpError> {
         self.maps()
             .links
@@ -264,7 +288,7 @@ impl Kernel {
                 sum.redirect_failures += v.redirect_failures;
                 sum.flow_events += v.flow_events;
                 sum.events_lost += v.events_lost;
-                sum.parked_bytes += v.parked_bytes;
+                sum.holds += v.holds;
             }
         }
         sum
@@ -281,6 +305,48 @@ impl Kernel {
         }
         sum
     }
+}
+
+/// The directory of this process's cgroup in the cgroup v2 hierarchy (from
+/// `/proc/self/cgroup` and `/proc/self/mountinfo`), opened. Sockets belong to the cgroup of
+/// the process that created them (accepted ones to their listener's), so the hold program
+/// attached here sees every connection of the daemon, and no other cgroup's.
+///
+/// Where no cgroup2 file system is mounted in this mount namespace (`ip netns exec` mounts a
+/// fresh `/sys`), one is mounted on a private temporary directory just long enough to open
+/// the directory, then detached.
+fn own_cgroup() -> Result<std::fs::File, String> {
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| format!("/proc/self/cgroup: {e}"))?;
+    let path = cgroups
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or("/proc/self/cgroup has no cgroup v2 entry")?
+        .trim_start_matches('/')
+        .to_owned();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
+    // mountinfo: id parent major:minor root mount-point options... - fstype source options
+    let mounted = mounts.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        let mut fields = left.split_whitespace();
+        let root = fields.nth(3)?;
+        let point = fields.next()?;
+        (right.split_whitespace().next() == Some("cgroup2") && root == "/").then_some(point)
+    });
+    if let Some(point) = mounted {
+        let dir = std::path::Path::new(point).join(&path);
+        return std::fs::File::open(&dir).map_err(|e| format!("{}: {e}", dir.display()));
+    }
+    let tmp = std::env::temp_dir().join(format!("spliced-cgroup2-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let opened = crate::sys::mount_cgroup2(&tmp).and_then(|()| {
+        let opened = std::fs::File::open(tmp.join(&path));
+        crate::sys::detach_mount(&tmp)?;
+        opened
+    });
+    let _ = std::fs::remove_dir(&tmp);
+    opened.map_err(|e| format!("mounting cgroup2 on {}: {e}", tmp.display()))
 }
 
 fn op_err(op: &'static str, map: &'static str, cookie: u64, source: MapError) -> MapOpError {

@@ -52,8 +52,6 @@ pub enum SpliceError {
     Peer(#[source] std::io::Error),
     #[error("{0} closed without end of stream")]
     Closed(&'static str),
-    #[error("both peers stopped reading while sending; buffer bound reached")]
-    Stalled,
     #[error("kernel map: {0}")]
     Map(#[source] kernel::MapOpError),
     #[error("internal: {0}")]

@@ -9,25 +9,29 @@
 //!   that side received has passed the verdict and been written into the peer's send queue
 //!   (flow counters against `TCP_INFO` and `SIOCOUTQ`), and only then shuts the peer's
 //!   writing half. The other direction flows on until it ends the same way.
-//! - No backpressure: a redirected byte is acknowledged to its sender at once and waits in
-//!   the peer's backlog for as long as the peer's reader is slow. The verdict program counts
-//!   what it redirected and raises an event at a check point; if more than `max_buffer`
-//!   bytes then wait in the peer's backlog, the receiving socket is *parked*: the verdict
-//!   passes its bytes to its own receive path, charged to its receive buffer, so TCP closes
-//!   the window and the sender is held back. Once the backlog is empty the task moves the
-//!   parked bytes (at most about one receive buffer) into the peer and unparks. Taking the
-//!   socket out of the verdict map instead would be simpler, but the kernel stops a verdict
-//!   without the socket lock, and a batch read at that moment is dropped: seen here as 64 KiB
-//!   holes in a stream.
+//! - No backpressure: the verdict takes each batch off the socket's queue at once and
+//!   uncharges it, so the sender's window stays open while the bytes wait in the peer's
+//!   backlog for as long as the peer's reader is slow. The verdict program counts what it
+//!   redirected and raises an event at a check point; if more than `max_buffer` bytes then wait
+//!   in the peer's backlog, the receiving socket is *held*: its link says so, and the `sock_ops`
+//!   program takes it out of the verdict map at its next acknowledgement, under its socket
+//!   lock and with its queue empty, so no verdict is part-way through a batch. Its bytes then
+//!   stay in its receive queue, charged to its receive buffer, TCP closes the window, and the
+//!   sender waits, as behind any proxy that stops reading. Once the backlog is down to half
+//!   the bound the socket goes back into the map and is poked, and the kernel moves what
+//!   waited. Userspace moves no byte for this.
+//!   (Taking the socket out of the map from userspace instead stops its verdict without the
+//!   socket lock, and the batch being read at that moment is dropped: seen here as 64 KiB
+//!   holes in a stream.)
 //! - A socket whose writing half is already shut leaves the maps by itself when its FIN
 //!   arrives (`FIN_WAIT2` -> `TIME_WAIT`), before the verdict reads the data that came with that
 //!   FIN; and a socket map takes only established sockets, so one that received FIN before
-//!   it was inserted cannot enter. In both cases the task moves what is left in the queue.
+//!   it was inserted, or while it was held, cannot enter. In these cases the task moves what
+//!   is left in the queue (at most one receive buffer).
 //!   A pair that cannot enter the maps at all is handed back to the caller, which copies it.
 //! - A reset on either side is passed on as a reset on the other.
 //!
-//! The bytes userspace moves in these cases are counted (`moved_bytes`): zero while readers
-//! keep up.
+//! The bytes userspace moves in these cases are counted (`moved_bytes`).
 
 use std::{
     io::{Read as _, Write as _},
@@ -59,10 +63,10 @@ pub struct Splicer {
     pub watcher: Watcher,
     /// Bound on bytes waiting in the kernel's backlog for one direction of one connection.
     pub max_buffer: u64,
-    /// Bytes userspace moved itself (parked bytes, and the ends of streams described above).
+    /// Bytes userspace moved itself (the ends of streams described above).
     pub moved_bytes: AtomicU64,
-    /// Times a socket was parked.
-    pub parks: AtomicU64,
+    /// Times a socket was held because its peer was slow.
+    pub holds: AtomicU64,
     /// A connection with no byte received on either socket for this long is closed.
     pub idle_timeout: Option<Duration>,
 }
@@ -76,7 +80,7 @@ pub enum Spliced {
     Refused(TcpStream, TcpStream),
 }
 
-/// First and last wait between checks while a direction is parked or ending.
+/// First and last wait between checks while a direction is held or ending.
 const POLL_MIN: Duration = Duration::from_millis(1);
 const POLL_MAX: Duration = Duration::from_millis(20);
 /// Largest read when userspace moves bytes.
@@ -93,9 +97,14 @@ struct Direction {
     eof: bool,
     /// The FIN was passed on.
     done: bool,
-    /// Userspace asked the kernel to park this side.
-    parked: bool,
-    /// This side is not in `RECV` (it received FIN before it could be inserted).
+    /// The receiving side was asked to be held (its link says so): the `sock_ops` program
+    /// takes it out of `RECV` at its next acknowledgement, until its peer has drained.
+    held: bool,
+    /// Times it was put back into `RECV` after the kernel took it out (against `Flow::holds`).
+    released: u64,
+    /// The receiving side is not in `RECV` and cannot go back (it received FIN before it could
+    /// be inserted, or it was no longer fully established when it was to be put back after a
+    /// hold): userspace moves the rest.
     outside: bool,
     /// Bytes userspace took from this side.
     moved: u64,
@@ -113,8 +122,6 @@ struct Pair<'a> {
     /// Bytes userspace wrote into each socket before splicing (none yet; a PROXY header later).
     preface: [u64; 2],
     dirs: [Direction; 2],
-    /// Most parked bytes seen waiting for userspace, per side (for the log).
-    max_unread: [u64; 2],
     /// [`sys::monotonic_coarse_ns`] when the pair was spliced.
     started_ns: u64,
 }
@@ -158,29 +165,73 @@ impl Pair<'_> {
         self.set_link(side)
     }
 
-    /// Reacts to a check point: park if too much waits in the peer's backlog, else move the
-    /// check point.
+    /// Reacts to a check point: hold `side` if too much waits in the peer's backlog, else
+    /// move the check point.
     fn on_pressure(&mut self, side: Side) -> Result<(), SpliceError> {
         let i = side.index();
-        if self.dirs[i].parked {
+        if self.dirs[i].held || self.dirs[i].outside {
             return Ok(());
         }
         let flow = self.flow(side)?;
-        if flow.parked != self.dirs[i].moved {
-            // The kernel parked bytes after the last unpark (see `unpark`): carry them.
-            self.dirs[i].parked = true;
-            return Ok(());
-        }
         let backlog = self.backlog(side, &flow)?;
         if backlog <= self.splicer.max_buffer {
             return self.rearm(side, &flow, backlog);
         }
-        self.links[i].park = 1;
+        self.links[i].hold = 1;
         self.set_link(side)?;
-        self.dirs[i].parked = true;
-        self.splicer.parks.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(?side, backlog, "parked: the peer is slow");
+        self.dirs[i].held = true;
+        self.splicer.holds.fetch_add(1, Ordering::Relaxed);
+        tracing::trace!(?side, backlog, "held: the peer is slow");
         Ok(())
+    }
+
+    /// Whether the kernel has taken `side` out of `RECV` for a hold and it has not been put
+    /// back.
+    fn out_for_hold(&self, side: Side, flow: &Flow) -> bool {
+        flow.holds > self.dirs[side.index()].released
+    }
+
+    /// Lets a held side flow again once its peer's backlog is down to half the bound: the
+    /// link stops asking for the hold, and if the kernel took the socket out it goes back into
+    /// `RECV` and is poked, so the verdict runs over what waited in its queue. Returns whether
+    /// it flows again; false also when it never can (it half-closed meanwhile), and the ticks
+    /// that follow then move the rest of its stream.
+    fn release(&mut self, side: Side) -> Result<bool, SpliceError> {
+        let i = side.index();
+        let flow = self.flow(side)?;
+        let backlog = self.backlog(side, &flow)?;
+        if backlog > self.splicer.max_buffer / 2 {
+            return Ok(false);
+        }
+        self.links[i].hold = 0;
+        self.rearm(side, &flow, backlog)?;
+        self.dirs[i].held = false;
+        // Putting it back takes the socket lock, as the hold does, so the two cannot cross:
+        // either the socket was taken out before this, or it stays in (busy).
+        match self
+            .splicer
+            .kernel
+            .start_receive(self.cookies[i], self.fd(side))
+        {
+            Ok(()) => {
+                self.dirs[i].released += 1;
+                sys::poke_receive(self.fd(side)).map_err(SpliceError::Internal)?;
+                tracing::trace!(?side, backlog, "released");
+            }
+            Err(e) if e.is_busy() => tracing::trace!(?side, backlog, "released before held"),
+            Err(e) if e.is_state_refusal() => {
+                self.dirs[i].released += 1;
+                self.dirs[i].outside = true;
+                tracing::debug!(
+                    ?side,
+                    "held side can no longer enter the verdict map; userspace moves the rest"
+                );
+                // Still waiting: the next ticks move its bytes.
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(true)
     }
 
     /// Moves bytes userspace must carry from `side` into its peer, as far as both sockets
@@ -190,10 +241,9 @@ impl Pair<'_> {
     /// for that: the bytes it frees may be what the kernel needs to make progress on the other
     /// direction. Returns whether all `total` bytes were moved.
     ///
-    /// The total is exact, never "until end of stream": a parked batch can wait in the
-    /// socket's psock queue behind bytes the kernel is still sending the other way, and a read
-    /// meanwhile reports end of stream once the FIN is in; taking that for the end cut
-    /// streams short.
+    /// The total is exact, never "until end of stream": a read that finds nothing reports end
+    /// of stream once the FIN is in, also while bytes before it are still on their way to
+    /// the socket's queue; taking that for the end cut streams short.
     fn carry(&mut self, side: Side, total: u64) -> Result<bool, SpliceError> {
         let i = side.index();
         let flow = self.flow(side)?;
@@ -244,71 +294,17 @@ impl Pair<'_> {
         }
     }
 
-    /// Moves the parked bytes of a parked side, and unparks it when they are all through.
-    ///
-    /// The verdict may park more bytes while this runs (the link still says park, or the
-    /// bytes it parked are not all moved), so this loops until the kernel's parked count and
-    /// the bytes moved agree after the link was updated. A verdict run that read the link
-    /// before the update and counts after the last look here raises an event instead.
-    fn unpark(&mut self, side: Side) -> Result<bool, SpliceError> {
-        let i = side.index();
-        loop {
-            let parked = self.flow(side)?.parked;
-            let unread = parked.saturating_sub(self.dirs[i].moved);
-            if unread > self.max_unread[i] {
-                self.max_unread[i] = unread;
-                tracing::trace!(
-                    ?side,
-                    unread,
-                    parked,
-                    moved = self.dirs[i].moved,
-                    pending = self.dirs[i].pending.len(),
-                    "parked bytes not yet read"
-                );
-            }
-            if unread > self.splicer.max_buffer.saturating_mul(8) {
-                // Parked bytes are charged to the socket's receive buffer, so this can only
-                // grow past it when the kernel queues them behind a stalled write on the
-                // same socket: both peers have stopped reading while sending. Give up.
-                return Err(SpliceError::Stalled);
-            }
-            if !self.carry(side, parked)? {
-                return Ok(false);
-            }
-            let moved = self.dirs[i].moved;
-            if self.links[i].park != 0 || self.links[i].parked_moved != moved {
-                let flow = self.flow(side)?;
-                // Parked because the peer is slow: stay parked until it has taken everything
-                // the kernel redirected, or the sender is let go at once (nothing parked yet
-                // is not the same as drained).
-                if self.backlog(side, &flow)? > 0 {
-                    return Ok(false);
-                }
-                self.links[i].park = 0;
-                self.links[i].parked_moved = moved;
-                self.rearm(side, &flow, 0)?;
-                continue;
-            }
-            if self.flow(side)?.parked == moved {
-                self.dirs[i].parked = false;
-                tracing::debug!(?side, moved, "unparked");
-                return Ok(true);
-            }
-        }
-    }
-
     /// `side` received FIN: once every byte before it is in the peer's send queue, shut the
     /// peer's writing half, which queues the FIN after them.
     fn forward_fin(&mut self, side: Side) -> Result<bool, SpliceError> {
         let i = side.index();
         let flow = self.flow(side)?;
         let own = self.counters(side)?;
-        // Userspace carries the rest when the verdict will not see it all: the side is parked
-        // or has parked bytes, is outside RECV, or the kernel closed it.
-        let carried = self.dirs[i].parked
-            || self.dirs[i].outside
-            || flow.parked > self.dirs[i].moved
-            || own.state == sys::TCP_CLOSE;
+        // Userspace carries the rest when the verdict will not see it all: the side was taken
+        // out for a hold or is outside RECV (a socket that got FIN cannot go back in), or the
+        // kernel closed it. A side only asked to be held is taken out only with an empty queue.
+        let carried =
+            self.out_for_hold(side, &flow) || self.dirs[i].outside || own.state == sys::TCP_CLOSE;
         if carried {
             // Everything the socket received before its FIN (bytes_received counts the FIN's
             // sequence number as one byte) that the kernel did not redirect.
@@ -320,7 +316,7 @@ impl Pair<'_> {
             }
         } else {
             // bytes_received counts the FIN's sequence number as one byte.
-            let taken = flow.redirected + flow.parked + flow.failed + 1;
+            let taken = flow.redirected + flow.failed + 1;
             if taken < own.bytes_received {
                 return Ok(false);
             }
@@ -364,8 +360,19 @@ impl Pair<'_> {
             if self.dirs[i].eof {
                 self.dirs[i].done = self.forward_fin(side)?;
                 waiting |= !self.dirs[i].done;
-            } else if self.dirs[i].parked {
-                waiting |= !self.unpark(side)?;
+            } else if self.dirs[i].outside {
+                // It cannot go back into RECV (a socket only enters a socket map while fully
+                // established, and this one has half-closed since it was held): userspace
+                // moves what it receives until its FIN.
+                let flow = self.flow(side)?;
+                let total = self
+                    .counters(side)?
+                    .bytes_received
+                    .saturating_sub(flow.redirected + flow.failed);
+                self.carry(side, total)?;
+                waiting = true;
+            } else if self.dirs[i].held {
+                waiting |= !self.release(side)?;
             }
         }
         Ok(waiting)
@@ -397,11 +404,14 @@ impl Splicer {
             (Err(e), _) | (_, Err(e)) => return Spliced::Done(Err(SpliceError::Internal(e))),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let link = |peer, side| Link {
+        let link = |peer, side: Side| Link {
             peer_cookie: peer,
             check_at: self.max_buffer,
             service,
-            side,
+            side: match side {
+                Side::Client => SIDE_CLIENT,
+                Side::Backend => SIDE_BACKEND,
+            },
             ..Link::default()
         };
         let mut pair = Pair {
@@ -409,12 +419,11 @@ impl Splicer {
             socks: [&client, &backend],
             cookies,
             links: [
-                link(cookies[1], SIDE_CLIENT),
-                link(cookies[0], SIDE_BACKEND),
+                link(cookies[1], Side::Client),
+                link(cookies[0], Side::Backend),
             ],
             preface: [0, 0],
             dirs: Default::default(),
-            max_unread: [0; 2],
             started_ns: sys::monotonic_coarse_ns(),
         };
 
