@@ -30,6 +30,21 @@ pub mod names {
     pub const MSG_PROG: &str = "spliced_msg";
     /// The `sock_ops` program that holds a socket.
     pub const HOLD_PROG: &str = "spliced_hold";
+    /// Hash map, [`hold_port_key`] -> 1: the connections the hold program watches (accepted on
+    /// a public port, or connected to a backend port). Written by userspace at start.
+    pub const HOLD_PORTS: &str = "HOLD_PORTS";
+}
+
+/// [`names::HOLD_PORTS`] key of the local port of connections accepted on a public port.
+pub const PORT_PUBLIC: u32 = 1;
+/// [`names::HOLD_PORTS`] key of the remote port of connections the daemon makes to backends.
+pub const PORT_BACKEND: u32 = 2;
+
+/// The [`names::HOLD_PORTS`] key of `port` (host order) in role [`PORT_PUBLIC`] or
+/// [`PORT_BACKEND`].
+#[must_use]
+pub const fn hold_port_key(role: u32, port: u16) -> u32 {
+    (role << 16) | port as u32
 }
 
 /// Capacity of the socket maps: two sockets per connection.

@@ -24,8 +24,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use proxy_common::{
-    EVENTS_BYTES, Flow, FlowEvent, Link, MAX_SERVICES, MAX_SOCKETS, SIDE_CLIENT, ServiceCounters,
-    UserTx,
+    EVENTS_BYTES, Flow, FlowEvent, Link, MAX_SERVICES, MAX_SOCKETS, PORT_BACKEND, PORT_PUBLIC,
+    SIDE_CLIENT, ServiceCounters, UserTx, hold_port_key,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -49,6 +49,9 @@ static SERVICE_STATS: PerCpuArray<ServiceCounters> = PerCpuArray::with_max_entri
 
 #[map]
 static USER_TX: PerCpuArray<UserTx> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static HOLD_PORTS: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
@@ -179,19 +182,37 @@ pub fn spliced_msg(ctx: SkMsgContext) -> u32 {
 /// no batch is left in its queue. An acknowledgement sent from inside the verdict's run (the
 /// kernel acknowledges as it consumes) then ends that run: the queue is empty.
 ///
-/// Every connection the daemon's cgroup establishes gets the header-options callback turned on
-/// (it reserves no option space, so packets are unchanged); sockets without a link are left
-/// alone.
+/// The connections of the daemon's cgroup that could be spliced (accepted on a public port, or
+/// made to a backend port: `HOLD_PORTS`) get the header-options callback turned on as they are
+/// established; it reserves no option space, so their packets are unchanged. Others are left
+/// alone, and so are sockets without a link.
 #[sock_ops]
 pub fn spliced_hold(ctx: SockOpsContext) -> u32 {
-    match ctx.op() {
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            let flags = ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
-            // A failure leaves the socket without holds; the daemon sees it never held.
-            let _ = ctx.set_cb_flags(flags as i32);
+    let key = match ctx.op() {
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            // local_port is in host order.
+            Some(hold_port_key(PORT_PUBLIC, ctx.local_port() as u16))
         }
-        BPF_SOCK_OPS_HDR_OPT_LEN_CB => hold(&ctx),
-        _ => {}
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            // remote_port holds the port in network order, shifted into the upper half on
+            // little-endian machines (a quirk kept for compatibility).
+            let raw = ctx.remote_port();
+            let raw = if raw > 0xffff { raw >> 16 } else { raw };
+            Some(hold_port_key(PORT_BACKEND, u16::from_be(raw as u16)))
+        }
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB => {
+            hold(&ctx);
+            None
+        }
+        _ => None,
+    };
+    // SAFETY: the map value stays valid for the whole run.
+    if let Some(key) = key
+        && unsafe { HOLD_PORTS.get(&key) }.is_some()
+    {
+        let flags = ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
+        // A failure leaves the socket without holds; the daemon sees it never held.
+        let _ = ctx.set_cb_flags(flags as i32);
     }
     1
 }

@@ -73,6 +73,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("telling the hold program which ports to watch: {0}")]
+    HoldPorts(#[source] aya::maps::MapError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -164,6 +166,16 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
             ))
         })
         .collect();
+    if let Plane::Sockmap(splicer) = &plane {
+        let public = config.public_ports().map(|(_, port)| port.port);
+        let backend = pools
+            .iter()
+            .flat_map(|pool| pool.machines.iter().map(|m| m.addr.port()));
+        splicer
+            .kernel
+            .watch_ports(public, backend)
+            .map_err(StartError::HoldPorts)?;
+    }
     let mut listeners = Vec::new();
     for (service, port) in config.public_ports() {
         let pool = Arc::clone(&pools[service.id as usize]);

@@ -12,7 +12,10 @@ use aya::{
     maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash},
     programs::{CgroupAttachMode, ProgramError, SkMsg, SkSkb, SockOps},
 };
-use proxy_common::{Flow, FlowEvent, Link, MAX_SERVICES, ServiceCounters, UserTx, names};
+use proxy_common::{
+    Flow, FlowEvent, Link, MAX_SERVICES, PORT_BACKEND, PORT_PUBLIC, ServiceCounters, UserTx,
+    hold_port_key, names,
+};
 
 use crate::watch::{Registry, SockEvent};
 
@@ -94,6 +97,7 @@ fn describe(e: &MapError) -> String {
 }
 
 struct Maps {
+    hold_ports: HashMap<MapData, u32, u32>,
     socks: SockHash<MapData, u64>,
     recv: SockHash<MapData, u64>,
     links: HashMap<MapData, u64, Link>,
@@ -135,6 +139,7 @@ impl Kernel {
             Err(e) => tracing::warn!(error = %e, "kernel program logs are not available"),
         }
 
+        let hold_ports = take(&mut ebpf, names::HOLD_PORTS)?;
         let socks: SockHash<MapData, u64> = take(&mut ebpf, names::SOCKS)?;
         let recv: SockHash<MapData, u64> = take(&mut ebpf, names::RECV)?;
         let links = take(&mut ebpf, names::LINKS)?;
@@ -179,6 +184,7 @@ impl Kernel {
         spawn_event_pump(events, registry)?;
         Ok(Self {
             maps: Mutex::new(Maps {
+                hold_ports,
                 socks,
                 recv,
                 links,
@@ -192,6 +198,24 @@ impl Kernel {
 
     fn maps(&self) -> MutexGuard<'_, Maps> {
         self.maps.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Tells the hold program which connections to watch: those accepted on `public` ports
+    /// and those made to `backend` ports. Called before the first connection.
+    pub fn watch_ports(
+        &self,
+        public: impl IntoIterator<Item = u16>,
+        backend: impl IntoIterator<Item = u16>,
+    ) -> Result<(), MapError> {
+        let mut maps = self.maps();
+        let keys = public
+            .into_iter()
+            .map(|p| hold_port_key(PORT_PUBLIC, p))
+            .chain(backend.into_iter().map(|p| hold_port_key(PORT_BACKEND, p)));
+        for key in keys {
+            maps.hold_ports.insert(&key, &1, 0)?;
+        }
+        Ok(())
     }
 
     /// Creates the link and flow entries of one socket.
