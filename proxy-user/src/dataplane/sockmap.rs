@@ -124,6 +124,10 @@ struct Pair<'a> {
     dirs: [Direction; 2],
     /// [`sys::monotonic_coarse_ns`] when the pair was spliced.
     started_ns: u64,
+    /// The peer's backlog at the last look while a side was held, per side.
+    held_backlog: [u64; 2],
+    /// A held side's peer drained since the last tick: look again soon.
+    draining: bool,
 }
 
 impl Pair<'_> {
@@ -179,6 +183,7 @@ impl Pair<'_> {
         }
         self.links[i].hold = 1;
         self.set_link(side)?;
+        self.held_backlog[i] = backlog;
         self.dirs[i].held = true;
         self.splicer.holds.fetch_add(1, Ordering::Relaxed);
         tracing::trace!(?side, backlog, "held: the peer is slow");
@@ -200,6 +205,11 @@ impl Pair<'_> {
         let i = side.index();
         let flow = self.flow(side)?;
         let backlog = self.backlog(side, &flow)?;
+        // The peer is taking bytes: look again at the shortest interval, so that the socket
+        // is back before the backlog runs dry. A peer that has stopped reading is looked at
+        // less and less often.
+        self.draining |= backlog < self.held_backlog[i];
+        self.held_backlog[i] = backlog;
         if backlog > self.splicer.max_buffer / 2 {
             return Ok(false);
         }
@@ -425,6 +435,8 @@ impl Splicer {
             preface: [0, 0],
             dirs: Default::default(),
             started_ns: sys::monotonic_coarse_ns(),
+            held_backlog: [0; 2],
+            draining: false,
         };
 
         let mut refused = false;
@@ -511,7 +523,10 @@ async fn drive(
             }
         };
         match event {
-            Some(SockEvent::Pressure(side)) => pair.on_pressure(side)?,
+            Some(SockEvent::Pressure(side)) => {
+                pair.on_pressure(side)?;
+                delay = POLL_MIN;
+            }
             Some(SockEvent::Epoll(side, bits)) => {
                 if bits & ev::RDHUP != 0 {
                     pair.dirs[side.index()].eof = true;
@@ -533,6 +548,9 @@ async fn drive(
             None => delay = (delay * 2).min(POLL_MAX),
         }
         waiting = pair.on_tick()?;
+        if std::mem::take(&mut pair.draining) {
+            delay = POLL_MIN;
+        }
     }
 }
 
