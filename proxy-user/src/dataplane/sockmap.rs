@@ -26,8 +26,8 @@
 //! - A socket whose writing half is already shut leaves the maps by itself when its FIN
 //!   arrives (`FIN_WAIT2` -> `TIME_WAIT`), before the verdict reads the data that came with that
 //!   FIN; and a socket map takes only established sockets, so one that received FIN before
-//!   it was inserted, or while it was held, cannot enter. In these cases the task moves what
-//!   is left in the queue (at most one receive buffer).
+//!   it was inserted cannot enter (the task moves what is left in its queue), and one that
+//!   half-closed while it was held cannot go back (the task moves the rest of that direction).
 //!   A pair that cannot enter the maps at all is handed back to the caller, which copies it.
 //! - A reset on either side is passed on as a reset on the other.
 //!
