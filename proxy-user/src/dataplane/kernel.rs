@@ -64,27 +64,22 @@ impl MapOpError {
     /// The kernel refused the socket because of its TCP state: a socket map only takes
     /// established sockets, and one that has received FIN is in `CLOSE_WAIT`.
     pub fn is_state_refusal(&self) -> bool {
-        matches!(
-            &self.source,
-            MapError::SyscallError(aya::sys::SyscallError { io_error, .. })
-                if io_error.raw_os_error() == Some(libc::EOPNOTSUPP)
-        )
+        syscall_errno(&self.source) == Some(libc::EOPNOTSUPP)
     }
 
     /// The socket is in the map already.
     pub fn is_busy(&self) -> bool {
-        matches!(
-            &self.source,
-            MapError::SyscallError(aya::sys::SyscallError { io_error, .. })
-                if io_error.raw_os_error() == Some(libc::EBUSY)
-        )
+        syscall_errno(&self.source) == Some(libc::EBUSY)
     }
 }
 
-/// Socket maps report a missing key as a plain ENOENT from the syscall.
-fn is_enoent(e: &MapError) -> bool {
-    matches!(e, MapError::SyscallError(aya::sys::SyscallError { io_error, .. })
-        if io_error.raw_os_error() == Some(libc::ENOENT))
+/// The errno of a map operation that failed in the syscall (socket maps report a missing key
+/// as a plain ENOENT there).
+fn syscall_errno(e: &MapError) -> Option<i32> {
+    match e {
+        MapError::SyscallError(aya::sys::SyscallError { io_error, .. }) => io_error.raw_os_error(),
+        _ => None,
+    }
 }
 
 fn describe(e: &MapError) -> String {
@@ -274,7 +269,7 @@ impl Kernel {
         for (map, result) in results {
             match result {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) if is_enoent(&e) => {}
+                Err(e) if syscall_errno(&e) == Some(libc::ENOENT) => {}
                 Err(e) => {
                     tracing::error!(
                         map,

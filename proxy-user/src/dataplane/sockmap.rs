@@ -102,6 +102,8 @@ struct Direction {
     held: bool,
     /// Times it was put back into `RECV` after the kernel took it out (against `Flow::holds`).
     released: u64,
+    /// The peer's backlog at the last look while held.
+    held_backlog: u64,
     /// The receiving side is not in `RECV` and cannot go back (it received FIN before it could
     /// be inserted, or it was no longer fully established when it was to be put back after a
     /// hold): userspace moves the rest.
@@ -124,8 +126,6 @@ struct Pair<'a> {
     dirs: [Direction; 2],
     /// [`sys::monotonic_coarse_ns`] when the pair was spliced.
     started_ns: u64,
-    /// The peer's backlog at the last look while a side was held, per side.
-    held_backlog: [u64; 2],
     /// A held side's peer drained since the last tick: look again soon.
     draining: bool,
 }
@@ -183,7 +183,7 @@ impl Pair<'_> {
         }
         self.links[i].hold = 1;
         self.set_link(side)?;
-        self.held_backlog[i] = backlog;
+        self.dirs[i].held_backlog = backlog;
         self.dirs[i].held = true;
         self.splicer.holds.fetch_add(1, Ordering::Relaxed);
         tracing::trace!(?side, backlog, "held: the peer is slow");
@@ -208,8 +208,8 @@ impl Pair<'_> {
         // The peer is taking bytes: look again at the shortest interval, so that the socket
         // is back before the backlog runs dry. A peer that has stopped reading is looked at
         // less and less often.
-        self.draining |= backlog < self.held_backlog[i];
-        self.held_backlog[i] = backlog;
+        self.draining |= backlog < self.dirs[i].held_backlog;
+        self.dirs[i].held_backlog = backlog;
         if backlog > self.splicer.max_buffer / 2 {
             return Ok(false);
         }
@@ -304,6 +304,15 @@ impl Pair<'_> {
         }
     }
 
+    /// Bytes `side` has received that the kernel did not redirect (userspace moves them when
+    /// the verdict will not see them). `bytes_received` counts a received FIN's sequence
+    /// number as one byte.
+    fn not_redirected(&self, side: Side, own: &TcpCounters, flow: &Flow) -> u64 {
+        let fin = u64::from(self.dirs[side.index()].eof);
+        own.bytes_received
+            .saturating_sub(fin + flow.redirected + flow.failed)
+    }
+
     /// `side` received FIN: once every byte before it is in the peer's send queue, shut the
     /// peer's writing half, which queues the FIN after them.
     fn forward_fin(&mut self, side: Side) -> Result<bool, SpliceError> {
@@ -315,21 +324,14 @@ impl Pair<'_> {
         // kernel closed it. A side only asked to be held is taken out only with an empty queue.
         let carried =
             self.out_for_hold(side, &flow) || self.dirs[i].outside || own.state == sys::TCP_CLOSE;
+        let left = self.not_redirected(side, &own, &flow);
         if carried {
-            // Everything the socket received before its FIN (bytes_received counts the FIN's
-            // sequence number as one byte) that the kernel did not redirect.
-            let total = own
-                .bytes_received
-                .saturating_sub(1 + flow.redirected + flow.failed);
-            if !self.carry(side, total)? {
+            if !self.carry(side, left)? {
                 return Ok(false);
             }
-        } else {
-            // bytes_received counts the FIN's sequence number as one byte.
-            let taken = flow.redirected + flow.failed + 1;
-            if taken < own.bytes_received {
-                return Ok(false);
-            }
+        } else if left > 0 {
+            // The verdict has not taken it all yet.
+            return Ok(false);
         }
         // Whichever way the bytes went, every byte the kernel redirected must be in the
         // peer's send queue before the FIN: the shutdown fails what still waits in the
@@ -374,12 +376,8 @@ impl Pair<'_> {
                 // It cannot go back into RECV (a socket only enters a socket map while fully
                 // established, and this one has half-closed since it was held): userspace
                 // moves what it receives until its FIN.
-                let flow = self.flow(side)?;
-                let total = self
-                    .counters(side)?
-                    .bytes_received
-                    .saturating_sub(flow.redirected + flow.failed);
-                self.carry(side, total)?;
+                let (own, flow) = (self.counters(side)?, self.flow(side)?);
+                self.carry(side, self.not_redirected(side, &own, &flow))?;
                 waiting = true;
             } else if self.dirs[i].held {
                 waiting |= !self.release(side)?;
@@ -435,7 +433,6 @@ impl Splicer {
             preface: [0, 0],
             dirs: Default::default(),
             started_ns: sys::monotonic_coarse_ns(),
-            held_backlog: [0; 2],
             draining: false,
         };
 
