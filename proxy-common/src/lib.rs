@@ -102,6 +102,17 @@ pub struct Flow {
     pub last_active_ns: u64,
     /// Times the `sock_ops` program took the socket out of [`names::RECV`] (see [`Link::hold`]).
     pub holds: u64,
+    /// Bytes at the head of received batches that repeated bytes already passed on, cut off
+    /// before the redirect (see `spliced_verdict`).
+    pub overlap_trimmed: u64,
+    /// Bytes the kernel skipped between two batches (a hole in the stream). Never expected;
+    /// the daemon aborts a connection that has one rather than pass on a damaged stream.
+    pub gap_bytes: u64,
+    /// TCP sequence number of the next byte the verdict expects, once
+    /// [`Flow::seq_known`] is set.
+    pub next_seq: u32,
+    /// Non-zero once the verdict has seen a batch of this socket.
+    pub seq_known: u32,
 }
 
 /// Per-service counters kept by the kernel, one copy per CPU; userspace sums them.
@@ -122,6 +133,13 @@ pub struct ServiceCounters {
     pub events_lost: u64,
     /// Times a socket was held because its peer was slow.
     pub holds: u64,
+    /// Received batches whose head repeated bytes already passed on (trimmed).
+    pub overlaps: u64,
+    /// Bytes trimmed off such batches.
+    pub overlap_bytes: u64,
+    /// Holes found between batches, and batches that could not be trimmed; each aborts its
+    /// connection.
+    pub stream_faults: u64,
 }
 
 /// Bytes that entered the send path of spliced sockets (redirected by the verdict program or
@@ -148,8 +166,8 @@ pub struct FlowEvent {
 
 const _: () = {
     assert!(core::mem::size_of::<Link>() == 32);
-    assert!(core::mem::size_of::<Flow>() == 40);
-    assert!(core::mem::size_of::<ServiceCounters>() == 56);
+    assert!(core::mem::size_of::<Flow>() == 64);
+    assert!(core::mem::size_of::<ServiceCounters>() == 80);
     assert!(core::mem::size_of::<UserTx>() == 16);
     assert!(core::mem::size_of::<FlowEvent>() == 16);
 };

@@ -69,7 +69,7 @@ pub fn spliced_verdict(ctx: SkBuffContext) -> u32 {
 }
 
 fn try_spliced_verdict(ctx: &SkBuffContext) -> Result<u32, i64> {
-    let len = u64::from(ctx.len());
+    let len = ctx.len();
     // A FIN arrives as an empty skb. Redirecting it would make the peer's backlog worker see
     // a zero-length send, which it treats as a broken pipe and stops all further transmission
     // on that socket. There are no bytes to lose: drop it. Userspace sees the FIN itself
@@ -98,9 +98,42 @@ fn try_spliced_verdict(ctx: &SkBuffContext) -> Result<u32, i64> {
     // SAFETY: the helper has no arguments and no side effects.
     flow.last_active_ns = unsafe { bpf_ktime_get_coarse_ns() };
 
+    let received = len;
+    if flow.failed != 0 {
+        // The stream already has a hole: pass nothing after it (userspace is aborting).
+        flow.failed += u64::from(received);
+        return Ok(sk_action::SK_DROP);
+    }
+    let len = match in_sequence(ctx, flow, received) {
+        Ok(len) => len,
+        Err(fault) => {
+            if let Some(c) = counters {
+                // SAFETY: per-CPU value of this CPU; nothing else writes it during this run.
+                unsafe { (*c).stream_faults += 1 };
+            }
+            warn!(ctx, "spliced: socket {}: {}", cookie, fault);
+            drop_batch(flow, cookie, received.into());
+            return Ok(sk_action::SK_DROP);
+        }
+    };
+    if len != received
+        && let Some(c) = counters
+    {
+        // SAFETY: per-CPU value of this CPU; nothing else writes it during this run.
+        let c = unsafe { &mut *c };
+        c.overlaps += 1;
+        c.overlap_bytes += u64::from(received - len);
+    }
+    if len == 0 {
+        // Nothing new in this batch (cut to nothing, so the kernel's count of consumed bytes
+        // does not move either).
+        return Ok(sk_action::SK_DROP);
+    }
+    let len = u64::from(len);
+
     let verdict = SOCKS.redirect_skb(ctx, &mut link.peer_cookie, 0) as u32;
     if verdict != sk_action::SK_PASS {
-        flow.failed += len;
+        drop_batch(flow, cookie, len);
         if let Some(c) = counters {
             // SAFETY: per-CPU value of this CPU; nothing else writes it during this run.
             unsafe { (*c).redirect_failures += 1 };
@@ -144,6 +177,85 @@ fn try_spliced_verdict(ctx: &SkBuffContext) -> Result<u32, i64> {
         }
     }
     Ok(verdict)
+}
+
+/// Counts a batch the verdict drops (the stream the peer gets is then damaged) and, for the
+/// first one, tells userspace, which aborts the connection.
+fn drop_batch(flow: &mut Flow, cookie: u64, len: u64) {
+    if flow.failed == 0 {
+        // A full ring only delays the abort to the end of the stream, where userspace looks
+        // at the flow again.
+        let _ = EVENTS.output(
+            &FlowEvent {
+                cookie,
+                redirected: flow.redirected,
+            },
+            0,
+        );
+    }
+    flow.failed += len;
+}
+
+/// Largest head `bpf_skb_adjust_room` cuts off an `sk_skb` in one call.
+const TRIM_STEP: u32 = 0xfff;
+/// Calls allowed for one batch: 1 MiB, more than a receive batch holds.
+const TRIM_STEPS: u32 = 256;
+
+/// Why a batch cannot be passed on as it is: it starts after the next expected byte (the
+/// kernel skipped bytes), or its repeated head could not be cut off.
+type StreamFault = &'static str;
+const FAULT_GAP: StreamFault = "bytes missing before a received batch";
+const FAULT_TRIM: StreamFault = "could not cut a repeated head off a received batch";
+
+/// Cuts off the head of a batch that repeats bytes already passed on, and returns the
+/// length left.
+///
+/// TCP queues a segment that overlaps what it already received as a whole (a retransmission
+/// that starts before the receive point, seen after a window closed and reopened), and
+/// leaves it to the reader to skip the old head. `recvmsg` does; the path that hands whole
+/// batches to this program (`tcp_read_skb`) does not, so without this cut the peer gets those
+/// bytes twice, and the kernel's count of consumed bytes runs ahead of the stream, which later
+/// costs as many bytes when a full receive queue is collapsed. The sequence number of each
+/// batch is in its control block (`cb[0]`, the start of `struct tcp_skb_cb`, which the
+/// `sk_skb` context maps there); the flow remembers where the previous batch ended.
+fn in_sequence(ctx: &SkBuffContext, flow: &mut Flow, len: u32) -> Result<u32, StreamFault> {
+    let seq = ctx.cb()[0];
+    let end = seq.wrapping_add(len);
+    if flow.seq_known == 0 {
+        flow.seq_known = 1;
+        flow.next_seq = end;
+        return Ok(len);
+    }
+    // Serial-number arithmetic: positive when the batch starts before the expected byte.
+    let overlap = flow.next_seq.wrapping_sub(seq) as i32;
+    if overlap < 0 {
+        flow.gap_bytes += u64::from(overlap.unsigned_abs());
+        return Err(FAULT_GAP);
+    }
+    let overlap = (overlap as u32).min(len);
+    if overlap == 0 {
+        flow.next_seq = end;
+        return Ok(len);
+    }
+    let mut left = overlap;
+    for _ in 0..TRIM_STEPS {
+        if left == 0 {
+            break;
+        }
+        let step = left.min(TRIM_STEP);
+        if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
+            return Err(FAULT_TRIM);
+        }
+        left -= step;
+    }
+    if left != 0 {
+        return Err(FAULT_TRIM);
+    }
+    flow.overlap_trimmed += u64::from(overlap);
+    if overlap < len {
+        flow.next_seq = end;
+    }
+    Ok(len - overlap)
 }
 
 // ---------------------------------------------------------------------------------------------

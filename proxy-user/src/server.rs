@@ -527,6 +527,11 @@ struct ServiceSnapshot {
     flow_events: u64,
     events_lost: u64,
     kernel_holds: u64,
+    /// Received batches whose head repeated bytes already passed on, and the bytes cut off.
+    overlaps: u64,
+    overlap_bytes: u64,
+    /// Connections aborted because the kernel skipped bytes or could not cut a batch.
+    stream_faults: u64,
 }
 
 fn snapshot(shared: &Shared) -> Snapshot<'_> {
@@ -535,7 +540,9 @@ fn snapshot(shared: &Shared) -> Snapshot<'_> {
         Plane::Sockmap(s) => {
             let services = (0..proxy_common::MAX_SERVICES)
                 .map(|i| (i, s.kernel.service_totals(i)))
-                .filter(|(_, t)| t.segments != 0 || t.redirect_failures != 0)
+                .filter(|(_, t)| {
+                    t.segments != 0 || t.redirect_failures != 0 || t.stream_faults != 0
+                })
                 .map(|(service, t)| ServiceSnapshot {
                     service,
                     bytes_to_backend: t.bytes_to_backend,
@@ -545,6 +552,9 @@ fn snapshot(shared: &Shared) -> Snapshot<'_> {
                     flow_events: t.flow_events,
                     events_lost: t.events_lost,
                     kernel_holds: t.holds,
+                    overlaps: t.overlaps,
+                    overlap_bytes: t.overlap_bytes,
+                    stream_faults: t.stream_faults,
                 })
                 .collect();
             let tx = s.kernel.user_tx();

@@ -35,6 +35,13 @@ impl Side {
             Self::Backend => 1,
         }
     }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Backend => "backend",
+        }
+    }
 }
 
 /// What happened to one socket.

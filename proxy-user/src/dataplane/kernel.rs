@@ -308,6 +308,9 @@ impl Kernel {
                 sum.flow_events += v.flow_events;
                 sum.events_lost += v.events_lost;
                 sum.holds += v.holds;
+                sum.overlaps += v.overlaps;
+                sum.overlap_bytes += v.overlap_bytes;
+                sum.stream_faults += v.stream_faults;
             }
         }
         sum

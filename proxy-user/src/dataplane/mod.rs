@@ -52,6 +52,8 @@ pub enum SpliceError {
     Peer(#[source] std::io::Error),
     #[error("{0} closed without end of stream")]
     Closed(&'static str),
+    #[error("the kernel dropped {bytes} bytes received from the {side} (stream fault)")]
+    Dropped { side: &'static str, bytes: u64 },
     #[error("kernel map: {0}")]
     Map(#[source] kernel::MapOpError),
     #[error("internal: {0}")]
@@ -60,9 +62,6 @@ pub enum SpliceError {
 
 impl SpliceError {
     pub fn closed(side: Side) -> Self {
-        Self::Closed(match side {
-            Side::Client => "client",
-            Side::Backend => "backend",
-        })
+        Self::Closed(side.name())
     }
 }

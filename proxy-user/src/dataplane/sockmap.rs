@@ -169,14 +169,28 @@ impl Pair<'_> {
         self.set_link(side)
     }
 
-    /// Reacts to a check point: hold `side` if too much waits in the peer's backlog, else
-    /// move the check point.
+    /// Fails when the kernel dropped bytes `side` received (a redirect it refused, or a batch
+    /// the verdict found out of sequence): the stream the peer gets is damaged, so the
+    /// connection is aborted rather than ended as if complete.
+    fn intact(side: Side, flow: &Flow) -> Result<(), SpliceError> {
+        if flow.failed == 0 {
+            return Ok(());
+        }
+        Err(SpliceError::Dropped {
+            side: side.name(),
+            bytes: flow.failed,
+        })
+    }
+
+    /// Reacts to a kernel event: a fault (see [`Self::intact`]), or a check point, where
+    /// `side` is held if too much waits in the peer's backlog, else the check point moves.
     fn on_pressure(&mut self, side: Side) -> Result<(), SpliceError> {
         let i = side.index();
+        let flow = self.flow(side)?;
+        Self::intact(side, &flow)?;
         if self.dirs[i].held || self.dirs[i].outside {
             return Ok(());
         }
-        let flow = self.flow(side)?;
         let backlog = self.backlog(side, &flow)?;
         if backlog <= self.splicer.max_buffer {
             return self.rearm(side, &flow, backlog);
@@ -318,6 +332,7 @@ impl Pair<'_> {
     fn forward_fin(&mut self, side: Side) -> Result<bool, SpliceError> {
         let i = side.index();
         let flow = self.flow(side)?;
+        Self::intact(side, &flow)?;
         let own = self.counters(side)?;
         // Userspace carries the rest when the verdict will not see it all: the side was taken
         // out for a hold or is outside RECV (a socket that got FIN cannot go back in), or the
