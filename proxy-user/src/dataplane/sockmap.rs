@@ -30,6 +30,10 @@
 //!   half-closed while it was held cannot go back (the task moves the rest of that direction).
 //!   A pair that cannot enter the maps at all is handed back to the caller, which copies it.
 //! - A reset on either side is passed on as a reset on the other.
+//! - A retransmission that overlaps bytes already received reaches the verdict whole; the
+//!   verdict cuts the old head off. A batch it cannot place in the stream, or whose redirect
+//!   the kernel refuses, is dropped with everything after it, and the task aborts the
+//!   connection with a reset on both sides rather than end a damaged stream as if complete.
 //!
 //! The bytes userspace moves in these cases are counted (`moved_bytes`).
 
