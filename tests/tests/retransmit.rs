@@ -257,6 +257,14 @@ fn before(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) < 0
 }
 
+/// The part of `struct ifreq` that `TUNSETIFF` reads.
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
 /// Opens a TUN device (no packet information header) in the calling thread's namespace.
 fn open_tun() -> std::fs::File {
     let tun = std::fs::OpenOptions::new()
@@ -264,12 +272,6 @@ fn open_tun() -> std::fs::File {
         .write(true)
         .open("/dev/net/tun")
         .expect("open /dev/net/tun");
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; libc::IFNAMSIZ],
-        flags: libc::c_short,
-        _pad: [u8; 22],
-    }
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
         flags: (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short,
@@ -325,11 +327,11 @@ fn ipv4_tcp(seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
 }
 
 fn sum_words(data: &[u8], mut sum: u32) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    let (words, rest) = data.as_chunks::<2>();
+    for w in words {
+        sum += u32::from(u16::from_be_bytes(*w));
     }
-    if let [last] = chunks.remainder() {
+    if let [last] = rest {
         sum += u32::from(*last) << 8;
     }
     sum
