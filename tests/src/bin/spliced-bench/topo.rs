@@ -353,14 +353,17 @@ impl Drop for Target {
             // SAFETY: kill on a child we own.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if c.try_wait().ok().flatten().is_some() {
-                    return;
+            let mut exited = false;
+            while !exited && Instant::now() < deadline {
+                exited = c.try_wait().ok().flatten().is_some();
+                if !exited {
+                    std::thread::sleep(Duration::from_millis(20));
                 }
-                std::thread::sleep(Duration::from_millis(20));
             }
-            let _ = c.kill();
-            let _ = c.wait();
+            if !exited {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
     }
 }
