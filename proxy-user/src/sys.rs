@@ -144,6 +144,18 @@ pub fn poke_receive(fd: BorrowedFd<'_>) -> io::Result<()> {
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)
 }
 
+/// Fixes a socket's send buffer at `bytes` of payload (the kernel doubles the value for its
+/// overhead), past the `net.core.wmem_max` cap when the process may (`SO_SNDBUFFORCE`).
+pub fn set_send_buffer(fd: BorrowedFd<'_>, bytes: u64) -> io::Result<()> {
+    let value = i32::try_from(bytes).unwrap_or(i32::MAX / 2);
+    match setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, value) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, value)
+        }
+        other => other,
+    }
+}
+
 /// The pending error of a socket (`SO_ERROR`), which reading clears.
 pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
     let mut err: libc::c_int = 0;

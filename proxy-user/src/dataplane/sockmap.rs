@@ -12,14 +12,18 @@
 //! - No backpressure: the verdict takes each batch off the socket's queue at once and
 //!   uncharges it, so the sender's window stays open while the bytes wait in the peer's
 //!   backlog for as long as the peer's reader is slow. The verdict program counts what it
-//!   redirected and raises an event at a check point; if more than `max_buffer` bytes then wait
-//!   in the peer's backlog, the receiving socket is *held*: its link says so, and the `sock_ops`
+//!   redirected and raises an event at a check point; if the peer's reader has then not
+//!   acknowledged more than `max_buffer` of them (the peer's backlog plus its send queue), the
+//!   receiving socket is *held*: its link says so, and the `sock_ops`
 //!   program takes it out of the verdict map at its next acknowledgement, under its socket
 //!   lock and with its queue empty, so no verdict is part-way through a batch. Its bytes then
 //!   stay in its receive queue, charged to its receive buffer, TCP closes the window, and the
-//!   sender waits, as behind any proxy that stops reading. Once the backlog is down to half
-//!   the bound the socket goes back into the map and is poked, and the kernel moves what
+//!   sender waits, as behind any proxy that stops reading. Once that is down to half the
+//!   bound the socket goes back into the map and is poked, and the kernel moves what
 //!   waited. Userspace moves no byte for this.
+//! - The kernel's worker that sends redirected bytes sleeps a whole scheduler tick when it
+//!   finds the send queue full: each spliced socket's send buffer is set to the bound, which
+//!   holds keep it from filling.
 //!   (Taking the socket out of the map from userspace instead stops its verdict without the
 //!   socket lock, and the batch being read at that moment is dropped: seen here as 64 KiB
 //!   holes in a stream.)
@@ -65,7 +69,8 @@ pub struct Splicer {
     pub kernel: Kernel,
     pub registry: Arc<Registry>,
     pub watcher: Watcher,
-    /// Bound on bytes waiting in the kernel's backlog for one direction of one connection.
+    /// Bound on bytes of one direction of one connection that the kernel has taken from the
+    /// sender and the receiver has not acknowledged (the redirect backlog and the send queue).
     pub max_buffer: u64,
     /// Bytes userspace moved itself (the ends of streams described above).
     pub moved_bytes: AtomicU64,
@@ -106,8 +111,8 @@ struct Direction {
     held: bool,
     /// Times it was put back into `RECV` after the kernel took it out (against `Flow::holds`).
     released: u64,
-    /// The peer's backlog at the last look while held.
-    held_backlog: u64,
+    /// What the peer had not acknowledged at the last look while held ([`Pair::unacked`]).
+    held_unacked: u64,
     /// The receiving side is not in `RECV` and cannot go back (it received FIN before it could
     /// be inserted, or it was no longer fully established when it was to be put back after a
     /// hold): userspace moves the rest.
@@ -158,6 +163,13 @@ impl Pair<'_> {
         Ok(self.owed(side, flow).saturating_sub(written))
     }
 
+    /// Bytes of `side` the kernel has redirected that the peer's reader has not yet
+    /// acknowledged: the peer's backlog plus its send queue. This is what the bound limits.
+    fn unacked(&self, side: Side, flow: &Flow) -> Result<u64, SpliceError> {
+        let acked = self.counters(side.other())?.bytes_acked;
+        Ok(self.owed(side, flow).saturating_sub(acked))
+    }
+
     fn set_link(&self, side: Side) -> Result<(), SpliceError> {
         let i = side.index();
         Ok(self
@@ -167,8 +179,8 @@ impl Pair<'_> {
     }
 
     /// Places the next check point where the bound could first be exceeded.
-    fn rearm(&mut self, side: Side, flow: &Flow, backlog: u64) -> Result<(), SpliceError> {
-        let room = self.splicer.max_buffer.saturating_sub(backlog).max(1);
+    fn rearm(&mut self, side: Side, flow: &Flow, unacked: u64) -> Result<(), SpliceError> {
+        let room = self.splicer.max_buffer.saturating_sub(unacked).max(1);
         self.links[side.index()].check_at = flow.redirected + room;
         self.set_link(side)
     }
@@ -195,16 +207,16 @@ impl Pair<'_> {
         if self.dirs[i].held || self.dirs[i].outside {
             return Ok(());
         }
-        let backlog = self.backlog(side, &flow)?;
-        if backlog <= self.splicer.max_buffer {
-            return self.rearm(side, &flow, backlog);
+        let unacked = self.unacked(side, &flow)?;
+        if unacked <= self.splicer.max_buffer {
+            return self.rearm(side, &flow, unacked);
         }
         self.links[i].hold = 1;
         self.set_link(side)?;
-        self.dirs[i].held_backlog = backlog;
+        self.dirs[i].held_unacked = unacked;
         self.dirs[i].held = true;
         self.splicer.holds.fetch_add(1, Ordering::Relaxed);
-        tracing::trace!(?side, backlog, "held: the peer is slow");
+        tracing::trace!(?side, unacked, "held: the peer is slow");
         Ok(())
     }
 
@@ -222,17 +234,17 @@ impl Pair<'_> {
     fn release(&mut self, side: Side) -> Result<bool, SpliceError> {
         let i = side.index();
         let flow = self.flow(side)?;
-        let backlog = self.backlog(side, &flow)?;
+        let unacked = self.unacked(side, &flow)?;
         // The peer is taking bytes: look again at the shortest interval, so that the socket
-        // is back before the backlog runs dry. A peer that has stopped reading is looked at
+        // is back before the pipe runs dry. A peer that has stopped reading is looked at
         // less and less often.
-        self.draining |= backlog < self.dirs[i].held_backlog;
-        self.dirs[i].held_backlog = backlog;
-        if backlog > self.splicer.max_buffer / 2 {
+        self.draining |= unacked < self.dirs[i].held_unacked;
+        self.dirs[i].held_unacked = unacked;
+        if unacked > self.splicer.max_buffer / 2 {
             return Ok(false);
         }
         self.links[i].hold = 0;
-        self.rearm(side, &flow, backlog)?;
+        self.rearm(side, &flow, unacked)?;
         self.dirs[i].held = false;
         // Putting it back takes the socket lock, as the hold does, so the two cannot cross:
         // either the socket was taken out before this, or it stays in (busy).
@@ -244,9 +256,9 @@ impl Pair<'_> {
             Ok(()) => {
                 self.dirs[i].released += 1;
                 sys::poke_receive(self.fd(side)).map_err(SpliceError::Internal)?;
-                tracing::trace!(?side, backlog, "released");
+                tracing::trace!(?side, unacked, "released");
             }
-            Err(e) if e.is_busy() => tracing::trace!(?side, backlog, "released before held"),
+            Err(e) if e.is_busy() => tracing::trace!(?side, unacked, "released before held"),
             Err(e) if e.is_state_refusal() => {
                 self.dirs[i].released += 1;
                 self.dirs[i].outside = true;
@@ -459,6 +471,14 @@ impl Splicer {
         let result = async {
             for side in [Side::Client, Side::Backend] {
                 let i = side.index();
+                // The kernel's worker that sends redirected bytes waits a whole scheduler tick
+                // (4 ms at 250 Hz) after it finds the send queue full, whatever frees space
+                // meanwhile: an autotuned send buffer (4 MiB at most by default) then runs dry
+                // within each wait, which cut bulk throughput by half. A send buffer of the
+                // bound never fills, since holds keep what the peer has not acknowledged under
+                // the bound, so this costs no memory beyond it.
+                sys::set_send_buffer(pair.fd(side), self.max_buffer)
+                    .map_err(SpliceError::Internal)?;
                 self.registry.add(cookies[i], side, tx.clone());
                 self.watcher
                     .add(pair.fd(side), cookies[i])
