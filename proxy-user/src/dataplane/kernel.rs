@@ -119,6 +119,16 @@ where
     T::try_from(map).map_err(|source| LoadError::Map { name, source })
 }
 
+/// The program `name` of the object, as its type.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(LoadError::Missing(name))?;
+    prog.try_into()
+        .map_err(|source| LoadError::Program { name, source })
+}
+
 impl Kernel {
     /// Loads the programs into the kernel, attaches them to their maps, and starts the event
     /// pump (ring buffer -> `registry`) and the kernel log pump on the current runtime.
@@ -144,31 +154,19 @@ impl Kernel {
         let events: RingBuf<MapData> = take(&mut ebpf, names::EVENTS)?;
 
         let name = names::VERDICT_PROG;
-        let verdict: &mut SkSkb = ebpf
-            .program_mut(name)
-            .ok_or(LoadError::Missing(name))?
-            .try_into()
-            .map_err(|source| LoadError::Program { name, source })?;
+        let verdict: &mut SkSkb = program(&mut ebpf, name)?;
         verdict
             .load()
             .and_then(|()| verdict.attach(recv.fd()))
             .map_err(|source| LoadError::Program { name, source })?;
         let name = names::MSG_PROG;
-        let msg: &mut SkMsg = ebpf
-            .program_mut(name)
-            .ok_or(LoadError::Missing(name))?
-            .try_into()
-            .map_err(|source| LoadError::Program { name, source })?;
+        let msg: &mut SkMsg = program(&mut ebpf, name)?;
         msg.load()
             .and_then(|()| msg.attach(socks.fd()))
             .map_err(|source| LoadError::Program { name, source })?;
         let name = names::HOLD_PROG;
         let cgroup = own_cgroup().map_err(|reason| LoadError::Cgroup { prog: name, reason })?;
-        let hold: &mut SockOps = ebpf
-            .program_mut(name)
-            .ok_or(LoadError::Missing(name))?
-            .try_into()
-            .map_err(|source| LoadError::Program { name, source })?;
+        let hold: &mut SockOps = program(&mut ebpf, name)?;
         hold.load()
             // aya attaches with a BPF link on this kernel, and links to a cgroup always coexist
             // with other programs; the kernel refuses the multi flag on a link (EINVAL).
