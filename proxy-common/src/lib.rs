@@ -102,12 +102,6 @@ pub struct Flow {
     pub last_active_ns: u64,
     /// Times the `sock_ops` program took the socket out of [`names::RECV`] (see [`Link::hold`]).
     pub holds: u64,
-    /// Bytes at the head of received batches that repeated bytes already passed on, cut off
-    /// before the redirect (see `spliced_verdict`).
-    pub overlap_trimmed: u64,
-    /// Bytes the kernel skipped between two batches (a hole in the stream). Never expected;
-    /// the daemon aborts a connection that has one rather than pass on a damaged stream.
-    pub gap_bytes: u64,
     /// TCP sequence number of the next byte the verdict expects, once
     /// [`Flow::seq_known`] is set.
     pub next_seq: u32,
@@ -166,7 +160,7 @@ pub struct FlowEvent {
 
 const _: () = {
     assert!(core::mem::size_of::<Link>() == 32);
-    assert!(core::mem::size_of::<Flow>() == 64);
+    assert!(core::mem::size_of::<Flow>() == 48);
     assert!(core::mem::size_of::<ServiceCounters>() == 80);
     assert!(core::mem::size_of::<UserTx>() == 16);
     assert!(core::mem::size_of::<FlowEvent>() == 16);

@@ -222,21 +222,16 @@ fn in_sequence(ctx: &SkBuffContext, flow: &mut Flow, len: u32) -> Result<u32, St
     let seq = ctx.cb()[0];
     let end = seq.wrapping_add(len);
     if flow.seq_known == 0 {
+        // The first batch is where the stream starts for the verdict.
         flow.seq_known = 1;
-        flow.next_seq = end;
-        return Ok(len);
+        flow.next_seq = seq;
     }
     // Serial-number arithmetic: positive when the batch starts before the expected byte.
     let overlap = flow.next_seq.wrapping_sub(seq) as i32;
     if overlap < 0 {
-        flow.gap_bytes += u64::from(overlap.unsigned_abs());
         return Err(FAULT_GAP);
     }
     let overlap = (overlap as u32).min(len);
-    if overlap == 0 {
-        flow.next_seq = end;
-        return Ok(len);
-    }
     let mut left = overlap;
     for _ in 0..TRIM_STEPS {
         if left == 0 {
@@ -251,7 +246,7 @@ fn in_sequence(ctx: &SkBuffContext, flow: &mut Flow, len: u32) -> Result<u32, St
     if left != 0 {
         return Err(FAULT_TRIM);
     }
-    flow.overlap_trimmed += u64::from(overlap);
+    // A batch wholly repeated leaves the expected byte where it was.
     if overlap < len {
         flow.next_seq = end;
     }
