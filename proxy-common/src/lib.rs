@@ -33,6 +33,98 @@ pub mod names {
     /// Hash map, [`hold_port_key`] -> 1: the connections the hold program watches (accepted on
     /// a public port, or connected to a backend port). Written by userspace at start.
     pub const HOLD_PORTS: &str = "HOLD_PORTS";
+    /// Hash map, cookie of an upstream socket (the daemon's connection to a machine on this
+    /// host) -> [`crate::Pairing`]: the upstream sockets whose peer, the application's socket,
+    /// is to be paired with the client. Written by userspace before the upstream connects;
+    /// the `sock_ops` program that pairs takes the entry (deletes it) as its claim, and so does
+    /// userspace when it gives up, so exactly one of them acts.
+    pub const UPSTREAMS: &str = "UPSTREAMS";
+    /// Hash map, [`crate::Tuple`] of a socket -> [`crate::Bypass`]: the application's side and
+    /// the upstream side of each same-host connection, created by the hold program as the
+    /// upstream connects and completed by the pair program as the application's socket is
+    /// established. Deleted by userspace when the connection ends.
+    pub const BYPASS: &str = "BYPASS";
+    /// The `sock_ops` program that pairs an application's socket (attached to the cgroup the
+    /// applications run in: the root by default).
+    pub const PAIR_PROG: &str = "spliced_pair";
+}
+
+/// One socket's own view of its connection: its address and port, and its peer's. Addresses
+/// are IPv6, IPv4 ones mapped (`::ffff:a.b.c.d`), each word in network byte order as the
+/// kernel stores it; ports are in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Tuple {
+    pub local: [u32; 4],
+    pub remote: [u32; 4],
+    pub local_port: u32,
+    pub remote_port: u32,
+}
+
+impl Tuple {
+    /// The same connection seen from the other socket.
+    #[must_use]
+    pub const fn reversed(&self) -> Self {
+        Self {
+            local: self.remote,
+            remote: self.local,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
+/// The third word of an IPv4-mapped IPv6 address (`0000:ffff`), as stored.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// An upstream socket waiting for its peer to be paired. Key: the upstream socket's cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pairing {
+    /// Cookie of the client's socket.
+    pub client_cookie: u64,
+    /// Index into [`names::SERVICE_STATS`].
+    pub service: u32,
+    #[expect(
+        clippy::pub_underscore_fields,
+        reason = "explicit padding of a kernel ABI struct"
+    )]
+    pub _pad: u32,
+}
+
+/// [`Bypass::role`] of the application's socket.
+pub const ROLE_APP: u32 = 0;
+/// [`Bypass::role`] of the daemon's upstream socket.
+pub const ROLE_UPSTREAM: u32 = 1;
+/// [`Bypass::state`]: the upstream is connected; the application's socket is not paired yet.
+pub const BYPASS_WAITING: u32 = 0;
+/// [`Bypass::state`]: the application's socket is in [`names::SOCKS`].
+pub const BYPASS_PAIRED: u32 = 1;
+/// [`Bypass::state`]: the pair program claimed the pairing, but the kernel would not take the
+/// application's socket into [`names::SOCKS`]; the connection uses the verdict path.
+pub const BYPASS_REFUSED: u32 = 2;
+
+/// One side of a same-host connection. Key: that socket's [`Tuple`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bypass {
+    /// Cookie of the daemon's upstream socket.
+    pub upstream_cookie: u64,
+    /// Cookie of the client's socket.
+    pub client_cookie: u64,
+    /// Cookie of the application's socket, once paired.
+    pub app_cookie: u64,
+    /// [`BYPASS_WAITING`], [`BYPASS_PAIRED`] or [`BYPASS_REFUSED`].
+    pub state: u32,
+    /// [`ROLE_APP`] or [`ROLE_UPSTREAM`]: which socket of the connection this entry is for.
+    pub role: u32,
+    /// Index into [`names::SERVICE_STATS`].
+    pub service: u32,
+    #[expect(
+        clippy::pub_underscore_fields,
+        reason = "explicit padding of a kernel ABI struct"
+    )]
+    pub _pad: u32,
 }
 
 /// [`names::HOLD_PORTS`] key of the local port of connections accepted on a public port.
@@ -134,6 +226,10 @@ pub struct ServiceCounters {
     /// Holes found between batches, and batches that could not be trimmed; each aborts its
     /// connection.
     pub stream_faults: u64,
+    /// Application sockets paired with a client's socket (same-host connections).
+    pub paired: u64,
+    /// Pairings claimed whose application socket the kernel would not take into the map.
+    pub pair_refused: u64,
 }
 
 /// Bytes that entered the send path of spliced sockets (redirected by the verdict program or
@@ -161,7 +257,10 @@ pub struct FlowEvent {
 const _: () = {
     assert!(core::mem::size_of::<Link>() == 32);
     assert!(core::mem::size_of::<Flow>() == 48);
-    assert!(core::mem::size_of::<ServiceCounters>() == 80);
+    assert!(core::mem::size_of::<ServiceCounters>() == 96);
+    assert!(core::mem::size_of::<Tuple>() == 40);
+    assert!(core::mem::size_of::<Pairing>() == 16);
+    assert!(core::mem::size_of::<Bypass>() == 40);
     assert!(core::mem::size_of::<UserTx>() == 16);
     assert!(core::mem::size_of::<FlowEvent>() == 16);
 };
@@ -179,4 +278,10 @@ mod user {
     unsafe impl aya::Pod for super::UserTx {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Tuple {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Pairing {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Bypass {}
 }

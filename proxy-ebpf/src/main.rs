@@ -5,7 +5,10 @@
 //! buffered for one direction may have reached the configured bound. `spliced_msg` (sk_msg,
 //! attached to `SOCKS`) counts every byte that enters a spliced socket's send path.
 //! `spliced_hold` (sock_ops, attached to the daemon's cgroup) takes a socket out of `RECV`
-//! under its socket lock when the daemon asks, which is how a sender is held back.
+//! under its socket lock when the daemon asks, which is how a sender is held back; as an
+//! upstream socket to a machine on this host connects, it records the application's side of
+//! that connection in `BYPASS`. `spliced_pair` (sock_ops, attached to the cgroup the
+//! applications run in) pairs the application's socket as it is established.
 #![no_std]
 #![no_main]
 
@@ -14,7 +17,7 @@ use core::ffi::c_void;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
+        BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, sk_action,
     },
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_map_delete_elem},
@@ -24,8 +27,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use proxy_common::{
-    EVENTS_BYTES, Flow, FlowEvent, Link, MAX_SERVICES, MAX_SOCKETS, PORT_BACKEND, PORT_PUBLIC,
-    SIDE_CLIENT, ServiceCounters, UserTx, hold_port_key,
+    BYPASS_PAIRED, BYPASS_REFUSED, BYPASS_WAITING, Bypass, EVENTS_BYTES, Flow, FlowEvent, Link,
+    MAX_SERVICES, MAX_SOCKETS, PORT_BACKEND, PORT_PUBLIC, Pairing, ROLE_APP, ROLE_UPSTREAM,
+    SIDE_CLIENT, ServiceCounters, Tuple, UserTx, V4_MAPPED_WORD, hold_port_key,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -52,6 +56,12 @@ static USER_TX: PerCpuArray<UserTx> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static HOLD_PORTS: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
+
+#[map]
+static UPSTREAMS: HashMap<u64, Pairing> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+#[map]
+static BYPASS: HashMap<Tuple, Bypass> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
@@ -301,11 +311,8 @@ pub fn spliced_hold(ctx: SockOpsContext) -> u32 {
             Some(hold_port_key(PORT_PUBLIC, ctx.local_port() as u16))
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            // remote_port holds the port in network order, shifted into the upper half on
-            // little-endian machines (a quirk kept for compatibility).
-            let raw = ctx.remote_port();
-            let raw = if raw > 0xffff { raw >> 16 } else { raw };
-            Some(hold_port_key(PORT_BACKEND, u16::from_be(raw as u16)))
+            publish_upstream(&ctx);
+            Some(hold_port_key(PORT_BACKEND, remote_port(&ctx)))
         }
         BPF_SOCK_OPS_HDR_OPT_LEN_CB => {
             hold(&ctx);
@@ -322,6 +329,86 @@ pub fn spliced_hold(ctx: SockOpsContext) -> u32 {
         let _ = ctx.set_cb_flags(flags as i32);
     }
     1
+}
+
+/// The remote port of the context's socket, in host order. The context holds it in network
+/// order, shifted into the upper half on little-endian machines (a quirk kept for
+/// compatibility).
+fn remote_port(ctx: &SockOpsContext) -> u16 {
+    let raw = ctx.remote_port();
+    let raw = if raw > 0xffff { raw >> 16 } else { raw };
+    u16::from_be(raw as u16)
+}
+
+const AF_INET6: u32 = 10;
+
+/// The context's socket's [`Tuple`].
+fn tuple_of(ctx: &SockOpsContext) -> Tuple {
+    let ops = ctx.ops;
+    // SAFETY: reads of fields of the context the kernel filled, one word each, which is the
+    // access the verifier accepts for the address arrays.
+    let (local, remote) = unsafe {
+        if (*ops).family == AF_INET6 {
+            let l = &raw const (*ops).local_ip6;
+            let r = &raw const (*ops).remote_ip6;
+            (
+                [
+                    core::ptr::read_volatile(l.cast::<u32>()),
+                    core::ptr::read_volatile(l.cast::<u32>().add(1)),
+                    core::ptr::read_volatile(l.cast::<u32>().add(2)),
+                    core::ptr::read_volatile(l.cast::<u32>().add(3)),
+                ],
+                [
+                    core::ptr::read_volatile(r.cast::<u32>()),
+                    core::ptr::read_volatile(r.cast::<u32>().add(1)),
+                    core::ptr::read_volatile(r.cast::<u32>().add(2)),
+                    core::ptr::read_volatile(r.cast::<u32>().add(3)),
+                ],
+            )
+        } else {
+            (
+                [0, 0, V4_MAPPED_WORD, ctx.local_ip4()],
+                [0, 0, V4_MAPPED_WORD, ctx.remote_ip4()],
+            )
+        }
+    };
+    Tuple {
+        local,
+        remote,
+        local_port: ctx.local_port(),
+        remote_port: u32::from(remote_port(ctx)),
+    }
+}
+
+/// As an upstream socket that userspace registered in `UPSTREAMS` connects, records both of
+/// its connection's sides in `BYPASS`, waiting for the application's socket. This runs when
+/// the SYN-ACK arrives, so before the application's socket can exist: that socket is made
+/// from the ACK this one sends next.
+fn publish_upstream(ctx: &SockOpsContext) {
+    // SAFETY: the helper only reads the socket of the context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the map value stays valid for the whole run.
+    let Some(pairing) = (unsafe { UPSTREAMS.get(&cookie) }) else {
+        return;
+    };
+    let upstream = Bypass {
+        upstream_cookie: cookie,
+        client_cookie: pairing.client_cookie,
+        app_cookie: 0,
+        state: BYPASS_WAITING,
+        role: ROLE_UPSTREAM,
+        service: pairing.service,
+        _pad: 0,
+    };
+    let tuple = tuple_of(ctx);
+    // A full map leaves the connection unpaired; userspace stops waiting and uses the
+    // verdict path.
+    let _ = BYPASS.insert(&tuple, &upstream, 0);
+    let app = Bypass {
+        role: ROLE_APP,
+        ..upstream
+    };
+    let _ = BYPASS.insert(&tuple.reversed(), &app, 0);
 }
 
 fn hold(ctx: &SockOpsContext) {
@@ -359,6 +446,71 @@ fn hold(ctx: &SockOpsContext) {
         if let Some(c) = SERVICE_STATS.get_ptr_mut(link.service) {
             // SAFETY: per-CPU value of this CPU; nothing else writes it during this run.
             unsafe { (*c).holds += 1 };
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// sock_ops: pair
+// ---------------------------------------------------------------------------------------------
+
+/// Pairs an application's socket with the client of the daemon's upstream connection it
+/// accepted: as the socket is established (before the application can read or write it), if
+/// `BYPASS` waits for it, it is put into `SOCKS`, and both sides' entries say so.
+///
+/// The pairing is claimed by deleting the upstream's `UPSTREAMS` entry; userspace deletes the
+/// same entry when it stops waiting, so a pairing happens either fully before userspace looks
+/// or not at all. Every other socket of the cgroup costs one hash lookup, once.
+#[sock_ops]
+pub fn spliced_pair(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        pair(&ctx);
+    }
+    1
+}
+
+fn pair(ctx: &SockOpsContext) {
+    let tuple = tuple_of(ctx);
+    let Some(entry) = BYPASS.get_ptr_mut(&tuple) else {
+        return;
+    };
+    // SAFETY: the value stays valid for the whole run; the socket is being established under
+    // its lock, and nothing else writes this entry until userspace deletes it.
+    let entry = unsafe { &mut *entry };
+    if entry.role != ROLE_APP || entry.state != BYPASS_WAITING {
+        return;
+    }
+    if UPSTREAMS.remove(&entry.upstream_cookie).is_err() {
+        // Userspace stopped waiting for this one.
+        return;
+    }
+    // SAFETY: the helper only reads the socket of the context.
+    let mut cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the context is the kernel's for this run.
+    let ops = unsafe { &mut *ctx.ops };
+    let state = if SOCKS
+        .update(&mut cookie, ops, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
+        BYPASS_PAIRED
+    } else {
+        BYPASS_REFUSED
+    };
+    entry.app_cookie = cookie;
+    entry.state = state;
+    if let Some(upstream) = BYPASS.get_ptr_mut(&tuple.reversed()) {
+        // SAFETY: as above.
+        let upstream = unsafe { &mut *upstream };
+        upstream.app_cookie = cookie;
+        upstream.state = state;
+    }
+    if let Some(c) = SERVICE_STATS.get_ptr_mut(entry.service) {
+        // SAFETY: per-CPU value of this CPU; nothing else writes it during this run.
+        let c = unsafe { &mut *c };
+        if state == BYPASS_PAIRED {
+            c.paired += 1;
+        } else {
+            c.pair_refused += 1;
         }
     }
 }

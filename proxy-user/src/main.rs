@@ -64,6 +64,15 @@ enum Command {
         /// 0 turns this off.
         #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
         idle_timeout: f64,
+        /// Pair each connection to a machine on this host with the application's own socket
+        /// (sockmap data plane). In progress: this release pairs the sockets and the bytes
+        /// still take the verdict path.
+        #[arg(long, value_enum, default_value_t = Toggle::Off)]
+        same_host_bypass: Toggle,
+        /// The cgroup (v2) whose applications' sockets are paired, as a path in the cgroup
+        /// hierarchy.
+        #[arg(long, value_name = "PATH", default_value = "/")]
+        pair_cgroup: String,
     },
     /// Validate a fly.toml and print what spliced would serve.
     Check {
@@ -74,6 +83,12 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Toggle {
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -110,6 +125,8 @@ fn main() -> ExitCode {
             queue_timeout,
             connect_attempts,
             idle_timeout,
+            same_host_bypass,
+            pair_cgroup,
         } => {
             let path = config;
             let config = match Config::load(&path) {
@@ -149,6 +166,7 @@ fn main() -> ExitCode {
                     connect_attempts: usize::from(connect_attempts),
                     idle_timeout: Some(seconds("idle-timeout", idle_timeout)?)
                         .filter(|d| !d.is_zero()),
+                    pair_cgroup: (same_host_bypass == Toggle::On).then_some(pair_cgroup),
                 })
             })();
             let opts = match opts {

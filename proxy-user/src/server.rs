@@ -26,6 +26,7 @@ use crate::{
     dataplane::{
         DataplaneChoice, Outcome, Phase, SpliceError, copy,
         kernel::{Kernel, LoadError},
+        samehost::{self, SameHost},
         sockmap::{Spliced, Splicer},
     },
     watch::{Registry, Watcher},
@@ -52,6 +53,8 @@ pub struct RunOptions {
     pub connect_attempts: usize,
     /// A connection with no byte either way for this long is closed; `None`: never.
     pub idle_timeout: Option<Duration>,
+    /// Same-host bypass: the cgroup whose applications' sockets are paired; `None`: off.
+    pub pair_cgroup: Option<String>,
 }
 
 /// Why the daemon could not start.
@@ -127,6 +130,8 @@ struct Shared {
     opts: RunOptions,
     /// One per service, in service order.
     pools: Vec<Arc<Pool>>,
+    /// Machine addresses that are this host's, when the same-host bypass is on.
+    local_machines: std::collections::HashSet<IpAddr>,
 }
 
 /// Runs the daemon until a stop signal and the end of the grace period.
@@ -204,11 +209,23 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         return Err(StartError::NothingToServe);
     }
 
+    let local_machines = match &plane {
+        Plane::Sockmap(splicer) if splicer.kernel.same_host() => pools
+            .iter()
+            .flat_map(|pool| pool.machines.iter().map(|m| m.addr.ip()))
+            .filter(|ip| samehost::is_local(*ip))
+            .collect(),
+        _ => std::collections::HashSet::new(),
+    };
+    if !local_machines.is_empty() {
+        tracing::info!(machines = ?local_machines, "same-host bypass for machines on this host");
+    }
     let shared = Arc::new(Shared {
         plane,
         stats: ConnStats::default(),
         opts,
         pools,
+        local_machines,
     });
     // Dropped (which stops every check) when the daemon returns.
     let _health = crate::health::start(&config.services, &shared.pools);
@@ -274,7 +291,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
 fn choose_plane(opts: &RunOptions) -> Result<Plane, StartError> {
     let load = || -> Result<Splicer, LoadError> {
         let registry = Arc::new(Registry::default());
-        let kernel = Kernel::load(Arc::clone(&registry))?;
+        let kernel = Kernel::load(Arc::clone(&registry), opts.pair_cgroup.as_deref())?;
         let watcher = Watcher::start(Arc::clone(&registry))?;
         Ok(Splicer {
             kernel,
@@ -382,20 +399,55 @@ enum NoBackend {
     Unreachable(std::io::Error),
 }
 
+/// A connection to a machine, and its same-host pairing if it has one.
+struct Upstream {
+    stream: TcpStream,
+    same_host: Option<SameHost>,
+}
+
+/// Connects to `addr`; to a machine on this host through the kernel's pairing when the
+/// same-host bypass is on (`client` is the client socket's cookie).
+async fn connect_one(
+    shared: &Shared,
+    route: &Route,
+    addr: SocketAddr,
+    client: Option<u64>,
+) -> std::io::Result<Upstream> {
+    if let (Plane::Sockmap(splicer), Some(client)) = (&shared.plane, client)
+        && shared.local_machines.contains(&addr.ip())
+    {
+        return match samehost::connect(&splicer.kernel, addr, client, route.service).await {
+            Ok((stream, same_host)) => Ok(Upstream {
+                stream,
+                same_host: Some(same_host),
+            }),
+            Err(samehost::ConnectError::Io(e)) => Err(e),
+            Err(samehost::ConnectError::Map(e)) => Err(std::io::Error::other(e)),
+        };
+    }
+    Ok(Upstream {
+        stream: TcpStream::connect(addr).await?,
+        same_host: None,
+    })
+}
+
 /// A slot on the best machine of the route's service, and a connection to it. A machine that
 /// refuses or does not answer in time is skipped for the next best, each tried at most once.
-async fn connect_backend(shared: &Shared, route: &Route) -> Result<(TcpStream, Lease), NoBackend> {
+async fn connect_backend(
+    shared: &Shared,
+    route: &Route,
+    client: Option<u64>,
+) -> Result<(Upstream, Lease), NoBackend> {
     let mut lease = route.pool.acquire().await.map_err(NoBackend::Refused)?;
     let mut tried = Vec::new();
     loop {
         let addr = lease.addr();
-        let error =
-            match tokio::time::timeout(shared.opts.connect_timeout, TcpStream::connect(addr)).await
-            {
-                Ok(Ok(b)) => return Ok((b, lease)),
-                Ok(Err(e)) => e,
-                Err(_) => std::io::ErrorKind::TimedOut.into(),
-            };
+        let connect = connect_one(shared, route, addr, client);
+        let error = match tokio::time::timeout(shared.opts.connect_timeout, connect).await {
+            Ok(Ok(b)) => return Ok((b, lease)),
+            Ok(Err(e)) => e,
+            Err(_) => std::io::ErrorKind::TimedOut.into(),
+        };
         tracing::debug!(%addr, %error, service = %route.pool.service, "machine unreachable; trying the next");
         route.pool.machines[lease.index()]
             .connect_failures
@@ -420,8 +472,16 @@ async fn connect_and_splice(
     phase: watch::Receiver<Phase>,
 ) -> Result<Outcome, SpliceError> {
     let mut abort = phase.clone();
+    // The client socket's cookie, which a same-host pairing needs before the upstream connects.
+    let client_cookie = match &shared.plane {
+        Plane::Sockmap(splicer) if splicer.kernel.same_host() => Some(
+            crate::sys::socket_cookie(std::os::fd::AsFd::as_fd(&client))
+                .map_err(SpliceError::Internal)?,
+        ),
+        _ => None,
+    };
     let connected = tokio::select! {
-        c = connect_backend(shared, route) => c,
+        c = connect_backend(shared, route, client_cookie) => c,
         // A connection still waiting in the queue at the end of the grace period.
         _ = abort.wait_for(|p| *p == Phase::Abort) => {
             reset(&client);
@@ -429,7 +489,7 @@ async fn connect_and_splice(
         }
     };
     // Held until the connection ends: it is the machine's count of live connections.
-    let (mut backend, _lease) = match connected {
+    let (upstream, _lease) = match connected {
         Ok(b) => b,
         Err(NoBackend::Unreachable(e)) => {
             shared
@@ -445,6 +505,10 @@ async fn connect_and_splice(
             return Err(SpliceError::Backend(std::io::Error::other(why)));
         }
     };
+    let Upstream {
+        stream: mut backend,
+        same_host,
+    } = upstream;
     if let Some(version) = route.proxy_proto {
         // Written before splicing, so it is the first thing the backend reads, once.
         let local = client.local_addr().map_err(SpliceError::Internal)?;
@@ -464,7 +528,7 @@ async fn connect_and_splice(
             let client = client.into_std().map_err(SpliceError::Internal)?;
             let backend = backend.into_std().map_err(SpliceError::Internal)?;
             match splicer
-                .run(client, backend, route.service, phase.clone())
+                .run(client, backend, route.service, same_host, phase.clone())
                 .await
             {
                 Spliced::Done(result) => result,
@@ -532,6 +596,10 @@ struct ServiceSnapshot {
     overlap_bytes: u64,
     /// Connections aborted because the kernel skipped bytes or could not cut a batch.
     stream_faults: u64,
+    /// Same-host connections whose application socket was paired, and pairings the kernel
+    /// refused (those took the verdict path).
+    paired: u64,
+    pair_refused: u64,
 }
 
 fn snapshot(shared: &Shared) -> Snapshot<'_> {
@@ -541,7 +609,11 @@ fn snapshot(shared: &Shared) -> Snapshot<'_> {
             let services = (0..proxy_common::MAX_SERVICES)
                 .map(|i| (i, s.kernel.service_totals(i)))
                 .filter(|(_, t)| {
-                    t.segments != 0 || t.redirect_failures != 0 || t.stream_faults != 0
+                    t.segments != 0
+                        || t.redirect_failures != 0
+                        || t.stream_faults != 0
+                        || t.paired != 0
+                        || t.pair_refused != 0
                 })
                 .map(|(service, t)| ServiceSnapshot {
                     service,
@@ -554,6 +626,8 @@ fn snapshot(shared: &Shared) -> Snapshot<'_> {
                     kernel_holds: t.holds,
                     overlaps: t.overlaps,
                     overlap_bytes: t.overlap_bytes,
+                    paired: t.paired,
+                    pair_refused: t.pair_refused,
                     stream_faults: t.stream_faults,
                 })
                 .collect();

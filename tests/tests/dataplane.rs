@@ -1,5 +1,7 @@
 //! The L4 checklist every data plane passes, over loopback and across a veth pair: each check
-//! runs four times (sockmap and copy, loopback and veth), each in namespaces of its own.
+//! runs six times (sockmap, sockmap with the same-host bypass, and copy; loopback and veth),
+//! each in namespaces of its own. The backend runs on the proxy's host, so with the bypass on
+//! every connection is a same-host one.
 
 use std::{
     io::{ErrorKind, Read, Write},
@@ -18,6 +20,8 @@ macro_rules! checklist {
     ($($check:ident),* $(,)?) => {
         mod sockmap_loopback { $( #[test] fn $check() { super::$check("sockmap", tests::Topo::Loopback) } )* }
         mod sockmap_veth { $( #[test] fn $check() { super::$check("sockmap", tests::Topo::Veth) } )* }
+        mod bypass_loopback { $( #[test] fn $check() { super::$check("bypass", tests::Topo::Loopback) } )* }
+        mod bypass_veth { $( #[test] fn $check() { super::$check("bypass", tests::Topo::Veth) } )* }
         mod copy_loopback { $( #[test] fn $check() { super::$check("copy", tests::Topo::Loopback) } )* }
         mod copy_veth { $( #[test] fn $check() { super::$check("copy", tests::Topo::Veth) } )* }
     };
@@ -42,13 +46,31 @@ checklist!(
     ipv6_client,
 );
 
+/// Starts the daemon on `plane`: "sockmap", "copy", or "bypass" (sockmap with the same-host
+/// bypass on).
 fn setup(plane: &str, topo: Topo) -> (Net, Daemon) {
+    setup_with(plane, topo, &[])
+}
+
+/// [`setup`] with more options for the daemon.
+fn setup_with(plane: &str, topo: Topo, extra: &[&str]) -> (Net, Daemon) {
     raise_fd_limit();
     let net = Net::new(topo);
-    let daemon = Daemon::start(&net.proxy, plane, &[]);
+    let daemon = match plane {
+        "bypass" => {
+            let args = [&["--same-host-bypass", "on"], extra].concat();
+            Daemon::start(&net.proxy, "sockmap", &args)
+        }
+        _ => Daemon::start(&net.proxy, plane, extra),
+    };
     let want = if plane == "copy" { "copy" } else { "sockmap" };
     assert_eq!(daemon.stats()["dataplane"], want, "{}", daemon.log());
     (net, daemon)
+}
+
+/// Whether `plane` moves bytes in the kernel.
+fn in_kernel(plane: &str) -> bool {
+    plane != "copy"
 }
 
 fn echo_server(net: &Net) -> Server {
@@ -69,6 +91,11 @@ fn small_transfer(plane: &str, topo: Topo) {
     assert_eq!(rest, b"");
     let s = daemon.wait_idle();
     assert_eq!(s["connections"]["completed"], 1, "{s:#}");
+    if plane == "bypass" {
+        let svc = &s["kernel"]["services"][0];
+        assert_eq!(svc["paired"], 1, "{s:#}");
+        assert_eq!(svc["pair_refused"], 0, "{s:#}");
+    }
 }
 
 /// Client -> backend, 1 GiB, checked byte by byte; on the sockmap plane the daemon's own
@@ -94,7 +121,7 @@ fn bulk_to_backend(plane: &str, topo: Topo) {
     c.read_to_end(&mut rest).expect("end of stream");
     let io = daemon.io_bytes() - io_before;
     let s = daemon.wait_idle();
-    if plane == "sockmap" {
+    if in_kernel(plane) {
         assert!(io < 16 * 1024, "the daemon read or wrote {io} bytes: {s:#}");
         let svc = &s["kernel"]["services"][0];
         let moved = s["kernel"]["userspace_moved_bytes"]
@@ -126,7 +153,7 @@ fn bulk_to_client(plane: &str, topo: Topo) {
     let io = daemon.io_bytes() - io_before;
     drop(c);
     let s = daemon.wait_idle();
-    if plane == "sockmap" {
+    if in_kernel(plane) {
         assert!(io < 16 * 1024, "the daemon read or wrote {io} bytes: {s:#}");
     }
 }
@@ -145,7 +172,7 @@ fn full_duplex(plane: &str, topo: Topo) {
     assert_eq!(recv_pattern(&mut r, 3), Ok(GIB));
     writer.join().expect("writer");
     let s = daemon.wait_idle();
-    if plane == "sockmap" {
+    if in_kernel(plane) {
         // Both directions were held and released, so retransmissions that overlap bytes
         // already received may have come in; the verdict cut them (counted as overlaps), and
         // no batch was dropped.
@@ -320,10 +347,17 @@ fn client_resets(plane: &str, topo: Topo) {
     let (net, daemon) = setup(plane, topo);
     let (tx, rx) = mpsc::channel();
     let tx = Mutex::new(tx);
+    let paired = plane == "bypass";
     let _backend = Server::start(&net.proxy, net.backend(), move |mut s| {
         s.set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
-        let r = read_until_closed(&mut s);
+        let mut r = read_until_closed(&mut s);
+        if paired && r.0 == Err(ErrorKind::WouldBlock) {
+            // A socket in a socket map (the application's, paired) wakes a reader blocked
+            // in it when the reset comes, and that read returns EAGAIN: the kernel's wait for
+            // data there does not look at the socket's error. The next read reports it.
+            r.0 = s.read(&mut [0; 1]).map(|n| n as u64).map_err(|e| e.kind());
+        }
         tx.lock().expect("lock").send(r).expect("test waits");
     });
     let mut c = net.connect();
@@ -559,9 +593,7 @@ fn data_before_insertion(plane: &str, topo: Topo) {
 /// SIGTERM: no new connections, live ones go on for the grace period and are then closed,
 /// and nothing of ours stays in the kernel.
 fn shutdown_with_live_sessions(plane: &str, topo: Topo) {
-    raise_fd_limit();
-    let net = Net::new(topo);
-    let daemon = Daemon::start(&net.proxy, plane, &["--grace", "2"]);
+    let (net, daemon) = setup_with(plane, topo, &["--grace", "2"]);
     let _backend = echo_server(&net);
     let mut live = net.connect();
     live.write_all(b"before").expect("write");
@@ -652,6 +684,12 @@ fn leak_check(plane: &str, topo: Topo) {
     round(5000);
     let s = daemon.wait_idle();
     assert_eq!(s["connections"]["accepted"], 10_000, "{s:#}");
+    if plane == "bypass" {
+        // Every connection whose upstream connected was paired; none was refused.
+        let svc = &s["kernel"]["services"][0];
+        assert!(svc["paired"].as_u64() > Some(9_000), "{s:#}");
+        assert_eq!(svc["pair_refused"], 0, "{s:#}");
+    }
     // A leak per connection would show as thousands; the runtime may open one or two
     // descriptors of its own on the way.
     let fds_after = daemon.fd_count();

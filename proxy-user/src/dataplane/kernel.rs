@@ -13,8 +13,8 @@ use aya::{
     programs::{CgroupAttachMode, ProgramError, SkMsg, SkSkb, SockOps},
 };
 use proxy_common::{
-    Flow, FlowEvent, Link, MAX_SERVICES, PORT_BACKEND, PORT_PUBLIC, ServiceCounters, UserTx,
-    hold_port_key, names,
+    Bypass, Flow, FlowEvent, Link, MAX_SERVICES, PORT_BACKEND, PORT_PUBLIC, Pairing,
+    ServiceCounters, Tuple, UserTx, hold_port_key, names,
 };
 
 use crate::watch::{Registry, SockEvent};
@@ -45,8 +45,12 @@ pub enum LoadError {
     },
     #[error("ring buffer: {0}")]
     Io(#[from] std::io::Error),
-    #[error("finding the daemon's cgroup (v2) to attach {prog}: {reason}")]
-    Cgroup { prog: &'static str, reason: String },
+    #[error("cgroup (v2) {path}, where {prog} attaches: {reason}")]
+    Cgroup {
+        prog: &'static str,
+        path: String,
+        reason: String,
+    },
 }
 
 /// A failed map operation on a spliced pair.
@@ -93,6 +97,8 @@ fn describe(e: &MapError) -> String {
 
 struct Maps {
     hold_ports: HashMap<MapData, u32, u32>,
+    upstreams: HashMap<MapData, u64, Pairing>,
+    bypass: HashMap<MapData, Tuple, Bypass>,
     socks: SockHash<MapData, u64>,
     recv: SockHash<MapData, u64>,
     links: HashMap<MapData, u64, Link>,
@@ -107,6 +113,8 @@ pub struct Kernel {
     maps: Mutex<Maps>,
     stats: PerCpuArray<MapData, ServiceCounters>,
     user_tx: PerCpuArray<MapData, UserTx>,
+    /// The pair program is attached: connections to machines on this host may be paired.
+    same_host: bool,
     // Owns the programs; dropping it detaches them. Kept last so maps close first.
     _ebpf: Ebpf,
 }
@@ -132,7 +140,11 @@ where
 impl Kernel {
     /// Loads the programs into the kernel, attaches them to their maps, and starts the event
     /// pump (ring buffer -> `registry`) and the kernel log pump on the current runtime.
-    pub fn load(registry: Arc<Registry>) -> Result<Self, LoadError> {
+    ///
+    /// With `pair_cgroup` (a path in the cgroup v2 hierarchy, `/` for the root), the pair
+    /// program is attached there too; if it cannot be, that is logged and connections to
+    /// machines on this host take the verdict path like any other.
+    pub fn load(registry: Arc<Registry>, pair_cgroup: Option<&str>) -> Result<Self, LoadError> {
         if OBJECT.is_empty() {
             return Err(LoadError::NoObject);
         }
@@ -145,6 +157,8 @@ impl Kernel {
         }
 
         let hold_ports = take(&mut ebpf, names::HOLD_PORTS)?;
+        let upstreams = take(&mut ebpf, names::UPSTREAMS)?;
+        let bypass = take(&mut ebpf, names::BYPASS)?;
         let socks: SockHash<MapData, u64> = take(&mut ebpf, names::SOCKS)?;
         let recv: SockHash<MapData, u64> = take(&mut ebpf, names::RECV)?;
         let links = take(&mut ebpf, names::LINKS)?;
@@ -165,7 +179,13 @@ impl Kernel {
             .and_then(|()| msg.attach(socks.fd()))
             .map_err(|source| LoadError::Program { name, source })?;
         let name = names::HOLD_PROG;
-        let cgroup = own_cgroup().map_err(|reason| LoadError::Cgroup { prog: name, reason })?;
+        let cgroup_error = |path: &str, reason| LoadError::Cgroup {
+            prog: name,
+            path: path.to_owned(),
+            reason,
+        };
+        let path = own_cgroup_path().map_err(|reason| cgroup_error("of the daemon", reason))?;
+        let cgroup = open_cgroup(&path).map_err(|reason| cgroup_error(&path, reason))?;
         let hold: &mut SockOps = program(&mut ebpf, name)?;
         hold.load()
             // aya attaches with a BPF link on this kernel, and links to a cgroup always coexist
@@ -173,11 +193,33 @@ impl Kernel {
             .and_then(|()| hold.attach(&cgroup, CgroupAttachMode::Single))
             .map_err(|source| LoadError::Program { name, source })?;
         tracing::debug!(cgroup = ?cgroup, "hold program attached");
+        let same_host = match pair_cgroup {
+            None => false,
+            Some(path) => match attach_pair(&mut ebpf, path) {
+                Ok(()) => {
+                    tracing::info!(
+                        cgroup = path,
+                        "same-host bypass: applications in this cgroup are paired"
+                    );
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        "!!! same-host bypass is OFF: the pair program could not be attached; \
+                         connections to machines on this host take the verdict path !!!"
+                    );
+                    false
+                }
+            },
+        };
 
         spawn_event_pump(events, registry)?;
         Ok(Self {
             maps: Mutex::new(Maps {
                 hold_ports,
+                upstreams,
+                bypass,
                 socks,
                 recv,
                 links,
@@ -185,6 +227,7 @@ impl Kernel {
             }),
             stats,
             user_tx,
+            same_host,
             _ebpf: ebpf,
         })
     }
@@ -265,25 +308,75 @@ impl Kernel {
             (names::FLOWS, maps.flows.remove(&cookie)),
         ];
         for (map, result) in results {
-            match result {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) if syscall_errno(&e) == Some(libc::ENOENT) => {}
-                Err(e) => {
-                    tracing::error!(
-                        map,
-                        cookie,
-                        error = describe(&e),
-                        "removing a map entry failed"
-                    );
-                }
-            }
+            log_removal(map, cookie, result);
+        }
+    }
+
+    /// Whether connections to machines on this host may be paired.
+    pub fn same_host(&self) -> bool {
+        self.same_host
+    }
+
+    /// Asks the kernel to pair the peer of the upstream socket `upstream` (not yet connected)
+    /// with the client socket `client`.
+    pub fn register_upstream(
+        &self,
+        upstream: u64,
+        client: u64,
+        service: u32,
+    ) -> Result<(), MapOpError> {
+        let pairing = Pairing {
+            client_cookie: client,
+            service,
+            _pad: 0,
+        };
+        self.maps()
+            .upstreams
+            .insert(&upstream, &pairing, 0)
+            .map_err(|source| op_err("insert", names::UPSTREAMS, upstream, source))
+    }
+
+    /// Takes back the registration of `upstream`. Returns false if the kernel claimed it first:
+    /// the pairing happened (or was refused), and `BYPASS` says which.
+    pub fn cancel_upstream(&self, upstream: u64) -> Result<bool, MapOpError> {
+        match self.maps().upstreams.remove(&upstream) {
+            Ok(()) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(e) if syscall_errno(&e) == Some(libc::ENOENT) => Ok(false),
+            Err(source) => Err(op_err("delete", names::UPSTREAMS, upstream, source)),
+        }
+    }
+
+    /// The `BYPASS` entry of a socket, if any.
+    pub fn bypass(&self, tuple: &Tuple) -> Option<Bypass> {
+        self.maps().bypass.get(tuple, 0).ok()
+    }
+
+    /// Removes what a same-host connection left in the maps: both sides' `BYPASS` entries, the
+    /// upstream's registration, and the application's socket in `SOCKS`. `upstream` is the
+    /// upstream socket's tuple.
+    pub fn forget_bypass(&self, upstream_cookie: u64, upstream: &Tuple) {
+        let mut maps = self.maps();
+        let app = maps.bypass.get(upstream, 0).ok().map(|b| b.app_cookie);
+        let mut results = vec![
+            (names::BYPASS, maps.bypass.remove(upstream)),
+            (names::BYPASS, maps.bypass.remove(&upstream.reversed())),
+            (names::UPSTREAMS, maps.upstreams.remove(&upstream_cookie)),
+        ];
+        if let Some(cookie) = app.filter(|c| *c != 0) {
+            results.push((names::SOCKS, maps.socks.remove(&cookie)));
+        }
+        for (map, result) in results {
+            log_removal(map, upstream_cookie, result);
         }
     }
 
     /// Entries left in each per-socket map (for leak checks).
-    pub fn entry_counts(&self) -> [(&'static str, usize); 4] {
+    pub fn entry_counts(&self) -> [(&'static str, usize); 6] {
         let maps = self.maps();
         [
+            (names::UPSTREAMS, maps.upstreams.keys().count()),
+            (names::BYPASS, maps.bypass.keys().count()),
             (names::SOCKS, maps.socks.keys().count()),
             (names::RECV, maps.recv.keys().count()),
             (names::LINKS, maps.links.keys().count()),
@@ -309,6 +402,8 @@ impl Kernel {
                 sum.overlaps += v.overlaps;
                 sum.overlap_bytes += v.overlap_bytes;
                 sum.stream_faults += v.stream_faults;
+                sum.paired += v.paired;
+                sum.pair_refused += v.pair_refused;
             }
         }
         sum
@@ -327,23 +422,61 @@ impl Kernel {
     }
 }
 
-/// The directory of this process's cgroup in the cgroup v2 hierarchy (from
-/// `/proc/self/cgroup` and `/proc/self/mountinfo`), opened. Sockets belong to the cgroup of
-/// the process that created them (accepted ones to their listener's), so the hold program
-/// attached here sees every connection of the daemon, and no other cgroup's.
+fn log_removal(map: &'static str, cookie: u64, result: Result<(), MapError>) {
+    match result {
+        Ok(()) | Err(MapError::KeyNotFound) => {}
+        Err(e) if syscall_errno(&e) == Some(libc::ENOENT) => {}
+        Err(e) => {
+            tracing::error!(
+                map,
+                cookie,
+                error = describe(&e),
+                "removing a map entry failed"
+            );
+        }
+    }
+}
+
+/// Attaches the pair program to the cgroup at `path` in the cgroup v2 hierarchy.
+fn attach_pair(ebpf: &mut Ebpf, path: &str) -> Result<(), LoadError> {
+    let name = names::PAIR_PROG;
+    let cgroup = open_cgroup(path).map_err(|reason| LoadError::Cgroup {
+        prog: name,
+        path: path.to_owned(),
+        reason,
+    })?;
+    let pair: &mut SockOps = program(ebpf, name)?;
+    pair.load()
+        .and_then(|()| pair.attach(&cgroup, CgroupAttachMode::Single))
+        .map(drop)
+        .map_err(|source| LoadError::Program { name, source })
+}
+
+/// The path of this process's cgroup in the cgroup v2 hierarchy (from `/proc/self/cgroup`).
+/// Sockets belong to the cgroup of the process that created them (accepted ones to their
+/// listener's), so the hold program attached there sees every connection of the daemon, and
+/// no other cgroup's.
+fn own_cgroup_path() -> Result<String, String> {
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| format!("/proc/self/cgroup: {e}"))?;
+    Ok(cgroups
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or("/proc/self/cgroup has no cgroup v2 entry")?
+        .to_owned())
+}
+
+/// The directory of the cgroup at `path` in the cgroup v2 hierarchy, opened (found through
+/// `/proc/self/mountinfo`).
 ///
 /// Where no cgroup2 file system is mounted in this mount namespace (`ip netns exec` mounts a
 /// fresh `/sys`), one is mounted on a private temporary directory just long enough to open
 /// the directory, then detached.
-fn own_cgroup() -> Result<std::fs::File, String> {
-    let cgroups = std::fs::read_to_string("/proc/self/cgroup")
-        .map_err(|e| format!("/proc/self/cgroup: {e}"))?;
-    let path = cgroups
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .ok_or("/proc/self/cgroup has no cgroup v2 entry")?
-        .trim_start_matches('/')
-        .to_owned();
+fn open_cgroup(path: &str) -> Result<std::fs::File, String> {
+    let path = path.trim_start_matches('/');
+    if path.split('/').any(|part| part == "..") {
+        return Err(format!("{path}: a cgroup path may not contain '..'"));
+    }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
     // mountinfo: id parent major:minor root mount-point options... - fstype source options
@@ -355,18 +488,18 @@ fn own_cgroup() -> Result<std::fs::File, String> {
         (right.split_whitespace().next() == Some("cgroup2") && root == "/").then_some(point)
     });
     if let Some(point) = mounted {
-        let dir = std::path::Path::new(point).join(&path);
+        let dir = std::path::Path::new(point).join(path);
         return std::fs::File::open(&dir).map_err(|e| format!("{}: {e}", dir.display()));
     }
     let tmp = std::env::temp_dir().join(format!("spliced-cgroup2-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let opened = crate::sys::mount_cgroup2(&tmp).and_then(|()| {
-        let opened = std::fs::File::open(tmp.join(&path));
+        let opened = std::fs::File::open(tmp.join(path));
         crate::sys::detach_mount(&tmp)?;
         opened
     });
     let _ = std::fs::remove_dir(&tmp);
-    opened.map_err(|e| format!("mounting cgroup2 on {}: {e}", tmp.display()))
+    opened.map_err(|e| format!("through cgroup2 mounted on {}: {e}", tmp.display()))
 }
 
 fn op_err(op: &'static str, map: &'static str, cookie: u64, source: MapError) -> MapOpError {

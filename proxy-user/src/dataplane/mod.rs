@@ -3,6 +3,7 @@
 
 pub mod copy;
 pub mod kernel;
+pub mod samehost;
 pub mod sockmap;
 
 use crate::watch::Side;

@@ -58,6 +58,7 @@ use tokio::sync::{mpsc, watch};
 use super::{
     Outcome, Phase, SpliceError,
     kernel::{Kernel, MapOpError},
+    samehost::SameHost,
 };
 use crate::{
     sys::{self, TcpCounters, ev},
@@ -433,6 +434,7 @@ impl Splicer {
         client: TcpStream,
         backend: TcpStream,
         service: u32,
+        same_host: Option<SameHost>,
         mut phase: watch::Receiver<Phase>,
     ) -> Spliced {
         let cookies = match (
@@ -521,6 +523,9 @@ impl Splicer {
             self.watcher.delete(pair.fd(side)).ok();
             self.registry.remove(cookies[i]);
             self.kernel.forget(cookies[i]);
+        }
+        if let Some(s) = same_host {
+            self.kernel.forget_bypass(s.upstream_cookie, &s.upstream);
         }
         if refused {
             return Spliced::Refused(client, backend);
