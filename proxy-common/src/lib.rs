@@ -83,6 +83,8 @@ pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 pub struct Pairing {
     /// Cookie of the client's socket.
     pub client_cookie: u64,
+    /// [`Bypass::limit`] of the connection.
+    pub limit: u64,
     /// Index into [`names::SERVICE_STATS`].
     pub service: u32,
     #[expect(
@@ -103,6 +105,15 @@ pub const BYPASS_PAIRED: u32 = 1;
 /// [`Bypass::state`]: the pair program claimed the pairing, but the kernel would not take the
 /// application's socket into [`names::SOCKS`]; the connection uses the verdict path.
 pub const BYPASS_REFUSED: u32 = 2;
+/// [`Bypass::state`] of the application's side: its client has more than [`Bypass::limit`]
+/// unacknowledged, so what the application sends takes its own TCP path (through the upstream
+/// socket and the verdict, which hold it back) until the client has acknowledged everything;
+/// then it goes [`BYPASS_PAIRED`] again.
+pub const BYPASS_VIA_TCP: u32 = 3;
+/// [`Bypass::state`] of the application's side: the application sent on its own TCP path
+/// before its socket was paired (it wrote in the instant between accepting the socket and the
+/// pairing), so what it sends takes that path for good, behind those bytes.
+pub const BYPASS_PASSED: u32 = 4;
 
 /// One side of a same-host connection. Key: that socket's [`Tuple`].
 #[repr(C)]
@@ -114,7 +125,17 @@ pub struct Bypass {
     pub client_cookie: u64,
     /// Cookie of the application's socket, once paired.
     pub app_cookie: u64,
-    /// [`BYPASS_WAITING`], [`BYPASS_PAIRED`] or [`BYPASS_REFUSED`].
+    /// Bytes this socket sent that the `sk_msg` program redirected: the upstream's into the
+    /// application's receive queue, the application's into the client's send queue.
+    pub bytes: u64,
+    /// The application's side: bytes it sent on its own TCP path while
+    /// [`BYPASS_VIA_TCP`].
+    pub passed: u64,
+    /// The application's side: how many bytes the client may have unacknowledged before what
+    /// the application sends takes its TCP path (the daemon's `--max-buffer`).
+    pub limit: u64,
+    /// [`BYPASS_WAITING`], [`BYPASS_PAIRED`], [`BYPASS_REFUSED`], [`BYPASS_VIA_TCP`] or
+    /// [`BYPASS_PASSED`].
     pub state: u32,
     /// [`ROLE_APP`] or [`ROLE_UPSTREAM`]: which socket of the connection this entry is for.
     pub role: u32,
@@ -199,6 +220,10 @@ pub struct Flow {
     pub next_seq: u32,
     /// Non-zero once the verdict has seen a batch of this socket.
     pub seq_known: u32,
+    /// The socket's `bytes_acked` (what its peer acknowledged of what it sent), as the
+    /// `sock_ops` program last saw it: public sockets report it at every RTT sample and every
+    /// packet they send.
+    pub acked: u64,
 }
 
 /// Per-service counters kept by the kernel, one copy per CPU; userspace sums them.
@@ -230,6 +255,15 @@ pub struct ServiceCounters {
     pub paired: u64,
     /// Pairings claimed whose application socket the kernel would not take into the map.
     pub pair_refused: u64,
+    /// Bytes put straight into an application's receive queue (client -> application).
+    pub ingress_bytes: u64,
+    /// Bytes an application sent that went straight into its client's send queue.
+    pub direct_bytes: u64,
+    /// Times an application's side went [`BYPASS_VIA_TCP`].
+    pub via_tcp: u64,
+    /// Application sockets that sent on their TCP path before they were paired
+    /// ([`BYPASS_PASSED`]).
+    pub early_writes: u64,
 }
 
 /// Bytes that entered the send path of spliced sockets (redirected by the verdict program or
@@ -256,11 +290,11 @@ pub struct FlowEvent {
 
 const _: () = {
     assert!(core::mem::size_of::<Link>() == 32);
-    assert!(core::mem::size_of::<Flow>() == 48);
-    assert!(core::mem::size_of::<ServiceCounters>() == 96);
+    assert!(core::mem::size_of::<Flow>() == 56);
+    assert!(core::mem::size_of::<ServiceCounters>() == 128);
     assert!(core::mem::size_of::<Tuple>() == 40);
-    assert!(core::mem::size_of::<Pairing>() == 16);
-    assert!(core::mem::size_of::<Bypass>() == 40);
+    assert!(core::mem::size_of::<Pairing>() == 24);
+    assert!(core::mem::size_of::<Bypass>() == 64);
     assert!(core::mem::size_of::<UserTx>() == 16);
     assert!(core::mem::size_of::<FlowEvent>() == 16);
 };

@@ -17,8 +17,9 @@ use core::ffi::c_void;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, sk_action,
+        BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB,
+        BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, sk_action,
     },
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_map_delete_elem},
     macros::{map, sk_msg, sock_ops, stream_verdict},
@@ -27,9 +28,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use proxy_common::{
-    BYPASS_PAIRED, BYPASS_REFUSED, BYPASS_WAITING, Bypass, EVENTS_BYTES, Flow, FlowEvent, Link,
-    MAX_SERVICES, MAX_SOCKETS, PORT_BACKEND, PORT_PUBLIC, Pairing, ROLE_APP, ROLE_UPSTREAM,
-    SIDE_CLIENT, ServiceCounters, Tuple, UserTx, V4_MAPPED_WORD, hold_port_key,
+    BYPASS_PAIRED, BYPASS_PASSED, BYPASS_REFUSED, BYPASS_VIA_TCP, BYPASS_WAITING, Bypass,
+    EVENTS_BYTES, Flow, FlowEvent, Link, MAX_SERVICES, MAX_SOCKETS, PORT_BACKEND, PORT_PUBLIC,
+    Pairing, ROLE_APP, ROLE_UPSTREAM, SIDE_CLIENT, ServiceCounters, Tuple, UserTx, V4_MAPPED_WORD,
+    hold_port_key,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -267,22 +269,109 @@ fn in_sequence(ctx: &SkBuffContext, flow: &mut Flow, len: u32) -> Result<u32, St
 // sk_msg
 // ---------------------------------------------------------------------------------------------
 
-/// Runs on every message that enters the send path of a socket in `SOCKS`: what userspace
+/// Runs on every message that enters the send path of a socket in `SOCKS`: what a process
 /// writes, and also every batch the verdict program redirected there, since the kernel's
-/// backlog worker sends redirected bytes through the socket's `sendmsg`. It counts them, so
-/// that the egress total can be checked against the verdict's redirect counters plus the
-/// bytes the daemon moved itself (the tests do), and passes every message on unchanged.
-/// It does no more because rewriting or redirecting what a process sends is the job of the
-/// same-host path, which is not built yet.
+/// backlog worker sends redirected bytes through the socket's `sendmsg`. It counts them all
+/// (so that the egress total can be checked against the verdict's redirect counters plus the
+/// bytes the daemon moved itself), and it carries the two legs of a same-host connection
+/// (`BYPASS`):
+/// - on the daemon's upstream socket, what would go to the application over loopback TCP is
+///   put straight into the application socket's receive queue. This runs under the upstream
+///   socket's lock and the kernel queues the bytes before `sendmsg` returns, so when the
+///   verdict's backlog for the upstream is empty every byte is in the application's queue,
+///   and a FIN sent after that reaches the application after them.
+/// - on the application's socket, what it writes goes straight into the client socket's send
+///   queue, also before its `sendmsg` returns, while the client has at most `limit` bytes
+///   unacknowledged; beyond that the application's bytes take its TCP path (to the upstream
+///   socket, whose verdict and holds bound what waits) until the client has acknowledged
+///   everything sent either way, so that no byte overtakes another. The bound keeps the
+///   client's send queue from filling: a full one would block or fail the application's
+///   write on a queue its own socket cannot wait for.
 #[sk_msg]
 pub fn spliced_msg(ctx: SkMsgContext) -> u32 {
+    let size = ctx.size();
     if let Some(tx) = USER_TX.get_ptr_mut(0) {
         // SAFETY: per-CPU value of this CPU; nothing else writes it during this run.
         let tx = unsafe { &mut *tx };
         tx.messages += 1;
-        tx.bytes += u64::from(ctx.size());
+        tx.bytes += u64::from(size);
     }
+    let tuple = msg_tuple(&ctx);
+    let Some(entry) = BYPASS.get_ptr_mut(&tuple) else {
+        return sk_action::SK_PASS;
+    };
+    // SAFETY: the value stays valid for the run; only this socket's sends write it, under its
+    // lock.
+    let entry = unsafe { &mut *entry };
+    let size = u64::from(size);
+    if entry.role == ROLE_UPSTREAM {
+        if entry.state != BYPASS_PAIRED {
+            return sk_action::SK_PASS;
+        }
+        let mut app = entry.app_cookie;
+        if SOCKS.redirect_msg(&ctx, &mut app, u64::from(BPF_F_INGRESS)) as u32 != sk_action::SK_PASS
+        {
+            // The application closed its socket (which takes it out of the map): the bytes
+            // take the TCP path, where the closed socket answers with a reset, as it would
+            // without the bypass.
+            return sk_action::SK_PASS;
+        }
+        entry.bytes += size;
+        count(entry.service, |c| c.ingress_bytes += size);
+        return sk_action::SK_PASS;
+    }
+    if entry.state != BYPASS_PAIRED && entry.state != BYPASS_VIA_TCP {
+        return sk_action::SK_PASS;
+    }
+    // SAFETY: the map value stays valid for the run (another CPU may update it meanwhile; a
+    // stale count only errs towards the TCP path).
+    let acked = unsafe { FLOWS.get(&entry.client_cookie) }.map_or(0, |f| f.acked);
+    let sent = entry.bytes + entry.passed;
+    if entry.state == BYPASS_VIA_TCP {
+        if acked < sent {
+            entry.passed += size;
+            return sk_action::SK_PASS;
+        }
+        entry.state = BYPASS_PAIRED;
+    }
+    if (sent + size).saturating_sub(acked) > entry.limit {
+        entry.state = BYPASS_VIA_TCP;
+        entry.passed += size;
+        count(entry.service, |c| c.via_tcp += 1);
+        return sk_action::SK_PASS;
+    }
+    let mut client = entry.client_cookie;
+    if SOCKS.redirect_msg(&ctx, &mut client, 0) as u32 != sk_action::SK_PASS {
+        // The daemon closed the client's socket: the connection is ending.
+        entry.state = BYPASS_PASSED;
+        return sk_action::SK_PASS;
+    }
+    entry.bytes += size;
+    count(entry.service, |c| c.direct_bytes += size);
     sk_action::SK_PASS
+}
+
+/// Adds to this CPU's counters of `service`.
+fn count(service: u32, add: impl FnOnce(&mut ServiceCounters)) {
+    if let Some(c) = SERVICE_STATS.get_ptr_mut(service) {
+        // SAFETY: per-CPU value of this CPU; nothing else writes it during this run.
+        add(unsafe { &mut *c });
+    }
+}
+
+/// The [`Tuple`] of the socket of an `sk_msg` context.
+fn msg_tuple(ctx: &SkMsgContext) -> Tuple {
+    let md = ctx.msg;
+    // SAFETY: reads of fields of the context the kernel filled.
+    unsafe {
+        tuple_from(
+            (*md).family,
+            [(*md).local_ip4, (*md).remote_ip4],
+            [&raw const (*md).local_ip6, &raw const (*md).remote_ip6],
+            (*md).local_port,
+            (*md).remote_port,
+        )
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -303,39 +392,63 @@ pub fn spliced_msg(ctx: SkMsgContext) -> u32 {
 /// made to a backend port: `HOLD_PORTS`) get the header-options callback turned on as they are
 /// established; it reserves no option space, so their packets are unchanged. Others are left
 /// alone, and so are sockets without a link.
+///
+/// Public sockets also report what their client acknowledged (`Flow::acked`), at every
+/// packet they send and every RTT sample (each acknowledgement of new data): the `sk_msg`
+/// program bounds what an application sends straight into a client socket with it.
 #[sock_ops]
 pub fn spliced_hold(ctx: SockOpsContext) -> u32 {
-    let key = match ctx.op() {
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+    let (key, more) = match ctx.op() {
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => (
             // local_port is in host order.
-            Some(hold_port_key(PORT_PUBLIC, ctx.local_port() as u16))
-        }
+            Some(hold_port_key(PORT_PUBLIC, ctx.local_port() as u16)),
+            BPF_SOCK_OPS_RTT_CB_FLAG,
+        ),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             publish_upstream(&ctx);
-            Some(hold_port_key(PORT_BACKEND, remote_port(&ctx)))
+            (Some(hold_port_key(PORT_BACKEND, remote_port(&ctx))), 0)
         }
         BPF_SOCK_OPS_HDR_OPT_LEN_CB => {
+            record_acked(&ctx);
             hold(&ctx);
-            None
+            (None, 0)
         }
-        _ => None,
+        BPF_SOCK_OPS_RTT_CB => {
+            record_acked(&ctx);
+            (None, 0)
+        }
+        _ => (None, 0),
     };
     // SAFETY: the map value stays valid for the whole run.
     if let Some(key) = key
         && unsafe { HOLD_PORTS.get(&key) }.is_some()
     {
-        let flags = ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
+        let flags = ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG | more;
         // A failure leaves the socket without holds; the daemon sees it never held.
         let _ = ctx.set_cb_flags(flags as i32);
     }
     1
 }
 
-/// The remote port of the context's socket, in host order. The context holds it in network
-/// order, shifted into the upper half on little-endian machines (a quirk kept for
-/// compatibility).
+/// Stores the socket's `bytes_acked` in its flow, if it has one.
+fn record_acked(ctx: &SockOpsContext) {
+    // SAFETY: the helper only reads the socket of the context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(flow) = FLOWS.get_ptr_mut(&cookie) {
+        // SAFETY: the kernel runs this under the socket lock, as it does the verdict, the only
+        // other writer of this flow; a field of the context the kernel filled.
+        unsafe { (*flow).acked = (*ctx.ops).bytes_acked };
+    }
+}
+
+/// The remote port of the context's socket, in host order.
 fn remote_port(ctx: &SockOpsContext) -> u16 {
-    let raw = ctx.remote_port();
+    port_from_context(ctx.remote_port())
+}
+
+/// A remote port as a program context holds it (network order, shifted into the upper half on
+/// little-endian machines: a quirk kept for compatibility), in host order.
+fn port_from_context(raw: u32) -> u16 {
     let raw = if raw > 0xffff { raw >> 16 } else { raw };
     u16::from_be(raw as u16)
 }
@@ -345,38 +458,53 @@ const AF_INET6: u32 = 10;
 /// The context's socket's [`Tuple`].
 fn tuple_of(ctx: &SockOpsContext) -> Tuple {
     let ops = ctx.ops;
-    // SAFETY: reads of fields of the context the kernel filled, one word each, which is the
-    // access the verifier accepts for the address arrays.
-    let (local, remote) = unsafe {
-        if (*ops).family == AF_INET6 {
-            let l = &raw const (*ops).local_ip6;
-            let r = &raw const (*ops).remote_ip6;
-            (
-                [
-                    core::ptr::read_volatile(l.cast::<u32>()),
-                    core::ptr::read_volatile(l.cast::<u32>().add(1)),
-                    core::ptr::read_volatile(l.cast::<u32>().add(2)),
-                    core::ptr::read_volatile(l.cast::<u32>().add(3)),
-                ],
-                [
-                    core::ptr::read_volatile(r.cast::<u32>()),
-                    core::ptr::read_volatile(r.cast::<u32>().add(1)),
-                    core::ptr::read_volatile(r.cast::<u32>().add(2)),
-                    core::ptr::read_volatile(r.cast::<u32>().add(3)),
-                ],
-            )
+    // SAFETY: reads of fields of the context the kernel filled.
+    unsafe {
+        tuple_from(
+            (*ops).family,
+            [(*ops).local_ip4, (*ops).remote_ip4],
+            [&raw const (*ops).local_ip6, &raw const (*ops).remote_ip6],
+            (*ops).local_port,
+            (*ops).remote_port,
+        )
+    }
+}
+
+/// A [`Tuple`] from the socket fields of a program context: the IPv4 addresses (local,
+/// remote), pointers to the IPv6 ones, the local port (host order) and the remote port as the
+/// context holds it (see [`remote_port`]).
+///
+/// # Safety
+/// The pointers point into the program's context.
+unsafe fn tuple_from(
+    family: u32,
+    ip4: [u32; 2],
+    ip6: [*const [u32; 4]; 2],
+    local_port: u32,
+    remote_port: u32,
+) -> Tuple {
+    // One word at a time: the access the verifier accepts for the context's address arrays.
+    let word = |a: *const [u32; 4], i: usize| {
+        // SAFETY: within the array the caller's pointer points to.
+        unsafe { core::ptr::read_volatile(a.cast::<u32>().add(i)) }
+    };
+    let addr = |i: usize| {
+        if family == AF_INET6 {
+            [
+                word(ip6[i], 0),
+                word(ip6[i], 1),
+                word(ip6[i], 2),
+                word(ip6[i], 3),
+            ]
         } else {
-            (
-                [0, 0, V4_MAPPED_WORD, ctx.local_ip4()],
-                [0, 0, V4_MAPPED_WORD, ctx.remote_ip4()],
-            )
+            [0, 0, V4_MAPPED_WORD, ip4[i]]
         }
     };
     Tuple {
-        local,
-        remote,
-        local_port: ctx.local_port(),
-        remote_port: u32::from(remote_port(ctx)),
+        local: addr(0),
+        remote: addr(1),
+        local_port,
+        remote_port: u32::from(port_from_context(remote_port)),
     }
 }
 
@@ -395,6 +523,9 @@ fn publish_upstream(ctx: &SockOpsContext) {
         upstream_cookie: cookie,
         client_cookie: pairing.client_cookie,
         app_cookie: 0,
+        bytes: 0,
+        passed: 0,
+        limit: pairing.limit,
         state: BYPASS_WAITING,
         role: ROLE_UPSTREAM,
         service: pairing.service,
@@ -455,18 +586,43 @@ fn hold(ctx: &SockOpsContext) {
 // ---------------------------------------------------------------------------------------------
 
 /// Pairs an application's socket with the client of the daemon's upstream connection it
-/// accepted: as the socket is established (before the application can read or write it), if
-/// `BYPASS` waits for it, it is put into `SOCKS`, and both sides' entries say so.
+/// accepted: as the socket is established, if `BYPASS` waits for it, it is put into `SOCKS`,
+/// and both sides' entries say so.
 ///
 /// The pairing is claimed by deleting the upstream's `UPSTREAMS` entry; userspace deletes the
 /// same entry when it stops waiting, so a pairing happens either fully before userspace looks
 /// or not at all. Every other socket of the cgroup costs one hash lookup, once.
+///
+/// The kernel queues a new socket for `accept` just before it runs this, under the socket's
+/// lock; an application that accepts and writes in that instant gets its first bytes onto its
+/// own TCP path (its `sendmsg` was chosen before the socket entered the map, and waits for the
+/// lock). Those bytes must not be overtaken, so a paired socket reports every data segment it
+/// sends; one sent while the pair is still direct makes its side `BYPASS_PASSED`, before the
+/// application's next `sendmsg` can run (both run under the socket lock).
 #[sock_ops]
 pub fn spliced_pair(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
-        pair(&ctx);
+    match ctx.op() {
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => pair(&ctx),
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB => early_write(&ctx),
+        _ => {}
     }
     1
+}
+
+fn early_write(ctx: &SockOpsContext) {
+    // SAFETY: a field of the context the kernel filled: the length of the segment's data.
+    if unsafe { (*ctx.ops).skb_len } == 0 {
+        return;
+    }
+    let Some(entry) = BYPASS.get_ptr_mut(&tuple_of(ctx)) else {
+        return;
+    };
+    // SAFETY: the value stays valid for the run; its writers run under this socket's lock.
+    let entry = unsafe { &mut *entry };
+    if entry.role == ROLE_APP && entry.state == BYPASS_PAIRED {
+        entry.state = BYPASS_PASSED;
+        count(entry.service, |c| c.early_writes += 1);
+    }
 }
 
 fn pair(ctx: &SockOpsContext) {
@@ -498,21 +654,24 @@ fn pair(ctx: &SockOpsContext) {
     };
     entry.app_cookie = cookie;
     entry.state = state;
+    if state == BYPASS_PAIRED {
+        // See `early_write`. It reserves no option space: the packets are unchanged.
+        let flags = ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
+        let _ = ctx.set_cb_flags(flags as i32);
+    }
     if let Some(upstream) = BYPASS.get_ptr_mut(&tuple.reversed()) {
         // SAFETY: as above.
         let upstream = unsafe { &mut *upstream };
         upstream.app_cookie = cookie;
         upstream.state = state;
     }
-    if let Some(c) = SERVICE_STATS.get_ptr_mut(entry.service) {
-        // SAFETY: per-CPU value of this CPU; nothing else writes it during this run.
-        let c = unsafe { &mut *c };
+    count(entry.service, |c| {
         if state == BYPASS_PAIRED {
             c.paired += 1;
         } else {
             c.pair_refused += 1;
         }
-    }
+    });
 }
 
 #[cfg(not(test))]

@@ -406,24 +406,28 @@ struct Upstream {
 }
 
 /// Connects to `addr`; to a machine on this host through the kernel's pairing when the
-/// same-host bypass is on (`client` is the client socket's cookie).
+/// same-host bypass is on (`client` is then given).
 async fn connect_one(
     shared: &Shared,
     route: &Route,
     addr: SocketAddr,
-    client: Option<u64>,
+    client: Option<samehost::Client<'_>>,
 ) -> std::io::Result<Upstream> {
     if let (Plane::Sockmap(splicer), Some(client)) = (&shared.plane, client)
         && shared.local_machines.contains(&addr.ip())
     {
-        return match samehost::connect(&splicer.kernel, addr, client, route.service).await {
-            Ok((stream, same_host)) => Ok(Upstream {
-                stream,
-                same_host: Some(same_host),
-            }),
-            Err(samehost::ConnectError::Io(e)) => Err(e),
-            Err(samehost::ConnectError::Map(e)) => Err(std::io::Error::other(e)),
-        };
+        let limit = splicer.max_buffer;
+        match samehost::connect(&splicer.kernel, addr, client, route.service, limit).await {
+            Ok(Some((stream, same_host))) => {
+                return Ok(Upstream {
+                    stream,
+                    same_host: Some(same_host),
+                });
+            }
+            Ok(None) => {}
+            Err(samehost::ConnectError::Io(e)) => return Err(e),
+            Err(samehost::ConnectError::Map(e)) => return Err(std::io::Error::other(e)),
+        }
     }
     Ok(Upstream {
         stream: TcpStream::connect(addr).await?,
@@ -436,7 +440,7 @@ async fn connect_one(
 async fn connect_backend(
     shared: &Shared,
     route: &Route,
-    client: Option<u64>,
+    client: Option<samehost::Client<'_>>,
 ) -> Result<(Upstream, Lease), NoBackend> {
     let mut lease = route.pool.acquire().await.map_err(NoBackend::Refused)?;
     let mut tried = Vec::new();
@@ -472,16 +476,17 @@ async fn connect_and_splice(
     phase: watch::Receiver<Phase>,
 ) -> Result<Outcome, SpliceError> {
     let mut abort = phase.clone();
-    // The client socket's cookie, which a same-host pairing needs before the upstream connects.
-    let client_cookie = match &shared.plane {
-        Plane::Sockmap(splicer) if splicer.kernel.same_host() => Some(
-            crate::sys::socket_cookie(std::os::fd::AsFd::as_fd(&client))
+    // A same-host pairing needs the client socket before the upstream connects.
+    let pairing_client = match &shared.plane {
+        Plane::Sockmap(splicer) if splicer.kernel.same_host() => Some(samehost::Client {
+            cookie: crate::sys::socket_cookie(std::os::fd::AsFd::as_fd(&client))
                 .map_err(SpliceError::Internal)?,
-        ),
+            socket: &client,
+        }),
         _ => None,
     };
     let connected = tokio::select! {
-        c = connect_backend(shared, route, client_cookie) => c,
+        c = connect_backend(shared, route, pairing_client) => c,
         // A connection still waiting in the queue at the end of the grace period.
         _ = abort.wait_for(|p| *p == Phase::Abort) => {
             reset(&client);
@@ -509,28 +514,35 @@ async fn connect_and_splice(
         stream: mut backend,
         same_host,
     } = upstream;
-    if let Some(version) = route.proxy_proto {
-        // Written before splicing, so it is the first thing the backend reads, once.
-        let local = client.local_addr().map_err(SpliceError::Internal)?;
-        let header = crate::proxy_proto::header(version, peer, local);
-        if let Err(e) = backend.write_all(&header).await {
-            reset(&client);
-            return Err(SpliceError::Backend(e));
+    // Written before any byte of the client, so it is the first thing the backend reads, once.
+    let header = match route.proxy_proto {
+        Some(version) => {
+            let local = client.local_addr().map_err(SpliceError::Internal)?;
+            crate::proxy_proto::header(version, peer, local)
         }
-    }
+        None => Vec::new(),
+    };
     for s in [&client, &backend] {
         s.set_nodelay(true).map_err(SpliceError::Internal)?;
     }
     let idle = shared.opts.idle_timeout;
     match &shared.plane {
-        Plane::Copy => copy::run(client, backend, phase, idle).await,
+        Plane::Copy => {
+            write_preface(&client, &mut backend, &header).await?;
+            copy::run(client, backend, phase, idle).await
+        }
         Plane::Sockmap(splicer) => {
             let client = client.into_std().map_err(SpliceError::Internal)?;
             let backend = backend.into_std().map_err(SpliceError::Internal)?;
-            match splicer
-                .run(client, backend, route.service, same_host, phase.clone())
-                .await
-            {
+            let splicing = splicer.run(
+                client,
+                backend,
+                route.service,
+                same_host,
+                &header,
+                phase.clone(),
+            );
+            match splicing.await {
                 Spliced::Done(result) => result,
                 Spliced::Refused(client, backend) => {
                     shared.stats.copied_fallback.fetch_add(1, Ordering::Relaxed);
@@ -538,12 +550,27 @@ async fn connect_and_splice(
                         "socket already half-closed before splicing: copying this connection"
                     );
                     let client = TcpStream::from_std(client).map_err(SpliceError::Internal)?;
-                    let backend = TcpStream::from_std(backend).map_err(SpliceError::Internal)?;
+                    let mut backend =
+                        TcpStream::from_std(backend).map_err(SpliceError::Internal)?;
+                    write_preface(&client, &mut backend, &header).await?;
                     copy::run(client, backend, phase, idle).await
                 }
             }
         }
     }
+}
+
+/// Writes the PROXY protocol header (if any) into the backend connection.
+async fn write_preface(
+    client: &TcpStream,
+    backend: &mut TcpStream,
+    header: &[u8],
+) -> Result<(), SpliceError> {
+    if let Err(e) = backend.write_all(header).await {
+        reset(client);
+        return Err(SpliceError::Backend(e));
+    }
+    Ok(())
 }
 
 /// Makes the close of `s` a reset.
@@ -600,6 +627,14 @@ struct ServiceSnapshot {
     /// refused (those took the verdict path).
     paired: u64,
     pair_refused: u64,
+    /// Same-host connections: bytes put straight into applications' receive queues, bytes
+    /// applications sent straight into clients' send queues, times an application's bytes
+    /// took its TCP path because its client was behind, and applications that wrote before
+    /// their socket was paired.
+    ingress_bytes: u64,
+    direct_bytes: u64,
+    via_tcp: u64,
+    early_writes: u64,
 }
 
 fn snapshot(shared: &Shared) -> Snapshot<'_> {
@@ -628,6 +663,10 @@ fn snapshot(shared: &Shared) -> Snapshot<'_> {
                     overlap_bytes: t.overlap_bytes,
                     paired: t.paired,
                     pair_refused: t.pair_refused,
+                    ingress_bytes: t.ingress_bytes,
+                    direct_bytes: t.direct_bytes,
+                    via_tcp: t.via_tcp,
+                    early_writes: t.early_writes,
                     stream_faults: t.stream_faults,
                 })
                 .collect();

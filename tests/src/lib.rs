@@ -601,6 +601,35 @@ pub fn recv_pattern(r: &mut impl Read, seed: u64) -> Result<u64, String> {
     }
 }
 
+/// Reads a socket the way an event-loop application does: a read that finds nothing
+/// (`EAGAIN`) waits for the socket to become readable and tries again. A socket in a socket
+/// map (a paired application's, with the same-host bypass) can wake a blocked reader with
+/// nothing to read (the kernel's wait there is single-shot: a state change, such as the
+/// acknowledgement of the application's own FIN, ends it), and the read then fails with
+/// `EAGAIN` even on a blocking socket; applications on non-blocking sockets never notice.
+pub struct EventLoopReader<'a>(pub &'a mut TcpStream);
+
+impl Read for EventLoopReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.0.read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let mut pfd = libc::pollfd {
+                        fd: std::os::fd::AsRawFd::as_raw_fd(&*self.0),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    if unsafe { libc::poll(&raw mut pfd, 1, 10_000) } <= 0 {
+                        return Err(e);
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
 /// Reads exactly `n` bytes, checking them against `p`.
 pub fn recv_exact_pattern(r: &mut impl Read, p: &mut Pattern, n: u64) -> Result<(), String> {
     let mut buf = vec![0; 256 * 1024];

@@ -318,15 +318,18 @@ impl Kernel {
     }
 
     /// Asks the kernel to pair the peer of the upstream socket `upstream` (not yet connected)
-    /// with the client socket `client`.
+    /// with the client socket `client`; `limit` bounds what the client may have
+    /// unacknowledged of what the application sends it directly.
     pub fn register_upstream(
         &self,
         upstream: u64,
         client: u64,
         service: u32,
+        limit: u64,
     ) -> Result<(), MapOpError> {
         let pairing = Pairing {
             client_cookie: client,
+            limit,
             service,
             _pad: 0,
         };
@@ -404,6 +407,10 @@ impl Kernel {
                 sum.stream_faults += v.stream_faults;
                 sum.paired += v.paired;
                 sum.pair_refused += v.pair_refused;
+                sum.ingress_bytes += v.ingress_bytes;
+                sum.direct_bytes += v.direct_bytes;
+                sum.via_tcp += v.via_tcp;
+                sum.early_writes += v.early_writes;
             }
         }
         sum

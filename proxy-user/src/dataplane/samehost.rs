@@ -37,6 +37,8 @@ pub struct SameHost {
     pub upstream: Tuple,
     /// Cookie of the application's socket, if it was paired.
     pub app_cookie: Option<u64>,
+    /// The application's socket: its address (the machine's) and its peer's (the upstream's).
+    pub app: (SocketAddr, SocketAddr),
 }
 
 /// Whether `ip` is an address of this host (in the daemon's network namespace): one it can
@@ -80,6 +82,7 @@ pub enum ConnectError {
 struct Registration<'a> {
     kernel: &'a Kernel,
     cookie: u64,
+    client: u64,
     tuple: Option<Tuple>,
     armed: bool,
 }
@@ -93,18 +96,36 @@ impl Drop for Registration<'_> {
         // only once the upstream is established.
         let tuple = self.tuple.unwrap_or_default();
         self.kernel.forget_bypass(self.cookie, &tuple);
+        self.kernel.forget(self.client);
     }
 }
 
+/// The client of a same-host connection: its socket's cookie and the socket.
+#[derive(Clone, Copy)]
+pub struct Client<'a> {
+    pub cookie: u64,
+    pub socket: &'a TcpStream,
+}
+
 /// Connects to `addr`, a machine on this host, asking the kernel to pair the application's
-/// socket with the client socket `client`; waits briefly for the pairing. The returned
-/// [`SameHost`] must be handed to [`Kernel::forget_bypass`] when the connection ends.
+/// socket with `client`; waits briefly for the pairing. The returned [`SameHost`] must be
+/// handed to [`Kernel::forget_bypass`] when the connection ends.
+///
+/// The client's socket enters `SOCKS` first: the application may write as soon as it accepts,
+/// and what it writes goes straight to the client's socket. `Ok(None)`: the client's socket
+/// cannot enter the map (its client already half-closed); connect without pairing.
 pub async fn connect(
     kernel: &Kernel,
     addr: SocketAddr,
-    client: u64,
+    client: Client<'_>,
     service: u32,
-) -> Result<(TcpStream, SameHost), ConnectError> {
+    limit: u64,
+) -> Result<Option<(TcpStream, SameHost)>, ConnectError> {
+    match kernel.add_socket(client.cookie, client.socket.as_fd()) {
+        Ok(()) => {}
+        Err(e) if e.is_state_refusal() => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -112,13 +133,14 @@ pub async fn connect(
     )?;
     socket.set_nonblocking(true)?;
     let cookie = sys::socket_cookie(socket.as_fd())?;
-    kernel.register_upstream(cookie, client, service)?;
     let mut registration = Registration {
         kernel,
         cookie,
+        client: client.cookie,
         tuple: None,
         armed: true,
     };
+    kernel.register_upstream(cookie, client.cookie, service, limit)?;
     match socket.connect(&addr.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -156,12 +178,13 @@ pub async fn connect(
         .filter(|e| e.state == BYPASS_PAIRED)
         .map(|e| e.app_cookie);
     registration.armed = false;
-    Ok((
+    Ok(Some((
         stream,
         SameHost {
             upstream_cookie: cookie,
             upstream,
             app_cookie,
+            app: (addr, local),
         },
-    ))
+    )))
 }

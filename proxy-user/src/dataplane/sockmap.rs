@@ -39,6 +39,12 @@
 //!   the kernel refuses, is dropped with everything after it, and the task aborts the
 //!   connection with a reset on both sides rather than end a damaged stream as if complete.
 //!
+//! - On a paired same-host connection (see `samehost`) the `sk_msg` program moves the bytes
+//!   between the upstream socket's send path and the application's socket, and between the
+//!   application's socket and the client's: those counts join the TCP counters in each
+//!   direction's accounting, what the application has not read counts against the bound
+//!   (`sock_diag`), and its FIN waits as described at [`Pair::forward_fin`].
+//!
 //! The bytes userspace moves in these cases are counted (`moved_bytes`).
 
 use std::{
@@ -52,7 +58,7 @@ use std::{
     time::Duration,
 };
 
-use proxy_common::{Flow, Link, SIDE_BACKEND, SIDE_CLIENT};
+use proxy_common::{Flow, Link, ROLE_APP, ROLE_UPSTREAM, SIDE_BACKEND, SIDE_CLIENT};
 use tokio::sync::{mpsc, watch};
 
 use super::{
@@ -124,6 +130,9 @@ struct Direction {
     sent: u64,
     /// Taken, not yet written.
     pending: Vec<u8>,
+    /// A paired connection's FIN to the application was ready at the last look: it is sent
+    /// at the next one (see [`Pair::forward_fin`]).
+    fin_ready: bool,
 }
 
 struct Pair<'a> {
@@ -131,8 +140,11 @@ struct Pair<'a> {
     socks: [&'a TcpStream; 2],
     cookies: [u64; 2],
     links: [Link; 2],
-    /// Bytes userspace wrote into each socket before splicing (none yet; a PROXY header later).
+    /// Bytes userspace wrote into each socket before splicing (a PROXY protocol header into the
+    /// backend's).
     preface: [u64; 2],
+    /// A same-host connection's entries: bytes the `sk_msg` program moved on its two legs.
+    same_host: Option<SameHost>,
     dirs: [Direction; 2],
     /// [`sys::monotonic_coarse_ns`] when the pair was spliced.
     started_ns: u64,
@@ -153,22 +165,69 @@ impl Pair<'_> {
         Ok(self.splicer.kernel.flow(self.cookies[side.index()])?)
     }
 
-    /// Bytes received on `side` that should be in the peer's send queue by now.
+    /// Bytes the `sk_msg` program moved on a same-host connection's leg: with `role`
+    /// `ROLE_APP`, what the application sent straight into the client's socket; with
+    /// `ROLE_UPSTREAM`, what it put from the upstream socket straight into the application's.
+    fn bypassed(&self, role: u32) -> u64 {
+        self.same_host.map_or(0, |s| {
+            let tuple = if role == ROLE_APP {
+                s.upstream.reversed()
+            } else {
+                s.upstream
+            };
+            self.splicer.kernel.bypass(&tuple).map_or(0, |b| b.bytes)
+        })
+    }
+
+    /// Bytes received on `side` that should be in the peer's send queue by now. On a
+    /// same-host connection the application's bytes that went straight to the client count
+    /// as the backend side's.
     fn owed(&self, side: Side, flow: &Flow) -> u64 {
-        self.preface[side.other().index()] + flow.redirected + self.dirs[side.index()].sent
+        let direct = match side {
+            Side::Client => 0,
+            Side::Backend => self.bypassed(ROLE_APP),
+        };
+        self.preface[side.other().index()] + flow.redirected + self.dirs[side.index()].sent + direct
+    }
+
+    /// Bytes that left `side`'s send path other than through its TCP stream: on a same-host
+    /// connection, what the upstream socket passed straight into the application's.
+    fn passed_on(&self, side: Side) -> u64 {
+        match side {
+            Side::Client => 0,
+            Side::Backend => self.bypassed(ROLE_UPSTREAM),
+        }
     }
 
     /// Bytes of `side` the kernel has redirected and not yet written into the peer.
     fn backlog(&self, side: Side, flow: &Flow) -> Result<u64, SpliceError> {
-        let written = self.counters(side.other())?.bytes_written();
+        let peer = side.other();
+        let written = self.counters(peer)?.bytes_written() + self.passed_on(peer);
         Ok(self.owed(side, flow).saturating_sub(written))
     }
 
     /// Bytes of `side` the kernel has redirected that the peer's reader has not yet
     /// acknowledged: the peer's backlog plus its send queue. This is what the bound limits.
+    /// On a paired same-host connection the client's bytes go into the application's socket,
+    /// and what the application has not read of them counts too.
     fn unacked(&self, side: Side, flow: &Flow) -> Result<u64, SpliceError> {
-        let acked = self.counters(side.other())?.bytes_acked;
+        let peer = side.other();
+        let unread = match peer {
+            Side::Backend => self.app_diag()?.map_or(0, |d| u64::from(d.rmem)),
+            Side::Client => 0,
+        };
+        let acked =
+            (self.counters(peer)?.bytes_acked + self.passed_on(peer)).saturating_sub(unread);
         Ok(self.owed(side, flow).saturating_sub(acked))
+    }
+
+    /// The paired application's socket as `sock_diag` sees it; `None` when the connection is
+    /// not paired or the socket is gone.
+    fn app_diag(&self) -> Result<Option<sys::TcpDiag>, SpliceError> {
+        let Some(s) = self.same_host.filter(|s| s.app_cookie.is_some()) else {
+            return Ok(None);
+        };
+        sys::tcp_diag(s.app.0, s.app.1).map_err(SpliceError::Internal)
     }
 
     fn set_link(&self, side: Side) -> Result<(), SpliceError> {
@@ -372,13 +431,36 @@ impl Pair<'_> {
         if self.backlog(side, &flow)? > 0 {
             return Ok(false);
         }
+        // A paired application that has shut its own writing half loses what it has not read
+        // when the FIN comes: its socket then closes, which takes it out of the map and frees
+        // what the map put into its queue. So the FIN waits until it has read everything.
+        if side == Side::Client
+            && let Some(app) = self.app_diag()?
+        {
+            if sys::write_shut(app.state) && app.rmem > 0 {
+                return Ok(false);
+            }
+            // The `sk_msg` program counts a message just before the kernel puts it into the
+            // application's queue, and a FIN that arrived in between would let the
+            // application read the end of the stream before that message. The FIN goes a tick
+            // after everything was counted.
+            if !std::mem::replace(&mut self.dirs[i].fin_ready, true) {
+                return Ok(false);
+            }
+        }
         match self.socks[side.other().index()].shutdown(std::net::Shutdown::Write) {
             // NotConnected: the peer already went away; its own event ends the connection.
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotConnected => {}
             Err(e) => return Err(SpliceError::Internal(e)),
         }
-        tracing::trace!(?side, "end of stream passed on");
+        tracing::trace!(
+            ?side,
+            owed = self.owed(side, &flow),
+            passed_on = self.passed_on(side.other()),
+            written = self.counters(side.other())?.bytes_written(),
+            "end of stream passed on"
+        );
         Ok(true)
     }
 
@@ -419,6 +501,20 @@ impl Pair<'_> {
     }
 }
 
+/// Writes `bytes` into a non-blocking socket, waiting while its send buffer is full.
+async fn write_all(mut s: &TcpStream, mut bytes: &[u8]) -> Result<(), SpliceError> {
+    while !bytes.is_empty() {
+        match s.write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(POLL_MIN).await;
+            }
+            Err(e) => return Err(SpliceError::Backend(e)),
+        }
+    }
+    Ok(())
+}
+
 fn side_error(side: Side, e: std::io::Error) -> SpliceError {
     match side {
         Side::Client => SpliceError::Client(e),
@@ -435,6 +531,7 @@ impl Splicer {
         backend: TcpStream,
         service: u32,
         same_host: Option<SameHost>,
+        preface: &[u8],
         mut phase: watch::Receiver<Phase>,
     ) -> Spliced {
         let cookies = match (
@@ -463,7 +560,8 @@ impl Splicer {
                 link(cookies[1], Side::Client),
                 link(cookies[0], Side::Backend),
             ],
-            preface: [0, 0],
+            preface: [0, preface.len() as u64],
+            same_host,
             dirs: Default::default(),
             started_ns: sys::monotonic_coarse_ns(),
             draining: false,
@@ -488,6 +586,8 @@ impl Splicer {
                 self.kernel.add_link(cookies[i], &pair.links[i])?;
                 match self.kernel.add_socket(cookies[i], pair.fd(side)) {
                     Ok(()) => {}
+                    // A same-host connection's client entered before its upstream connected.
+                    Err(e) if e.is_busy() && side == Side::Client => {}
                     Err(e) if e.is_state_refusal() => {
                         refused = true;
                         return Ok(Outcome::Completed);
@@ -495,6 +595,10 @@ impl Splicer {
                     Err(e) => return Err(e.into()),
                 }
             }
+            // Through the backend socket's send path, now that it is in the map: on a same-host
+            // connection the `sk_msg` program puts it into the application's queue, ahead of
+            // every byte of the client.
+            write_all(&backend, preface).await?;
             for side in [Side::Client, Side::Backend] {
                 match self
                     .kernel
@@ -524,7 +628,7 @@ impl Splicer {
             self.registry.remove(cookies[i]);
             self.kernel.forget(cookies[i]);
         }
-        if let Some(s) = same_host {
+        if let Some(s) = pair.same_host {
             self.kernel.forget_bypass(s.upstream_cookie, &s.upstream);
         }
         if refused {
@@ -578,7 +682,12 @@ async fn drive(
                     {
                         return Err(side_error(side, err));
                     }
-                    if !pair.dirs[side.index()].eof && pair.counters(side)?.state == sys::TCP_CLOSE
+                    // Closed, but not by the end of both ways (its other way ends with the FIN
+                    // this task sends on it): a reset. Its error may be gone already, taken by
+                    // whoever wrote into it next (an application writing straight into a
+                    // client's socket).
+                    if pair.counters(side)?.state == sys::TCP_CLOSE
+                        && !(pair.dirs[side.index()].eof && pair.dirs[side.other().index()].done)
                     {
                         return Err(SpliceError::closed(side));
                     }
