@@ -107,8 +107,8 @@ pub const BYPASS_PAIRED: u32 = 1;
 pub const BYPASS_REFUSED: u32 = 2;
 /// [`Bypass::state`] of the application's side: its client has more than [`Bypass::limit`]
 /// unacknowledged, so what the application sends takes its own TCP path (through the upstream
-/// socket and the verdict, which hold it back) until the client has acknowledged everything;
-/// then it goes [`BYPASS_PAIRED`] again.
+/// socket and the verdict, which hold it back) until the client's socket has transmitted
+/// every byte it sent either way; then it goes [`BYPASS_PAIRED`] again.
 pub const BYPASS_VIA_TCP: u32 = 3;
 /// [`Bypass::state`] of the application's side: the application sent on its own TCP path
 /// before its socket was paired (it wrote in the instant between accepting the socket and the
@@ -224,6 +224,9 @@ pub struct Flow {
     /// `sock_ops` program last saw it: public sockets report it at every RTT sample and every
     /// packet they send.
     pub acked: u64,
+    /// Bytes the socket has transmitted at least once (`bytes_acked` plus what is in flight),
+    /// as the `sock_ops` program last saw it, at the same moments as [`Flow::acked`].
+    pub sent: u64,
 }
 
 /// Per-service counters kept by the kernel, one copy per CPU; userspace sums them.
@@ -290,7 +293,7 @@ pub struct FlowEvent {
 
 const _: () = {
     assert!(core::mem::size_of::<Link>() == 32);
-    assert!(core::mem::size_of::<Flow>() == 56);
+    assert!(core::mem::size_of::<Flow>() == 64);
     assert!(core::mem::size_of::<ServiceCounters>() == 128);
     assert!(core::mem::size_of::<Tuple>() == 40);
     assert!(core::mem::size_of::<Pairing>() == 24);

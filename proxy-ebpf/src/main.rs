@@ -325,16 +325,18 @@ pub fn spliced_msg(ctx: SkMsgContext) -> u32 {
     }
     // SAFETY: the map value stays valid for the run (another CPU may update it meanwhile; a
     // stale count only errs towards the TCP path).
-    let acked = unsafe { FLOWS.get(&entry.client_cookie) }.map_or(0, |f| f.acked);
-    let sent = entry.bytes + entry.passed;
+    let (acked, transmitted) =
+        unsafe { FLOWS.get(&entry.client_cookie) }.map_or((0, 0), |f| (f.acked, f.sent));
     if entry.state == BYPASS_VIA_TCP {
-        if acked < sent {
+        // Every byte the application sent, either way, has left the client's socket at least
+        // once, so it was in its send queue: what it sends next cannot overtake any.
+        if transmitted < entry.bytes + entry.passed {
             entry.passed += size;
             return sk_action::SK_PASS;
         }
         entry.state = BYPASS_PAIRED;
     }
-    if (sent + size).saturating_sub(acked) > entry.limit {
+    if (entry.bytes + entry.passed + size).saturating_sub(acked) > entry.limit {
         entry.state = BYPASS_VIA_TCP;
         entry.passed += size;
         count(entry.service, |c| c.via_tcp += 1);
@@ -430,14 +432,20 @@ pub fn spliced_hold(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// Stores the socket's `bytes_acked` in its flow, if it has one.
+/// Stores what the socket's peer acknowledged and what it has transmitted in its flow, if it
+/// has one.
 fn record_acked(ctx: &SockOpsContext) {
     // SAFETY: the helper only reads the socket of the context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if let Some(flow) = FLOWS.get_ptr_mut(&cookie) {
         // SAFETY: the kernel runs this under the socket lock, as it does the verdict, the only
-        // other writer of this flow; a field of the context the kernel filled.
-        unsafe { (*flow).acked = (*ctx.ops).bytes_acked };
+        // other writer of this flow; fields of the context the kernel filled.
+        unsafe {
+            let ops = ctx.ops;
+            let in_flight = (*ops).snd_nxt.wrapping_sub((*ops).snd_una);
+            (*flow).acked = (*ops).bytes_acked;
+            (*flow).sent = (*ops).bytes_acked + u64::from(in_flight);
+        }
     }
 }
 

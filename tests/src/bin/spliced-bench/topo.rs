@@ -374,7 +374,12 @@ fn public_port(k: usize, i: usize) -> u16 {
 }
 
 /// Every target name, in the order they are measured in each round.
-pub const TARGETS: &[&str] = &["direct", "sockmap", "copy", "haproxy", "nginx", "socat"];
+/// "bypass" is spliced's sockmap plane with the same-host bypass on: on the loopback topology
+/// the backend is on the proxy's host, so its connections are paired; on veth it is not, and
+/// they take the verdict path.
+pub const TARGETS: &[&str] = &[
+    "direct", "sockmap", "bypass", "copy", "haproxy", "nginx", "socat",
+];
 
 /// Starts target `name` in the topology's proxy namespace, on its own port.
 pub fn start_target(
@@ -475,7 +480,7 @@ fn commands(
     };
     let mut cmd = netns();
     match name {
-        "sockmap" | "copy" => {
+        "sockmap" | "copy" | "bypass" => {
             let config = file("fly.toml");
             let mut text = String::from("app = \"bench\"\n");
             for (listen, backend) in &pairs {
@@ -494,8 +499,16 @@ fn commands(
             cmd.arg(&spliced.bin)
                 .args(["run", "--config"])
                 .arg(&config)
-                .args(["--dataplane", name, "--listen-addr"])
+                .args([
+                    "--dataplane",
+                    if name == "copy" { "copy" } else { "sockmap" },
+                ])
+                .arg("--listen-addr")
                 .arg(topo.public_ip.to_string())
+                .args([
+                    "--same-host-bypass",
+                    if name == "bypass" { "on" } else { "off" },
+                ])
                 .args(&spliced.extra)
                 .env("RUST_LOG", "warn");
         }
