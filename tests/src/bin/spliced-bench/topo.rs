@@ -458,6 +458,24 @@ pub fn start_target(
     Ok(target)
 }
 
+/// spliced's fly.toml: one service per (public, backend) pair, on one machine.
+fn spliced_config(pairs: &[(SocketAddr, SocketAddr)], backend_ip: IpAddr) -> String {
+    let mut text = String::from("app = \"bench\"\n");
+    for (listen, backend) in pairs {
+        let _ = write!(
+            text,
+            "\n[[services]]\n  internal_port = {}\n  port = {}\n",
+            backend.port(),
+            listen.port()
+        );
+    }
+    let _ = write!(
+        text,
+        "\n[[machines]]\n  id = \"backend\"\n  address = \"{backend_ip}\"\n"
+    );
+    text
+}
+
 /// The commands that run proxy `name` on `addrs` (one per [`SERVICES`]), with configs
 /// written by `file`.
 fn commands(
@@ -482,20 +500,7 @@ fn commands(
     match name {
         "sockmap" | "copy" | "bypass" => {
             let config = file("fly.toml");
-            let mut text = String::from("app = \"bench\"\n");
-            for (listen, backend) in &pairs {
-                let _ = write!(
-                    text,
-                    "\n[[services]]\n  internal_port = {}\n  port = {}\n",
-                    backend.port(),
-                    listen.port()
-                );
-            }
-            let _ = write!(
-                text,
-                "\n[[machines]]\n  id = \"backend\"\n  address = \"{backend_ip}\"\n"
-            );
-            std::fs::write(&config, text)?;
+            std::fs::write(&config, spliced_config(&pairs, backend_ip))?;
             cmd.arg(&spliced.bin)
                 .args(["run", "--config"])
                 .arg(&config)
