@@ -454,13 +454,7 @@ impl Pair<'_> {
             Err(e) if e.kind() == std::io::ErrorKind::NotConnected => {}
             Err(e) => return Err(SpliceError::Internal(e)),
         }
-        tracing::trace!(
-            ?side,
-            owed = self.owed(side, &flow),
-            passed_on = self.passed_on(side.other()),
-            written = self.counters(side.other())?.bytes_written(),
-            "end of stream passed on"
-        );
+        tracing::trace!(?side, "end of stream passed on");
         Ok(true)
     }
 
