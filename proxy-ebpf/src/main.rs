@@ -283,8 +283,8 @@ fn in_sequence(ctx: &SkBuffContext, flow: &mut Flow, len: u32) -> Result<u32, St
 /// - on the application's socket, what it writes goes straight into the client socket's send
 ///   queue, also before its `sendmsg` returns, while the client has at most `limit` bytes
 ///   unacknowledged; beyond that the application's bytes take its TCP path (to the upstream
-///   socket, whose verdict and holds bound what waits) until the client has acknowledged
-///   everything sent either way, so that no byte overtakes another. The bound keeps the
+///   socket, whose verdict and holds bound what waits) until the client's socket has
+///   transmitted everything sent either way, so that no byte overtakes another. The bound keeps the
 ///   client's send queue from filling: a full one would block or fail the application's
 ///   write on a queue its own socket cannot wait for.
 #[sk_msg]
@@ -582,10 +582,7 @@ fn hold(ctx: &SockOpsContext) {
     };
     if removed == 0 {
         flow.holds += 1;
-        if let Some(c) = SERVICE_STATS.get_ptr_mut(link.service) {
-            // SAFETY: per-CPU value of this CPU; nothing else writes it during this run.
-            unsafe { (*c).holds += 1 };
-        }
+        count(link.service, |c| c.holds += 1);
     }
 }
 
