@@ -179,13 +179,12 @@ impl Kernel {
             .and_then(|()| msg.attach(socks.fd()))
             .map_err(|source| LoadError::Program { name, source })?;
         let name = names::HOLD_PROG;
-        let cgroup_error = |path: &str, reason| LoadError::Cgroup {
+        let path = own_cgroup_path().map_err(|reason| LoadError::Cgroup {
             prog: name,
-            path: path.to_owned(),
+            path: "of the daemon".to_owned(),
             reason,
-        };
-        let path = own_cgroup_path().map_err(|reason| cgroup_error("of the daemon", reason))?;
-        let cgroup = open_cgroup(&path).map_err(|reason| cgroup_error(&path, reason))?;
+        })?;
+        let cgroup = open_cgroup(name, &path)?;
         let hold: &mut SockOps = program(&mut ebpf, name)?;
         hold.load()
             // aya attaches with a BPF link on this kernel, and links to a cgroup always coexist
@@ -344,8 +343,7 @@ impl Kernel {
     pub fn cancel_upstream(&self, upstream: u64) -> Result<bool, MapOpError> {
         match self.maps().upstreams.remove(&upstream) {
             Ok(()) => Ok(true),
-            Err(MapError::KeyNotFound) => Ok(false),
-            Err(e) if syscall_errno(&e) == Some(libc::ENOENT) => Ok(false),
+            Err(e) if not_found(&e) => Ok(false),
             Err(source) => Err(op_err("delete", names::UPSTREAMS, upstream, source)),
         }
     }
@@ -429,10 +427,15 @@ impl Kernel {
     }
 }
 
+/// The key was not in the map (socket maps report that as a plain ENOENT).
+fn not_found(e: &MapError) -> bool {
+    matches!(e, MapError::KeyNotFound) || syscall_errno(e) == Some(libc::ENOENT)
+}
+
 fn log_removal(map: &'static str, cookie: u64, result: Result<(), MapError>) {
     match result {
-        Ok(()) | Err(MapError::KeyNotFound) => {}
-        Err(e) if syscall_errno(&e) == Some(libc::ENOENT) => {}
+        Ok(()) => {}
+        Err(e) if not_found(&e) => {}
         Err(e) => {
             tracing::error!(
                 map,
@@ -447,11 +450,7 @@ fn log_removal(map: &'static str, cookie: u64, result: Result<(), MapError>) {
 /// Attaches the pair program to the cgroup at `path` in the cgroup v2 hierarchy.
 fn attach_pair(ebpf: &mut Ebpf, path: &str) -> Result<(), LoadError> {
     let name = names::PAIR_PROG;
-    let cgroup = open_cgroup(path).map_err(|reason| LoadError::Cgroup {
-        prog: name,
-        path: path.to_owned(),
-        reason,
-    })?;
+    let cgroup = open_cgroup(name, path)?;
     let pair: &mut SockOps = program(ebpf, name)?;
     pair.load()
         .and_then(|()| pair.attach(&cgroup, CgroupAttachMode::Single))
@@ -473,13 +472,21 @@ fn own_cgroup_path() -> Result<String, String> {
         .to_owned())
 }
 
-/// The directory of the cgroup at `path` in the cgroup v2 hierarchy, opened (found through
-/// `/proc/self/mountinfo`).
+/// The directory of the cgroup at `path` in the cgroup v2 hierarchy, where program `prog` is to
+/// attach, opened (found through `/proc/self/mountinfo`).
 ///
 /// Where no cgroup2 file system is mounted in this mount namespace (`ip netns exec` mounts a
 /// fresh `/sys`), one is mounted on a private temporary directory just long enough to open
 /// the directory, then detached.
-fn open_cgroup(path: &str) -> Result<std::fs::File, String> {
+fn open_cgroup(prog: &'static str, path: &str) -> Result<std::fs::File, LoadError> {
+    open_cgroup_dir(path).map_err(|reason| LoadError::Cgroup {
+        prog,
+        path: path.to_owned(),
+        reason,
+    })
+}
+
+fn open_cgroup_dir(path: &str) -> Result<std::fs::File, String> {
     let path = path.trim_start_matches('/');
     if path.split('/').any(|part| part == "..") {
         return Err(format!("{path}: a cgroup path may not contain '..'"));
