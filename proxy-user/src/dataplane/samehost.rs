@@ -33,12 +33,19 @@ const PAIR_WAIT: Duration = Duration::from_millis(100);
 pub struct SameHost {
     /// Cookie of the daemon's upstream socket.
     pub upstream_cookie: u64,
-    /// The upstream socket's tuple (the application's is its reverse).
-    pub upstream: Tuple,
+    /// The upstream socket's address.
+    pub upstream_local: SocketAddr,
+    /// The machine's address: the upstream's peer, and the application socket's own.
+    pub machine: SocketAddr,
     /// Cookie of the application's socket, if it was paired.
     pub app_cookie: Option<u64>,
-    /// The application's socket: its address (the machine's) and its peer's (the upstream's).
-    pub app: (SocketAddr, SocketAddr),
+}
+
+impl SameHost {
+    /// The upstream socket's tuple (the application's is its reverse).
+    pub fn upstream(&self) -> Tuple {
+        tuple(self.upstream_local, self.machine)
+    }
 }
 
 /// Whether `ip` is an address of this host (in the daemon's network namespace): one it can
@@ -182,9 +189,9 @@ pub async fn connect(
         stream,
         SameHost {
             upstream_cookie: cookie,
-            upstream,
+            upstream_local: local,
+            machine: addr,
             app_cookie,
-            app: (addr, local),
         },
     )))
 }

@@ -171,9 +171,9 @@ impl Pair<'_> {
     fn bypassed(&self, role: u32) -> u64 {
         self.same_host.map_or(0, |s| {
             let tuple = if role == ROLE_APP {
-                s.upstream.reversed()
+                s.upstream().reversed()
             } else {
-                s.upstream
+                s.upstream()
             };
             self.splicer.kernel.bypass(&tuple).map_or(0, |b| b.bytes)
         })
@@ -227,7 +227,7 @@ impl Pair<'_> {
         let Some(s) = self.same_host.filter(|s| s.app_cookie.is_some()) else {
             return Ok(None);
         };
-        sys::tcp_diag(s.app.0, s.app.1).map_err(SpliceError::Internal)
+        sys::tcp_diag(s.machine, s.upstream_local).map_err(SpliceError::Internal)
     }
 
     fn set_link(&self, side: Side) -> Result<(), SpliceError> {
@@ -623,7 +623,7 @@ impl Splicer {
             self.kernel.forget(cookies[i]);
         }
         if let Some(s) = pair.same_host {
-            self.kernel.forget_bypass(s.upstream_cookie, &s.upstream);
+            self.kernel.forget_bypass(s.upstream_cookie, &s.upstream());
         }
         if refused {
             return Spliced::Refused(client, backend);
