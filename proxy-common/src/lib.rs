@@ -47,6 +47,8 @@ pub mod names {
     /// The `sock_ops` program that pairs an application's socket (attached to the cgroup the
     /// applications run in: the root by default).
     pub const PAIR_PROG: &str = "spliced_pair";
+    /// Global `u32`, set at load: non-zero when the daemon pairs same-host connections.
+    pub const SAME_HOST: &str = "SAME_HOST";
 }
 
 /// One socket's own view of its connection: its address and port, and its peer's. Addresses
@@ -221,8 +223,8 @@ pub struct Flow {
     /// Non-zero once the verdict has seen a batch of this socket.
     pub seq_known: u32,
     /// The socket's `bytes_acked` (what its peer acknowledged of what it sent), as the
-    /// `sock_ops` program last saw it: public sockets report it at every RTT sample and every
-    /// packet they send.
+    /// `sock_ops` program last saw it: with the same-host bypass on, public sockets report it
+    /// at every RTT sample and every packet they send.
     pub acked: u64,
     /// Bytes the socket has transmitted at least once (`bytes_acked` plus what is in flight),
     /// as the `sock_ops` program last saw it, at the same moments as [`Flow::acked`].

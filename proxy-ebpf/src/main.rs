@@ -15,7 +15,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    EbpfContext as _,
+    EbpfContext as _, Global,
     bindings::{
         BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB,
@@ -64,6 +64,13 @@ static UPSTREAMS: HashMap<u64, Pairing> = HashMap::with_max_entries(MAX_SOCKETS,
 
 #[map]
 static BYPASS: HashMap<Tuple, Bypass> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+/// Non-zero when the daemon pairs same-host connections (`--same-host-bypass on`), set at
+/// load. Without it no socket has a `BYPASS` entry and nothing reads `Flow::acked` or
+/// `Flow::sent`, so the `sk_msg` program skips its lookup and public sockets skip those
+/// reports: connections that are not paired pay nothing for the bypass.
+#[unsafe(no_mangle)]
+static SAME_HOST: Global<u32> = Global::new(0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
@@ -296,6 +303,9 @@ pub fn spliced_msg(ctx: SkMsgContext) -> u32 {
         tx.messages += 1;
         tx.bytes += u64::from(size);
     }
+    if SAME_HOST.load() == 0 {
+        return sk_action::SK_PASS;
+    }
     let tuple = msg_tuple(&ctx);
     let Some(entry) = BYPASS.get_ptr_mut(&tuple) else {
         return sk_action::SK_PASS;
@@ -395,23 +405,33 @@ fn msg_tuple(ctx: &SkMsgContext) -> Tuple {
 /// established; it reserves no option space, so their packets are unchanged. Others are left
 /// alone, and so are sockets without a link.
 ///
-/// Public sockets also report what their client acknowledged (`Flow::acked`), at every
-/// packet they send and every RTT sample (each acknowledgement of new data): the `sk_msg`
-/// program bounds what an application sends straight into a client socket with it.
+/// With the same-host bypass on, public sockets also report what their client acknowledged
+/// (`Flow::acked`), at every packet they send and every RTT sample (each acknowledgement of
+/// new data): the `sk_msg` program bounds what an application sends straight into a client
+/// socket with it.
 #[sock_ops]
 pub fn spliced_hold(ctx: SockOpsContext) -> u32 {
+    let same_host = SAME_HOST.load() != 0;
     let (key, more) = match ctx.op() {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => (
             // local_port is in host order.
             Some(hold_port_key(PORT_PUBLIC, ctx.local_port() as u16)),
-            BPF_SOCK_OPS_RTT_CB_FLAG,
+            if same_host {
+                BPF_SOCK_OPS_RTT_CB_FLAG
+            } else {
+                0
+            },
         ),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            publish_upstream(&ctx);
+            if same_host {
+                publish_upstream(&ctx);
+            }
             (Some(hold_port_key(PORT_BACKEND, remote_port(&ctx))), 0)
         }
         BPF_SOCK_OPS_HDR_OPT_LEN_CB => {
-            record_acked(&ctx);
+            if same_host {
+                record_acked(&ctx);
+            }
             hold(&ctx);
             (None, 0)
         }

@@ -148,7 +148,9 @@ impl Kernel {
         if OBJECT.is_empty() {
             return Err(LoadError::NoObject);
         }
+        let same_host = u32::from(pair_cgroup.is_some());
         let mut ebpf = EbpfLoader::new()
+            .override_global(names::SAME_HOST, &same_host, true)
             .load(OBJECT)
             .map_err(|e| LoadError::Object(Box::new(e)))?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
