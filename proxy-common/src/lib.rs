@@ -49,6 +49,32 @@ pub mod names {
     pub const PAIR_PROG: &str = "spliced_pair";
     /// Global `u32`, set at load: non-zero when the daemon pairs same-host connections.
     pub const SAME_HOST: &str = "SAME_HOST";
+    /// Global [`crate::TcpSockLayout`], set at load with the bypass on: where this kernel
+    /// keeps the `struct tcp_sock` fields the programs read.
+    pub const TCP_SOCK: &str = "TCP_SOCK";
+    /// Global `u64`, set at load: the daemon's `--max-buffer`. A paired application with more
+    /// than this unread sends its client's bytes back to the TCP path (see
+    /// [`crate::Flow::upstream_tcp`]).
+    pub const UNREAD_LIMIT: &str = "UNREAD_LIMIT";
+}
+
+/// Byte offsets of fields of the running kernel's `struct tcp_sock`, read by userspace from
+/// the kernel's BTF and set into the programs at load. The programs read these fields through
+/// the socket pointer `bpf_skc_to_tcp_sock` gives them; the verifier checks each read
+/// against the same BTF (the offsets are in read-only data, so it sees them as constants).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpSockLayout {
+    /// `u32 write_seq`: the sequence number after the last byte written into the send queue.
+    pub write_seq: u32,
+    /// `u32 snd_una`: the first byte not yet acknowledged.
+    pub snd_una: u32,
+    /// `u64 bytes_acked`: bytes of the stream the peer acknowledged.
+    pub bytes_acked: u32,
+    /// `int sk_backlog.rmem_alloc.counter` of the `struct sock` inside: bytes charged to the
+    /// socket's receive side, which includes what a `sk_msg` program put into its queue and
+    /// its reader has not read.
+    pub rmem_alloc: u32,
 }
 
 /// One socket's own view of its connection: its address and port, and its peer's. Addresses
@@ -109,12 +135,13 @@ pub const BYPASS_PAIRED: u32 = 1;
 pub const BYPASS_REFUSED: u32 = 2;
 /// [`Bypass::state`] of the application's side: its client has more than [`Bypass::limit`]
 /// unacknowledged, so what the application sends takes its own TCP path (through the upstream
-/// socket and the verdict, which hold it back) until the client's socket has transmitted
-/// every byte it sent either way; then it goes [`BYPASS_PAIRED`] again.
+/// socket and the verdict, which hold it back) until every byte it sent either way is in the
+/// client's send queue; then it goes [`BYPASS_PAIRED`] again.
 pub const BYPASS_VIA_TCP: u32 = 3;
-/// [`Bypass::state`] of the application's side: the application sent on its own TCP path
-/// before its socket was paired (it wrote in the instant between accepting the socket and the
-/// pairing), so what it sends takes that path for good, behind those bytes.
+/// [`Bypass::state`]: this side's bytes take its TCP path for good, behind bytes already on
+/// it. The application's side: it sent on that path before its socket was paired (it wrote in
+/// the instant between accepting the socket and the pairing). The upstream's side: the
+/// application fell more than the bound behind in reading ([`Flow::upstream_tcp`]).
 pub const BYPASS_PASSED: u32 = 4;
 
 /// One side of a same-host connection. Key: that socket's [`Tuple`].
@@ -187,6 +214,9 @@ pub struct Link {
     pub service: u32,
     /// [`SIDE_CLIENT`] or [`SIDE_BACKEND`].
     pub side: u32,
+    /// On a paired same-host connection, the client's link: cookie of the application's
+    /// socket (its key in [`names::SOCKS`]); else 0.
+    pub app_cookie: u64,
     /// Non-zero: hold this socket. The `sock_ops` program takes it out of [`names::RECV`] at
     /// the next packet it sends (an acknowledgement, typically) once the verdict has taken
     /// every byte it received: that runs under the socket's lock, so no verdict is part-way
@@ -226,9 +256,21 @@ pub struct Flow {
     /// `sock_ops` program last saw it: with the same-host bypass on, public sockets report it
     /// at every RTT sample and every packet they send.
     pub acked: u64,
-    /// Bytes the socket has transmitted at least once (`bytes_acked` plus what is in flight),
-    /// as the `sock_ops` program last saw it, at the same moments as [`Flow::acked`].
-    pub sent: u64,
+    /// Bytes written into the socket's send queue over its life (`bytes_acked` plus what is
+    /// queued and not acknowledged), as the `sock_ops` program last saw it, at the same
+    /// moments as [`Flow::acked`].
+    pub written: u64,
+    /// A client socket of a paired same-host connection: non-zero once its application had
+    /// more than the bound unread. The upstream socket's `sk_msg` program then stops putting
+    /// the client's bytes into the application's queue, and they take the upstream's TCP path,
+    /// where TCP and holds bound them; for good, so that no byte overtakes those on that path.
+    /// Set by the verdict; read by the upstream's `sk_msg` program.
+    pub upstream_tcp: u32,
+    #[expect(
+        clippy::pub_underscore_fields,
+        reason = "explicit padding of a kernel ABI struct"
+    )]
+    pub _pad: u32,
 }
 
 /// Per-service counters kept by the kernel, one copy per CPU; userspace sums them.
@@ -269,6 +311,9 @@ pub struct ServiceCounters {
     /// Application sockets that sent on their TCP path before they were paired
     /// ([`BYPASS_PASSED`]).
     pub early_writes: u64,
+    /// Paired connections whose application had more than the bound unread, so that the
+    /// client's bytes went back to the upstream's TCP path ([`Flow::upstream_tcp`]).
+    pub unread_stops: u64,
 }
 
 /// Bytes that entered the send path of spliced sockets (redirected by the verdict program or
@@ -294,14 +339,15 @@ pub struct FlowEvent {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<Link>() == 32);
-    assert!(core::mem::size_of::<Flow>() == 64);
-    assert!(core::mem::size_of::<ServiceCounters>() == 128);
+    assert!(core::mem::size_of::<Link>() == 40);
+    assert!(core::mem::size_of::<Flow>() == 72);
+    assert!(core::mem::size_of::<ServiceCounters>() == 136);
     assert!(core::mem::size_of::<Tuple>() == 40);
     assert!(core::mem::size_of::<Pairing>() == 24);
     assert!(core::mem::size_of::<Bypass>() == 64);
     assert!(core::mem::size_of::<UserTx>() == 16);
     assert!(core::mem::size_of::<FlowEvent>() == 16);
+    assert!(core::mem::size_of::<TcpSockLayout>() == 16);
 };
 
 #[cfg(feature = "user")]
@@ -323,4 +369,6 @@ mod user {
     unsafe impl aya::Pod for super::Pairing {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Bypass {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TcpSockLayout {}
 }

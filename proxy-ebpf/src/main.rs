@@ -19,9 +19,12 @@ use aya_ebpf::{
     bindings::{
         BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB,
-        BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, sk_action,
+        BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, bpf_sock, sk_action,
     },
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_map_delete_elem},
+    helpers::{
+        bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_map_delete_elem, bpf_map_lookup_elem,
+        bpf_sk_release, bpf_skc_to_tcp_sock,
+    },
     macros::{map, sk_msg, sock_ops, stream_verdict},
     maps::{HashMap, PerCpuArray, RingBuf, SockHash},
     programs::{SkBuffContext, SkMsgContext, SockOpsContext},
@@ -30,8 +33,8 @@ use aya_log_ebpf::warn;
 use proxy_common::{
     BYPASS_PAIRED, BYPASS_PASSED, BYPASS_REFUSED, BYPASS_VIA_TCP, BYPASS_WAITING, Bypass,
     EVENTS_BYTES, Flow, FlowEvent, Link, MAX_SERVICES, MAX_SOCKETS, PORT_BACKEND, PORT_PUBLIC,
-    Pairing, ROLE_APP, ROLE_UPSTREAM, SIDE_CLIENT, ServiceCounters, Tuple, UserTx, V4_MAPPED_WORD,
-    hold_port_key,
+    Pairing, ROLE_APP, ROLE_UPSTREAM, SIDE_CLIENT, ServiceCounters, TcpSockLayout, Tuple, UserTx,
+    V4_MAPPED_WORD, hold_port_key,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -67,10 +70,24 @@ static BYPASS: HashMap<Tuple, Bypass> = HashMap::with_max_entries(MAX_SOCKETS, 0
 
 /// Non-zero when the daemon pairs same-host connections (`--same-host-bypass on`), set at
 /// load. Without it no socket has a `BYPASS` entry and nothing reads `Flow::acked` or
-/// `Flow::sent`, so the `sk_msg` program skips its lookup and public sockets skip those
+/// `Flow::written`, so the `sk_msg` program skips its lookup and public sockets skip those
 /// reports: connections that are not paired pay nothing for the bypass.
 #[unsafe(no_mangle)]
 static SAME_HOST: Global<u32> = Global::new(0);
+
+/// Where this kernel keeps the `struct tcp_sock` fields [`written`] reads, set at load with
+/// the bypass on (see `proxy_common::TcpSockLayout`).
+#[unsafe(no_mangle)]
+static TCP_SOCK: Global<TcpSockLayout> = Global::new(TcpSockLayout {
+    write_seq: 0,
+    snd_una: 0,
+    bytes_acked: 0,
+    rmem_alloc: 0,
+});
+
+/// The daemon's `--max-buffer`, set at load: see `proxy_common::Flow::upstream_tcp`.
+#[unsafe(no_mangle)]
+static UNREAD_LIMIT: Global<u64> = Global::new(0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
@@ -165,6 +182,15 @@ fn try_spliced_verdict(ctx: &SkBuffContext) -> Result<u32, i64> {
     }
 
     flow.redirected += len;
+    if link.app_cookie != 0 && flow.upstream_tcp == 0 && app_behind(link.app_cookie) {
+        // A paired application that has not read the bound: stop queueing for it (see
+        // `Flow::upstream_tcp`).
+        flow.upstream_tcp = 1;
+        if let Some(c) = counters {
+            // SAFETY: per-CPU value of this CPU; nothing else writes it during this run.
+            unsafe { (*c).unread_stops += 1 };
+        }
+    }
 
     let mut event_state = 0u8;
     if flow.redirected >= link.check_at && flow.notified_at != link.check_at {
@@ -196,6 +222,40 @@ fn try_spliced_verdict(ctx: &SkBuffContext) -> Result<u32, i64> {
         }
     }
     Ok(verdict)
+}
+
+/// Whether the application socket `app` (a key of `SOCKS`) has more than the bound in its
+/// receive queue that it has not read. What the upstream's `sk_msg` program puts there has no
+/// TCP window to stop it, so this is what bounds it. A socket that is gone is not behind.
+fn app_behind(mut app: u64) -> bool {
+    if SAME_HOST.load() == 0 {
+        return false;
+    }
+    // SAFETY: SOCKS is a map of this object (SockHash is a transparent wrapper of its
+    // definition) and the key a u64 on the stack; a socket found is held until released.
+    let sk = unsafe {
+        bpf_map_lookup_elem(
+            core::ptr::addr_of!(SOCKS).cast_mut().cast::<c_void>(),
+            core::ptr::addr_of_mut!(app).cast::<c_void>(),
+        )
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: the helper checks the socket it is given and returns null if it is not TCP.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) };
+    let unread = if tp.is_null() {
+        0
+    } else {
+        let at = TCP_SOCK.load().rmem_alloc as usize;
+        // SAFETY: the offset is that of an int of this kernel's `struct tcp_sock`, found in
+        // its BTF by userspace; the verifier checks the read against that BTF.
+        let rmem = unsafe { core::ptr::read_volatile(tp.cast::<u8>().add(at).cast::<i32>()) };
+        u64::try_from(rmem).unwrap_or(0)
+    };
+    // SAFETY: releases the socket the lookup took.
+    unsafe { bpf_sk_release(sk) };
+    unread > UNREAD_LIMIT.load()
 }
 
 /// Counts a batch the verdict drops (the stream the peer gets is then damaged) and, for the
@@ -290,10 +350,12 @@ fn in_sequence(ctx: &SkBuffContext, flow: &mut Flow, len: u32) -> Result<u32, St
 /// - on the application's socket, what it writes goes straight into the client socket's send
 ///   queue, also before its `sendmsg` returns, while the client has at most `limit` bytes
 ///   unacknowledged; beyond that the application's bytes take its TCP path (to the upstream
-///   socket, whose verdict and holds bound what waits) until the client's socket has
-///   transmitted everything sent either way, so that no byte overtakes another. The bound keeps the
-///   client's send queue from filling: a full one would block or fail the application's
-///   write on a queue its own socket cannot wait for.
+///   socket, whose verdict and holds bound what waits) until everything it sent either way
+///   is in the client's send queue, so that no byte overtakes another. Both counts come from
+///   the TCP stacks (see [`written`]), not from this program, which the kernel skips for the
+///   rest of a send it cut short. The bound keeps the client's send queue from filling: a
+///   full one would block or fail the application's write on a queue its own socket cannot
+///   wait for.
 #[sk_msg]
 pub fn spliced_msg(ctx: SkMsgContext) -> u32 {
     let size = ctx.size();
@@ -318,6 +380,13 @@ pub fn spliced_msg(ctx: SkMsgContext) -> u32 {
         if entry.state != BYPASS_PAIRED {
             return sk_action::SK_PASS;
         }
+        // SAFETY: the map value stays valid for the run; the flag only ever goes from 0 to 1.
+        if unsafe { FLOWS.get(&entry.client_cookie) }.is_some_and(|f| f.upstream_tcp != 0) {
+            // The application is behind: from here on the client's bytes take this socket's
+            // TCP path, after every byte put into its queue, which it reads first.
+            entry.state = BYPASS_PASSED;
+            return sk_action::SK_PASS;
+        }
         let mut app = entry.app_cookie;
         if SOCKS.redirect_msg(&ctx, &mut app, u64::from(BPF_F_INGRESS)) as u32 != sk_action::SK_PASS
         {
@@ -335,18 +404,25 @@ pub fn spliced_msg(ctx: SkMsgContext) -> u32 {
     }
     // SAFETY: the map value stays valid for the run (another CPU may update it meanwhile; a
     // stale count only errs towards the TCP path).
-    let (acked, transmitted) =
-        unsafe { FLOWS.get(&entry.client_cookie) }.map_or((0, 0), |f| (f.acked, f.sent));
+    let (acked, queued) =
+        unsafe { FLOWS.get(&entry.client_cookie) }.map_or((0, 0), |f| (f.acked, f.written));
+    // What the application has put on its own TCP path so far, counted by its TCP stack (under
+    // this socket's lock): exact even when a send was cut short, whose rest the kernel then
+    // sends without running this program again.
+    // SAFETY: a field of the context the kernel filled.
+    let Some(via_tcp) = written(unsafe { (*ctx.msg).__bindgen_anon_3.sk }) else {
+        return sk_action::SK_PASS;
+    };
     if entry.state == BYPASS_VIA_TCP {
-        // Every byte the application sent, either way, has left the client's socket at least
-        // once, so it was in its send queue: what it sends next cannot overtake any.
-        if transmitted < entry.bytes + entry.passed {
+        // Every byte the application sent, either way, is in the client's send queue: what it
+        // sends next cannot overtake any.
+        if queued < entry.bytes + via_tcp {
             entry.passed += size;
             return sk_action::SK_PASS;
         }
         entry.state = BYPASS_PAIRED;
     }
-    if (entry.bytes + entry.passed + size).saturating_sub(acked) > entry.limit {
+    if (entry.bytes + via_tcp + size).saturating_sub(acked) > entry.limit {
         entry.state = BYPASS_VIA_TCP;
         entry.passed += size;
         count(entry.service, |c| c.via_tcp += 1);
@@ -452,20 +528,48 @@ pub fn spliced_hold(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// Stores what the socket's peer acknowledged and what it has transmitted in its flow, if it
-/// has one.
+/// Stores what the socket's peer acknowledged and what has been written into its send queue
+/// in its flow, if it has one.
 fn record_acked(ctx: &SockOpsContext) {
     // SAFETY: the helper only reads the socket of the context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if let Some(flow) = FLOWS.get_ptr_mut(&cookie) {
-        // SAFETY: the kernel runs this under the socket lock, as it does the verdict, the only
-        // other writer of this flow; fields of the context the kernel filled.
-        unsafe {
-            let ops = ctx.ops;
-            let in_flight = (*ops).snd_nxt.wrapping_sub((*ops).snd_una);
-            (*flow).acked = (*ops).bytes_acked;
-            (*flow).sent = (*ops).bytes_acked + u64::from(in_flight);
-        }
+    let Some(flow) = FLOWS.get_ptr_mut(&cookie) else {
+        return;
+    };
+    // SAFETY: a field of the context the kernel filled.
+    let Some(queued) = written(unsafe { (*ctx.ops).__bindgen_anon_2.sk }) else {
+        return;
+    };
+    // SAFETY: the kernel runs this under the socket lock, as it does the verdict, the only
+    // other writer of this flow; a field of the context the kernel filled.
+    unsafe {
+        (*flow).acked = (*ctx.ops).bytes_acked;
+        (*flow).written = queued;
+    }
+}
+
+/// Bytes written into the send queue of TCP socket `sk` over its life: what its peer
+/// acknowledged plus what is queued and not acknowledged (`bytes_acked` + `write_seq` -
+/// `snd_una`), read through the kernel's own `struct tcp_sock`, which no program context
+/// carries. `None` for a socket that is not a full TCP socket.
+fn written(sk: *mut bpf_sock) -> Option<u64> {
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: the helper checks the socket it is given and returns null if it is not TCP.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
+    if tp.is_null() {
+        return None;
+    }
+    let layout = TCP_SOCK.load();
+    let base = tp.cast::<u8>().cast_const();
+    // SAFETY: the offsets are those of fields of this kernel's `struct tcp_sock` of these
+    // sizes, found in its BTF by userspace; the verifier checks each read against that BTF.
+    unsafe {
+        let write_seq = core::ptr::read_volatile(base.add(layout.write_seq as usize).cast::<u32>());
+        let snd_una = core::ptr::read_volatile(base.add(layout.snd_una as usize).cast::<u32>());
+        let acked = core::ptr::read_volatile(base.add(layout.bytes_acked as usize).cast::<u64>());
+        Some(acked + u64::from(write_seq.wrapping_sub(snd_una)))
     }
 }
 

@@ -65,8 +65,9 @@ enum Command {
         #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
         idle_timeout: f64,
         /// Pair each connection to a machine on this host with the application's own socket
-        /// (sockmap data plane). In progress: this release pairs the sockets and the bytes
-        /// still take the verdict path.
+        /// (sockmap data plane), so that the bytes skip the loopback TCP leg. Off by default:
+        /// a blocking read on a paired application's socket can return EAGAIN (see the
+        /// README).
         #[arg(long, value_enum, default_value_t = Toggle::Off)]
         same_host_bypass: Toggle,
         /// The cgroup (v2) whose applications' sockets are paired, as a path in the cgroup

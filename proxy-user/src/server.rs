@@ -291,7 +291,11 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
 fn choose_plane(opts: &RunOptions) -> Result<Plane, StartError> {
     let load = || -> Result<Splicer, LoadError> {
         let registry = Arc::new(Registry::default());
-        let kernel = Kernel::load(Arc::clone(&registry), opts.pair_cgroup.as_deref())?;
+        let kernel = Kernel::load(
+            Arc::clone(&registry),
+            opts.pair_cgroup.as_deref(),
+            opts.max_buffer,
+        )?;
         let watcher = Watcher::start(Arc::clone(&registry))?;
         Ok(Splicer {
             kernel,
@@ -635,6 +639,9 @@ struct ServiceSnapshot {
     direct_bytes: u64,
     via_tcp: u64,
     early_writes: u64,
+    /// Paired connections whose application fell more than the bound behind in reading, so
+    /// that the client's bytes went back to the TCP path.
+    unread_stops: u64,
 }
 
 fn snapshot(shared: &Shared) -> Snapshot<'_> {
@@ -667,6 +674,7 @@ fn snapshot(shared: &Shared) -> Snapshot<'_> {
                     direct_bytes: t.direct_bytes,
                     via_tcp: t.via_tcp,
                     early_writes: t.early_writes,
+                    unread_stops: t.unread_stops,
                     stream_faults: t.stream_faults,
                 })
                 .collect();

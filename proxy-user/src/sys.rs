@@ -156,6 +156,20 @@ pub fn set_send_buffer(fd: BorrowedFd<'_>, bytes: u64) -> io::Result<()> {
     }
 }
 
+/// Fixes a socket's receive buffer at `bytes` of payload (doubled by the kernel, past
+/// `net.core.rmem_max` when the process may) and caps the window it offers at `window`.
+pub fn set_receive_window(fd: BorrowedFd<'_>, bytes: u64, window: u64) -> io::Result<()> {
+    let value = i32::try_from(bytes).unwrap_or(i32::MAX / 2);
+    match setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, value) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, value)?;
+        }
+        other => other?,
+    }
+    let window = i32::try_from(window).unwrap_or(i32::MAX / 2);
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, window)
+}
+
 /// The pending error of a socket (`SO_ERROR`), which reading clears.
 pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
     let mut err: libc::c_int = 0;

@@ -136,11 +136,12 @@ fn application_writes_and_closes_at_once() {
     assert_eq!(s["connections"]["completed"], 20, "{s:#}");
 }
 
-/// Bulk both ways through an echo that reads first: the client's bytes all go straight into
-/// the application's queue, and the application's straight to the client or, while the
-/// client is behind, through the application's TCP path; none is lost or reordered.
+/// Bulk both ways through an echo that reads first: the client's bytes go straight into the
+/// application's queue (or, once the application is the bound behind, through the upstream's
+/// TCP path), and the application's straight to the client or, while the client is behind,
+/// through the application's TCP path; none is lost or reordered.
 #[test]
-fn no_byte_crosses_the_loopback_leg_to_the_application() {
+fn bulk_echo_both_ways_is_exact() {
     const SIZE: u64 = 64 << 20;
     let net = Net::new(Topo::Loopback);
     let _app = Server::start(&net.proxy, net.backend(), echo);
@@ -157,18 +158,102 @@ fn no_byte_crosses_the_loopback_leg_to_the_application() {
     let s = daemon.wait_idle();
     let svc = service(&s);
     let count = |name: &str| svc[name].as_u64().expect("counter");
-    // Every byte the daemon took from the client (through the verdict, or by itself at the
-    // end of a held stream) went straight into the application's queue.
-    assert_eq!(count("ingress_bytes"), SIZE, "{s:#}");
     let moved = s["kernel"]["userspace_moved_bytes"]
         .as_u64()
         .expect("counter");
     let (direct, via_tcp) = (count("direct_bytes"), count("bytes_to_client"));
+    // Every byte the daemon took from the client went through the verdict (or, at the end of
+    // a held stream, through userspace); every byte of the application went straight to the
+    // client, through the verdict, or through userspace.
     assert_eq!(
         count("bytes_to_backend") + direct + via_tcp + moved,
         2 * SIZE,
         "{s:#}"
     );
-    assert!(direct > 0, "{s:#}");
-    eprintln!("echo of {SIZE} B: {direct} B direct, {via_tcp} B through TCP, {moved} B moved");
+    let ingress = count("ingress_bytes");
+    assert!(ingress > 0 && direct > 0, "{s:#}");
+    // Straight into the application's queue until, at most once, it fell behind.
+    assert!(count("unread_stops") <= 1, "{s:#}");
+    if count("unread_stops") == 0 {
+        assert_eq!(ingress, SIZE, "{s:#}");
+    }
+    eprintln!(
+        "echo of {SIZE} B: {ingress} B into the application's queue; {direct} B direct, \
+         {via_tcp} B through TCP, {moved} B moved"
+    );
+}
+
+/// Bytes of `s`'s receive side the kernel holds (`SO_MEMINFO`): what a paired socket has not
+/// read, in its queue from the `sk_msg` program or its TCP receive queue.
+fn unread(s: &TcpStream) -> u64 {
+    let mut info = [0u32; 9];
+    let mut len = size_of_val(&info) as libc::socklen_t;
+    // SAFETY: the buffer and its length describe nine u32 for the kernel to fill.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &raw mut len,
+        )
+    };
+    assert_eq!(rc, 0, "SO_MEMINFO: {}", std::io::Error::last_os_error());
+    u64::from(info[0])
+}
+
+/// An application that stops reading: what the kernel puts into its queue has no TCP window
+/// to stop it, so past the bound the client's bytes go back to the upstream's TCP path, where
+/// TCP holds the client back. When the application reads again it gets every byte in order,
+/// across the switch.
+#[test]
+fn application_that_stops_reading_is_bounded() {
+    const SIZE: u64 = 512 << 20;
+    let net = Net::new(Topo::Loopback);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _app = Server::start(&net.proxy, net.backend(), move |s| {
+        tx.send(s).expect("the test waits for the socket");
+    });
+    let daemon = Daemon::start(&net.proxy, "sockmap", BYPASS);
+    let mut c = net.connect();
+    let mut app = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the application accepts");
+    let writer = std::thread::spawn(move || {
+        tests::send_pattern(&mut c, 23, SIZE).expect("send");
+        c.shutdown(Shutdown::Write).expect("half-close");
+        c
+    });
+    // The client is held back well before it could send it all.
+    let mut last = unread(&app);
+    for _ in 0..30 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let now = unread(&app);
+        if now == last && now > 0 {
+            break;
+        }
+        last = now;
+    }
+    assert!(
+        !writer.is_finished(),
+        "a stalled application took {SIZE} bytes"
+    );
+    let held = unread(&app);
+    assert!(
+        held <= tests::MAX_BUFFER + (1 << 20),
+        "the application holds {held} bytes it has not read (bound {})",
+        tests::MAX_BUFFER
+    );
+    let s = daemon.stats();
+    assert_eq!(service(&s)["unread_stops"], 1, "{s:#}");
+    // Reading again: every byte, in order, then the end.
+    assert_eq!(
+        tests::recv_pattern(&mut tests::EventLoopReader(&mut app), 23),
+        Ok(SIZE)
+    );
+    let _client = writer.join().expect("writer");
+    drop(app);
+    let s = daemon.wait_idle();
+    assert_eq!(s["connections"]["completed"], 1, "{s:#}");
+    eprintln!("a stalled application held {held} B unread");
 }

@@ -4,6 +4,7 @@
 
 use std::{
     os::fd::{AsRawFd, BorrowedFd},
+    path::Path,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
@@ -17,6 +18,7 @@ use proxy_common::{
     ServiceCounters, Tuple, UserTx, hold_port_key, names,
 };
 
+use super::btf;
 use crate::watch::{Registry, SockEvent};
 
 /// The object built by build.rs (empty when built with `AYA_BUILD_SKIP=1`).
@@ -142,15 +144,35 @@ impl Kernel {
     /// pump (ring buffer -> `registry`) and the kernel log pump on the current runtime.
     ///
     /// With `pair_cgroup` (a path in the cgroup v2 hierarchy, `/` for the root), the pair
-    /// program is attached there too; if it cannot be, that is logged and connections to
-    /// machines on this host take the verdict path like any other.
-    pub fn load(registry: Arc<Registry>, pair_cgroup: Option<&str>) -> Result<Self, LoadError> {
+    /// program is attached there too; if it cannot be, or this kernel's TCP socket layout is
+    /// unknown, that is logged and connections to machines on this host take the verdict path
+    /// like any other. `max_buffer` is the per-direction bound (`--max-buffer`).
+    pub fn load(
+        registry: Arc<Registry>,
+        pair_cgroup: Option<&str>,
+        max_buffer: u64,
+    ) -> Result<Self, LoadError> {
         if OBJECT.is_empty() {
             return Err(LoadError::NoObject);
         }
+        // The bypass reads TCP socket fields whose place this kernel's BTF gives.
+        let layout = pair_cgroup.and_then(|_| {
+            btf::tcp_sock_layout(Path::new(btf::VMLINUX))
+                .inspect_err(|e| {
+                    tracing::warn!(
+                        error = %e,
+                        "!!! same-host bypass is OFF: the kernel's TCP socket layout is unknown; \
+                         connections to machines on this host take the verdict path !!!"
+                    );
+                })
+                .ok()
+        });
+        let pair_cgroup = pair_cgroup.filter(|_| layout.is_some());
         let same_host = u32::from(pair_cgroup.is_some());
         let mut ebpf = EbpfLoader::new()
             .override_global(names::SAME_HOST, &same_host, true)
+            .override_global(names::TCP_SOCK, &layout.unwrap_or_default(), true)
+            .override_global(names::UNREAD_LIMIT, &max_buffer, true)
             .load(OBJECT)
             .map_err(|e| LoadError::Object(Box::new(e)))?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -411,6 +433,7 @@ impl Kernel {
                 sum.direct_bytes += v.direct_bytes;
                 sum.via_tcp += v.via_tcp;
                 sum.early_writes += v.early_writes;
+                sum.unread_stops += v.unread_stops;
             }
         }
         sum

@@ -164,6 +164,14 @@ pub async fn connect(
     if let Some(e) = stream.take_error()? {
         return Err(e.into());
     }
+    // The upstream socket of a paired connection sends no data segment (its bytes go into the
+    // application's queue), so its receive window only moves with its acknowledgements. Those
+    // it sends while it works through the backlog of packets that arrived while the kernel's
+    // worker held its lock count that whole backlog as still in use, and the last can offer
+    // less than a segment; with nothing sent after the backlog is gone, the application then
+    // waits for its zero-window probe (200 ms). A fixed buffer (the kernel doubles `limit`)
+    // four times the window it may offer keeps every offer above half that window.
+    sys::set_receive_window(stream.as_fd(), limit, limit / 2)?;
 
     let app = upstream.reversed();
     let deadline = tokio::time::Instant::now() + PAIR_WAIT;

@@ -544,6 +544,10 @@ impl Splicer {
                 Side::Client => SIDE_CLIENT,
                 Side::Backend => SIDE_BACKEND,
             },
+            app_cookie: match side {
+                Side::Client => same_host.and_then(|s| s.app_cookie).unwrap_or(0),
+                Side::Backend => 0,
+            },
             ..Link::default()
         };
         let mut pair = Pair {
