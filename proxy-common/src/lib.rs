@@ -52,9 +52,9 @@ pub mod names {
     /// Global [`crate::TcpSockLayout`], set at load with the bypass on: where this kernel
     /// keeps the `struct tcp_sock` fields the programs read.
     pub const TCP_SOCK: &str = "TCP_SOCK";
-    /// Global `u64`, set at load: the daemon's `--max-buffer`. A paired application with more
-    /// than this unread sends its client's bytes back to the TCP path (see
-    /// [`crate::Flow::upstream_tcp`]).
+    /// Global `u64`, set at load: the daemon's `--max-buffer`. While a paired application has
+    /// more than this unread, its client's bytes take the upstream's TCP path (see
+    /// [`crate::Flow::app_behind`]).
     pub const UNREAD_LIMIT: &str = "UNREAD_LIMIT";
 }
 
@@ -75,6 +75,13 @@ pub struct TcpSockLayout {
     /// socket's receive side, which includes what a `sk_msg` program put into its queue and
     /// its reader has not read.
     pub rmem_alloc: u32,
+    /// `u32 copied_seq`: the sequence number after the last byte its reader read.
+    pub copied_seq: u32,
+    #[expect(
+        clippy::pub_underscore_fields,
+        reason = "explicit padding of a kernel ABI struct"
+    )]
+    pub _pad: u32,
 }
 
 /// One socket's own view of its connection: its address and port, and its peer's. Addresses
@@ -133,15 +140,17 @@ pub const BYPASS_PAIRED: u32 = 1;
 /// [`Bypass::state`]: the pair program claimed the pairing, but the kernel would not take the
 /// application's socket into [`names::SOCKS`]; the connection uses the verdict path.
 pub const BYPASS_REFUSED: u32 = 2;
-/// [`Bypass::state`] of the application's side: its client has more than [`Bypass::limit`]
-/// unacknowledged, so what the application sends takes its own TCP path (through the upstream
-/// socket and the verdict, which hold it back) until every byte it sent either way is in the
-/// client's send queue; then it goes [`BYPASS_PAIRED`] again.
+/// [`Bypass::state`]: this side's bytes take its TCP path for a while. The application's side:
+/// its client has more than [`Bypass::limit`] unacknowledged, so what the application sends
+/// goes through the upstream socket and the verdict, which hold it back, until every byte it
+/// sent either way is in the client's send queue. The upstream's side: the application has
+/// more than the bound unread ([`Flow::app_behind`]), so the client's bytes go to it over TCP,
+/// which holds them back, until it is no longer behind and has read every byte sent that way.
+/// Then the side goes [`BYPASS_PAIRED`] again.
 pub const BYPASS_VIA_TCP: u32 = 3;
-/// [`Bypass::state`]: this side's bytes take its TCP path for good, behind bytes already on
-/// it. The application's side: it sent on that path before its socket was paired (it wrote in
-/// the instant between accepting the socket and the pairing). The upstream's side: the
-/// application fell more than the bound behind in reading ([`Flow::upstream_tcp`]).
+/// [`Bypass::state`] of the application's side: the application sent on its own TCP path
+/// before its socket was paired (it wrote in the instant between accepting the socket and the
+/// pairing), so what it sends takes that path for good, behind those bytes.
 pub const BYPASS_PASSED: u32 = 4;
 
 /// One side of a same-host connection. Key: that socket's [`Tuple`].
@@ -260,17 +269,17 @@ pub struct Flow {
     /// queued and not acknowledged), as the `sock_ops` program last saw it, at the same
     /// moments as [`Flow::acked`].
     pub written: u64,
-    /// A client socket of a paired same-host connection: non-zero once its application had
-    /// more than the bound unread. The upstream socket's `sk_msg` program then stops putting
-    /// the client's bytes into the application's queue, and they take the upstream's TCP path,
-    /// where TCP and holds bound them; for good, so that no byte overtakes those on that path.
-    /// Set by the verdict; read by the upstream's `sk_msg` program.
-    pub upstream_tcp: u32,
-    #[expect(
-        clippy::pub_underscore_fields,
-        reason = "explicit padding of a kernel ABI struct"
-    )]
-    pub _pad: u32,
+    /// A client socket of a paired same-host connection: non-zero while its application has
+    /// more than the bound unread, as the verdict last saw it (at each batch it passed on).
+    /// The upstream socket's `sk_msg` program then sends the client's bytes over its TCP
+    /// path, where the application's receive window holds them back, rather than into the
+    /// application's queue, which nothing bounds.
+    pub app_behind: u32,
+    /// The application's `copied_seq` (in the upstream socket's sequence space), as the
+    /// verdict last saw it: once it equals the upstream's `write_seq`, the application has
+    /// read every byte sent over TCP, and new bytes may go into its queue again without
+    /// overtaking any.
+    pub app_copied_seq: u32,
 }
 
 /// Per-service counters kept by the kernel, one copy per CPU; userspace sums them.
@@ -311,8 +320,8 @@ pub struct ServiceCounters {
     /// Application sockets that sent on their TCP path before they were paired
     /// ([`BYPASS_PASSED`]).
     pub early_writes: u64,
-    /// Paired connections whose application had more than the bound unread, so that the
-    /// client's bytes went back to the upstream's TCP path ([`Flow::upstream_tcp`]).
+    /// Times a paired application had more than the bound unread, so that its client's bytes
+    /// went over the upstream's TCP path for a while ([`Flow::app_behind`]).
     pub unread_stops: u64,
 }
 
@@ -347,7 +356,7 @@ const _: () = {
     assert!(core::mem::size_of::<Bypass>() == 64);
     assert!(core::mem::size_of::<UserTx>() == 16);
     assert!(core::mem::size_of::<FlowEvent>() == 16);
-    assert!(core::mem::size_of::<TcpSockLayout>() == 16);
+    assert!(core::mem::size_of::<TcpSockLayout>() == 24);
 };
 
 #[cfg(feature = "user")]

@@ -83,9 +83,11 @@ static TCP_SOCK: Global<TcpSockLayout> = Global::new(TcpSockLayout {
     snd_una: 0,
     bytes_acked: 0,
     rmem_alloc: 0,
+    copied_seq: 0,
+    _pad: 0,
 });
 
-/// The daemon's `--max-buffer`, set at load: see `proxy_common::Flow::upstream_tcp`.
+/// The daemon's `--max-buffer`, set at load: see `proxy_common::Flow::app_behind`.
 #[unsafe(no_mangle)]
 static UNREAD_LIMIT: Global<u64> = Global::new(0);
 
@@ -182,14 +184,20 @@ fn try_spliced_verdict(ctx: &SkBuffContext) -> Result<u32, i64> {
     }
 
     flow.redirected += len;
-    if link.app_cookie != 0 && flow.upstream_tcp == 0 && app_behind(link.app_cookie) {
-        // A paired application that has not read the bound: stop queueing for it (see
-        // `Flow::upstream_tcp`).
-        flow.upstream_tcp = 1;
-        if let Some(c) = counters {
+    if link.app_cookie != 0
+        && let Some((behind, copied_seq)) = app_reading(link.app_cookie)
+    {
+        // For the upstream's `sk_msg` program, which runs when these bytes reach it (see
+        // `Flow::app_behind`).
+        if behind
+            && flow.app_behind == 0
+            && let Some(c) = counters
+        {
             // SAFETY: per-CPU value of this CPU; nothing else writes it during this run.
             unsafe { (*c).unread_stops += 1 };
         }
+        flow.app_behind = u32::from(behind);
+        flow.app_copied_seq = copied_seq;
     }
 
     let mut event_state = 0u8;
@@ -224,12 +232,13 @@ fn try_spliced_verdict(ctx: &SkBuffContext) -> Result<u32, i64> {
     Ok(verdict)
 }
 
-/// Whether the application socket `app` (a key of `SOCKS`) has more than the bound in its
-/// receive queue that it has not read. What the upstream's `sk_msg` program puts there has no
-/// TCP window to stop it, so this is what bounds it. A socket that is gone is not behind.
-fn app_behind(mut app: u64) -> bool {
+/// How far the application socket `app` (a key of `SOCKS`) is in reading: whether it has more
+/// than the bound in its receive queue unread, and its `copied_seq`. What the upstream's
+/// `sk_msg` program puts into that queue has no TCP window to stop it, so this is what bounds
+/// it. `None`: the socket is gone.
+fn app_reading(mut app: u64) -> Option<(bool, u32)> {
     if SAME_HOST.load() == 0 {
-        return false;
+        return None;
     }
     // SAFETY: SOCKS is a map of this object (SockHash is a transparent wrapper of its
     // definition) and the key a u64 on the stack; a socket found is held until released.
@@ -240,22 +249,31 @@ fn app_behind(mut app: u64) -> bool {
         )
     };
     if sk.is_null() {
-        return false;
+        return None;
     }
     // SAFETY: the helper checks the socket it is given and returns null if it is not TCP.
     let tp = unsafe { bpf_skc_to_tcp_sock(sk) };
-    let unread = if tp.is_null() {
-        0
+    let reading = if tp.is_null() {
+        None
     } else {
-        let at = TCP_SOCK.load().rmem_alloc as usize;
-        // SAFETY: the offset is that of an int of this kernel's `struct tcp_sock`, found in
-        // its BTF by userspace; the verifier checks the read against that BTF.
-        let rmem = unsafe { core::ptr::read_volatile(tp.cast::<u8>().add(at).cast::<i32>()) };
-        u64::try_from(rmem).unwrap_or(0)
+        let layout = TCP_SOCK.load();
+        let base = tp.cast::<u8>().cast_const();
+        // SAFETY: the offsets are those of an int and a u32 of this kernel's `struct
+        // tcp_sock`, found in its BTF by userspace; the verifier checks the reads against it.
+        let (rmem, copied_seq) = unsafe {
+            (
+                core::ptr::read_volatile(base.add(layout.rmem_alloc as usize).cast::<i32>()),
+                core::ptr::read_volatile(base.add(layout.copied_seq as usize).cast::<u32>()),
+            )
+        };
+        Some((
+            u64::try_from(rmem).unwrap_or(0) > UNREAD_LIMIT.load(),
+            copied_seq,
+        ))
     };
     // SAFETY: releases the socket the lookup took.
     unsafe { bpf_sk_release(sk) };
-    unread > UNREAD_LIMIT.load()
+    reading
 }
 
 /// Counts a batch the verdict drops (the stream the peer gets is then damaged) and, for the
@@ -377,14 +395,14 @@ pub fn spliced_msg(ctx: SkMsgContext) -> u32 {
     let entry = unsafe { &mut *entry };
     let size = u64::from(size);
     if entry.role == ROLE_UPSTREAM {
-        if entry.state != BYPASS_PAIRED {
+        if entry.state != BYPASS_PAIRED && entry.state != BYPASS_VIA_TCP {
             return sk_action::SK_PASS;
         }
-        // SAFETY: the map value stays valid for the run; the flag only ever goes from 0 to 1.
-        if unsafe { FLOWS.get(&entry.client_cookie) }.is_some_and(|f| f.upstream_tcp != 0) {
-            // The application is behind: from here on the client's bytes take this socket's
-            // TCP path, after every byte put into its queue, which it reads first.
-            entry.state = BYPASS_PASSED;
+        // SAFETY: the map value stays valid for the run (the verdict of the client's socket
+        // may update it meanwhile; stale values only keep the bytes on TCP longer).
+        let reading = unsafe { FLOWS.get(&entry.client_cookie) }
+            .map_or((0, 0), |f| (f.app_behind, f.app_copied_seq));
+        if upstream_on_tcp(&ctx, entry, reading) {
             return sk_action::SK_PASS;
         }
         let mut app = entry.app_cookie;
@@ -437,6 +455,47 @@ pub fn spliced_msg(ctx: SkMsgContext) -> u32 {
     entry.bytes += size;
     count(entry.service, |c| c.direct_bytes += size);
     sk_action::SK_PASS
+}
+
+/// Whether the upstream socket of `entry` sends this message over its TCP path rather than into
+/// the application's queue, given how the application is reading (`Flow::app_behind`,
+/// `Flow::app_copied_seq`). It goes over TCP while the application is behind; it comes back
+/// only once the application has read every byte sent over TCP: the application reads its
+/// queue before its TCP stream, so a byte put into the queue earlier would overtake them.
+fn upstream_on_tcp(
+    ctx: &SkMsgContext,
+    entry: &mut Bypass,
+    (behind, copied_seq): (u32, u32),
+) -> bool {
+    if entry.state == BYPASS_PAIRED {
+        if behind == 0 {
+            return false;
+        }
+        entry.state = BYPASS_VIA_TCP;
+        return true;
+    }
+    if behind != 0 {
+        return true;
+    }
+    // SAFETY: a field of the context the kernel filled.
+    let sk = unsafe { (*ctx.msg).__bindgen_anon_3.sk };
+    if sk.is_null() {
+        return true;
+    }
+    // SAFETY: the helper checks the socket it is given and returns null if it is not TCP.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
+    if tp.is_null() {
+        return true;
+    }
+    let at = TCP_SOCK.load().write_seq as usize;
+    // SAFETY: the offset is that of a u32 of this kernel's `struct tcp_sock`, found in its BTF
+    // by userspace; the verifier checks the read against it.
+    let write_seq = unsafe { core::ptr::read_volatile(tp.cast::<u8>().add(at).cast::<u32>()) };
+    if write_seq != copied_seq {
+        return true;
+    }
+    entry.state = BYPASS_PAIRED;
+    false
 }
 
 /// Adds to this CPU's counters of `service`.

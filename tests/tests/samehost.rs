@@ -137,7 +137,7 @@ fn application_writes_and_closes_at_once() {
 }
 
 /// Bulk both ways through an echo that reads first: the client's bytes go straight into the
-/// application's queue (or, once the application is the bound behind, through the upstream's
+/// application's queue (or, while the application is the bound behind, through the upstream's
 /// TCP path), and the application's straight to the client or, while the client is behind,
 /// through the application's TCP path; none is lost or reordered.
 #[test]
@@ -172,8 +172,7 @@ fn bulk_echo_both_ways_is_exact() {
     );
     let ingress = count("ingress_bytes");
     assert!(ingress > 0 && direct > 0, "{s:#}");
-    // Straight into the application's queue until, at most once, it fell behind.
-    assert!(count("unread_stops") <= 1, "{s:#}");
+    // Straight into the application's queue, except while it was behind.
     if count("unread_stops") == 0 {
         assert_eq!(ingress, SIZE, "{s:#}");
     }
@@ -203,9 +202,9 @@ fn unread(s: &TcpStream) -> u64 {
 }
 
 /// An application that stops reading: what the kernel puts into its queue has no TCP window
-/// to stop it, so past the bound the client's bytes go back to the upstream's TCP path, where
-/// TCP holds the client back. When the application reads again it gets every byte in order,
-/// across the switch.
+/// to stop it, so past the bound the client's bytes take the upstream's TCP path, where TCP
+/// holds the client back. When the application reads again it gets every byte in order,
+/// across the switch and back.
 #[test]
 fn application_that_stops_reading_is_bounded() {
     const SIZE: u64 = 512 << 20;
@@ -219,24 +218,36 @@ fn application_that_stops_reading_is_bounded() {
     let mut app = rx
         .recv_timeout(std::time::Duration::from_secs(10))
         .expect("the application accepts");
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sent2 = std::sync::Arc::clone(&sent);
     let writer = std::thread::spawn(move || {
-        tests::send_pattern(&mut c, 23, SIZE).expect("send");
+        let mut p = tests::Pattern::new(23);
+        let mut buf = vec![0; 64 * 1024];
+        while p.pos() < SIZE {
+            let n = (SIZE - p.pos()).min(buf.len() as u64) as usize;
+            p.fill(&mut buf[..n]);
+            c.write_all(&buf[..n]).expect("send");
+            sent2.store(p.pos(), std::sync::atomic::Ordering::Relaxed);
+        }
         c.shutdown(Shutdown::Write).expect("half-close");
         c
     });
-    // The client is held back well before it could send it all.
-    let mut last = unread(&app);
-    for _ in 0..30 {
+    // The client is held back well before it could send it all: it makes no progress for
+    // half a second.
+    let mut last = 0;
+    let mut still = 0;
+    for _ in 0..100 {
         std::thread::sleep(std::time::Duration::from_millis(100));
-        let now = unread(&app);
-        if now == last && now > 0 {
+        let now = sent.load(std::sync::atomic::Ordering::Relaxed);
+        still = if now == last && now > 0 { still + 1 } else { 0 };
+        last = now;
+        if still == 5 {
             break;
         }
-        last = now;
     }
-    assert!(
-        !writer.is_finished(),
-        "a stalled application took {SIZE} bytes"
+    assert_eq!(
+        still, 5,
+        "the client is not held back: it sent {last} bytes"
     );
     let held = unread(&app);
     assert!(
@@ -244,8 +255,15 @@ fn application_that_stops_reading_is_bounded() {
         "the application holds {held} bytes it has not read (bound {})",
         tests::MAX_BUFFER
     );
+    // Either the kernel saw it behind (its bytes then went over TCP) or the daemon held the
+    // client first; which one comes first is a race.
     let s = daemon.stats();
-    assert_eq!(service(&s)["unread_stops"], 1, "{s:#}");
+    let stops = service(&s)["unread_stops"].as_u64().expect("counter");
+    assert!(
+        stops >= 1 || s["kernel"]["holds"].as_u64() >= Some(1),
+        "{s:#}"
+    );
+    let ingress_held = service(&s)["ingress_bytes"].as_u64().expect("counter");
     // Reading again: every byte, in order, then the end.
     assert_eq!(
         tests::recv_pattern(&mut tests::EventLoopReader(&mut app), 23),
@@ -255,5 +273,11 @@ fn application_that_stops_reading_is_bounded() {
     drop(app);
     let s = daemon.wait_idle();
     assert_eq!(s["connections"]["completed"], 1, "{s:#}");
-    eprintln!("a stalled application held {held} B unread");
+    // Once it had read what came over TCP, the client's bytes went into its queue again.
+    let ingress = service(&s)["ingress_bytes"].as_u64().expect("counter");
+    assert!(ingress > ingress_held, "{s:#}");
+    eprintln!(
+        "a stalled application held {held} B unread ({stops} times behind); \
+         {ingress} B went into its queue"
+    );
 }

@@ -211,6 +211,8 @@ pub fn tcp_sock_layout(path: &Path) -> Result<TcpSockLayout, BtfError> {
         snd_una: field("snd_una", 4)?,
         bytes_acked: field("bytes_acked", 8)?,
         rmem_alloc: field("inet_conn.icsk_inet.sk.sk_backlog.rmem_alloc.counter", 4)?,
+        copied_seq: field("copied_seq", 4)?,
+        _pad: 0,
     })
 }
 
@@ -309,7 +311,11 @@ mod tests {
         // Every kernel the daemon supports has BTF; this machine's must parse.
         let got = tcp_sock_layout(Path::new(VMLINUX)).expect("this kernel's tcp_sock");
         assert!(
-            got.write_seq > 0 && got.snd_una > 0 && got.bytes_acked > 0 && got.rmem_alloc > 0,
+            got.write_seq > 0
+                && got.snd_una > 0
+                && got.bytes_acked > 0
+                && got.rmem_alloc > 0
+                && got.copied_seq > 0,
             "{got:?}"
         );
     }
