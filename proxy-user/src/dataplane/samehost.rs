@@ -175,16 +175,19 @@ pub async fn connect(
 
     let app = upstream.reversed();
     let deadline = tokio::time::Instant::now() + PAIR_WAIT;
+    // No entry yet counts as waiting: the socket can look connected to this task a moment
+    // before the hold program, which runs right after the kernel marks it established, has
+    // written the entries.
+    let waiting = |e: &Option<proxy_common::Bypass>| e.is_none_or(|e| e.state == BYPASS_WAITING);
     let mut entry = kernel.bypass(&app);
-    while entry.is_some_and(|e| e.state == BYPASS_WAITING) && tokio::time::Instant::now() < deadline
-    {
+    while waiting(&entry) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(1)).await;
         entry = kernel.bypass(&app);
     }
-    if entry.is_none_or(|e| e.state == BYPASS_WAITING) && !kernel.cancel_upstream(cookie)? {
-        // The kernel claimed it meanwhile: the pair program is running and finishes in
-        // moments.
-        while entry.is_some_and(|e| e.state == BYPASS_WAITING) {
+    if waiting(&entry) && !kernel.cancel_upstream(cookie)? {
+        // The kernel claimed it meanwhile: the pair program found the entries and is running;
+        // it finishes in moments.
+        while waiting(&entry) {
             tokio::time::sleep(Duration::from_millis(1)).await;
             entry = kernel.bypass(&app);
         }

@@ -99,6 +99,10 @@ pub enum Spliced {
 /// First and last wait between checks while a direction is held or ending.
 const POLL_MIN: Duration = Duration::from_millis(1);
 const POLL_MAX: Duration = Duration::from_millis(20);
+/// How long a paired connection's FIN to the application waits after every byte before it was
+/// counted into the application's queue: longer than the kernel's worker takes, short of being
+/// descheduled for that long, between counting a message and queueing it.
+const FIN_SETTLE: Duration = Duration::from_millis(5);
 /// Largest read when userspace moves bytes.
 const MOVE_CHUNK: usize = 256 * 1024;
 
@@ -130,9 +134,9 @@ struct Direction {
     sent: u64,
     /// Taken, not yet written.
     pending: Vec<u8>,
-    /// A paired connection's FIN to the application was ready at the last look: it is sent
-    /// at the next one (see [`Pair::forward_fin`]).
-    fin_ready: bool,
+    /// When a paired connection's FIN to the application was first ready (see
+    /// [`Pair::forward_fin`]).
+    fin_ready: Option<std::time::Instant>,
 }
 
 struct Pair<'a> {
@@ -442,9 +446,14 @@ impl Pair<'_> {
             }
             // The `sk_msg` program counts a message just before the kernel puts it into the
             // application's queue, and a FIN that arrived in between would let the
-            // application read the end of the stream before that message. The FIN goes a tick
-            // after everything was counted.
-            if !std::mem::replace(&mut self.dirs[i].fin_ready, true) {
+            // application read the end of the stream before that message (or, if it has
+            // shut its writing half, close its socket and lose it). So the FIN waits a while
+            // after everything was counted; a look alone is no wait, since the next can come
+            // at once, on the next socket event.
+            let ready = *self.dirs[i]
+                .fin_ready
+                .get_or_insert_with(std::time::Instant::now);
+            if ready.elapsed() < FIN_SETTLE {
                 return Ok(false);
             }
         }
