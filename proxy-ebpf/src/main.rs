@@ -251,26 +251,20 @@ fn app_reading(mut app: u64) -> Option<(bool, u32)> {
     if sk.is_null() {
         return None;
     }
-    // SAFETY: the helper checks the socket it is given and returns null if it is not TCP.
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk) };
-    let reading = if tp.is_null() {
-        None
-    } else {
+    let reading = tcp_sock(sk.cast()).map(|tp| {
         let layout = TCP_SOCK.load();
-        let base = tp.cast::<u8>().cast_const();
-        // SAFETY: the offsets are those of an int and a u32 of this kernel's `struct
-        // tcp_sock`, found in its BTF by userspace; the verifier checks the reads against it.
+        // SAFETY: an int and a u32 of `struct tcp_sock` (see `tcp_sock_field`).
         let (rmem, copied_seq) = unsafe {
             (
-                core::ptr::read_volatile(base.add(layout.rmem_alloc as usize).cast::<i32>()),
-                core::ptr::read_volatile(base.add(layout.copied_seq as usize).cast::<u32>()),
+                tcp_sock_field::<i32>(tp, layout.rmem_alloc),
+                tcp_sock_field::<u32>(tp, layout.copied_seq),
             )
         };
-        Some((
+        (
             u64::try_from(rmem).unwrap_or(0) > UNREAD_LIMIT.load(),
             copied_seq,
-        ))
-    };
+        )
+    });
     // SAFETY: releases the socket the lookup took.
     unsafe { bpf_sk_release(sk) };
     reading
@@ -478,20 +472,11 @@ fn upstream_on_tcp(
         return true;
     }
     // SAFETY: a field of the context the kernel filled.
-    let sk = unsafe { (*ctx.msg).__bindgen_anon_3.sk };
-    if sk.is_null() {
+    let Some(tp) = tcp_sock(unsafe { (*ctx.msg).__bindgen_anon_3.sk }) else {
         return true;
-    }
-    // SAFETY: the helper checks the socket it is given and returns null if it is not TCP.
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
-    if tp.is_null() {
-        return true;
-    }
-    let at = TCP_SOCK.load().write_seq as usize;
-    // SAFETY: the offset is that of a u32 of this kernel's `struct tcp_sock`, found in its BTF
-    // by userspace; the verifier checks the read against it.
-    let write_seq = unsafe { core::ptr::read_volatile(tp.cast::<u8>().add(at).cast::<u32>()) };
-    if write_seq != copied_seq {
+    };
+    // SAFETY: a u32 of `struct tcp_sock` (see `tcp_sock_field`).
+    if unsafe { tcp_sock_field::<u32>(tp, TCP_SOCK.load().write_seq) } != copied_seq {
         return true;
     }
     entry.state = BYPASS_PAIRED;
@@ -612,24 +597,37 @@ fn record_acked(ctx: &SockOpsContext) {
 /// `snd_una`), read through the kernel's own `struct tcp_sock`, which no program context
 /// carries. `None` for a socket that is not a full TCP socket.
 fn written(sk: *mut bpf_sock) -> Option<u64> {
+    let tp = tcp_sock(sk)?;
+    let layout = TCP_SOCK.load();
+    // SAFETY: two u32 and a u64 of `struct tcp_sock` (see `tcp_sock_field`).
+    unsafe {
+        let write_seq = tcp_sock_field::<u32>(tp, layout.write_seq);
+        let snd_una = tcp_sock_field::<u32>(tp, layout.snd_una);
+        let acked = tcp_sock_field::<u64>(tp, layout.bytes_acked);
+        Some(acked + u64::from(write_seq.wrapping_sub(snd_una)))
+    }
+}
+
+/// The kernel's `struct tcp_sock` of `sk`; `None` for a null pointer or a socket that is not
+/// a full TCP socket.
+fn tcp_sock(sk: *mut bpf_sock) -> Option<*const u8> {
     if sk.is_null() {
         return None;
     }
     // SAFETY: the helper checks the socket it is given and returns null if it is not TCP.
     let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
-    if tp.is_null() {
-        return None;
-    }
-    let layout = TCP_SOCK.load();
-    let base = tp.cast::<u8>().cast_const();
-    // SAFETY: the offsets are those of fields of this kernel's `struct tcp_sock` of these
-    // sizes, found in its BTF by userspace; the verifier checks each read against that BTF.
-    unsafe {
-        let write_seq = core::ptr::read_volatile(base.add(layout.write_seq as usize).cast::<u32>());
-        let snd_una = core::ptr::read_volatile(base.add(layout.snd_una as usize).cast::<u32>());
-        let acked = core::ptr::read_volatile(base.add(layout.bytes_acked as usize).cast::<u64>());
-        Some(acked + u64::from(write_seq.wrapping_sub(snd_una)))
-    }
+    (!tp.is_null()).then(|| tp.cast::<u8>().cast_const())
+}
+
+/// The field of `struct tcp_sock` `tp` at byte offset `at` (a [`TcpSockLayout`] offset).
+///
+/// # Safety
+/// `tp` comes from [`tcp_sock`], and this kernel's `struct tcp_sock` has a field of type `T` at
+/// `at`: userspace found it in the kernel's BTF, and the verifier checks the read against the
+/// same BTF (the offset is in read-only data, so it sees a constant).
+unsafe fn tcp_sock_field<T>(tp: *const u8, at: u32) -> T {
+    // SAFETY: as the caller promises.
+    unsafe { core::ptr::read_volatile(tp.add(at as usize).cast::<T>()) }
 }
 
 /// The remote port of the context's socket, in host order.
