@@ -147,27 +147,27 @@ pub fn poke_receive(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// Fixes a socket's send buffer at `bytes` of payload (the kernel doubles the value for its
 /// overhead), past the `net.core.wmem_max` cap when the process may (`SO_SNDBUFFORCE`).
 pub fn set_send_buffer(fd: BorrowedFd<'_>, bytes: u64) -> io::Result<()> {
-    let value = i32::try_from(bytes).unwrap_or(i32::MAX / 2);
-    match setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, value) {
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-            setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, value)
-        }
-        other => other,
-    }
+    set_buffer(fd, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, bytes)
 }
 
 /// Fixes a socket's receive buffer at `bytes` of payload (doubled by the kernel, past
 /// `net.core.rmem_max` when the process may) and caps the window it offers at `window`.
 pub fn set_receive_window(fd: BorrowedFd<'_>, bytes: u64, window: u64) -> io::Result<()> {
-    let value = i32::try_from(bytes).unwrap_or(i32::MAX / 2);
-    match setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, value) {
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-            setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, value)?;
-        }
-        other => other?,
-    }
+    set_buffer(fd, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, bytes)?;
     let window = i32::try_from(window).unwrap_or(i32::MAX / 2);
     setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, window)
+}
+
+/// Sets a buffer size with the `forced` option, which passes the `net.core` cap, or with
+/// `plain` when the process may not.
+fn set_buffer(fd: BorrowedFd<'_>, forced: i32, plain: i32, bytes: u64) -> io::Result<()> {
+    let value = i32::try_from(bytes).unwrap_or(i32::MAX / 2);
+    match setsockopt_int(fd, libc::SOL_SOCKET, forced, value) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            setsockopt_int(fd, libc::SOL_SOCKET, plain, value)
+        }
+        other => other,
+    }
 }
 
 /// The pending error of a socket (`SO_ERROR`), which reading clears.
