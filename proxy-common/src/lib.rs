@@ -166,9 +166,6 @@ pub struct Bypass {
     /// Bytes this socket sent that the `sk_msg` program redirected: the upstream's into the
     /// application's receive queue, the application's into the client's send queue.
     pub bytes: u64,
-    /// The application's side: bytes it sent on its own TCP path while
-    /// [`BYPASS_VIA_TCP`].
-    pub passed: u64,
     /// The application's side: how many bytes the client may have unacknowledged before what
     /// the application sends takes its TCP path (the daemon's `--max-buffer`).
     pub limit: u64,
@@ -353,7 +350,7 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceCounters>() == 136);
     assert!(core::mem::size_of::<Tuple>() == 40);
     assert!(core::mem::size_of::<Pairing>() == 24);
-    assert!(core::mem::size_of::<Bypass>() == 64);
+    assert!(core::mem::size_of::<Bypass>() == 56);
     assert!(core::mem::size_of::<UserTx>() == 16);
     assert!(core::mem::size_of::<FlowEvent>() == 16);
     assert!(core::mem::size_of::<TcpSockLayout>() == 24);

@@ -429,14 +429,12 @@ pub fn spliced_msg(ctx: SkMsgContext) -> u32 {
         // Every byte the application sent, either way, is in the client's send queue: what it
         // sends next cannot overtake any.
         if queued < entry.bytes + via_tcp {
-            entry.passed += size;
             return sk_action::SK_PASS;
         }
         entry.state = BYPASS_PAIRED;
     }
     if (entry.bytes + via_tcp + size).saturating_sub(acked) > entry.limit {
         entry.state = BYPASS_VIA_TCP;
-        entry.passed += size;
         count(entry.service, |c| c.via_tcp += 1);
         return sk_action::SK_PASS;
     }
@@ -713,7 +711,6 @@ fn publish_upstream(ctx: &SockOpsContext) {
         client_cookie: pairing.client_cookie,
         app_cookie: 0,
         bytes: 0,
-        passed: 0,
         limit: pairing.limit,
         state: BYPASS_WAITING,
         role: ROLE_UPSTREAM,
