@@ -669,6 +669,19 @@ impl Server {
         let stop2 = Arc::clone(&stop);
         let thread = ns.spawn(move || {
             let listener = TcpListener::bind(addr).expect("backend binds");
+            // The standard library listens with a backlog of 128, which a test that opens
+            // 1000 connections at once overflows: the kernel then drops handshakes (or answers
+            // with SYN cookies whose final ACK it drops), and those connections wait for
+            // retransmissions a second or more later. Listening again only changes the
+            // backlog (the kernel caps it at `net.core.somaxconn`).
+            // SAFETY: a valid listening socket.
+            let rc = unsafe { libc::listen(listener.as_raw_fd(), 4096) };
+            assert_eq!(
+                rc,
+                0,
+                "backend listens: {}",
+                std::io::Error::last_os_error()
+            );
             ready_tx.send(()).expect("test waits");
             for conn in listener.incoming() {
                 if stop2.load(Ordering::Relaxed) {
