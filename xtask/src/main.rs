@@ -58,7 +58,8 @@ enum Cmd {
         seconds: u64,
     },
     /// The benchmark suite: direct, spliced (sockmap, copy), `HAProxy`, nginx and socat,
-    /// interleaved, over loopback and veth; JSON, markdown and SVG in target/bench.
+    /// interleaved, over loopback, veth and edge; JSON, markdown and SVG in target/bench (or
+    /// `--out DIR`).
     Bench {
         /// A smoke run in under three minutes.
         #[arg(long)]
@@ -367,7 +368,16 @@ fn bench(root: &Path, quick: bool, args: &[String]) -> Result<()> {
         is_root(),
         "the benchmark needs root (network namespaces, BPF); run as root"
     );
-    let out = root.join("target/bench");
+    // The output directory is checked below, so an `--out` among the arguments (which the
+    // benchmark honours, the last one winning) is the one to check.
+    let out = args
+        .iter()
+        .rposition(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map_or_else(
+            || Ok(root.join("target/bench")),
+            |dir| std::env::current_dir().map(|cwd| cwd.join(dir)),
+        )?;
     let mut cmd = Command::new(root.join("target/release/spliced-bench"));
     cmd.arg("--spliced").arg(&spliced).arg("--out").arg(&out);
     if quick {

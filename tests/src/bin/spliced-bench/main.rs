@@ -1,8 +1,9 @@
 //! `spliced-bench`: the benchmark suite behind `cargo xtask bench`. Root only: it builds
 //! network namespaces. It measures direct connection, spliced (sockmap and copy planes),
 //! `HAProxy`, nginx stream and socat in the same run, interleaved (every target once per
-//! workload per round), over loopback and over veth, and writes JSON, a markdown table and
-//! SVG charts. It asserts no timing: a sample that fails is recorded with its error.
+//! workload per round), over loopback, over veth and at an edge (client over veth, backend on
+//! the proxy's host), and writes JSON, a markdown table and SVG charts. It asserts no timing:
+//! a sample that fails is recorded with its error.
 
 mod load;
 mod real;
@@ -107,7 +108,7 @@ fn parse_args() -> Result<Args> {
             extra: Vec::new(),
         },
         targets: TARGETS.to_vec(),
-        topologies: vec!["loopback".to_owned(), "veth".to_owned()],
+        topologies: vec!["loopback".to_owned(), "veth".to_owned(), "edge".to_owned()],
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -139,7 +140,7 @@ fn parse_args() -> Result<Args> {
             other => anyhow::bail!(
                 "unknown argument {other}; usage: spliced-bench [--quick] [--out DIR] \
                  [--spliced PATH] [--spliced-arg ARG]... [--targets a,b] \
-                 [--topologies loopback,veth]"
+                 [--topologies loopback,veth,edge]"
             ),
         }
     }
@@ -163,6 +164,7 @@ fn main() -> Result<()> {
         let topo = match name.as_str() {
             "loopback" => Topology::loopback(),
             "veth" => Topology::veth(),
+            "edge" => Topology::edge(),
             other => anyhow::bail!("unknown topology {other}"),
         };
         let _backend = topo::Backend::start(&topo.backend, topo.backend_addr)?;

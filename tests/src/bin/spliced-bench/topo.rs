@@ -142,6 +142,31 @@ impl Topology {
             backend_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 19, 0, 2)), BACKEND_PORT),
         }
     }
+
+    /// client | proxy and backend: the client's namespace joined by a veth pair to the one
+    /// the proxy and the backend share, so the client comes over a network and the backend
+    /// is a machine on the proxy's host. This is the edge the same-host bypass is for:
+    /// the bypass pairs here, and the client's own leg is the same for every target.
+    pub fn edge() -> Self {
+        let (c, p) = (Netns::new("bench-ec"), Netns::new("bench-ep"));
+        veth(
+            (&c, "vc", &["198.18.0.1/24"]),
+            (&p, "vp", &["198.18.0.2/24"]),
+        );
+        for ns in [&c, &p] {
+            tune(ns);
+        }
+        let p = Arc::new(p);
+        let ip = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));
+        Self {
+            name: "edge",
+            client: Arc::new(c),
+            proxy: Arc::clone(&p),
+            backend: p,
+            public_ip: ip,
+            backend_addr: SocketAddr::new(ip, BACKEND_PORT),
+        }
+    }
 }
 
 /// The backend: each connection's first byte says what it wants. `S`: a sink that reads to
