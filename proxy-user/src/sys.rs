@@ -445,6 +445,28 @@ pub fn tcp_diag(
         interface: 0,
         cookie: [u32::MAX; 2],
     };
+    DIAG_SOCKET.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let fd = match slot.take() {
+            Some(fd) => fd,
+            None => diag_socket()?,
+        };
+        let answer = diag_exchange(&fd, &request)?;
+        // Kept only after a whole exchange: a socket that failed part-way could still hold
+        // an answer meant for this request.
+        *slot = Some(fd);
+        parse_diag(&answer.0[..answer.1])
+    })
+}
+
+thread_local! {
+    /// One `sock_diag` socket per thread, reused: a lookup runs at every check of a paired
+    /// connection's end, and a socket per lookup doubled its system calls. Each request gets
+    /// exactly one answer (a lookup of one socket is not a dump), read before the next.
+    static DIAG_SOCKET: std::cell::RefCell<Option<OwnedFd>> = const { std::cell::RefCell::new(None) };
+}
+
+fn diag_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket creation; the result is checked.
     let fd = unsafe {
         libc::socket(
@@ -457,12 +479,16 @@ pub fn tcp_diag(
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a descriptor just created and owned by nothing else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sends `request` and reads its answer (the buffer and its length).
+fn diag_exchange(fd: &OwnedFd, request: &DiagRequest) -> io::Result<([u8; 1024], usize)> {
     // SAFETY: the buffer is the request struct, of the length given.
     let sent = unsafe {
         libc::send(
             fd.as_raw_fd(),
-            (&raw const request).cast(),
+            (&raw const *request).cast(),
             size_of::<DiagRequest>(),
             0,
         )
@@ -474,7 +500,7 @@ pub fn tcp_diag(
     // SAFETY: the kernel writes at most the buffer's length.
     let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
     let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
-    parse_diag(&buf[..n])
+    Ok((buf, n))
 }
 
 fn parse_diag(msg: &[u8]) -> io::Result<Option<TcpDiag>> {

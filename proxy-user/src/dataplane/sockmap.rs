@@ -411,6 +411,14 @@ impl Pair<'_> {
     /// peer's writing half, which queues the FIN after them.
     fn forward_fin(&mut self, side: Side) -> Result<bool, SpliceError> {
         let i = side.index();
+        // Settling (see below): every check passed once, and none can be undone by the side
+        // that sent the FIN; they all run again when the wait is over.
+        if self.dirs[i]
+            .fin_ready
+            .is_some_and(|ready| ready.elapsed() < FIN_SETTLE)
+        {
+            return Ok(false);
+        }
         let flow = self.flow(side)?;
         Self::intact(side, &flow)?;
         let own = self.counters(side)?;
