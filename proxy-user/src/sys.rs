@@ -455,7 +455,7 @@ pub fn tcp_diag(
         // Kept only after a whole exchange: a socket that failed part-way could still hold
         // an answer meant for this request.
         *slot = Some(fd);
-        parse_diag(&answer.0[..answer.1])
+        parse_diag(&answer.0[..answer.1], remote.port())
     })
 }
 
@@ -503,7 +503,8 @@ fn diag_exchange(fd: &OwnedFd, request: &DiagRequest) -> io::Result<([u8; 1024],
     Ok((buf, n))
 }
 
-fn parse_diag(msg: &[u8]) -> io::Result<Option<TcpDiag>> {
+/// Parses the answer to a lookup of the socket connected to port `remote_port`.
+fn parse_diag(msg: &[u8], remote_port: u16) -> io::Result<Option<TcpDiag>> {
     let short = || io::Error::other("short sock_diag answer");
     let u16_at = |at: usize| -> io::Result<u16> {
         Ok(u16::from_ne_bytes(
@@ -535,6 +536,12 @@ fn parse_diag(msg: &[u8]) -> io::Result<Option<TcpDiag>> {
     // inet_diag_msg after the 16-byte header: family, state, timer, retrans, then 48 bytes of
     // id and five u32s: 72 bytes in all. Attributes follow, 4-byte aligned.
     let state = *msg.get(17).ok_or_else(short)?;
+    // The kernel answers a lookup of a socket that is gone with the listening socket of its
+    // local port, if there is one (its remote port is zero).
+    let port = msg.get(22..24).ok_or_else(short)?;
+    if u16::from_be_bytes([port[0], port[1]]) != remote_port {
+        return Ok(None);
+    }
     let mut at = 16 + 72;
     while at + 4 <= len {
         let attr_len = u16_at(at)? as usize;
@@ -551,4 +558,59 @@ fn parse_diag(msg: &[u8]) -> io::Result<Option<TcpDiag>> {
         at += (attr_len + 3) & !3;
     }
     Ok(Some(TcpDiag { state, rmem: 0 }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::Write as _,
+        net::{TcpListener, TcpStream},
+        time::{Duration, Instant},
+    };
+
+    use super::*;
+
+    /// Real loopback sockets: one lookup after another on the thread's reused netlink socket
+    /// sees each socket as it is, and a missing socket is `None`, not an error.
+    #[test]
+    fn tcp_diag_reports_state_and_unread_bytes() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        let (local, remote) = (
+            server.local_addr().expect("addr"),
+            server.peer_addr().expect("addr"),
+        );
+        let diag = tcp_diag(local, remote).expect("diag").expect("found");
+        assert_eq!(diag.state, 1, "established");
+        assert_eq!(diag.rmem, 0);
+
+        client.write_all(&[7; 1000]).expect("write");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let unread = loop {
+            let d = tcp_diag(local, remote).expect("diag").expect("found");
+            if d.rmem > 0 || Instant::now() > deadline {
+                break d.rmem;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert!(unread >= 1000, "charged for the unread bytes: {unread}");
+
+        client
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
+        drop(client);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let shut = loop {
+            let d = tcp_diag(remote, local).expect("diag");
+            if d.is_none_or(|d| write_shut(d.state)) || Instant::now() > deadline {
+                break d;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert!(shut.is_none_or(|d| write_shut(d.state)), "{shut:?}");
+
+        let nobody = std::net::SocketAddr::from(([127, 0, 0, 1], 9));
+        assert_eq!(tcp_diag(local, nobody).expect("diag"), None);
+    }
 }
