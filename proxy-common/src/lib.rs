@@ -52,9 +52,9 @@ pub mod names {
     /// Global [`crate::TcpSockLayout`], set at load with the bypass on: where this kernel
     /// keeps the `struct tcp_sock` fields the programs read.
     pub const TCP_SOCK: &str = "TCP_SOCK";
-    /// Global `u64`, set at load: the daemon's `--max-buffer`. While a paired application has
-    /// more than this unread, its client's bytes take the upstream's TCP path (see
-    /// [`crate::Flow::app_behind`]).
+    /// Global `u64`, set at load: the daemon's `--max-buffer`. A paired application's queue
+    /// takes no more than this (nor more than half its receive buffer); past it, its client's
+    /// bytes take the upstream's TCP path (see [`crate::Flow::app_unread`]).
     pub const UNREAD_LIMIT: &str = "UNREAD_LIMIT";
 }
 
@@ -77,11 +77,8 @@ pub struct TcpSockLayout {
     pub rmem_alloc: u32,
     /// `u32 copied_seq`: the sequence number after the last byte its reader read.
     pub copied_seq: u32,
-    #[expect(
-        clippy::pub_underscore_fields,
-        reason = "explicit padding of a kernel ABI struct"
-    )]
-    pub _pad: u32,
+    /// `int sk_rcvbuf` of the `struct sock` inside: the most its receive side may hold.
+    pub rcvbuf: u32,
 }
 
 /// One socket's own view of its connection: its address and port, and its peer's. Addresses
@@ -144,7 +141,7 @@ pub const BYPASS_REFUSED: u32 = 2;
 /// its client has more than [`Bypass::limit`] unacknowledged, so what the application sends
 /// goes through the upstream socket and the verdict, which hold it back, until every byte it
 /// sent either way is in the client's send queue. The upstream's side: the application has
-/// more than the bound unread ([`Flow::app_behind`]), so the client's bytes go to it over TCP,
+/// no room in its queue ([`Flow::app_unread`]), so the client's bytes go to it over TCP,
 /// which holds them back, until it is no longer behind and has read every byte sent that way.
 /// Then the side goes [`BYPASS_PAIRED`] again.
 pub const BYPASS_VIA_TCP: u32 = 3;
@@ -266,17 +263,34 @@ pub struct Flow {
     /// queued and not acknowledged), as the `sock_ops` program last saw it, at the same
     /// moments as [`Flow::acked`].
     pub written: u64,
-    /// A client socket of a paired same-host connection: non-zero while its application has
-    /// more than the bound unread, as the verdict last saw it (at each batch it passed on).
-    /// The upstream socket's `sk_msg` program then sends the client's bytes over its TCP
-    /// path, where the application's receive window holds them back, rather than into the
-    /// application's queue, which nothing bounds.
-    pub app_behind: u32,
+    /// A client socket of a paired same-host connection: what its application's socket holds
+    /// unread (`sk_rmem_alloc`: its queue and its TCP receive queue), as the verdict last saw
+    /// it, at each batch it passed on. Nothing in the kernel bounds what the upstream socket's
+    /// `sk_msg` program puts into that queue, so the program does: it puts a message there
+    /// only while this, plus what it put there since ([`Flow::ingressed`] less
+    /// [`Flow::ingressed_seen`]), plus the message, stays within `UNREAD_LIMIT` and half of
+    /// [`Flow::app_rcvbuf`]. Otherwise the client's bytes take the upstream's TCP path, where
+    /// the application's receive window holds them back. The half keeps that window open:
+    /// the queue's bytes count against the same receive memory, and an application that reads
+    /// only its queue sends no window update, so a window they closed would reopen only at
+    /// TCP's backed-off zero-window probes.
+    pub app_unread: u32,
     /// The application's `copied_seq` (in the upstream socket's sequence space), as the
     /// verdict last saw it: once it equals the upstream's `write_seq`, the application has
     /// read every byte sent over TCP, and new bytes may go into its queue again without
     /// overtaking any.
     pub app_copied_seq: u32,
+    /// Bytes the upstream's `sk_msg` program put into the application's queue, written by it.
+    pub ingressed: u64,
+    /// [`Flow::ingressed`] when the verdict last read [`Flow::app_unread`] (read before it).
+    pub ingressed_seen: u64,
+    /// The application socket's `sk_rcvbuf`, as the verdict last saw it.
+    pub app_rcvbuf: u32,
+    #[expect(
+        clippy::pub_underscore_fields,
+        reason = "explicit padding of a kernel ABI struct"
+    )]
+    pub _pad: u32,
 }
 
 /// Per-service counters kept by the kernel, one copy per CPU; userspace sums them.
@@ -318,7 +332,7 @@ pub struct ServiceCounters {
     /// ([`BYPASS_PASSED`]).
     pub early_writes: u64,
     /// Times a paired application had more than the bound unread, so that its client's bytes
-    /// went over the upstream's TCP path for a while ([`Flow::app_behind`]).
+    /// went over the upstream's TCP path for a while ([`Flow::app_unread`]).
     pub unread_stops: u64,
 }
 
@@ -346,7 +360,7 @@ pub struct FlowEvent {
 
 const _: () = {
     assert!(core::mem::size_of::<Link>() == 40);
-    assert!(core::mem::size_of::<Flow>() == 72);
+    assert!(core::mem::size_of::<Flow>() == 96);
     assert!(core::mem::size_of::<ServiceCounters>() == 136);
     assert!(core::mem::size_of::<Tuple>() == 40);
     assert!(core::mem::size_of::<Pairing>() == 24);

@@ -84,10 +84,10 @@ static TCP_SOCK: Global<TcpSockLayout> = Global::new(TcpSockLayout {
     bytes_acked: 0,
     rmem_alloc: 0,
     copied_seq: 0,
-    _pad: 0,
+    rcvbuf: 0,
 });
 
-/// The daemon's `--max-buffer`, set at load: see `proxy_common::Flow::app_behind`.
+/// The daemon's `--max-buffer`, set at load: see `proxy_common::Flow::app_unread`.
 #[unsafe(no_mangle)]
 static UNREAD_LIMIT: Global<u64> = Global::new(0);
 
@@ -184,20 +184,17 @@ fn try_spliced_verdict(ctx: &SkBuffContext) -> Result<u32, i64> {
     }
 
     flow.redirected += len;
-    if link.app_cookie != 0
-        && let Some((behind, copied_seq)) = app_reading(link.app_cookie)
-    {
+    if link.app_cookie != 0 {
         // For the upstream's `sk_msg` program, which runs when these bytes reach it (see
-        // `Flow::app_behind`).
-        if behind
-            && flow.app_behind == 0
-            && let Some(c) = counters
-        {
-            // SAFETY: per-CPU value of this CPU; nothing else writes it during this run.
-            unsafe { (*c).unread_stops += 1 };
+        // `Flow::app_unread`). What it put into the queue up to here is counted before the
+        // queue is read, so none of it is missed.
+        let ingressed = flow.ingressed;
+        if let Some(app) = app_reading(link.app_cookie) {
+            flow.ingressed_seen = ingressed;
+            flow.app_unread = app.unread;
+            flow.app_rcvbuf = app.rcvbuf;
+            flow.app_copied_seq = app.copied_seq;
         }
-        flow.app_behind = u32::from(behind);
-        flow.app_copied_seq = copied_seq;
     }
 
     let mut event_state = 0u8;
@@ -232,11 +229,20 @@ fn try_spliced_verdict(ctx: &SkBuffContext) -> Result<u32, i64> {
     Ok(verdict)
 }
 
-/// How far the application socket `app` (a key of `SOCKS`) is in reading: whether it has more
-/// than the bound in its receive queue unread, and its `copied_seq`. What the upstream's
-/// `sk_msg` program puts into that queue has no TCP window to stop it, so this is what bounds
+/// How far an application socket is in reading (see `proxy_common::Flow::app_unread`).
+struct AppReading {
+    /// `sk_rmem_alloc`: what it holds unread, in its queue and its TCP receive queue.
+    unread: u32,
+    /// `sk_rcvbuf`.
+    rcvbuf: u32,
+    /// `copied_seq`.
+    copied_seq: u32,
+}
+
+/// How far the application socket `app` (a key of `SOCKS`) is in reading. What the upstream's
+/// `sk_msg` program puts into its queue has no TCP window to stop it, so this is what bounds
 /// it. `None`: the socket is gone.
-fn app_reading(mut app: u64) -> Option<(bool, u32)> {
+fn app_reading(mut app: u64) -> Option<AppReading> {
     if SAME_HOST.load() == 0 {
         return None;
     }
@@ -253,17 +259,14 @@ fn app_reading(mut app: u64) -> Option<(bool, u32)> {
     }
     let reading = tcp_sock(sk.cast()).map(|tp| {
         let layout = TCP_SOCK.load();
-        // SAFETY: an int and a u32 of `struct tcp_sock` (see `tcp_sock_field`).
-        let (rmem, copied_seq) = unsafe {
-            (
-                tcp_sock_field::<i32>(tp, layout.rmem_alloc),
-                tcp_sock_field::<u32>(tp, layout.copied_seq),
-            )
-        };
-        (
-            u64::try_from(rmem).unwrap_or(0) > UNREAD_LIMIT.load(),
-            copied_seq,
-        )
+        // SAFETY: two ints and a u32 of `struct tcp_sock` (see `tcp_sock_field`).
+        unsafe {
+            AppReading {
+                unread: u32::try_from(tcp_sock_field::<i32>(tp, layout.rmem_alloc)).unwrap_or(0),
+                rcvbuf: u32::try_from(tcp_sock_field::<i32>(tp, layout.rcvbuf)).unwrap_or(0),
+                copied_seq: tcp_sock_field::<u32>(tp, layout.copied_seq),
+            }
+        }
     });
     // SAFETY: releases the socket the lookup took.
     unsafe { bpf_sk_release(sk) };
@@ -392,11 +395,20 @@ pub fn spliced_msg(ctx: SkMsgContext) -> u32 {
         if entry.state != BYPASS_PAIRED && entry.state != BYPASS_VIA_TCP {
             return sk_action::SK_PASS;
         }
-        // SAFETY: the map value stays valid for the run (the verdict of the client's socket
-        // may update it meanwhile; stale values only keep the bytes on TCP longer).
-        let reading = unsafe { FLOWS.get(&entry.client_cookie) }
-            .map_or((0, 0), |f| (f.app_behind, f.app_copied_seq));
-        if upstream_on_tcp(&ctx, entry, reading) {
+        // No flow: the connection is ending; the TCP path is always safe.
+        let Some(flow) = FLOWS.get_ptr_mut(&entry.client_cookie) else {
+            return sk_action::SK_PASS;
+        };
+        // SAFETY: the map value stays valid for the run. The verdict of the client's socket
+        // may update its reading meanwhile (stale values only keep the bytes on TCP longer);
+        // this program alone writes `ingressed`, under the upstream socket's lock.
+        let flow = unsafe { &mut *flow };
+        if upstream_on_tcp(
+            &ctx,
+            entry,
+            no_room(flow, entry.bytes, size),
+            flow.app_copied_seq,
+        ) {
             return sk_action::SK_PASS;
         }
         let mut app = entry.app_cookie;
@@ -408,6 +420,7 @@ pub fn spliced_msg(ctx: SkMsgContext) -> u32 {
             return sk_action::SK_PASS;
         }
         entry.bytes += size;
+        flow.ingressed = entry.bytes;
         count(entry.service, |c| c.ingress_bytes += size);
         return sk_action::SK_PASS;
     }
@@ -449,24 +462,31 @@ pub fn spliced_msg(ctx: SkMsgContext) -> u32 {
     sk_action::SK_PASS
 }
 
+/// Whether the application's queue has no room for `size` more bytes: what it held unread
+/// when the verdict last looked, plus what went into it since (`ingressed`, the upstream's
+/// count, against the verdict's snapshot), plus `size`, would pass `UNREAD_LIMIT` or half its
+/// receive buffer (see `proxy_common::Flow::app_unread`).
+fn no_room(flow: &Flow, ingressed: u64, size: u64) -> bool {
+    let limit = UNREAD_LIMIT.load().min(u64::from(flow.app_rcvbuf / 2));
+    let unread = u64::from(flow.app_unread) + ingressed.saturating_sub(flow.ingressed_seen);
+    unread + size > limit
+}
+
 /// Whether the upstream socket of `entry` sends this message over its TCP path rather than into
-/// the application's queue, given how the application is reading (`Flow::app_behind`,
-/// `Flow::app_copied_seq`). It goes over TCP while the application is behind; it comes back
-/// only once the application has read every byte sent over TCP: the application reads its
-/// queue before its TCP stream, so a byte put into the queue earlier would overtake them.
-fn upstream_on_tcp(
-    ctx: &SkMsgContext,
-    entry: &mut Bypass,
-    (behind, copied_seq): (u32, u32),
-) -> bool {
+/// the application's queue, given whether the queue has room for it (`full`) and the
+/// application's `copied_seq`. It goes over TCP while the queue is full; it comes back only
+/// once the application has read every byte sent over TCP: the application reads its queue
+/// before its TCP stream, so a byte put into the queue earlier would overtake them.
+fn upstream_on_tcp(ctx: &SkMsgContext, entry: &mut Bypass, full: bool, copied_seq: u32) -> bool {
     if entry.state == BYPASS_PAIRED {
-        if behind == 0 {
+        if !full {
             return false;
         }
         entry.state = BYPASS_VIA_TCP;
+        count(entry.service, |c| c.unread_stops += 1);
         return true;
     }
-    if behind != 0 {
+    if full {
         return true;
     }
     // SAFETY: a field of the context the kernel filled.

@@ -182,6 +182,41 @@ fn bulk_echo_both_ways_is_exact() {
     );
 }
 
+/// Full-duplex echo, round after round, from a client that writes as fast as it reads: the
+/// application's queue must never take so much of its receive memory that the bytes of its
+/// TCP path (which carry the client's stream while it is behind) are dropped and wait for
+/// TCP's backed-off retransmissions. Each round must end well within the read timeout.
+#[test]
+fn full_duplex_rounds_never_stall() {
+    const SIZE: u64 = 256 << 20;
+    const ROUNDS: u64 = 24;
+    let net = Net::new(Topo::Loopback);
+    let _app = Server::start(&net.proxy, net.backend(), echo);
+    let daemon = Daemon::start(&net.proxy, "sockmap", BYPASS);
+    for round in 0..ROUNDS {
+        let c = net.connect();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        let mut w = c.try_clone().expect("clone");
+        let writer = std::thread::spawn(move || {
+            tests::send_pattern(&mut w, 40 + round, SIZE).expect("send");
+            w.shutdown(Shutdown::Write).expect("half-close");
+        });
+        let mut r = c;
+        let started = std::time::Instant::now();
+        assert_eq!(
+            tests::recv_pattern(&mut r, 40 + round),
+            Ok(SIZE),
+            "round {round} after {:?}: {:#}",
+            started.elapsed(),
+            daemon.stats()
+        );
+        writer.join().expect("writer");
+    }
+    let s = daemon.wait_idle();
+    assert_eq!(s["connections"]["completed"], ROUNDS, "{s:#}");
+}
+
 /// Bytes of `s`'s receive side the kernel holds (`SO_MEMINFO`): what a paired socket has not
 /// read, in its queue from the `sk_msg` program or its TCP receive queue.
 fn unread(s: &TcpStream) -> u64 {

@@ -212,7 +212,7 @@ pub fn tcp_sock_layout(path: &Path) -> Result<TcpSockLayout, BtfError> {
         bytes_acked: field("bytes_acked", 8)?,
         rmem_alloc: field("inet_conn.icsk_inet.sk.sk_backlog.rmem_alloc.counter", 4)?,
         copied_seq: field("copied_seq", 4)?,
-        _pad: 0,
+        rcvbuf: field("inet_conn.icsk_inet.sk.sk_rcvbuf", 4)?,
     })
 }
 
@@ -315,7 +315,8 @@ mod tests {
                 && got.snd_una > 0
                 && got.bytes_acked > 0
                 && got.rmem_alloc > 0
-                && got.copied_seq > 0,
+                && got.copied_seq > 0
+                && got.rcvbuf > 0,
             "{got:?}"
         );
     }
