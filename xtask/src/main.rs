@@ -61,7 +61,7 @@ enum Cmd {
     /// interleaved, over loopback, veth and edge; JSON, markdown and SVG in target/bench (or
     /// `--out DIR`).
     Bench {
-        /// A smoke run in under three minutes.
+        /// A smoke run in under five minutes.
         #[arg(long)]
         quick: bool,
         /// More arguments for spliced-bench (--targets a,b --topologies loopback).
