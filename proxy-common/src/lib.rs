@@ -280,7 +280,9 @@ pub struct Flow {
     /// read every byte sent over TCP, and new bytes may go into its queue again without
     /// overtaking any.
     pub app_copied_seq: u32,
-    /// Bytes the upstream's `sk_msg` program put into the application's queue, written by it.
+    /// Bytes the upstream's `sk_msg` program put into the application's queue, written by it:
+    /// the upstream's [`Bypass::bytes`], kept here too for the verdict, which has no key to
+    /// that entry.
     pub ingressed: u64,
     /// [`Flow::ingressed`] when the verdict last read [`Flow::app_unread`] (read before it).
     pub ingressed_seen: u64,

@@ -403,12 +403,7 @@ pub fn spliced_msg(ctx: SkMsgContext) -> u32 {
         // may update its reading meanwhile (stale values only keep the bytes on TCP longer);
         // this program alone writes `ingressed`, under the upstream socket's lock.
         let flow = unsafe { &mut *flow };
-        if upstream_on_tcp(
-            &ctx,
-            entry,
-            no_room(flow, entry.bytes, size),
-            flow.app_copied_seq,
-        ) {
+        if upstream_on_tcp(&ctx, entry, no_room(flow, size), flow.app_copied_seq) {
             return sk_action::SK_PASS;
         }
         let mut app = entry.app_cookie;
@@ -463,12 +458,12 @@ pub fn spliced_msg(ctx: SkMsgContext) -> u32 {
 }
 
 /// Whether the application's queue has no room for `size` more bytes: what it held unread
-/// when the verdict last looked, plus what went into it since (`ingressed`, the upstream's
-/// count, against the verdict's snapshot), plus `size`, would pass `UNREAD_LIMIT` or half its
-/// receive buffer (see `proxy_common::Flow::app_unread`).
-fn no_room(flow: &Flow, ingressed: u64, size: u64) -> bool {
+/// when the verdict last looked, plus what went into it since (`Flow::ingressed` against the
+/// verdict's snapshot), plus `size`, would pass `UNREAD_LIMIT` or half its receive buffer
+/// (see `proxy_common::Flow::app_unread`).
+fn no_room(flow: &Flow, size: u64) -> bool {
     let limit = UNREAD_LIMIT.load().min(u64::from(flow.app_rcvbuf / 2));
-    let unread = u64::from(flow.app_unread) + ingressed.saturating_sub(flow.ingressed_seen);
+    let unread = u64::from(flow.app_unread) + flow.ingressed.saturating_sub(flow.ingressed_seen);
     unread + size > limit
 }
 

@@ -639,8 +639,8 @@ struct ServiceSnapshot {
     direct_bytes: u64,
     via_tcp: u64,
     early_writes: u64,
-    /// Paired connections whose application fell more than the bound behind in reading, so
-    /// that the client's bytes went back to the TCP path.
+    /// Times a paired application's queue had no room (see `proxy_common::Flow::app_unread`),
+    /// so that the client's bytes went back to the TCP path.
     unread_stops: u64,
 }
 
