@@ -456,12 +456,10 @@ impl Pair<'_> {
             // application's queue, and a FIN that arrived in between would let the
             // application read the end of the stream before that message (or, if it has
             // shut its writing half, close its socket and lose it). So the FIN waits a while
-            // after everything was counted; a look alone is no wait, since the next can come
-            // at once, on the next socket event.
-            let ready = *self.dirs[i]
-                .fin_ready
-                .get_or_insert_with(std::time::Instant::now);
-            if ready.elapsed() < FIN_SETTLE {
+            // after everything was counted (the check at the top); a look alone is no wait,
+            // since the next can come at once, on the next socket event.
+            if self.dirs[i].fin_ready.is_none() {
+                self.dirs[i].fin_ready = Some(std::time::Instant::now());
                 return Ok(false);
             }
         }
