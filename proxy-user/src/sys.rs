@@ -538,8 +538,7 @@ fn parse_diag(msg: &[u8], remote_port: u16) -> io::Result<Option<TcpDiag>> {
     let state = *msg.get(17).ok_or_else(short)?;
     // The kernel answers a lookup of a socket that is gone with the listening socket of its
     // local port, if there is one (its remote port is zero).
-    let port = msg.get(22..24).ok_or_else(short)?;
-    if u16::from_be_bytes([port[0], port[1]]) != remote_port {
+    if u16::from_be(u16_at(22)?) != remote_port {
         return Ok(None);
     }
     let mut at = 16 + 72;
