@@ -24,6 +24,19 @@ fn round_trip(c: &mut TcpStream) {
     assert_eq!(rest, b"");
 }
 
+/// Sends `size` bytes of stream `seed` through `c` to an echo while reading them back, then
+/// half-closes: what came back (its length, or where it broke or the sending failed).
+fn echo_stream(c: TcpStream, seed: u64, size: u64) -> Result<u64, String> {
+    let mut w = c.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || {
+        tests::send_pattern(&mut w, seed, size)?;
+        w.shutdown(Shutdown::Write)
+    });
+    let got = tests::recv_pattern(&mut { c }, seed);
+    let sent = writer.join().expect("writer");
+    got.and_then(|n| sent.map(|()| n).map_err(|e| format!("send failed: {e}")))
+}
+
 fn service(s: &Value) -> &Value {
     &s["kernel"]["services"][0]
 }
@@ -137,8 +150,7 @@ fn application_writes_and_closes_at_once() {
 }
 
 /// Bulk both ways through an echo that reads first: the client's bytes go straight into the
-/// application's queue (or, while the application is the bound behind, through the upstream's
-/// TCP path), and the application's straight to the client or, while the client is behind,
+/// application's queue (or, while that queue has no room, through the upstream's TCP path), and the application's straight to the client or, while the client is behind,
 /// through the application's TCP path; none is lost or reordered.
 #[test]
 fn bulk_echo_both_ways_is_exact() {
@@ -146,15 +158,7 @@ fn bulk_echo_both_ways_is_exact() {
     let net = Net::new(Topo::Loopback);
     let _app = Server::start(&net.proxy, net.backend(), echo);
     let daemon = Daemon::start(&net.proxy, "sockmap", BYPASS);
-    let c = net.connect();
-    let mut w = c.try_clone().expect("clone");
-    let writer = std::thread::spawn(move || {
-        tests::send_pattern(&mut w, 22, SIZE).expect("send");
-        w.shutdown(Shutdown::Write).expect("half-close");
-    });
-    let mut r = c;
-    assert_eq!(tests::recv_pattern(&mut r, 22), Ok(SIZE));
-    writer.join().expect("writer");
+    assert_eq!(echo_stream(net.connect(), 22, SIZE), Ok(SIZE));
     let s = daemon.wait_idle();
     let svc = service(&s);
     let count = |name: &str| svc[name].as_u64().expect("counter");
@@ -197,21 +201,14 @@ fn full_duplex_rounds_never_stall() {
         let c = net.connect();
         c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
             .expect("timeout");
-        let mut w = c.try_clone().expect("clone");
-        let writer = std::thread::spawn(move || {
-            tests::send_pattern(&mut w, 40 + round, SIZE).expect("send");
-            w.shutdown(Shutdown::Write).expect("half-close");
-        });
-        let mut r = c;
         let started = std::time::Instant::now();
         assert_eq!(
-            tests::recv_pattern(&mut r, 40 + round),
+            echo_stream(c, 40 + round, SIZE),
             Ok(SIZE),
             "round {round} after {:?}: {:#}",
             started.elapsed(),
             daemon.stats()
         );
-        writer.join().expect("writer");
     }
     let s = daemon.wait_idle();
     assert_eq!(s["connections"]["completed"], ROUNDS, "{s:#}");
