@@ -304,6 +304,8 @@ fn choose_plane(opts: &RunOptions) -> Result<Plane, StartError> {
             max_buffer: opts.max_buffer,
             moved_bytes: AtomicU64::new(0),
             holds: AtomicU64::new(0),
+            squeezes_relieved: AtomicU64::new(0),
+            squeezes_refused: AtomicU64::new(0),
             idle_timeout: opts.idle_timeout,
         })
     };
@@ -605,6 +607,10 @@ struct PoolSnapshot<'a> {
 struct KernelSnapshot {
     userspace_moved_bytes: u64,
     holds: u64,
+    /// Held sockets whose receive buffer was raised because their queue had outgrown it, and
+    /// raises refused at their limit (see `dataplane::sockmap`).
+    squeezes_relieved: u64,
+    squeezes_refused: u64,
     services: Vec<ServiceSnapshot>,
     user_tx_bytes: u64,
     user_tx_messages: u64,
@@ -682,6 +688,8 @@ fn snapshot(shared: &Shared) -> Snapshot<'_> {
             Some(KernelSnapshot {
                 userspace_moved_bytes: s.moved_bytes.load(Ordering::Relaxed),
                 holds: s.holds.load(Ordering::Relaxed),
+                squeezes_relieved: s.squeezes_relieved.load(Ordering::Relaxed),
+                squeezes_refused: s.squeezes_refused.load(Ordering::Relaxed),
                 services,
                 user_tx_bytes: tx.bytes,
                 user_tx_messages: tx.messages,

@@ -153,9 +153,76 @@ pub fn set_send_buffer(fd: BorrowedFd<'_>, bytes: u64) -> io::Result<()> {
 /// Fixes a socket's receive buffer at `bytes` of payload (doubled by the kernel, past
 /// `net.core.rmem_max` when the process may) and caps the window it offers at `window`.
 pub fn set_receive_window(fd: BorrowedFd<'_>, bytes: u64, window: u64) -> io::Result<()> {
-    set_buffer(fd, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, bytes)?;
+    set_receive_buffer(fd, bytes)?;
     let window = i32::try_from(window).unwrap_or(i32::MAX / 2);
     setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, window)
+}
+
+/// Fixes a socket's receive buffer at `bytes` of payload (doubled by the kernel, past
+/// `net.core.rmem_max` when the process may).
+pub fn set_receive_buffer(fd: BorrowedFd<'_>, bytes: u64) -> io::Result<()> {
+    set_buffer(fd, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, bytes)
+}
+
+/// What a socket's receive side holds and may hold (`SO_MEMINFO`).
+#[derive(Debug, Clone, Copy)]
+pub struct ReceiveMemory {
+    /// Memory of what it received and nobody has read yet (`sk_rmem_alloc`).
+    pub held: u64,
+    /// Its receive buffer (`sk_rcvbuf`).
+    pub buffer: u64,
+    /// Packets it dropped over its life (`sk_drops`).
+    pub drops: u64,
+}
+
+/// Reads [`ReceiveMemory`] of a socket.
+pub fn receive_memory(fd: BorrowedFd<'_>) -> io::Result<ReceiveMemory> {
+    // SK_MEMINFO_VARS: rmem_alloc, rcvbuf, wmem_alloc, sndbuf, fwd_alloc, wmem_queued,
+    // optmem, backlog, drops.
+    let mut info = [0u32; 9];
+    let mut len = size_of_val(&info) as libc::socklen_t;
+    // SAFETY: the buffer and its length describe nine u32 for the kernel to fill.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ReceiveMemory {
+        held: u64::from(info[0]),
+        buffer: u64::from(info[1]),
+        drops: u64::from(info[8]),
+    })
+}
+
+/// Makes a TCP socket with bytes in its receive queue send its peer the window it can offer
+/// now, if that is more than twice the one it offered last: the kernel looks at that after
+/// every read, and a peek counts as one without taking a byte. Nothing is sent when the
+/// queue is empty.
+pub fn offer_window(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut byte = 0u8;
+    // SAFETY: a one-byte buffer for the kernel to fill.
+    let rc = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::WouldBlock {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 /// Sets a buffer size with the `forced` option, which passes the `net.core` cap, or with

@@ -21,6 +21,16 @@
 //!   sender waits, as behind any proxy that stops reading. Once that is down to half the
 //!   bound the socket goes back into the map and is poked, and the kernel moves what
 //!   waited. Userspace moves no byte for this.
+//!   While held, the socket's queue can outgrow its receive buffer (the window it offered
+//!   while the verdict took every byte at once assumed less overhead per byte than the peer's
+//!   segments then carried). The kernel then drops a segment for memory and offers a zero
+//!   window behind the peer's last sent byte, and from then on drops every segment the peer
+//!   sends, acknowledgements included, until its queue is read: this kernel does not honour a
+//!   window it retracted (RFC 7323, section 2.4). Whatever the socket itself sends then
+//!   never drains, and when that is what the other direction's hold waits for, neither
+//!   direction moves again (a full-duplex echo stalled until the idle timeout). So a held
+//!   socket whose queue has outgrown its buffer while it has bytes in flight gets a larger
+//!   buffer, within a limit, and offers the window that opens ([`Pair::relieve`]).
 //! - The kernel's worker that sends redirected bytes sleeps a whole scheduler tick when it
 //!   finds the send queue full: each spliced socket's send buffer is set to the bound, which
 //!   holds keep it from filling.
@@ -83,6 +93,10 @@ pub struct Splicer {
     pub moved_bytes: AtomicU64,
     /// Times a socket was held because its peer was slow.
     pub holds: AtomicU64,
+    /// Times a held socket's receive buffer was raised because its queue had outgrown it
+    /// (see [`Pair::relieve`]), and times that was refused at its limit.
+    pub squeezes_relieved: AtomicU64,
+    pub squeezes_refused: AtomicU64,
     /// A connection with no byte received on either socket for this long is closed.
     pub idle_timeout: Option<Duration>,
 }
@@ -137,6 +151,12 @@ struct Direction {
     /// When a paired connection's FIN to the application was first ready (see
     /// [`Pair::forward_fin`]).
     fin_ready: Option<std::time::Instant>,
+    /// The receiving side's receive buffer before this hold first raised it ([`Pair::relieve`]).
+    relieved_from: Option<u64>,
+    /// This hold has raised it as far as it may.
+    relief_refused: bool,
+    /// The receiving side's dropped packets when it was last looked at while held.
+    drops_seen: u64,
 }
 
 struct Pair<'a> {
@@ -276,6 +296,9 @@ impl Pair<'_> {
             return self.rearm(side, &flow, unacked);
         }
         self.links[i].hold = 1;
+        self.dirs[i].drops_seen = sys::receive_memory(self.fd(side))
+            .map_err(SpliceError::Internal)?
+            .drops;
         self.set_link(side)?;
         self.dirs[i].held_unacked = unacked;
         self.dirs[i].held = true;
@@ -298,6 +321,9 @@ impl Pair<'_> {
     fn release(&mut self, side: Side) -> Result<bool, SpliceError> {
         let i = side.index();
         let flow = self.flow(side)?;
+        if self.out_for_hold(side, &flow) {
+            self.relieve(side)?;
+        }
         let unacked = self.unacked(side, &flow)?;
         // The peer is taking bytes: look again at the shortest interval, so that the socket
         // is back before the pipe runs dry. A peer that has stopped reading is looked at
@@ -319,6 +345,12 @@ impl Pair<'_> {
         {
             Ok(()) => {
                 self.dirs[i].released += 1;
+                self.dirs[i].relief_refused = false;
+                if let Some(buffer) = self.dirs[i].relieved_from.take() {
+                    // The verdict empties the queue: back to the buffer it had.
+                    sys::set_receive_buffer(self.fd(side), buffer / 2)
+                        .map_err(SpliceError::Internal)?;
+                }
                 sys::poke_receive(self.fd(side)).map_err(SpliceError::Internal)?;
                 tracing::trace!(?side, unacked, "released");
             }
@@ -336,6 +368,60 @@ impl Pair<'_> {
             Err(e) => return Err(e.into()),
         }
         Ok(true)
+    }
+
+    /// Keeps a held `side` taking acknowledgements (see the module's notes): when its queue
+    /// has outgrown its receive buffer while bytes it sent wait for acknowledgement, raises
+    /// the buffer to an eighth above what the queue holds (the kernel offers no window while
+    /// less than a sixteenth of the buffer is free) and makes the socket offer the window
+    /// that opens, which the peer's next retransmission, carrying its acknowledgement, fits
+    /// in. A hold raises it to at most half as much again as it was; past that the
+    /// connection waits for its idle timeout, so a peer that sends and never reads cannot
+    /// make it grow further.
+    fn relieve(&mut self, side: Side) -> Result<(), SpliceError> {
+        const MARGIN: u64 = 256 * 1024;
+        let i = side.index();
+        let sock = self.socks[i];
+        let memory = sys::receive_memory(sock.as_fd()).map_err(SpliceError::Internal)?;
+        // A segment dropped while the queue is (nearly) full is what makes the kernel retract
+        // its window; one more in flight is gone anyway, as is a full segment's worth of room.
+        let dropped = memory.drops > std::mem::replace(&mut self.dirs[i].drops_seen, memory.drops);
+        if !dropped || memory.held + MARGIN < memory.buffer || self.counters(side)?.outq == 0 {
+            return Ok(());
+        }
+        let dir = &mut self.dirs[i];
+        let from = *dir.relieved_from.get_or_insert(memory.buffer);
+        let limit = from + from / 2;
+        let buffer = (memory.held + memory.held / 8 + MARGIN).min(limit);
+        if buffer <= memory.buffer {
+            if !dir.relief_refused {
+                dir.relief_refused = true;
+                self.splicer
+                    .squeezes_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    ?side,
+                    held = memory.held,
+                    buffer = memory.buffer,
+                    "a held socket's queue outgrew its raised receive buffer: it takes no \
+                     acknowledgement until it is read"
+                );
+            }
+            return Ok(());
+        }
+        sys::set_receive_buffer(sock.as_fd(), buffer / 2).map_err(SpliceError::Internal)?;
+        sys::offer_window(sock.as_fd()).map_err(SpliceError::Internal)?;
+        self.splicer
+            .squeezes_relieved
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            ?side,
+            held = memory.held,
+            from = memory.buffer,
+            to = buffer,
+            "raised a held socket's receive buffer"
+        );
+        Ok(())
     }
 
     /// Moves bytes userspace must carry from `side` into its peer, as far as both sockets
