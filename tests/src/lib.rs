@@ -649,6 +649,20 @@ pub fn recv_exact_pattern(r: &mut impl Read, p: &mut Pattern, n: u64) -> Result<
 // Backends
 // ---------------------------------------------------------------------------------------------
 
+/// A listening socket on `addr` with a backlog of 4096. The standard library listens with a
+/// backlog of 128, which 1000 connections opened at once overflow: the kernel then drops
+/// handshakes (or answers with SYN cookies whose final ACK it drops), and those connections
+/// wait for retransmissions a second or more later, or are reset. Listening again only changes
+/// the backlog (the kernel caps it at `net.core.somaxconn`).
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let listener = TcpListener::bind(addr)?;
+    // SAFETY: a valid listening socket.
+    if unsafe { libc::listen(listener.as_raw_fd(), 4096) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(listener)
+}
+
 /// A TCP server in a namespace; each connection runs `handler` on its own thread.
 pub struct Server {
     stop: Arc<AtomicBool>,
@@ -668,20 +682,7 @@ impl Server {
         let handler = Arc::new(handler);
         let stop2 = Arc::clone(&stop);
         let thread = ns.spawn(move || {
-            let listener = TcpListener::bind(addr).expect("backend binds");
-            // The standard library listens with a backlog of 128, which a test that opens
-            // 1000 connections at once overflows: the kernel then drops handshakes (or answers
-            // with SYN cookies whose final ACK it drops), and those connections wait for
-            // retransmissions a second or more later. Listening again only changes the
-            // backlog (the kernel caps it at `net.core.somaxconn`).
-            // SAFETY: a valid listening socket.
-            let rc = unsafe { libc::listen(listener.as_raw_fd(), 4096) };
-            assert_eq!(
-                rc,
-                0,
-                "backend listens: {}",
-                std::io::Error::last_os_error()
-            );
+            let listener = listen(addr).expect("backend listens");
             ready_tx.send(()).expect("test waits");
             for conn in listener.incoming() {
                 if stop2.load(Ordering::Relaxed) {

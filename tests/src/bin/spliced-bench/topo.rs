@@ -3,7 +3,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::Arc,
@@ -303,7 +303,8 @@ fn wait_listening(ns: &Netns, addr: SocketAddr, what: &str) -> Result<()> {
 
 /// The backend process's main loop.
 pub fn serve_backend(addr: SocketAddr) -> Result<()> {
-    let listener = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
+    // The sweep opens up to 1000 connections at once.
+    let listener = tests::listen(addr).with_context(|| format!("listen on {addr}"))?;
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         std::thread::Builder::new()
