@@ -150,8 +150,9 @@ fn application_writes_and_closes_at_once() {
 }
 
 /// Bulk both ways through an echo that reads first: the client's bytes go straight into the
-/// application's queue (or, while that queue has no room, through the upstream's TCP path), and the application's straight to the client or, while the client is behind,
-/// through the application's TCP path; none is lost or reordered.
+/// application's queue (or, while that queue has no room, through the upstream's TCP path),
+/// and the application's straight to the client or, while the client is behind, through the
+/// application's TCP path; none is lost or reordered.
 #[test]
 fn bulk_echo_both_ways_is_exact() {
     const SIZE: u64 = 64 << 20;

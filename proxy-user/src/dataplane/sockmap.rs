@@ -383,8 +383,9 @@ impl Pair<'_> {
         let i = side.index();
         let sock = self.socks[i];
         let memory = sys::receive_memory(sock.as_fd()).map_err(SpliceError::Internal)?;
-        // A segment dropped while the queue is (nearly) full is what makes the kernel retract
-        // its window; one more in flight is gone anyway, as is a full segment's worth of room.
+        // A segment dropped for memory is what makes the kernel retract its window, and that
+        // happens once the queue plus the arriving segment would pass the buffer: so a drop
+        // since the last look with the queue within `MARGIN` (several segments) of it.
         let dropped = memory.drops > std::mem::replace(&mut self.dirs[i].drops_seen, memory.drops);
         if !dropped || memory.held + MARGIN < memory.buffer || self.counters(side)?.outq == 0 {
             return Ok(());
