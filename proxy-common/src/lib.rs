@@ -33,151 +33,6 @@ pub mod names {
     /// Hash map, [`hold_port_key`] -> 1: the connections the hold program watches (accepted on
     /// a public port, or connected to a backend port). Written by userspace at start.
     pub const HOLD_PORTS: &str = "HOLD_PORTS";
-    /// Hash map, cookie of an upstream socket (the daemon's connection to a machine on this
-    /// host) -> [`crate::Pairing`]: the upstream sockets whose peer, the application's socket,
-    /// is to be paired with the client. Written by userspace before the upstream connects;
-    /// the `sock_ops` program that pairs takes the entry (deletes it) as its claim, and so does
-    /// userspace when it gives up, so exactly one of them acts.
-    pub const UPSTREAMS: &str = "UPSTREAMS";
-    /// Hash map, [`crate::Tuple`] of a socket -> [`crate::Bypass`]: the application's side and
-    /// the upstream side of each same-host connection, created by the hold program as the
-    /// upstream connects and completed by the pair program as the application's socket is
-    /// established. Deleted by userspace when the connection ends.
-    pub const BYPASS: &str = "BYPASS";
-    /// The `sock_ops` program that pairs an application's socket (attached to the cgroup the
-    /// applications run in: the root by default).
-    pub const PAIR_PROG: &str = "spliced_pair";
-    /// Global `u32`, set at load: non-zero when the daemon pairs same-host connections.
-    pub const SAME_HOST: &str = "SAME_HOST";
-    /// Global [`crate::TcpSockLayout`], set at load with the bypass on: where this kernel
-    /// keeps the `struct tcp_sock` fields the programs read.
-    pub const TCP_SOCK: &str = "TCP_SOCK";
-    /// Global `u64`, set at load: the daemon's `--max-buffer`. A paired application's queue
-    /// takes no more than this (nor more than half its receive buffer); past it, its client's
-    /// bytes take the upstream's TCP path (see [`crate::Flow::app_unread`]).
-    pub const UNREAD_LIMIT: &str = "UNREAD_LIMIT";
-}
-
-/// Byte offsets of fields of the running kernel's `struct tcp_sock`, read by userspace from
-/// the kernel's BTF and set into the programs at load. The programs read these fields through
-/// the socket pointer `bpf_skc_to_tcp_sock` gives them; the verifier checks each read
-/// against the same BTF (the offsets are in read-only data, so it sees them as constants).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TcpSockLayout {
-    /// `u32 write_seq`: the sequence number after the last byte written into the send queue.
-    pub write_seq: u32,
-    /// `u32 snd_una`: the first byte not yet acknowledged.
-    pub snd_una: u32,
-    /// `u64 bytes_acked`: bytes of the stream the peer acknowledged.
-    pub bytes_acked: u32,
-    /// `int sk_backlog.rmem_alloc.counter` of the `struct sock` inside: bytes charged to the
-    /// socket's receive side, which includes what a `sk_msg` program put into its queue and
-    /// its reader has not read.
-    pub rmem_alloc: u32,
-    /// `u32 copied_seq`: the sequence number after the last byte its reader read.
-    pub copied_seq: u32,
-    /// `int sk_rcvbuf` of the `struct sock` inside: the most its receive side may hold.
-    pub rcvbuf: u32,
-}
-
-/// One socket's own view of its connection: its address and port, and its peer's. Addresses
-/// are IPv6, IPv4 ones mapped (`::ffff:a.b.c.d`), each word in network byte order as the
-/// kernel stores it; ports are in host order.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Tuple {
-    pub local: [u32; 4],
-    pub remote: [u32; 4],
-    pub local_port: u32,
-    pub remote_port: u32,
-}
-
-impl Tuple {
-    /// The same connection seen from the other socket.
-    #[must_use]
-    pub const fn reversed(&self) -> Self {
-        Self {
-            local: self.remote,
-            remote: self.local,
-            local_port: self.remote_port,
-            remote_port: self.local_port,
-        }
-    }
-}
-
-/// The third word of an IPv4-mapped IPv6 address (`0000:ffff`), as stored.
-pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-
-/// An upstream socket waiting for its peer to be paired. Key: the upstream socket's cookie.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Pairing {
-    /// Cookie of the client's socket.
-    pub client_cookie: u64,
-    /// [`Bypass::limit`] of the connection.
-    pub limit: u64,
-    /// Index into [`names::SERVICE_STATS`].
-    pub service: u32,
-    #[expect(
-        clippy::pub_underscore_fields,
-        reason = "explicit padding of a kernel ABI struct"
-    )]
-    pub _pad: u32,
-}
-
-/// [`Bypass::role`] of the application's socket.
-pub const ROLE_APP: u32 = 0;
-/// [`Bypass::role`] of the daemon's upstream socket.
-pub const ROLE_UPSTREAM: u32 = 1;
-/// [`Bypass::state`]: the upstream is connected; the application's socket is not paired yet.
-pub const BYPASS_WAITING: u32 = 0;
-/// [`Bypass::state`]: the application's socket is in [`names::SOCKS`].
-pub const BYPASS_PAIRED: u32 = 1;
-/// [`Bypass::state`]: the pair program claimed the pairing, but the kernel would not take the
-/// application's socket into [`names::SOCKS`]; the connection uses the verdict path.
-pub const BYPASS_REFUSED: u32 = 2;
-/// [`Bypass::state`]: this side's bytes take its TCP path for a while. The application's side:
-/// its client has more than [`Bypass::limit`] unacknowledged, so what the application sends
-/// goes through the upstream socket and the verdict, which hold it back, until every byte it
-/// sent either way is in the client's send queue. The upstream's side: the application has
-/// no room in its queue ([`Flow::app_unread`]), so the client's bytes go to it over TCP,
-/// which holds them back, until it is no longer behind and has read every byte sent that way.
-/// Then the side goes [`BYPASS_PAIRED`] again.
-pub const BYPASS_VIA_TCP: u32 = 3;
-/// [`Bypass::state`] of the application's side: the application sent on its own TCP path
-/// before its socket was paired (it wrote in the instant between accepting the socket and the
-/// pairing), so what it sends takes that path for good, behind those bytes.
-pub const BYPASS_PASSED: u32 = 4;
-
-/// One side of a same-host connection. Key: that socket's [`Tuple`].
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Bypass {
-    /// Cookie of the daemon's upstream socket.
-    pub upstream_cookie: u64,
-    /// Cookie of the client's socket.
-    pub client_cookie: u64,
-    /// Cookie of the application's socket, once paired.
-    pub app_cookie: u64,
-    /// Bytes this socket sent that the `sk_msg` program redirected: the upstream's into the
-    /// application's receive queue, the application's into the client's send queue.
-    pub bytes: u64,
-    /// The application's side: how many bytes the client may have unacknowledged before what
-    /// the application sends takes its TCP path (the daemon's `--max-buffer`).
-    pub limit: u64,
-    /// [`BYPASS_WAITING`], [`BYPASS_PAIRED`], [`BYPASS_REFUSED`], [`BYPASS_VIA_TCP`] or
-    /// [`BYPASS_PASSED`].
-    pub state: u32,
-    /// [`ROLE_APP`] or [`ROLE_UPSTREAM`]: which socket of the connection this entry is for.
-    pub role: u32,
-    /// Index into [`names::SERVICE_STATS`].
-    pub service: u32,
-    #[expect(
-        clippy::pub_underscore_fields,
-        reason = "explicit padding of a kernel ABI struct"
-    )]
-    pub _pad: u32,
 }
 
 /// [`names::HOLD_PORTS`] key of the local port of connections accepted on a public port.
@@ -217,9 +72,6 @@ pub struct Link {
     pub service: u32,
     /// [`SIDE_CLIENT`] or [`SIDE_BACKEND`].
     pub side: u32,
-    /// On a paired same-host connection, the client's link: cookie of the application's
-    /// socket (its key in [`names::SOCKS`]); else 0.
-    pub app_cookie: u64,
     /// Non-zero: hold this socket. The `sock_ops` program takes it out of [`names::RECV`] at
     /// the next packet it sends (an acknowledgement, typically) once the verdict has taken
     /// every byte it received: that runs under the socket's lock, so no verdict is part-way
@@ -255,44 +107,6 @@ pub struct Flow {
     pub next_seq: u32,
     /// Non-zero once the verdict has seen a batch of this socket.
     pub seq_known: u32,
-    /// The socket's `bytes_acked` (what its peer acknowledged of what it sent), as the
-    /// `sock_ops` program last saw it: with the same-host bypass on, public sockets report it
-    /// at every RTT sample and every packet they send.
-    pub acked: u64,
-    /// Bytes written into the socket's send queue over its life (`bytes_acked` plus what is
-    /// queued and not acknowledged), as the `sock_ops` program last saw it, at the same
-    /// moments as [`Flow::acked`].
-    pub written: u64,
-    /// A client socket of a paired same-host connection: what its application's socket holds
-    /// unread (`sk_rmem_alloc`: its queue and its TCP receive queue), as the verdict last saw
-    /// it, at each batch it passed on. Nothing in the kernel bounds what the upstream socket's
-    /// `sk_msg` program puts into that queue, so the program does: it puts a message there
-    /// only while this, plus what it put there since ([`Flow::ingressed`] less
-    /// [`Flow::ingressed_seen`]), plus the message, stays within `UNREAD_LIMIT` and half of
-    /// [`Flow::app_rcvbuf`]. Otherwise the client's bytes take the upstream's TCP path, where
-    /// the application's receive window holds them back. The half keeps that window open:
-    /// the queue's bytes count against the same receive memory, and an application that reads
-    /// only its queue sends no window update, so a window they closed would reopen only at
-    /// TCP's backed-off zero-window probes.
-    pub app_unread: u32,
-    /// The application's `copied_seq` (in the upstream socket's sequence space), as the
-    /// verdict last saw it: once it equals the upstream's `write_seq`, the application has
-    /// read every byte sent over TCP, and new bytes may go into its queue again without
-    /// overtaking any.
-    pub app_copied_seq: u32,
-    /// Bytes the upstream's `sk_msg` program put into the application's queue, written by it:
-    /// the upstream's [`Bypass::bytes`], kept here too for the verdict, which has no key to
-    /// that entry.
-    pub ingressed: u64,
-    /// [`Flow::ingressed`] when the verdict last read [`Flow::app_unread`] (read before it).
-    pub ingressed_seen: u64,
-    /// The application socket's `sk_rcvbuf`, as the verdict last saw it.
-    pub app_rcvbuf: u32,
-    #[expect(
-        clippy::pub_underscore_fields,
-        reason = "explicit padding of a kernel ABI struct"
-    )]
-    pub _pad: u32,
 }
 
 /// Per-service counters kept by the kernel, one copy per CPU; userspace sums them.
@@ -320,22 +134,6 @@ pub struct ServiceCounters {
     /// Holes found between batches, and batches that could not be trimmed; each aborts its
     /// connection.
     pub stream_faults: u64,
-    /// Application sockets paired with a client's socket (same-host connections).
-    pub paired: u64,
-    /// Pairings claimed whose application socket the kernel would not take into the map.
-    pub pair_refused: u64,
-    /// Bytes put straight into an application's receive queue (client -> application).
-    pub ingress_bytes: u64,
-    /// Bytes an application sent that went straight into its client's send queue.
-    pub direct_bytes: u64,
-    /// Times an application's side went [`BYPASS_VIA_TCP`].
-    pub via_tcp: u64,
-    /// Application sockets that sent on their TCP path before they were paired
-    /// ([`BYPASS_PASSED`]).
-    pub early_writes: u64,
-    /// Times a paired application had more than the bound unread, so that its client's bytes
-    /// went over the upstream's TCP path for a while ([`Flow::app_unread`]).
-    pub unread_stops: u64,
 }
 
 /// Bytes that entered the send path of spliced sockets (redirected by the verdict program or
@@ -361,15 +159,11 @@ pub struct FlowEvent {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<Link>() == 40);
-    assert!(core::mem::size_of::<Flow>() == 96);
-    assert!(core::mem::size_of::<ServiceCounters>() == 136);
-    assert!(core::mem::size_of::<Tuple>() == 40);
-    assert!(core::mem::size_of::<Pairing>() == 24);
-    assert!(core::mem::size_of::<Bypass>() == 56);
+    assert!(core::mem::size_of::<Link>() == 32);
+    assert!(core::mem::size_of::<Flow>() == 48);
+    assert!(core::mem::size_of::<ServiceCounters>() == 80);
     assert!(core::mem::size_of::<UserTx>() == 16);
     assert!(core::mem::size_of::<FlowEvent>() == 16);
-    assert!(core::mem::size_of::<TcpSockLayout>() == 24);
 };
 
 #[cfg(feature = "user")]
@@ -385,12 +179,4 @@ mod user {
     unsafe impl aya::Pod for super::UserTx {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowEvent {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::Tuple {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::Pairing {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::Bypass {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::TcpSockLayout {}
 }

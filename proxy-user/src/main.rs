@@ -64,16 +64,11 @@ enum Command {
         /// 0 turns this off.
         #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
         idle_timeout: f64,
-        /// Pair each connection to a machine on this host with the application's own socket
-        /// (sockmap data plane), so that the bytes skip the loopback TCP leg. Off by default:
-        /// a blocking read on a paired application's socket can return EAGAIN (see the
-        /// README).
+        /// Pair connections to machines on this host with the application's own socket.
+        /// `on` is refused: no pairing keeps every application's stream exact on this kernel
+        /// (see docs/same-host-bypass.md).
         #[arg(long, value_enum, default_value_t = Toggle::Off)]
         same_host_bypass: Toggle,
-        /// The cgroup (v2) whose applications' sockets are paired, as a path in the cgroup
-        /// hierarchy.
-        #[arg(long, value_name = "PATH", default_value = "/")]
-        pair_cgroup: String,
     },
     /// Validate a fly.toml and print what spliced would serve.
     Check {
@@ -97,6 +92,15 @@ enum Format {
     Text,
     Json,
 }
+
+/// Why `--same-host-bypass on` is refused.
+const SAME_HOST_REFUSAL: &str = "--same-host-bypass on is refused: pairing puts the \
+application's own socket into a socket map before the application accepts it, and every socket \
+in a socket map reads through the kernel's tcp_bpf_recvmsg. Bytes the map puts into its queue \
+are invisible to splice(2) (Go's io.Copy, HAProxy), and a blocking read there returns EAGAIN \
+when it is woken without data (the application's own FIN acknowledged, a write-space wake-up, \
+a signal). Connections to machines on this host take the verdict path like any other; see \
+docs/same-host-bypass.md";
 
 fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(value)
@@ -127,8 +131,11 @@ fn main() -> ExitCode {
             connect_attempts,
             idle_timeout,
             same_host_bypass,
-            pair_cgroup,
         } => {
+            if same_host_bypass == Toggle::On {
+                eprintln!("spliced: {SAME_HOST_REFUSAL}");
+                return ExitCode::from(2);
+            }
             let path = config;
             let config = match Config::load(&path) {
                 Ok(c) => c,
@@ -167,7 +174,6 @@ fn main() -> ExitCode {
                     connect_attempts: usize::from(connect_attempts),
                     idle_timeout: Some(seconds("idle-timeout", idle_timeout)?)
                         .filter(|d| !d.is_zero()),
-                    pair_cgroup: (same_host_bypass == Toggle::On).then_some(pair_cgroup),
                 })
             })();
             let opts = match opts {

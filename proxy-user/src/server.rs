@@ -26,7 +26,6 @@ use crate::{
     dataplane::{
         DataplaneChoice, Outcome, Phase, SpliceError, copy,
         kernel::{Kernel, LoadError},
-        samehost::{self, SameHost},
         sockmap::{Spliced, Splicer},
     },
     watch::{Registry, Watcher},
@@ -53,8 +52,6 @@ pub struct RunOptions {
     pub connect_attempts: usize,
     /// A connection with no byte either way for this long is closed; `None`: never.
     pub idle_timeout: Option<Duration>,
-    /// Same-host bypass: the cgroup whose applications' sockets are paired; `None`: off.
-    pub pair_cgroup: Option<String>,
 }
 
 /// Why the daemon could not start.
@@ -130,8 +127,6 @@ struct Shared {
     opts: RunOptions,
     /// One per service, in service order.
     pools: Vec<Arc<Pool>>,
-    /// Machine addresses that are this host's, when the same-host bypass is on.
-    local_machines: std::collections::HashSet<IpAddr>,
 }
 
 /// Runs the daemon until a stop signal and the end of the grace period.
@@ -209,23 +204,11 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         return Err(StartError::NothingToServe);
     }
 
-    let local_machines = match &plane {
-        Plane::Sockmap(splicer) if splicer.kernel.same_host() => pools
-            .iter()
-            .flat_map(|pool| pool.machines.iter().map(|m| m.addr.ip()))
-            .filter(|ip| samehost::is_local(*ip))
-            .collect(),
-        _ => std::collections::HashSet::new(),
-    };
-    if !local_machines.is_empty() {
-        tracing::info!(machines = ?local_machines, "same-host bypass for machines on this host");
-    }
     let shared = Arc::new(Shared {
         plane,
         stats: ConnStats::default(),
         opts,
         pools,
-        local_machines,
     });
     // Dropped (which stops every check) when the daemon returns.
     let _health = crate::health::start(&config.services, &shared.pools);
@@ -291,11 +274,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
 fn choose_plane(opts: &RunOptions) -> Result<Plane, StartError> {
     let load = || -> Result<Splicer, LoadError> {
         let registry = Arc::new(Registry::default());
-        let kernel = Kernel::load(
-            Arc::clone(&registry),
-            opts.pair_cgroup.as_deref(),
-            opts.max_buffer,
-        )?;
+        let kernel = Kernel::load(Arc::clone(&registry))?;
         let watcher = Watcher::start(Arc::clone(&registry))?;
         Ok(Splicer {
             kernel,
@@ -405,54 +384,14 @@ enum NoBackend {
     Unreachable(std::io::Error),
 }
 
-/// A connection to a machine, and its same-host pairing if it has one.
-struct Upstream {
-    stream: TcpStream,
-    same_host: Option<SameHost>,
-}
-
-/// Connects to `addr`; to a machine on this host through the kernel's pairing when the
-/// same-host bypass is on (`client` is then given).
-async fn connect_one(
-    shared: &Shared,
-    route: &Route,
-    addr: SocketAddr,
-    client: Option<samehost::Client<'_>>,
-) -> std::io::Result<Upstream> {
-    if let (Plane::Sockmap(splicer), Some(client)) = (&shared.plane, client)
-        && shared.local_machines.contains(&addr.ip())
-    {
-        let limit = splicer.max_buffer;
-        match samehost::connect(&splicer.kernel, addr, client, route.service, limit).await {
-            Ok(Some((stream, same_host))) => {
-                return Ok(Upstream {
-                    stream,
-                    same_host: Some(same_host),
-                });
-            }
-            Ok(None) => {}
-            Err(samehost::ConnectError::Io(e)) => return Err(e),
-            Err(samehost::ConnectError::Map(e)) => return Err(std::io::Error::other(e)),
-        }
-    }
-    Ok(Upstream {
-        stream: TcpStream::connect(addr).await?,
-        same_host: None,
-    })
-}
-
 /// A slot on the best machine of the route's service, and a connection to it. A machine that
 /// refuses or does not answer in time is skipped for the next best, each tried at most once.
-async fn connect_backend(
-    shared: &Shared,
-    route: &Route,
-    client: Option<samehost::Client<'_>>,
-) -> Result<(Upstream, Lease), NoBackend> {
+async fn connect_backend(shared: &Shared, route: &Route) -> Result<(TcpStream, Lease), NoBackend> {
     let mut lease = route.pool.acquire().await.map_err(NoBackend::Refused)?;
     let mut tried = Vec::new();
     loop {
         let addr = lease.addr();
-        let connect = connect_one(shared, route, addr, client);
+        let connect = TcpStream::connect(addr);
         let error = match tokio::time::timeout(shared.opts.connect_timeout, connect).await {
             Ok(Ok(b)) => return Ok((b, lease)),
             Ok(Err(e)) => e,
@@ -482,17 +421,8 @@ async fn connect_and_splice(
     phase: watch::Receiver<Phase>,
 ) -> Result<Outcome, SpliceError> {
     let mut abort = phase.clone();
-    // A same-host pairing needs the client socket before the upstream connects.
-    let pairing_client = match &shared.plane {
-        Plane::Sockmap(splicer) if splicer.kernel.same_host() => Some(samehost::Client {
-            cookie: crate::sys::socket_cookie(std::os::fd::AsFd::as_fd(&client))
-                .map_err(SpliceError::Internal)?,
-            socket: &client,
-        }),
-        _ => None,
-    };
     let connected = tokio::select! {
-        c = connect_backend(shared, route, pairing_client) => c,
+        c = connect_backend(shared, route) => c,
         // A connection still waiting in the queue at the end of the grace period.
         _ = abort.wait_for(|p| *p == Phase::Abort) => {
             reset(&client);
@@ -500,7 +430,7 @@ async fn connect_and_splice(
         }
     };
     // Held until the connection ends: it is the machine's count of live connections.
-    let (upstream, _lease) = match connected {
+    let (mut backend, _lease) = match connected {
         Ok(b) => b,
         Err(NoBackend::Unreachable(e)) => {
             shared
@@ -516,10 +446,6 @@ async fn connect_and_splice(
             return Err(SpliceError::Backend(std::io::Error::other(why)));
         }
     };
-    let Upstream {
-        stream: mut backend,
-        same_host,
-    } = upstream;
     // Written before any byte of the client, so it is the first thing the backend reads, once.
     let header = match route.proxy_proto {
         Some(version) => {
@@ -540,14 +466,7 @@ async fn connect_and_splice(
         Plane::Sockmap(splicer) => {
             let client = client.into_std().map_err(SpliceError::Internal)?;
             let backend = backend.into_std().map_err(SpliceError::Internal)?;
-            let splicing = splicer.run(
-                client,
-                backend,
-                route.service,
-                same_host,
-                &header,
-                phase.clone(),
-            );
+            let splicing = splicer.run(client, backend, route.service, &header, phase.clone());
             match splicing.await {
                 Spliced::Done(result) => result,
                 Spliced::Refused(client, backend) => {
@@ -633,21 +552,6 @@ struct ServiceSnapshot {
     overlap_bytes: u64,
     /// Connections aborted because the kernel skipped bytes or could not cut a batch.
     stream_faults: u64,
-    /// Same-host connections whose application socket was paired, and pairings the kernel
-    /// refused (those took the verdict path).
-    paired: u64,
-    pair_refused: u64,
-    /// Same-host connections: bytes put straight into applications' receive queues, bytes
-    /// applications sent straight into clients' send queues, times an application's bytes
-    /// took its TCP path because its client was behind, and applications that wrote before
-    /// their socket was paired.
-    ingress_bytes: u64,
-    direct_bytes: u64,
-    via_tcp: u64,
-    early_writes: u64,
-    /// Times a paired application's queue had no room (see `proxy_common::Flow::app_unread`),
-    /// so that the client's bytes went back to the TCP path.
-    unread_stops: u64,
 }
 
 fn snapshot(shared: &Shared) -> Snapshot<'_> {
@@ -657,11 +561,7 @@ fn snapshot(shared: &Shared) -> Snapshot<'_> {
             let services = (0..proxy_common::MAX_SERVICES)
                 .map(|i| (i, s.kernel.service_totals(i)))
                 .filter(|(_, t)| {
-                    t.segments != 0
-                        || t.redirect_failures != 0
-                        || t.stream_faults != 0
-                        || t.paired != 0
-                        || t.pair_refused != 0
+                    t.segments != 0 || t.redirect_failures != 0 || t.stream_faults != 0
                 })
                 .map(|(service, t)| ServiceSnapshot {
                     service,
@@ -674,13 +574,6 @@ fn snapshot(shared: &Shared) -> Snapshot<'_> {
                     kernel_holds: t.holds,
                     overlaps: t.overlaps,
                     overlap_bytes: t.overlap_bytes,
-                    paired: t.paired,
-                    pair_refused: t.pair_refused,
-                    ingress_bytes: t.ingress_bytes,
-                    direct_bytes: t.direct_bytes,
-                    via_tcp: t.via_tcp,
-                    early_writes: t.early_writes,
-                    unread_stops: t.unread_stops,
                     stream_faults: t.stream_faults,
                 })
                 .collect();

@@ -601,35 +601,6 @@ pub fn recv_pattern(r: &mut impl Read, seed: u64) -> Result<u64, String> {
     }
 }
 
-/// Reads a socket the way an event-loop application does: a read that finds nothing
-/// (`EAGAIN`) waits for the socket to become readable and tries again. A socket in a socket
-/// map (a paired application's, with the same-host bypass) can wake a blocked reader with
-/// nothing to read (the kernel's wait there is single-shot: a state change, such as the
-/// acknowledgement of the application's own FIN, ends it), and the read then fails with
-/// `EAGAIN` even on a blocking socket; applications on non-blocking sockets never notice.
-pub struct EventLoopReader<'a>(pub &'a mut TcpStream);
-
-impl Read for EventLoopReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        loop {
-            match self.0.read(buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    let mut pfd = libc::pollfd {
-                        fd: std::os::fd::AsRawFd::as_raw_fd(&*self.0),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    };
-                    // SAFETY: one valid pollfd.
-                    if unsafe { libc::poll(&raw mut pfd, 1, 10_000) } <= 0 {
-                        return Err(e);
-                    }
-                }
-                other => return other,
-            }
-        }
-    }
-}
-
 /// Reads exactly `n` bytes, checking them against `p`.
 pub fn recv_exact_pattern(r: &mut impl Read, p: &mut Pattern, n: u64) -> Result<(), String> {
     let mut buf = vec![0; 256 * 1024];
@@ -720,17 +691,13 @@ impl Drop for Server {
     }
 }
 
-/// Echoes every byte; passes the end of stream on.
-///
-/// It reads as an event-loop application does ([`EventLoopReader`]): a paired application's
-/// blocking read can fail with `EAGAIN`, a limitation of the kernel's socket maps that the
-/// README documents, and this echo is not the place to test it. Any other read error ends
-/// the echo without a FIN, so that a broken stream never looks complete.
+/// Echoes every byte with blocking reads and writes; passes the end of stream on. A read
+/// error ends the echo without a FIN, so that a broken stream never looks complete.
 pub fn echo(mut s: TcpStream) {
     let Ok(mut r) = s.try_clone() else { return };
     let mut buf = vec![0; 256 * 1024];
     loop {
-        match EventLoopReader(&mut r).read(&mut buf) {
+        match r.read(&mut buf) {
             Ok(0) => break,
             Err(_) => return,
             Ok(n) => {

@@ -38,6 +38,44 @@ fn auto_falls_back_to_copy_when_bpf_cannot_load() {
     daemon.stop();
 }
 
+/// The same-host bypass cannot keep every application's stream exact on this kernel (see
+/// docs/same-host-bypass.md): asking for it stops the daemon at start, with the reason.
+#[test]
+fn same_host_bypass_is_refused_with_the_reason() {
+    let net = Net::new(Topo::Loopback);
+    let dir = tests::Scratch::new();
+    let config = dir.0.join("fly.toml");
+    std::fs::write(&config, tests::test_config()).expect("config");
+    let child = Command::new("ip")
+        .args(["netns", "exec", &net.proxy.name])
+        .arg(tests::spliced_bin())
+        .args(["run", "--same-host-bypass", "on", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run spliced");
+    let out = child.wait_with_output().expect("spliced exits");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for why in [
+        "--same-host-bypass on is refused",
+        "splice(2)",
+        "EAGAIN",
+        "docs/same-host-bypass.md",
+    ] {
+        assert!(err.contains(why), "the refusal should say {why:?}: {err}");
+    }
+    // Off (the default, and said explicitly) serves.
+    let daemon = Daemon::start(&net.proxy, "sockmap", &["--same-host-bypass", "off"]);
+    let _backend = Server::start(&net.proxy, net.backend(), echo);
+    let mut c = net.connect();
+    c.write_all(b"served").expect("write");
+    let mut got = [0; 6];
+    c.read_exact(&mut got).expect("echo");
+    assert_eq!(&got, b"served");
+    daemon.stop();
+}
+
 #[test]
 fn sockmap_refuses_to_start_without_bpf() {
     let ns = Netns::new("nobpf");

@@ -1,7 +1,6 @@
 //! The L4 checklist every data plane passes, over loopback and across a veth pair: each check
-//! runs six times (sockmap, sockmap with the same-host bypass, and copy; loopback and veth),
-//! each in namespaces of its own. The backend runs on the proxy's host, so with the bypass on
-//! every connection is a same-host one.
+//! runs four times (sockmap and copy; loopback and veth), each in namespaces of its own. The
+//! backend runs on the proxy's host.
 
 use std::{
     io::{ErrorKind, Read, Write},
@@ -11,8 +10,8 @@ use std::{
 };
 
 use tests::{
-    Daemon, EventLoopReader, GIB, MAX_BUFFER, Net, Pattern, Server, Topo, echo, eventually,
-    raise_fd_limit, recv_exact_pattern, recv_pattern, send_pattern, set_reset_on_close,
+    Daemon, GIB, MAX_BUFFER, Net, Pattern, Server, Topo, echo, eventually, raise_fd_limit,
+    recv_exact_pattern, recv_pattern, send_pattern, set_reset_on_close,
 };
 
 /// One check, instantiated for both data planes and both topologies.
@@ -20,8 +19,6 @@ macro_rules! checklist {
     ($($check:ident),* $(,)?) => {
         mod sockmap_loopback { $( #[test] fn $check() { super::$check("sockmap", tests::Topo::Loopback) } )* }
         mod sockmap_veth { $( #[test] fn $check() { super::$check("sockmap", tests::Topo::Veth) } )* }
-        mod bypass_loopback { $( #[test] fn $check() { super::$check("bypass", tests::Topo::Loopback) } )* }
-        mod bypass_veth { $( #[test] fn $check() { super::$check("bypass", tests::Topo::Veth) } )* }
         mod copy_loopback { $( #[test] fn $check() { super::$check("copy", tests::Topo::Loopback) } )* }
         mod copy_veth { $( #[test] fn $check() { super::$check("copy", tests::Topo::Veth) } )* }
     };
@@ -46,8 +43,7 @@ checklist!(
     ipv6_client,
 );
 
-/// Starts the daemon on `plane`: "sockmap", "copy", or "bypass" (sockmap with the same-host
-/// bypass on).
+/// Starts the daemon on `plane`: "sockmap" or "copy".
 fn setup(plane: &str, topo: Topo) -> (Net, Daemon) {
     setup_with(plane, topo, &[])
 }
@@ -56,15 +52,8 @@ fn setup(plane: &str, topo: Topo) -> (Net, Daemon) {
 fn setup_with(plane: &str, topo: Topo, extra: &[&str]) -> (Net, Daemon) {
     raise_fd_limit();
     let net = Net::new(topo);
-    let daemon = match plane {
-        "bypass" => {
-            let args = [&["--same-host-bypass", "on"], extra].concat();
-            Daemon::start(&net.proxy, "sockmap", &args)
-        }
-        _ => Daemon::start(&net.proxy, plane, extra),
-    };
-    let want = if plane == "copy" { "copy" } else { "sockmap" };
-    assert_eq!(daemon.stats()["dataplane"], want, "{}", daemon.log());
+    let daemon = Daemon::start(&net.proxy, plane, extra);
+    assert_eq!(daemon.stats()["dataplane"], plane, "{}", daemon.log());
     (net, daemon)
 }
 
@@ -91,11 +80,6 @@ fn small_transfer(plane: &str, topo: Topo) {
     assert_eq!(rest, b"");
     let s = daemon.wait_idle();
     assert_eq!(s["connections"]["completed"], 1, "{s:#}");
-    if plane == "bypass" {
-        let svc = &s["kernel"]["services"][0];
-        assert_eq!(svc["paired"], 1, "{s:#}");
-        assert_eq!(svc["pair_refused"], 0, "{s:#}");
-    }
 }
 
 /// Client -> backend, 1 GiB, checked byte by byte; on the sockmap plane the daemon's own
@@ -237,9 +221,8 @@ fn half_close_backend_first(plane: &str, topo: Topo) {
     let _backend = Server::start(&net.proxy, net.backend(), move |mut s| {
         send_pattern(&mut s, 7, 8 << 20).expect("send");
         s.shutdown(Shutdown::Write).expect("half-close");
-        // Reading after its own FIN: the acknowledgement of that FIN can wake a read blocked in
-        // a paired socket with nothing to read (see EventLoopReader).
-        let r = recv_pattern(&mut EventLoopReader(&mut s), 8);
+        // A blocking read after its own FIN, while that FIN is acknowledged.
+        let r = recv_pattern(&mut s, 8);
         tx.lock().expect("lock").send(r).expect("test waits");
     });
     let mut c = net.connect();
@@ -357,17 +340,10 @@ fn client_resets(plane: &str, topo: Topo) {
     let (net, daemon) = setup(plane, topo);
     let (tx, rx) = mpsc::channel();
     let tx = Mutex::new(tx);
-    let paired = plane == "bypass";
     let _backend = Server::start(&net.proxy, net.backend(), move |mut s| {
         s.set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
-        let mut r = read_until_closed(&mut s);
-        if paired && r.0 == Err(ErrorKind::WouldBlock) {
-            // A socket in a socket map (the application's, paired) wakes a reader blocked
-            // in it when the reset comes, and that read returns EAGAIN: the kernel's wait for
-            // data there does not look at the socket's error. The next read reports it.
-            r.0 = s.read(&mut [0; 1]).map(|n| n as u64).map_err(|e| e.kind());
-        }
+        let r = read_until_closed(&mut s);
         tx.lock().expect("lock").send(r).expect("test waits");
     });
     let mut c = net.connect();
@@ -694,12 +670,6 @@ fn leak_check(plane: &str, topo: Topo) {
     round(5000);
     let s = daemon.wait_idle();
     assert_eq!(s["connections"]["accepted"], 10_000, "{s:#}");
-    if plane == "bypass" {
-        // Every connection whose upstream connected was paired; none was refused.
-        let svc = &s["kernel"]["services"][0];
-        assert!(svc["paired"].as_u64() > Some(9_000), "{s:#}");
-        assert_eq!(svc["pair_refused"], 0, "{s:#}");
-    }
     // A leak per connection would show as thousands; the runtime may open one or two
     // descriptors of its own on the way.
     let fds_after = daemon.fd_count();

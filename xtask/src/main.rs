@@ -14,8 +14,9 @@ use clap::{Parser, Subcommand};
 /// The nightly that builds the eBPF crate; its LLVM (22) must match bpf-linker's.
 const EBPF_TOOLCHAIN: &str = "nightly-2026-07-20";
 /// Debian packages: LLVM 22 for bpf-linker, bpftool for the tests' checks, redis for a real
-/// backend driven by its own client, nginx as a real PROXY protocol consumer, iproute2 for
-/// network namespaces, netcat for the demo `cargo xtask run` suggests.
+/// backend driven by its own client, nginx as a real PROXY protocol consumer, Go and `HAProxy`
+/// for applications that move their bytes with splice(2), iproute2 for network namespaces,
+/// netcat for the demo `cargo xtask run` suggests.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -25,12 +26,14 @@ const APT_PACKAGES: &[&str] = &[
     "redis-server",
     "redis-tools",
     "nginx",
+    "golang-go",
+    "haproxy",
     "iproute2",
     "netcat-openbsd",
 ];
 /// The peers `cargo xtask bench` measures spliced against, and the real clients it drives
-/// (iperf3, wrk; redis-benchmark and nginx come with the test packages), from Debian.
-const BENCH_PACKAGES: &[&str] = &["haproxy", "libnginx-mod-stream", "socat", "iperf3", "wrk"];
+/// (iperf3, wrk; redis-benchmark, nginx and `HAProxy` come with the test packages), from Debian.
+const BENCH_PACKAGES: &[&str] = &["libnginx-mod-stream", "socat", "iperf3", "wrk"];
 /// Where the demo backend of `cargo xtask run` listens: `examples/fly.toml`'s `internal_port`.
 const DEMO_BACKEND: &str = "127.0.0.1:18080";
 

@@ -4,7 +4,6 @@
 
 use std::{
     os::fd::{AsRawFd, BorrowedFd},
-    path::Path,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
@@ -14,11 +13,10 @@ use aya::{
     programs::{CgroupAttachMode, ProgramError, SkMsg, SkSkb, SockOps},
 };
 use proxy_common::{
-    Bypass, Flow, FlowEvent, Link, MAX_SERVICES, PORT_BACKEND, PORT_PUBLIC, Pairing,
-    ServiceCounters, Tuple, UserTx, hold_port_key, names,
+    Flow, FlowEvent, Link, MAX_SERVICES, PORT_BACKEND, PORT_PUBLIC, ServiceCounters, UserTx,
+    hold_port_key, names,
 };
 
-use super::btf;
 use crate::watch::{Registry, SockEvent};
 
 /// The object built by build.rs (empty when built with `AYA_BUILD_SKIP=1`).
@@ -99,8 +97,6 @@ fn describe(e: &MapError) -> String {
 
 struct Maps {
     hold_ports: HashMap<MapData, u32, u32>,
-    upstreams: HashMap<MapData, u64, Pairing>,
-    bypass: HashMap<MapData, Tuple, Bypass>,
     socks: SockHash<MapData, u64>,
     recv: SockHash<MapData, u64>,
     links: HashMap<MapData, u64, Link>,
@@ -115,8 +111,6 @@ pub struct Kernel {
     maps: Mutex<Maps>,
     stats: PerCpuArray<MapData, ServiceCounters>,
     user_tx: PerCpuArray<MapData, UserTx>,
-    /// The pair program is attached: connections to machines on this host may be paired.
-    same_host: bool,
     // Owns the programs; dropping it detaches them. Kept last so maps close first.
     _ebpf: Ebpf,
 }
@@ -142,37 +136,11 @@ where
 impl Kernel {
     /// Loads the programs into the kernel, attaches them to their maps, and starts the event
     /// pump (ring buffer -> `registry`) and the kernel log pump on the current runtime.
-    ///
-    /// With `pair_cgroup` (a path in the cgroup v2 hierarchy, `/` for the root), the pair
-    /// program is attached there too; if it cannot be, or this kernel's TCP socket layout is
-    /// unknown, that is logged and connections to machines on this host take the verdict path
-    /// like any other. `max_buffer` is the per-direction bound (`--max-buffer`).
-    pub fn load(
-        registry: Arc<Registry>,
-        pair_cgroup: Option<&str>,
-        max_buffer: u64,
-    ) -> Result<Self, LoadError> {
+    pub fn load(registry: Arc<Registry>) -> Result<Self, LoadError> {
         if OBJECT.is_empty() {
             return Err(LoadError::NoObject);
         }
-        // The bypass reads TCP socket fields whose place this kernel's BTF gives.
-        let layout = pair_cgroup.and_then(|_| {
-            btf::tcp_sock_layout(Path::new(btf::VMLINUX))
-                .inspect_err(|e| {
-                    tracing::warn!(
-                        error = %e,
-                        "!!! same-host bypass is OFF: the kernel's TCP socket layout is unknown; \
-                         connections to machines on this host take the verdict path !!!"
-                    );
-                })
-                .ok()
-        });
-        let pair_cgroup = pair_cgroup.filter(|_| layout.is_some());
-        let same_host = u32::from(pair_cgroup.is_some());
         let mut ebpf = EbpfLoader::new()
-            .override_global(names::SAME_HOST, &same_host, true)
-            .override_global(names::TCP_SOCK, &layout.unwrap_or_default(), true)
-            .override_global(names::UNREAD_LIMIT, &max_buffer, true)
             .load(OBJECT)
             .map_err(|e| LoadError::Object(Box::new(e)))?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -181,8 +149,6 @@ impl Kernel {
         }
 
         let hold_ports = take(&mut ebpf, names::HOLD_PORTS)?;
-        let upstreams = take(&mut ebpf, names::UPSTREAMS)?;
-        let bypass = take(&mut ebpf, names::BYPASS)?;
         let socks: SockHash<MapData, u64> = take(&mut ebpf, names::SOCKS)?;
         let recv: SockHash<MapData, u64> = take(&mut ebpf, names::RECV)?;
         let links = take(&mut ebpf, names::LINKS)?;
@@ -216,33 +182,10 @@ impl Kernel {
             .and_then(|()| hold.attach(&cgroup, CgroupAttachMode::Single))
             .map_err(|source| LoadError::Program { name, source })?;
         tracing::debug!(cgroup = ?cgroup, "hold program attached");
-        let same_host = match pair_cgroup {
-            None => false,
-            Some(path) => match attach_pair(&mut ebpf, path) {
-                Ok(()) => {
-                    tracing::info!(
-                        cgroup = path,
-                        "same-host bypass: applications in this cgroup are paired"
-                    );
-                    true
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        error = %e,
-                        "!!! same-host bypass is OFF: the pair program could not be attached; \
-                         connections to machines on this host take the verdict path !!!"
-                    );
-                    false
-                }
-            },
-        };
-
         spawn_event_pump(events, registry)?;
         Ok(Self {
             maps: Mutex::new(Maps {
                 hold_ports,
-                upstreams,
-                bypass,
                 socks,
                 recv,
                 links,
@@ -250,7 +193,6 @@ impl Kernel {
             }),
             stats,
             user_tx,
-            same_host,
             _ebpf: ebpf,
         })
     }
@@ -335,73 +277,10 @@ impl Kernel {
         }
     }
 
-    /// Whether connections to machines on this host may be paired.
-    pub fn same_host(&self) -> bool {
-        self.same_host
-    }
-
-    /// Asks the kernel to pair the peer of the upstream socket `upstream` (not yet connected)
-    /// with the client socket `client`; `limit` bounds what the client may have
-    /// unacknowledged of what the application sends it directly.
-    pub fn register_upstream(
-        &self,
-        upstream: u64,
-        client: u64,
-        service: u32,
-        limit: u64,
-    ) -> Result<(), MapOpError> {
-        let pairing = Pairing {
-            client_cookie: client,
-            limit,
-            service,
-            _pad: 0,
-        };
-        self.maps()
-            .upstreams
-            .insert(&upstream, &pairing, 0)
-            .map_err(|source| op_err("insert", names::UPSTREAMS, upstream, source))
-    }
-
-    /// Takes back the registration of `upstream`. Returns false if the kernel claimed it first:
-    /// the pairing happened (or was refused), and `BYPASS` says which.
-    pub fn cancel_upstream(&self, upstream: u64) -> Result<bool, MapOpError> {
-        match self.maps().upstreams.remove(&upstream) {
-            Ok(()) => Ok(true),
-            Err(e) if not_found(&e) => Ok(false),
-            Err(source) => Err(op_err("delete", names::UPSTREAMS, upstream, source)),
-        }
-    }
-
-    /// The `BYPASS` entry of a socket, if any.
-    pub fn bypass(&self, tuple: &Tuple) -> Option<Bypass> {
-        self.maps().bypass.get(tuple, 0).ok()
-    }
-
-    /// Removes what a same-host connection left in the maps: both sides' `BYPASS` entries, the
-    /// upstream's registration, and the application's socket in `SOCKS`. `upstream` is the
-    /// upstream socket's tuple.
-    pub fn forget_bypass(&self, upstream_cookie: u64, upstream: &Tuple) {
-        let mut maps = self.maps();
-        let app = maps.bypass.get(upstream, 0).ok().map(|b| b.app_cookie);
-        let mut results = vec![
-            (names::BYPASS, maps.bypass.remove(upstream)),
-            (names::BYPASS, maps.bypass.remove(&upstream.reversed())),
-            (names::UPSTREAMS, maps.upstreams.remove(&upstream_cookie)),
-        ];
-        if let Some(cookie) = app.filter(|c| *c != 0) {
-            results.push((names::SOCKS, maps.socks.remove(&cookie)));
-        }
-        for (map, result) in results {
-            log_removal(map, upstream_cookie, result);
-        }
-    }
-
     /// Entries left in each per-socket map (for leak checks).
-    pub fn entry_counts(&self) -> [(&'static str, usize); 6] {
+    pub fn entry_counts(&self) -> [(&'static str, usize); 4] {
         let maps = self.maps();
         [
-            (names::UPSTREAMS, maps.upstreams.keys().count()),
-            (names::BYPASS, maps.bypass.keys().count()),
             (names::SOCKS, maps.socks.keys().count()),
             (names::RECV, maps.recv.keys().count()),
             (names::LINKS, maps.links.keys().count()),
@@ -427,13 +306,6 @@ impl Kernel {
                 sum.overlaps += v.overlaps;
                 sum.overlap_bytes += v.overlap_bytes;
                 sum.stream_faults += v.stream_faults;
-                sum.paired += v.paired;
-                sum.pair_refused += v.pair_refused;
-                sum.ingress_bytes += v.ingress_bytes;
-                sum.direct_bytes += v.direct_bytes;
-                sum.via_tcp += v.via_tcp;
-                sum.early_writes += v.early_writes;
-                sum.unread_stops += v.unread_stops;
             }
         }
         sum
@@ -470,17 +342,6 @@ fn log_removal(map: &'static str, cookie: u64, result: Result<(), MapError>) {
             );
         }
     }
-}
-
-/// Attaches the pair program to the cgroup at `path` in the cgroup v2 hierarchy.
-fn attach_pair(ebpf: &mut Ebpf, path: &str) -> Result<(), LoadError> {
-    let name = names::PAIR_PROG;
-    let cgroup = open_cgroup(name, path)?;
-    let pair: &mut SockOps = program(ebpf, name)?;
-    pair.load()
-        .and_then(|()| pair.attach(&cgroup, CgroupAttachMode::Single))
-        .map(drop)
-        .map_err(|source| LoadError::Program { name, source })
 }
 
 /// The path of this process's cgroup in the cgroup v2 hierarchy (from `/proc/self/cgroup`).

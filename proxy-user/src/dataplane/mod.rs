@@ -1,10 +1,8 @@
 //! The two data planes and what they share: `sockmap` (the kernel moves the bytes) and
 //! `copy` (tokio moves them), chosen once at start-up.
 
-pub mod btf;
 pub mod copy;
 pub mod kernel;
-pub mod samehost;
 pub mod sockmap;
 
 use crate::watch::Side;

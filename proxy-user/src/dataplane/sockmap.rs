@@ -49,12 +49,6 @@
 //!   the kernel refuses, is dropped with everything after it, and the task aborts the
 //!   connection with a reset on both sides rather than end a damaged stream as if complete.
 //!
-//! - On a paired same-host connection (see `samehost`) the `sk_msg` program moves the bytes
-//!   between the upstream socket's send path and the application's socket, and between the
-//!   application's socket and the client's: those counts join the TCP counters in each
-//!   direction's accounting, what the application has not read counts against the bound
-//!   (`sock_diag`), and its FIN waits as described at [`Pair::forward_fin`].
-//!
 //! The bytes userspace moves in these cases are counted (`moved_bytes`).
 
 use std::{
@@ -68,13 +62,12 @@ use std::{
     time::Duration,
 };
 
-use proxy_common::{Flow, Link, ROLE_APP, ROLE_UPSTREAM, SIDE_BACKEND, SIDE_CLIENT};
+use proxy_common::{Flow, Link, SIDE_BACKEND, SIDE_CLIENT};
 use tokio::sync::{mpsc, watch};
 
 use super::{
     Outcome, Phase, SpliceError,
     kernel::{Kernel, MapOpError},
-    samehost::SameHost,
 };
 use crate::{
     sys::{self, TcpCounters, ev},
@@ -113,10 +106,6 @@ pub enum Spliced {
 /// First and last wait between checks while a direction is held or ending.
 const POLL_MIN: Duration = Duration::from_millis(1);
 const POLL_MAX: Duration = Duration::from_millis(20);
-/// How long a paired connection's FIN to the application waits after every byte before it was
-/// counted into the application's queue: longer than the kernel's worker takes, short of being
-/// descheduled for that long, between counting a message and queueing it.
-const FIN_SETTLE: Duration = Duration::from_millis(5);
 /// Largest read when userspace moves bytes.
 const MOVE_CHUNK: usize = 256 * 1024;
 
@@ -148,9 +137,6 @@ struct Direction {
     sent: u64,
     /// Taken, not yet written.
     pending: Vec<u8>,
-    /// When a paired connection's FIN to the application was first ready (see
-    /// [`Pair::forward_fin`]).
-    fin_ready: Option<std::time::Instant>,
     /// The receiving side's receive buffer before this hold first raised it ([`Pair::relieve`]).
     relieved_from: Option<u64>,
     /// This hold has raised it as far as it may.
@@ -167,8 +153,6 @@ struct Pair<'a> {
     /// Bytes userspace wrote into each socket before splicing (a PROXY protocol header into the
     /// backend's).
     preface: [u64; 2],
-    /// A same-host connection's entries: bytes the `sk_msg` program moved on its two legs.
-    same_host: Option<SameHost>,
     dirs: [Direction; 2],
     /// [`sys::monotonic_coarse_ns`] when the pair was spliced.
     started_ns: u64,
@@ -189,69 +173,23 @@ impl Pair<'_> {
         Ok(self.splicer.kernel.flow(self.cookies[side.index()])?)
     }
 
-    /// Bytes the `sk_msg` program moved on a same-host connection's leg: with `role`
-    /// `ROLE_APP`, what the application sent straight into the client's socket; with
-    /// `ROLE_UPSTREAM`, what it put from the upstream socket straight into the application's.
-    fn bypassed(&self, role: u32) -> u64 {
-        self.same_host.map_or(0, |s| {
-            let tuple = if role == ROLE_APP {
-                s.upstream().reversed()
-            } else {
-                s.upstream()
-            };
-            self.splicer.kernel.bypass(&tuple).map_or(0, |b| b.bytes)
-        })
-    }
-
-    /// Bytes received on `side` that should be in the peer's send queue by now. On a
-    /// same-host connection the application's bytes that went straight to the client count
-    /// as the backend side's.
+    /// Bytes received on `side` that should be in the peer's send queue by now.
     fn owed(&self, side: Side, flow: &Flow) -> u64 {
-        let direct = match side {
-            Side::Client => 0,
-            Side::Backend => self.bypassed(ROLE_APP),
-        };
-        self.preface[side.other().index()] + flow.redirected + self.dirs[side.index()].sent + direct
-    }
-
-    /// Bytes that left `side`'s send path other than through its TCP stream: on a same-host
-    /// connection, what the upstream socket passed straight into the application's.
-    fn passed_on(&self, side: Side) -> u64 {
-        match side {
-            Side::Client => 0,
-            Side::Backend => self.bypassed(ROLE_UPSTREAM),
-        }
+        self.preface[side.other().index()] + flow.redirected + self.dirs[side.index()].sent
     }
 
     /// Bytes of `side` the kernel has redirected and not yet written into the peer.
     fn backlog(&self, side: Side, flow: &Flow) -> Result<u64, SpliceError> {
         let peer = side.other();
-        let written = self.counters(peer)?.bytes_written() + self.passed_on(peer);
+        let written = self.counters(peer)?.bytes_written();
         Ok(self.owed(side, flow).saturating_sub(written))
     }
 
     /// Bytes of `side` the kernel has redirected that the peer's reader has not yet
     /// acknowledged: the peer's backlog plus its send queue. This is what the bound limits.
-    /// On a paired same-host connection the client's bytes go into the application's socket,
-    /// and what the application has not read of them counts too.
     fn unacked(&self, side: Side, flow: &Flow) -> Result<u64, SpliceError> {
-        let peer = side.other();
-        let unread = match peer {
-            Side::Backend => self.app_diag()?.map_or(0, |d| u64::from(d.rmem)),
-            Side::Client => 0,
-        };
-        let acked =
-            (self.counters(peer)?.bytes_acked + self.passed_on(peer)).saturating_sub(unread);
+        let acked = self.counters(side.other())?.bytes_acked;
         Ok(self.owed(side, flow).saturating_sub(acked))
-    }
-
-    /// The paired application's socket as `sock_diag` sees it; `None` when the connection is
-    /// not paired or the socket is gone.
-    fn app_diag(&self) -> Result<Option<sys::TcpDiag>, SpliceError> {
-        let Some(s) = self.same_host.filter(|s| s.app_cookie.is_some()) else {
-            return Ok(None);
-        };
-        sys::tcp_diag(s.machine, s.upstream_local).map_err(SpliceError::Internal)
     }
 
     fn set_link(&self, side: Side) -> Result<(), SpliceError> {
@@ -498,14 +436,6 @@ impl Pair<'_> {
     /// peer's writing half, which queues the FIN after them.
     fn forward_fin(&mut self, side: Side) -> Result<bool, SpliceError> {
         let i = side.index();
-        // Settling (see below): every check passed once, and none can be undone by the side
-        // that sent the FIN; they all run again when the wait is over.
-        if self.dirs[i]
-            .fin_ready
-            .is_some_and(|ready| ready.elapsed() < FIN_SETTLE)
-        {
-            return Ok(false);
-        }
         let flow = self.flow(side)?;
         Self::intact(side, &flow)?;
         let own = self.counters(side)?;
@@ -529,26 +459,6 @@ impl Pair<'_> {
         let flow = self.flow(side)?;
         if self.backlog(side, &flow)? > 0 {
             return Ok(false);
-        }
-        // A paired application that has shut its own writing half loses what it has not read
-        // when the FIN comes: its socket then closes, which takes it out of the map and frees
-        // what the map put into its queue. So the FIN waits until it has read everything.
-        if side == Side::Client
-            && let Some(app) = self.app_diag()?
-        {
-            if sys::write_shut(app.state) && app.rmem > 0 {
-                return Ok(false);
-            }
-            // The `sk_msg` program counts a message just before the kernel puts it into the
-            // application's queue, and a FIN that arrived in between would let the
-            // application read the end of the stream before that message (or, if it has
-            // shut its writing half, close its socket and lose it). So the FIN waits a while
-            // after everything was counted (the check at the top); a look alone is no wait,
-            // since the next can come at once, on the next socket event.
-            if self.dirs[i].fin_ready.is_none() {
-                self.dirs[i].fin_ready = Some(std::time::Instant::now());
-                return Ok(false);
-            }
         }
         match self.socks[side.other().index()].shutdown(std::net::Shutdown::Write) {
             // NotConnected: the peer already went away; its own event ends the connection.
@@ -626,7 +536,6 @@ impl Splicer {
         client: TcpStream,
         backend: TcpStream,
         service: u32,
-        same_host: Option<SameHost>,
         preface: &[u8],
         mut phase: watch::Receiver<Phase>,
     ) -> Spliced {
@@ -646,10 +555,6 @@ impl Splicer {
                 Side::Client => SIDE_CLIENT,
                 Side::Backend => SIDE_BACKEND,
             },
-            app_cookie: match side {
-                Side::Client => same_host.and_then(|s| s.app_cookie).unwrap_or(0),
-                Side::Backend => 0,
-            },
             ..Link::default()
         };
         let mut pair = Pair {
@@ -661,7 +566,6 @@ impl Splicer {
                 link(cookies[0], Side::Backend),
             ],
             preface: [0, preface.len() as u64],
-            same_host,
             dirs: Default::default(),
             started_ns: sys::monotonic_coarse_ns(),
             draining: false,
@@ -686,8 +590,6 @@ impl Splicer {
                 self.kernel.add_link(cookies[i], &pair.links[i])?;
                 match self.kernel.add_socket(cookies[i], pair.fd(side)) {
                     Ok(()) => {}
-                    // A same-host connection's client entered before its upstream connected.
-                    Err(e) if e.is_busy() && side == Side::Client => {}
                     Err(e) if e.is_state_refusal() => {
                         refused = true;
                         return Ok(Outcome::Completed);
@@ -695,9 +597,7 @@ impl Splicer {
                     Err(e) => return Err(e.into()),
                 }
             }
-            // Through the backend socket's send path, now that it is in the map: on a same-host
-            // connection the `sk_msg` program puts it into the application's queue, ahead of
-            // every byte of the client.
+            // Before the client's socket enters RECV: ahead of every byte of the client.
             write_all(&backend, preface).await?;
             for side in [Side::Client, Side::Backend] {
                 match self
@@ -727,9 +627,6 @@ impl Splicer {
             self.watcher.delete(pair.fd(side)).ok();
             self.registry.remove(cookies[i]);
             self.kernel.forget(cookies[i]);
-        }
-        if let Some(s) = pair.same_host {
-            self.kernel.forget_bypass(s.upstream_cookie, &s.upstream());
         }
         if refused {
             return Spliced::Refused(client, backend);
@@ -783,9 +680,7 @@ async fn drive(
                         return Err(side_error(side, err));
                     }
                     // Closed, but not by the end of both ways (its other way ends with the FIN
-                    // this task sends on it): a reset. Its error may be gone already, taken by
-                    // whoever wrote into it next (an application writing straight into a
-                    // client's socket).
+                    // this task sends on it): a reset whose error was taken already.
                     if pair.counters(side)?.state == sys::TCP_CLOSE
                         && !(pair.dirs[side.index()].eof && pair.dirs[side.other().index()].done)
                     {

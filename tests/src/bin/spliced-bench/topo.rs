@@ -145,8 +145,8 @@ impl Topology {
 
     /// client | proxy and backend: the client's namespace joined by a veth pair to the one
     /// the proxy and the backend share, so the client comes over a network and the backend
-    /// is a machine on the proxy's host. This is the edge the same-host bypass is for:
-    /// the bypass pairs here, and the client's own leg is the same for every target.
+    /// is a machine on the proxy's host, as on an edge host that runs its machines; the
+    /// client's own leg is the same for every target.
     pub fn edge() -> Self {
         let (c, p) = (Netns::new("bench-ec"), Netns::new("bench-ep"));
         veth(
@@ -400,12 +400,7 @@ fn public_port(k: usize, i: usize) -> u16 {
 }
 
 /// Every target name, in the order they are measured in each round.
-/// "bypass" is spliced's sockmap plane with the same-host bypass on: on the loopback topology
-/// the backend is on the proxy's host, so its connections are paired; on veth it is not, and
-/// they take the verdict path.
-pub const TARGETS: &[&str] = &[
-    "direct", "sockmap", "bypass", "copy", "haproxy", "nginx", "socat",
-];
+pub const TARGETS: &[&str] = &["direct", "sockmap", "copy", "haproxy", "nginx", "socat"];
 
 /// Starts target `name` in the topology's proxy namespace, on its own port.
 pub fn start_target(
@@ -524,22 +519,15 @@ fn commands(
     };
     let mut cmd = netns();
     match name {
-        "sockmap" | "copy" | "bypass" => {
+        "sockmap" | "copy" => {
             let config = file("fly.toml");
             std::fs::write(&config, spliced_config(&pairs, backend_ip))?;
             cmd.arg(&spliced.bin)
                 .args(["run", "--config"])
                 .arg(&config)
-                .args([
-                    "--dataplane",
-                    if name == "copy" { "copy" } else { "sockmap" },
-                ])
+                .args(["--dataplane", name])
                 .arg("--listen-addr")
                 .arg(topo.public_ip.to_string())
-                .args([
-                    "--same-host-bypass",
-                    if name == "bypass" { "on" } else { "off" },
-                ])
                 .args(&spliced.extra)
                 .env("RUST_LOG", "warn");
         }

@@ -1,0 +1,575 @@
+//! Real applications behind spliced, each reading and writing its socket its own way: Go's
+//! `io.Copy` (splice(2) both ways), `HAProxy` in `mode tcp` with splicing forced, and servers of
+//! our own that read with splice(2) into a pipe, readv, recvmsg, `MSG_PEEK`, or from two
+//! threads at once, and write with splice(2) from a pipe or sendfile(2), on blocking and
+//! non-blocking sockets. Every stream is checked byte by byte, 1 GiB each (sendfile: 256 MiB),
+//! on both data planes. The application runs on the proxy's host, as a machine on an edge
+//! host does.
+
+use std::{
+    io::{ErrorKind, Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpStream},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Mutex, OnceLock, mpsc},
+    time::Duration,
+};
+
+use tests::{
+    BACKEND_PORT, Daemon, GIB, Net, Netns, Pattern, Scratch, Server, Topo, eventually,
+    raise_fd_limit, recv_pattern, send_pattern, set_reset_on_close,
+};
+
+/// A read or write that makes no progress for this long fails the test, naming where the
+/// stream stopped.
+const STALL: Duration = Duration::from_secs(20);
+/// How long a whole 1 GiB transfer may take on the slowest plane.
+const TRANSFER: Duration = Duration::from_secs(120);
+/// Pipe size for the splice(2) applications (`fs.pipe-max-size` allows 1 MiB by default).
+const PIPE: usize = 1 << 20;
+
+macro_rules! apps {
+    ($($app:ident),* $(,)?) => {
+        mod sockmap { $( #[test] fn $app() { super::$app("sockmap") } )* }
+        mod copy { $( #[test] fn $app() { super::$app("copy") } )* }
+    };
+}
+
+apps!(
+    go_io_copy_echo,
+    haproxy_splicing,
+    splice_echo,
+    splice_reader,
+    splice_writer,
+    sendfile_writer,
+    readv_reader,
+    recvmsg_reader,
+    peek_reader,
+    two_thread_blocking_echo,
+    nonblocking_echo,
+    blocking_read_after_own_fin,
+);
+
+fn setup(plane: &str) -> (Net, Daemon) {
+    raise_fd_limit();
+    let net = Net::new(Topo::Loopback);
+    let daemon = Daemon::start(&net.proxy, plane, &[]);
+    assert_eq!(daemon.stats()["dataplane"], plane, "{}", daemon.log());
+    (net, daemon)
+}
+
+/// A client connected through the proxy, whose reads and writes fail after [`STALL`] without
+/// progress.
+fn client(net: &Net) -> TcpStream {
+    let c = net.connect();
+    c.set_read_timeout(Some(STALL)).expect("read timeout");
+    c.set_write_timeout(Some(STALL)).expect("write timeout");
+    c
+}
+
+/// Sends `size` bytes of stream `seed` through `c` to an echo while reading them back, then
+/// half-closes; `Ok` with the count when every byte came back in order before the echo's end
+/// of stream.
+fn echo_through(c: TcpStream, seed: u64, size: u64) -> Result<u64, String> {
+    let mut w = c.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || {
+        send_pattern(&mut w, seed, size)?;
+        w.shutdown(Shutdown::Write)
+    });
+    let got = recv_pattern(&mut { c }, seed);
+    let sent = writer.join().expect("writer thread");
+    let got = got?;
+    sent.map_err(|e| format!("client's send failed: {e}"))?;
+    Ok(got)
+}
+
+/// Full duplex, 1 GiB each way, through the echo application on the proxy's host.
+fn duplex_through_echo(plane: &str, handler: impl Fn(TcpStream) + Send + Sync + 'static) {
+    let (net, daemon) = setup(plane);
+    let _app = Server::start(&net.proxy, net.backend(), handler);
+    assert_eq!(echo_through(client(&net), 31, GIB), Ok(GIB));
+    let s = daemon.wait_idle();
+    assert_eq!(s["connections"]["completed"], 1, "{s:#}");
+}
+
+/// Client -> application, 1 GiB, read by `reader` (which checks it and returns the count).
+fn one_way_to_app(
+    plane: &str,
+    reader: impl Fn(&mut TcpStream) -> Result<u64, String> + Send + Sync + 'static,
+) {
+    let (net, daemon) = setup(plane);
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let _app = Server::start(&net.proxy, net.backend(), move |mut s| {
+        s.set_read_timeout(Some(STALL)).expect("read timeout");
+        let r = reader(&mut s);
+        let _ = s.shutdown(Shutdown::Write);
+        tx.lock().expect("lock").send(r).expect("test waits");
+    });
+    let mut c = client(&net);
+    let sent = send_pattern(&mut c, 32, GIB).and_then(|()| c.shutdown(Shutdown::Write));
+    let got = rx.recv_timeout(TRANSFER).expect("application finished");
+    assert_eq!(got, Ok(GIB), "the client's send: {sent:?}");
+    sent.expect("client sends 1 GiB and half-closes");
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).expect("end of stream");
+    assert_eq!(rest, b"");
+    let s = daemon.wait_idle();
+    assert_eq!(s["connections"]["completed"], 1, "{s:#}");
+}
+
+/// Application -> client, `size` bytes of stream 33 written by `writer`; then the application
+/// half-closes and the client must see exactly those bytes and the end of stream.
+fn one_way_to_client(
+    plane: &str,
+    size: u64,
+    writer: impl Fn(&mut TcpStream, u64) -> std::io::Result<()> + Send + Sync + 'static,
+) {
+    let (net, daemon) = setup(plane);
+    let _app = Server::start(&net.proxy, net.backend(), move |mut s| {
+        s.set_write_timeout(Some(STALL)).expect("write timeout");
+        if writer(&mut s, size).is_err() {
+            set_reset_on_close(&s);
+            return;
+        }
+        let _ = s.shutdown(Shutdown::Write);
+        let _ = s.read(&mut [0; 1]);
+    });
+    let mut c = client(&net);
+    assert_eq!(recv_pattern(&mut c, 33), Ok(size));
+    drop(c);
+    let s = daemon.wait_idle();
+    assert_eq!(s["connections"]["completed"], 1, "{s:#}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Applications that are not ours
+// ---------------------------------------------------------------------------------------------
+
+/// Go's `io.Copy(conn, conn)`: splice(2) from the socket into a pipe and from the pipe into
+/// the socket, on a non-blocking socket driven by Go's poller.
+fn go_io_copy_echo(plane: &str) {
+    let (net, daemon) = setup(plane);
+    let _app = Process::start(
+        &net.proxy,
+        Command::new(go_app("goecho")).arg(net.backend().to_string()),
+        net.backend(),
+    );
+    assert_eq!(echo_through(client(&net), 34, GIB), Ok(GIB));
+    let s = daemon.wait_idle();
+    assert_eq!(s["connections"]["completed"], 1, "{s:#}");
+}
+
+/// `HAProxy` in `mode tcp` with splicing forced both ways, as the application, in front of an
+/// echo of its own.
+fn haproxy_splicing(plane: &str) {
+    let (net, daemon) = setup(plane);
+    let echo_addr = SocketAddr::new(net.backend().ip(), BACKEND_PORT + 1);
+    let _echo = Server::start(&net.proxy, echo_addr, |s| splice_echo_app(&s));
+    let dir = Scratch::new();
+    let cfg = dir.0.join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 256\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
+             timeout client 60s\n  timeout server 60s\n  option splice-request\n  \
+             option splice-response\n\nlisten app\n  bind {}\n  server echo {echo_addr}\n",
+            net.backend()
+        ),
+    )
+    .expect("haproxy config");
+    let _app = Process::start(
+        &net.proxy,
+        Command::new("haproxy").arg("-db").arg("-f").arg(&cfg),
+        net.backend(),
+    );
+    assert_eq!(echo_through(client(&net), 35, GIB), Ok(GIB));
+    let s = daemon.wait_idle();
+    assert_eq!(s["connections"]["completed"], 1, "{s:#}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Applications of our own, one way of reading or writing each
+// ---------------------------------------------------------------------------------------------
+
+fn splice_echo(plane: &str) {
+    duplex_through_echo(plane, |s| splice_echo_app(&s));
+}
+
+fn splice_reader(plane: &str) {
+    one_way_to_app(plane, |s| {
+        let (r, w) = pipe();
+        let mut p = Pattern::new(32);
+        let mut buf = vec![0; PIPE];
+        loop {
+            let n = splice(s.as_raw_fd(), w.as_raw_fd(), PIPE)
+                .map_err(|e| format!("splice from the socket after {} bytes: {e}", p.pos()))?;
+            if n == 0 {
+                return Ok(p.pos());
+            }
+            let mut pipe_r = std::fs::File::from(r.try_clone().expect("dup"));
+            pipe_r.read_exact(&mut buf[..n]).expect("read the pipe");
+            p.check(&buf[..n])?;
+        }
+    });
+}
+
+fn splice_writer(plane: &str) {
+    one_way_to_client(plane, GIB, |s, size| {
+        let (r, w) = pipe();
+        let mut pipe_w = std::fs::File::from(w);
+        let mut p = Pattern::new(33);
+        let mut buf = vec![0; PIPE];
+        while p.pos() < size {
+            let n = (size - p.pos()).min(PIPE as u64) as usize;
+            p.fill(&mut buf[..n]);
+            pipe_w.write_all(&buf[..n])?;
+            let mut left = n;
+            while left > 0 {
+                left -= splice(r.as_raw_fd(), s.as_raw_fd(), left)?;
+            }
+        }
+        Ok(())
+    });
+}
+
+fn sendfile_writer(plane: &str) {
+    const SIZE: u64 = 256 << 20;
+    let dir = Scratch::new();
+    let path = dir.0.join("payload");
+    send_pattern(
+        &mut std::fs::File::create(&path).expect("payload file"),
+        33,
+        SIZE,
+    )
+    .expect("write the payload");
+    one_way_to_client(plane, SIZE, move |s, size| {
+        let f = std::fs::File::open(&path)?;
+        let mut off: libc::off_t = 0;
+        while (off as u64) < size {
+            let left = (size - off as u64) as usize;
+            // SAFETY: two valid descriptors and an offset on the stack.
+            let n = unsafe { libc::sendfile(s.as_raw_fd(), f.as_raw_fd(), &raw mut off, left) };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if n == 0 {
+                return Err(std::io::Error::other("sendfile sent nothing"));
+            }
+        }
+        Ok(())
+    });
+}
+
+fn readv_reader(plane: &str) {
+    one_way_to_app(plane, |s| {
+        read_checked(s, 32, |fd, buf| {
+            // Two buffers of odd sizes: a read splits wherever the kernel's segments fall.
+            let (a, b) = buf.split_at_mut(4093);
+            let iov = [iovec(a), iovec(b)];
+            // SAFETY: two iovecs over live buffers.
+            unsafe { libc::readv(fd, iov.as_ptr(), 2) }
+        })
+    });
+}
+
+fn recvmsg_reader(plane: &str) {
+    one_way_to_app(plane, |s| {
+        read_checked(s, 32, |fd, buf| {
+            let (a, rest) = buf.split_at_mut(1000);
+            let (b, c) = rest.split_at_mut(30_000);
+            let mut iov = [iovec(a), iovec(b), iovec(c)];
+            // SAFETY: zeroed msghdr is valid (no name, no control).
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iov.as_mut_ptr();
+            msg.msg_iovlen = 3;
+            // SAFETY: a msghdr whose iovecs point into live buffers.
+            unsafe { libc::recvmsg(fd, &raw mut msg, 0) }
+        })
+    });
+}
+
+fn peek_reader(plane: &str) {
+    one_way_to_app(plane, |s| {
+        let mut p = Pattern::new(32);
+        let mut peeked = vec![0; 64 * 1024];
+        let mut read = vec![0; 64 * 1024];
+        loop {
+            let n = match s.peek(&mut peeked) {
+                Ok(0) => return Ok(p.pos()),
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(format!("peek after {} bytes: {e}", p.pos())),
+            };
+            // What was peeked is still there: a read of that many returns exactly it.
+            s.read_exact(&mut read[..n])
+                .map_err(|e| format!("read after peek at {}: {e}", p.pos()))?;
+            if peeked[..n] != read[..n] {
+                return Err(format!("peeked bytes at {} differ from read ones", p.pos()));
+            }
+            p.check(&read[..n])?;
+        }
+    });
+}
+
+/// One thread reads (blocking) while another writes (blocking) what it read: the reader
+/// waits while the writer fills its send buffer and is woken as it drains.
+fn two_thread_blocking_echo(plane: &str) {
+    duplex_through_echo(plane, |s| {
+        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(4);
+        let mut w = s.try_clone().expect("clone");
+        let writer = std::thread::spawn(move || {
+            for chunk in rx {
+                w.write_all(&chunk)?;
+            }
+            w.shutdown(Shutdown::Write)
+        });
+        let mut r = s;
+        let mut buf = vec![0; 64 * 1024];
+        let ok = loop {
+            match r.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(n) => {
+                    if tx.send(buf[..n].to_vec()).is_err() {
+                        break false;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => break false,
+            }
+        };
+        drop(tx);
+        if !ok || writer.join().map_or(true, |r| r.is_err()) {
+            set_reset_on_close(&r);
+        }
+    });
+}
+
+/// A non-blocking socket read and written as an event loop does: poll, then read or write
+/// what the socket takes.
+fn nonblocking_echo(plane: &str) {
+    duplex_through_echo(plane, |mut s| {
+        s.set_nonblocking(true).expect("non-blocking");
+        let mut buf = vec![0; 256 * 1024];
+        let done = loop {
+            let n = match s.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    wait_for(&s, libc::POLLIN);
+                    continue;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => break false,
+            };
+            let mut sent = 0;
+            while sent < n {
+                match s.write(&buf[sent..n]) {
+                    Ok(k) => sent += k,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => wait_for(&s, libc::POLLOUT),
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            if sent < n {
+                break false;
+            }
+        };
+        if done {
+            let _ = s.shutdown(Shutdown::Write);
+        } else {
+            set_reset_on_close(&s);
+        }
+    });
+}
+
+/// The application answers, half-closes, then blocks reading the client's stream: its read
+/// waits while its own FIN is acknowledged.
+fn blocking_read_after_own_fin(plane: &str) {
+    let (net, daemon) = setup(plane);
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let _app = Server::start(&net.proxy, net.backend(), move |mut s| {
+        s.set_read_timeout(Some(STALL)).expect("read timeout");
+        send_pattern(&mut s, 36, 8 << 20).expect("answer");
+        s.shutdown(Shutdown::Write).expect("half-close");
+        let r = recv_pattern(&mut s, 37);
+        tx.lock().expect("lock").send(r).expect("test waits");
+    });
+    let mut c = client(&net);
+    assert_eq!(recv_pattern(&mut c, 36), Ok(8 << 20));
+    // Only now, with the application blocked in its read, does the client send.
+    std::thread::sleep(Duration::from_millis(200));
+    let sent = send_pattern(&mut c, 37, 64 << 20).and_then(|()| c.shutdown(Shutdown::Write));
+    let got = rx.recv_timeout(TRANSFER).expect("application finished");
+    assert_eq!(got, Ok(64 << 20), "the client's send: {sent:?}");
+    sent.expect("client sends after the end of the answer");
+    let s = daemon.wait_idle();
+    assert_eq!(s["connections"]["completed"], 1, "{s:#}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// An echo that moves every byte with splice(2): socket -> pipe -> socket, blocking. A failure
+/// resets the connection, so that a broken echo never looks complete.
+fn splice_echo_app(s: &TcpStream) {
+    let (r, w) = pipe();
+    let moved = (|| -> std::io::Result<()> {
+        loop {
+            let n = splice(s.as_raw_fd(), w.as_raw_fd(), PIPE)?;
+            if n == 0 {
+                return Ok(());
+            }
+            let mut left = n;
+            while left > 0 {
+                left -= splice(r.as_raw_fd(), s.as_raw_fd(), left)?;
+            }
+        }
+    })();
+    match moved {
+        Ok(()) => {
+            let _ = s.shutdown(Shutdown::Write);
+        }
+        Err(_) => set_reset_on_close(s),
+    }
+}
+
+/// Reads `s` to its end with `read` (a raw read call into the buffer it is given), checking
+/// every byte against stream `seed`.
+fn read_checked(
+    s: &TcpStream,
+    seed: u64,
+    read: impl Fn(RawFd, &mut [u8]) -> isize,
+) -> Result<u64, String> {
+    let mut p = Pattern::new(seed);
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        let n = read(s.as_raw_fd(), &mut buf);
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(format!("read failed after {} bytes: {e}", p.pos()));
+        }
+        if n == 0 {
+            return Ok(p.pos());
+        }
+        p.check(&buf[..n as usize])?;
+    }
+}
+
+fn iovec(buf: &mut [u8]) -> libc::iovec {
+    libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }
+}
+
+/// A pipe of [`PIPE`] bytes: (read end, write end).
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(rc, 0, "pipe2: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors are new and owned here.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: fcntl on a descriptor owned here.
+    let rc = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE as libc::c_int) };
+    assert!(rc >= 0, "F_SETPIPE_SZ: {}", std::io::Error::last_os_error());
+    (r, w)
+}
+
+/// splice(2) of up to `len` bytes from `from` to `to` (one of them a pipe), blocking.
+fn splice(from: RawFd, to: RawFd, len: usize) -> std::io::Result<usize> {
+    loop {
+        // SAFETY: splice between two valid descriptors without offsets.
+        let n = unsafe {
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_MOVE,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Waits until `s` is ready for `events` (or [`STALL`] passes: the caller then retries and the
+/// test's own deadlines report the stall).
+fn wait_for(s: &TcpStream, events: libc::c_short) {
+    let mut pfd = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&raw mut pfd, 1, STALL.as_millis() as libc::c_int) };
+}
+
+/// A program started in a namespace, killed at drop.
+struct Process(Child);
+
+impl Process {
+    /// Starts `cmd` in `ns` and waits until `ready` accepts connections.
+    fn start(ns: &Netns, cmd: &Command, ready: SocketAddr) -> Self {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &ns.name])
+            .arg(cmd.get_program())
+            .args(cmd.get_args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        let child = c
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", cmd.get_program().display()));
+        let mut p = Self(child);
+        if !eventually(Duration::from_secs(10), || ns.connect(ready).is_ok()) {
+            let _ = p.0.kill();
+            panic!(
+                "{} did not start listening on {ready}",
+                cmd.get_program().display()
+            );
+        }
+        p
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Builds the Go program `tests/apps/NAME` (Go's cache makes a rebuild cheap) with Debian's Go, which
+/// `cargo xtask test` installs, and returns the binary.
+fn go_app(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<()>> = OnceLock::new();
+    let _one_build_at_a_time = BUILT.get_or_init(Mutex::default).lock().expect("lock");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = root.join("../target/go-apps");
+    let bin = out.join(name);
+    let st = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(root.join(format!("apps/{name}/main.go")))
+        .env("GOCACHE", out.join("cache"))
+        .env("GOPATH", out.join("gopath"))
+        .env("GO111MODULE", "off")
+        .status()
+        .expect("run go (cargo xtask test installs golang-go)");
+    assert!(st.success(), "go build of {name} failed: {st}");
+    bin
+}
