@@ -2,8 +2,9 @@
 //! plain `cargo build` builds everything. `AYA_BUILD_SKIP=1` skips it for host-only checks;
 //! the daemon then carries an empty object and can only use the copy data plane.
 
-/// The nightly that builds the eBPF crate. Its LLVM (22) must match bpf-linker's; do not float.
-const EBPF_TOOLCHAIN: &str = "nightly-2026-07-20";
+/// The nightly that builds the eBPF crate (`cargo xtask` installs the same, from the same
+/// file). Its LLVM (22) must match bpf-linker's; do not float it.
+const EBPF_TOOLCHAIN: &str = include_str!("../proxy-ebpf/toolchain").trim_ascii();
 
 fn main() -> anyhow::Result<()> {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../proxy-ebpf");

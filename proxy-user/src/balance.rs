@@ -124,6 +124,15 @@ impl Lease {
     pub fn index(&self) -> usize {
         self.index
     }
+
+    /// Counts a connect to its machine that was refused or timed out.
+    pub fn connect_failed(&self) {
+        if let Some(pool) = &self.pool {
+            pool.machines[self.index]
+                .connect_failures
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Drop for Lease {

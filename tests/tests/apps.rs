@@ -17,7 +17,7 @@ use std::{
 };
 
 use tests::{
-    BACKEND_PORT, Daemon, GIB, Net, Netns, Pattern, Scratch, Server, Topo, eventually,
+    BACKEND_PORT, Daemon, GIB, Net, Netns, Pattern, Plane, Scratch, Server, Topo, eventually,
     raise_fd_limit, recv_pattern, send_pattern, set_reset_on_close,
 };
 
@@ -31,8 +31,8 @@ const PIPE: usize = 1 << 20;
 
 macro_rules! apps {
     ($($app:ident),* $(,)?) => {
-        mod sockmap { $( #[test] fn $app() { super::$app("sockmap") } )* }
-        mod copy { $( #[test] fn $app() { super::$app("copy") } )* }
+        mod sockmap { $( #[test] fn $app() { super::$app(tests::Plane::Sockmap) } )* }
+        mod copy { $( #[test] fn $app() { super::$app(tests::Plane::Copy) } )* }
     };
 }
 
@@ -51,11 +51,16 @@ apps!(
     blocking_read_after_own_fin,
 );
 
-fn setup(plane: &str) -> (Net, Daemon) {
+fn setup(plane: Plane) -> (Net, Daemon) {
     raise_fd_limit();
     let net = Net::new(Topo::Loopback);
     let daemon = Daemon::start(&net.proxy, plane, &[]);
-    assert_eq!(daemon.stats()["dataplane"], plane, "{}", daemon.log());
+    assert_eq!(
+        daemon.stats()["dataplane"],
+        plane.name(),
+        "{}",
+        daemon.log()
+    );
     (net, daemon)
 }
 
@@ -85,7 +90,7 @@ fn echo_through(c: TcpStream, seed: u64, size: u64) -> Result<u64, String> {
 }
 
 /// Full duplex, 1 GiB each way, through the echo application on the proxy's host.
-fn duplex_through_echo(plane: &str, handler: impl Fn(TcpStream) + Send + Sync + 'static) {
+fn duplex_through_echo(plane: Plane, handler: impl Fn(TcpStream) + Send + Sync + 'static) {
     let (net, daemon) = setup(plane);
     let _app = Server::start(&net.proxy, net.backend(), handler);
     assert_eq!(echo_through(client(&net), 31, GIB), Ok(GIB));
@@ -95,7 +100,7 @@ fn duplex_through_echo(plane: &str, handler: impl Fn(TcpStream) + Send + Sync + 
 
 /// Client -> application, 1 GiB, read by `reader` (which checks it and returns the count).
 fn one_way_to_app(
-    plane: &str,
+    plane: Plane,
     reader: impl Fn(&mut TcpStream) -> Result<u64, String> + Send + Sync + 'static,
 ) {
     let (net, daemon) = setup(plane);
@@ -122,7 +127,7 @@ fn one_way_to_app(
 /// Application -> client, `size` bytes of stream 33 written by `writer`; then the application
 /// half-closes and the client must see exactly those bytes and the end of stream.
 fn one_way_to_client(
-    plane: &str,
+    plane: Plane,
     size: u64,
     writer: impl Fn(&mut TcpStream, u64) -> std::io::Result<()> + Send + Sync + 'static,
 ) {
@@ -149,7 +154,7 @@ fn one_way_to_client(
 
 /// Go's `io.Copy(conn, conn)`: splice(2) from the socket into a pipe and from the pipe into
 /// the socket, on a non-blocking socket driven by Go's poller.
-fn go_io_copy_echo(plane: &str) {
+fn go_io_copy_echo(plane: Plane) {
     let (net, daemon) = setup(plane);
     let _app = Process::start(
         &net.proxy,
@@ -163,7 +168,7 @@ fn go_io_copy_echo(plane: &str) {
 
 /// `HAProxy` in `mode tcp` with splicing forced both ways, as the application, in front of an
 /// echo of its own.
-fn haproxy_splicing(plane: &str) {
+fn haproxy_splicing(plane: Plane) {
     let (net, daemon) = setup(plane);
     let echo_addr = SocketAddr::new(net.backend().ip(), BACKEND_PORT + 1);
     let _echo = Server::start(&net.proxy, echo_addr, |s| splice_echo_app(&s));
@@ -193,11 +198,11 @@ fn haproxy_splicing(plane: &str) {
 // Applications of our own, one way of reading or writing each
 // ---------------------------------------------------------------------------------------------
 
-fn splice_echo(plane: &str) {
+fn splice_echo(plane: Plane) {
     duplex_through_echo(plane, |s| splice_echo_app(&s));
 }
 
-fn splice_reader(plane: &str) {
+fn splice_reader(plane: Plane) {
     one_way_to_app(plane, |s| {
         let (r, w) = pipe();
         let mut p = Pattern::new(32);
@@ -215,7 +220,7 @@ fn splice_reader(plane: &str) {
     });
 }
 
-fn splice_writer(plane: &str) {
+fn splice_writer(plane: Plane) {
     one_way_to_client(plane, GIB, |s, size| {
         let (r, w) = pipe();
         let mut pipe_w = std::fs::File::from(w);
@@ -234,7 +239,7 @@ fn splice_writer(plane: &str) {
     });
 }
 
-fn sendfile_writer(plane: &str) {
+fn sendfile_writer(plane: Plane) {
     const SIZE: u64 = 256 << 20;
     let dir = Scratch::new();
     let path = dir.0.join("payload");
@@ -262,7 +267,7 @@ fn sendfile_writer(plane: &str) {
     });
 }
 
-fn readv_reader(plane: &str) {
+fn readv_reader(plane: Plane) {
     one_way_to_app(plane, |s| {
         read_checked(s, 32, |fd, buf| {
             // Two buffers of odd sizes: a read splits wherever the kernel's segments fall.
@@ -274,7 +279,7 @@ fn readv_reader(plane: &str) {
     });
 }
 
-fn recvmsg_reader(plane: &str) {
+fn recvmsg_reader(plane: Plane) {
     one_way_to_app(plane, |s| {
         read_checked(s, 32, |fd, buf| {
             let (a, rest) = buf.split_at_mut(1000);
@@ -290,7 +295,7 @@ fn recvmsg_reader(plane: &str) {
     });
 }
 
-fn peek_reader(plane: &str) {
+fn peek_reader(plane: Plane) {
     one_way_to_app(plane, |s| {
         let mut p = Pattern::new(32);
         let mut peeked = vec![0; 64 * 1024];
@@ -315,7 +320,7 @@ fn peek_reader(plane: &str) {
 
 /// One thread reads (blocking) while another writes (blocking) what it read: the reader
 /// waits while the writer fills its send buffer and is woken as it drains.
-fn two_thread_blocking_echo(plane: &str) {
+fn two_thread_blocking_echo(plane: Plane) {
     duplex_through_echo(plane, |s| {
         let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(4);
         let mut w = s.try_clone().expect("clone");
@@ -348,7 +353,7 @@ fn two_thread_blocking_echo(plane: &str) {
 
 /// A non-blocking socket read and written as an event loop does: poll, then read or write
 /// what the socket takes.
-fn nonblocking_echo(plane: &str) {
+fn nonblocking_echo(plane: Plane) {
     duplex_through_echo(plane, |mut s| {
         s.set_nonblocking(true).expect("non-blocking");
         let mut buf = vec![0; 256 * 1024];
@@ -386,7 +391,7 @@ fn nonblocking_echo(plane: &str) {
 
 /// The application answers, half-closes, then blocks reading the client's stream: its read
 /// waits while its own FIN is acknowledged.
-fn blocking_read_after_own_fin(plane: &str) {
+fn blocking_read_after_own_fin(plane: Plane) {
     let (net, daemon) = setup(plane);
     let (tx, rx) = mpsc::channel();
     let tx = Mutex::new(tx);

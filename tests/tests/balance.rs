@@ -16,7 +16,9 @@ use std::{
 };
 
 use serde_json::Value;
-use tests::{BACKEND_PORT, Daemon, Machines, Net, PUBLIC_PORT, Server, Topo, raise_fd_limit};
+use tests::{
+    BACKEND_PORT, Daemon, Machines, Net, PUBLIC_PORT, Plane, Server, Topo, raise_fd_limit,
+};
 
 fn config(machines: &Machines, concurrency: &str) -> String {
     format!(
@@ -122,7 +124,7 @@ fn least_loaded_fills_soft_limits_evenly() {
         &s.machines,
         "  [services.concurrency]\n    soft_limit = 2\n    hard_limit = 3\n",
     );
-    let daemon = Daemon::start_config(&s.net.proxy, &cfg, "sockmap", &[]);
+    let daemon = Daemon::start_config(&s.net.proxy, &cfg, Plane::Sockmap, &[]);
     let mut held = Vec::new();
     for _ in 0..6 {
         let mut c = s.net.connect();
@@ -152,7 +154,7 @@ fn hard_limit_holds_under_a_burst_and_the_queue_drains() {
         &s.machines,
         &format!("  [services.concurrency]\n    soft_limit = 5\n    hard_limit = {HARD}\n"),
     );
-    let daemon = Daemon::start_config(&s.net.proxy, &cfg, "sockmap", &[]);
+    let daemon = Daemon::start_config(&s.net.proxy, &cfg, Plane::Sockmap, &[]);
     let public = s.net.public();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| {
@@ -197,7 +199,12 @@ fn queued_connection_closes_after_the_queue_timeout() {
         &s.machines,
         "  [services.concurrency]\n    hard_limit = 1\n",
     );
-    let daemon = Daemon::start_config(&s.net.proxy, &cfg, "sockmap", &["--queue-timeout", "0.5"]);
+    let daemon = Daemon::start_config(
+        &s.net.proxy,
+        &cfg,
+        Plane::Sockmap,
+        &["--queue-timeout", "0.5"],
+    );
     let mut first = s.net.connect();
     ping(&mut first).expect("served");
     let start = Instant::now();
@@ -237,7 +244,7 @@ fn refusing_machine_is_retried_around() {
     // Machine 0 has no server: it refuses every connect.
     let s = setup(2, &[1]);
     let cfg = config(&s.machines, "");
-    let daemon = Daemon::start_config(&s.net.proxy, &cfg, "sockmap", &[]);
+    let daemon = Daemon::start_config(&s.net.proxy, &cfg, Plane::Sockmap, &[]);
     for i in 0..20 {
         let mut c = s.net.connect();
         ping(&mut c).unwrap_or_else(|e| panic!("connection {i} was not served: {e}"));
@@ -292,7 +299,7 @@ fn health_check_takes_a_dead_machine_out_and_brings_it_back() {
             "  [[services.tcp_checks]]\n    interval = {INTERVAL_MS}\n    timeout = {TIMEOUT_MS}\n"
         ),
     );
-    let daemon = Daemon::start_config(&s.net.proxy, &cfg, "sockmap", &[]);
+    let daemon = Daemon::start_config(&s.net.proxy, &cfg, Plane::Sockmap, &[]);
     // Both pass their first check.
     until(&daemon, Duration::from_secs(5), "first checks", |st| {
         st["services"][0]["machines"]
@@ -418,7 +425,7 @@ fn http_checks_follow_the_status_and_all_failing_routes_to_all() {
         "  [[services.http_checks]]\n    interval = \"200ms\"\n    timeout = \"1s\"\n    \
          path = \"/healthz\"\n    headers = { X-Check = \"spliced\" }\n",
     );
-    let daemon = Daemon::start_config(&net.proxy, &cfg, "sockmap", &[]);
+    let daemon = Daemon::start_config(&net.proxy, &cfg, Plane::Sockmap, &[]);
     let served_by = |i: usize| loads[i].total.load(Ordering::SeqCst);
 
     status[0].store(503, Ordering::SeqCst);
@@ -478,7 +485,12 @@ fn connect_attempts_are_bounded() {
     // No machine serves: each refuses.
     let s = setup(3, &[]);
     let cfg = config(&s.machines, "");
-    let daemon = Daemon::start_config(&s.net.proxy, &cfg, "sockmap", &["--connect-attempts", "2"]);
+    let daemon = Daemon::start_config(
+        &s.net.proxy,
+        &cfg,
+        Plane::Sockmap,
+        &["--connect-attempts", "2"],
+    );
     let start = Instant::now();
     let mut c = s.net.connect();
     c.set_read_timeout(Some(Duration::from_secs(5)))
@@ -506,7 +518,7 @@ fn connect_attempts_are_bounded() {
     daemon.stop();
 }
 
-fn idle_closes_while_busy_stays(plane: &str) {
+fn idle_closes_while_busy_stays(plane: Plane) {
     let s = setup(1, &[0]);
     let cfg = config(&s.machines, "");
     let daemon = Daemon::start_config(&s.net.proxy, &cfg, plane, &["--idle-timeout", "1"]);
@@ -544,12 +556,12 @@ fn idle_closes_while_busy_stays(plane: &str) {
 
 #[test]
 fn idle_connection_closes_on_time_sockmap() {
-    idle_closes_while_busy_stays("sockmap");
+    idle_closes_while_busy_stays(Plane::Sockmap);
 }
 
 #[test]
 fn idle_connection_closes_on_time_copy() {
-    idle_closes_while_busy_stays("copy");
+    idle_closes_while_busy_stays(Plane::Copy);
 }
 
 #[test]
@@ -564,7 +576,7 @@ fn burst_of_10000_keeps_every_machine_within_its_hard_limit() {
     let daemon = Daemon::start_config(
         &s.net.proxy,
         &cfg,
-        "sockmap",
+        Plane::Sockmap,
         &["--queue-limit", "10000", "--queue-timeout", "60"],
     );
     let public = s.net.public();
@@ -660,7 +672,7 @@ fn redis_benchmark_spreads_over_three_redis_servers() {
         &machines,
         "  [services.concurrency]\n    soft_limit = 15\n    hard_limit = 20\n",
     );
-    let daemon = Daemon::start_config(&net.proxy, &cfg, "sockmap", &[]);
+    let daemon = Daemon::start_config(&net.proxy, &cfg, Plane::Sockmap, &[]);
     let out = Command::new("ip")
         .args(["netns", "exec", &net.client().name, "redis-benchmark"])
         .args(["-h", &net.public().ip().to_string()])
@@ -725,7 +737,7 @@ fn queued_connections_go_through_in_arrival_order() {
         }
     });
     let cfg = config(&machines, "  [services.concurrency]\n    hard_limit = 1\n");
-    let daemon = Daemon::start_config(&net.proxy, &cfg, "sockmap", &[]);
+    let daemon = Daemon::start_config(&net.proxy, &cfg, Plane::Sockmap, &[]);
     let mut first = net.connect();
     first.write_all(&[0]).expect("send");
     first.read_exact(&mut [0u8; 1]).expect("served");

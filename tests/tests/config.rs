@@ -10,7 +10,9 @@ use std::{
     time::Duration,
 };
 
-use tests::{BACKEND_PORT, Daemon, Net, Netns, Nginx, PUBLIC_PORT, Scratch, Topo, spliced_bin};
+use tests::{
+    BACKEND_PORT, Daemon, Net, Netns, Nginx, PUBLIC_PORT, Plane, Scratch, Topo, spliced_bin,
+};
 
 fn write_config(dir: &Scratch, text: &str) -> std::path::PathBuf {
     let path = dir.0.join("fly.toml");
@@ -177,7 +179,7 @@ const NGINX_PROXY_PROTOCOL: &str = "  server {\n    listen 127.0.0.1:18080 proxy
      keepalive_requests 1000;\n    location / {\n      return 200 \
      \"client=$proxy_protocol_addr:$proxy_protocol_port server=$proxy_protocol_server_addr:$proxy_protocol_server_port\\n\";\n    }\n  }";
 
-fn proxy_protocol(plane: &str, version: &str) {
+fn proxy_protocol(plane: Plane, version: &str) {
     let net = Net::new(Topo::Veth);
     let _nginx = Nginx::start(&net.proxy, NGINX_PROXY_PROTOCOL, net.backend());
     let config = format!(
@@ -236,20 +238,20 @@ fn read_response(c: &mut std::net::TcpStream) -> String {
 
 #[test]
 fn proxy_protocol_v1_sockmap() {
-    proxy_protocol("sockmap", "v1");
+    proxy_protocol(Plane::Sockmap, "v1");
 }
 
 #[test]
 fn proxy_protocol_v2_sockmap() {
-    proxy_protocol("sockmap", "v2");
+    proxy_protocol(Plane::Sockmap, "v2");
 }
 
 #[test]
 fn proxy_protocol_v1_copy() {
-    proxy_protocol("copy", "v1");
+    proxy_protocol(Plane::Copy, "v1");
 }
 
 #[test]
 fn proxy_protocol_v2_copy() {
-    proxy_protocol("copy", "v2");
+    proxy_protocol(Plane::Copy, "v2");
 }

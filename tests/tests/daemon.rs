@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use tests::{BACKEND_PORT, Daemon, Net, Netns, Server, Topo, echo, raise_fd_limit};
+use tests::{BACKEND_PORT, Daemon, Net, Netns, Plane, Server, Topo, echo, raise_fd_limit};
 
 /// Runs the daemon without the capabilities BPF needs.
 const NO_BPF: &[&str] = &[
@@ -21,7 +21,7 @@ const NO_BPF: &[&str] = &[
 #[test]
 fn auto_falls_back_to_copy_when_bpf_cannot_load() {
     let net = Net::new(Topo::Loopback);
-    let daemon = Daemon::start_with(&net.proxy, NO_BPF, "auto", &[]);
+    let daemon = Daemon::start_with(&net.proxy, NO_BPF, Plane::Auto, &[]);
     assert_eq!(daemon.stats()["dataplane"], "copy");
     let log = daemon.log();
     assert!(
@@ -66,7 +66,7 @@ fn same_host_bypass_is_refused_with_the_reason() {
         assert!(err.contains(why), "the refusal should say {why:?}: {err}");
     }
     // Off (the default, and said explicitly) serves.
-    let daemon = Daemon::start(&net.proxy, "sockmap", &["--same-host-bypass", "off"]);
+    let daemon = Daemon::start(&net.proxy, Plane::Sockmap, &["--same-host-bypass", "off"]);
     let _backend = Server::start(&net.proxy, net.backend(), echo);
     let mut c = net.connect();
     c.write_all(b"served").expect("write");
@@ -98,7 +98,7 @@ fn sockmap_refuses_to_start_without_bpf() {
     );
 }
 
-fn redis_through_proxy(plane: &str) {
+fn redis_through_proxy(plane: Plane) {
     raise_fd_limit();
     let net = Net::new(Topo::Veth);
     let daemon = Daemon::start(&net.proxy, plane, &[]);
@@ -177,10 +177,10 @@ fn redis_through_proxy(plane: &str) {
 
 #[test]
 fn redis_benchmark_copy() {
-    redis_through_proxy("copy");
+    redis_through_proxy(Plane::Copy);
 }
 
 #[test]
 fn redis_benchmark_sockmap() {
-    redis_through_proxy("sockmap");
+    redis_through_proxy(Plane::Sockmap);
 }

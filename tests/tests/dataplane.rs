@@ -10,17 +10,17 @@ use std::{
 };
 
 use tests::{
-    Daemon, GIB, MAX_BUFFER, Net, Pattern, Server, Topo, echo, eventually, raise_fd_limit,
+    Daemon, GIB, MAX_BUFFER, Net, Pattern, Plane, Server, Topo, echo, eventually, raise_fd_limit,
     recv_exact_pattern, recv_pattern, send_pattern, set_reset_on_close,
 };
 
 /// One check, instantiated for both data planes and both topologies.
 macro_rules! checklist {
     ($($check:ident),* $(,)?) => {
-        mod sockmap_loopback { $( #[test] fn $check() { super::$check("sockmap", tests::Topo::Loopback) } )* }
-        mod sockmap_veth { $( #[test] fn $check() { super::$check("sockmap", tests::Topo::Veth) } )* }
-        mod copy_loopback { $( #[test] fn $check() { super::$check("copy", tests::Topo::Loopback) } )* }
-        mod copy_veth { $( #[test] fn $check() { super::$check("copy", tests::Topo::Veth) } )* }
+        mod sockmap_loopback { $( #[test] fn $check() { super::$check(tests::Plane::Sockmap, tests::Topo::Loopback) } )* }
+        mod sockmap_veth { $( #[test] fn $check() { super::$check(tests::Plane::Sockmap, tests::Topo::Veth) } )* }
+        mod copy_loopback { $( #[test] fn $check() { super::$check(tests::Plane::Copy, tests::Topo::Loopback) } )* }
+        mod copy_veth { $( #[test] fn $check() { super::$check(tests::Plane::Copy, tests::Topo::Veth) } )* }
     };
 }
 
@@ -44,29 +44,34 @@ checklist!(
 );
 
 /// Starts the daemon on `plane`: "sockmap" or "copy".
-fn setup(plane: &str, topo: Topo) -> (Net, Daemon) {
+fn setup(plane: Plane, topo: Topo) -> (Net, Daemon) {
     setup_with(plane, topo, &[])
 }
 
 /// [`setup`] with more options for the daemon.
-fn setup_with(plane: &str, topo: Topo, extra: &[&str]) -> (Net, Daemon) {
+fn setup_with(plane: Plane, topo: Topo, extra: &[&str]) -> (Net, Daemon) {
     raise_fd_limit();
     let net = Net::new(topo);
     let daemon = Daemon::start(&net.proxy, plane, extra);
-    assert_eq!(daemon.stats()["dataplane"], plane, "{}", daemon.log());
+    assert_eq!(
+        daemon.stats()["dataplane"],
+        plane.name(),
+        "{}",
+        daemon.log()
+    );
     (net, daemon)
 }
 
 /// Whether `plane` moves bytes in the kernel.
-fn in_kernel(plane: &str) -> bool {
-    plane != "copy"
+fn in_kernel(plane: Plane) -> bool {
+    plane != Plane::Copy
 }
 
 fn echo_server(net: &Net) -> Server {
     Server::start(&net.proxy, net.backend(), echo)
 }
 
-fn small_transfer(plane: &str, topo: Topo) {
+fn small_transfer(plane: Plane, topo: Topo) {
     let (net, daemon) = setup(plane, topo);
     let _backend = echo_server(&net);
     let mut c = net.connect();
@@ -84,7 +89,7 @@ fn small_transfer(plane: &str, topo: Topo) {
 
 /// Client -> backend, 1 GiB, checked byte by byte; on the sockmap plane the daemon's own
 /// reads and writes stay under a few KiB meanwhile.
-fn bulk_to_backend(plane: &str, topo: Topo) {
+fn bulk_to_backend(plane: Plane, topo: Topo) {
     let (net, daemon) = setup(plane, topo);
     let (tx, rx) = mpsc::channel();
     let tx = Mutex::new(tx);
@@ -123,7 +128,7 @@ fn bulk_to_backend(plane: &str, topo: Topo) {
 }
 
 /// Backend -> client, 1 GiB, checked byte by byte.
-fn bulk_to_client(plane: &str, topo: Topo) {
+fn bulk_to_client(plane: Plane, topo: Topo) {
     let (net, daemon) = setup(plane, topo);
     let _backend = Server::start(&net.proxy, net.backend(), |mut s| {
         if send_pattern(&mut s, 2, GIB).is_ok() {
@@ -143,7 +148,7 @@ fn bulk_to_client(plane: &str, topo: Topo) {
 }
 
 /// 1 GiB each way at once through an echo backend.
-fn full_duplex(plane: &str, topo: Topo) {
+fn full_duplex(plane: Plane, topo: Topo) {
     let (net, daemon) = setup(plane, topo);
     let _backend = echo_server(&net);
     let c = net.connect();
@@ -167,7 +172,7 @@ fn full_duplex(plane: &str, topo: Topo) {
 }
 
 /// Many small writes of varying size, echoed and checked.
-fn small_messages(plane: &str, topo: Topo) {
+fn small_messages(plane: Plane, topo: Topo) {
     const COUNT: usize = 50_000;
     let (net, daemon) = setup(plane, topo);
     let _backend = echo_server(&net);
@@ -194,7 +199,7 @@ fn small_messages(plane: &str, topo: Topo) {
 
 /// The client sends and half-closes; the backend reads to the end, then answers; the client
 /// gets the whole answer and then EOF.
-fn half_close_client_first(plane: &str, topo: Topo) {
+fn half_close_client_first(plane: Plane, topo: Topo) {
     let (net, daemon) = setup(plane, topo);
     let _backend = Server::start(&net.proxy, net.backend(), |mut s| {
         let n = recv_pattern(&mut s, 5).expect("request checks out");
@@ -214,7 +219,7 @@ fn half_close_client_first(plane: &str, topo: Topo) {
 
 /// The backend sends and half-closes while the client still sends; the client gets all and
 /// EOF, keeps sending, half-closes, and the backend gets all of it.
-fn half_close_backend_first(plane: &str, topo: Topo) {
+fn half_close_backend_first(plane: Plane, topo: Topo) {
     let (net, daemon) = setup(plane, topo);
     let (tx, rx) = mpsc::channel();
     let tx = Mutex::new(tx);
@@ -262,7 +267,7 @@ fn read_until_closed(s: &mut TcpStream) -> (Result<u64, ErrorKind>, Instant) {
     }
 }
 
-fn backend_refuses(plane: &str, topo: Topo) {
+fn backend_refuses(plane: Plane, topo: Topo) {
     let (net, daemon) = setup(plane, topo);
     // No backend listens.
     let start = Instant::now();
@@ -293,7 +298,7 @@ fn backend_refuses(plane: &str, topo: Topo) {
     assert_eq!(s["connections"]["backend_unreachable"], 1, "{s:#}");
 }
 
-fn backend_resets(plane: &str, topo: Topo) {
+fn backend_resets(plane: Plane, topo: Topo) {
     let (net, daemon) = setup(plane, topo);
     let (tx, rx) = mpsc::channel::<()>();
     let tx = Mutex::new(tx);
@@ -336,7 +341,7 @@ fn backend_resets(plane: &str, topo: Topo) {
     daemon.wait_idle();
 }
 
-fn client_resets(plane: &str, topo: Topo) {
+fn client_resets(plane: Plane, topo: Topo) {
     let (net, daemon) = setup(plane, topo);
     let (tx, rx) = mpsc::channel();
     let tx = Mutex::new(tx);
@@ -368,7 +373,7 @@ fn client_resets(plane: &str, topo: Topo) {
     daemon.wait_idle();
 }
 
-fn concurrent_1000(plane: &str, topo: Topo) {
+fn concurrent_1000(plane: Plane, topo: Topo) {
     let (net, daemon) = setup(plane, topo);
     let _backend = echo_server(&net);
     let mut conns: Vec<TcpStream> = (0..1000).map(|_| net.connect()).collect();
@@ -409,7 +414,7 @@ fn sysctl_max(path: &str) -> u64 {
 /// 100 clients push into backends that do not read. Each client is held back by TCP once
 /// the proxy's bound and the sockets' own buffers are full, and stays held back; then the
 /// backends read everything, byte-exact.
-fn slow_reader(plane: &str, topo: Topo) {
+fn slow_reader(plane: Plane, topo: Topo) {
     const CLIENTS: usize = 100;
     let (net, daemon) = setup(plane, topo);
     let held: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
@@ -544,7 +549,7 @@ fn tcp_mem_pages() -> u64 {
 
 /// Bytes that arrive before the sockets enter the map are delivered at once: a client that
 /// speaks first, and a backend that greets first.
-fn data_before_insertion(plane: &str, topo: Topo) {
+fn data_before_insertion(plane: Plane, topo: Topo) {
     let (net, daemon) = setup(plane, topo);
     let _backend = Server::start(&net.proxy, net.backend(), |mut s| {
         s.write_all(b"220 ready\n").expect("greeting");
@@ -578,7 +583,7 @@ fn data_before_insertion(plane: &str, topo: Topo) {
 
 /// SIGTERM: no new connections, live ones go on for the grace period and are then closed,
 /// and nothing of ours stays in the kernel.
-fn shutdown_with_live_sessions(plane: &str, topo: Topo) {
+fn shutdown_with_live_sessions(plane: Plane, topo: Topo) {
     let (net, daemon) = setup_with(plane, topo, &["--grace", "2"]);
     let _backend = echo_server(&net);
     let mut live = net.connect();
@@ -629,7 +634,7 @@ fn shutdown_with_live_sessions(plane: &str, topo: Topo) {
 }
 
 /// 10,000 connections open and close: maps empty, no fd leaked, RSS stable.
-fn leak_check(plane: &str, topo: Topo) {
+fn leak_check(plane: Plane, topo: Topo) {
     let (net, daemon) = setup(plane, topo);
     let _backend = echo_server(&net);
     let round = |n: usize| {
@@ -687,7 +692,7 @@ fn leak_check(plane: &str, topo: Topo) {
     );
 }
 
-fn ipv6_client(plane: &str, topo: Topo) {
+fn ipv6_client(plane: Plane, topo: Topo) {
     // Rounds of request and echo, each checked: the full-duplex case is full_duplex's.
     const ROUNDS: u64 = 16;
     const ROUND: u64 = 1 << 20;

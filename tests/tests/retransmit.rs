@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tests::{Daemon, Net, PUBLIC_PORT, Pattern, Server, Topo, eventually, recv_pattern, sh};
+use tests::{Daemon, Net, PUBLIC_PORT, Pattern, Plane, Server, Topo, eventually, recv_pattern, sh};
 
 const TUN: &str = "spt0";
 /// The proxy's address on the TUN link, and the hand-written client's.
@@ -31,18 +31,18 @@ const ACK: u8 = 0x10;
 
 #[test]
 fn sockmap_overlapping_retransmission() {
-    overlapping_retransmission("sockmap");
+    overlapping_retransmission(Plane::Sockmap);
 }
 
 #[test]
 fn copy_overlapping_retransmission() {
-    overlapping_retransmission("copy");
+    overlapping_retransmission(Plane::Copy);
 }
 
 /// Stream bytes 0..10,000, then a retransmission of 2,000..30,000 (8,000 bytes old: more
 /// than one trimming step of the verdict), then 30,000..40,000, then 5,000..6,000 again
 /// (wholly old: TCP drops it), then FIN. The backend must get exactly 0..40,000 and EOF.
-fn overlapping_retransmission(plane: &str) {
+fn overlapping_retransmission(plane: Plane) {
     const TOTAL: u64 = 40_000;
     let net = Net::new(Topo::Loopback);
     let daemon = Daemon::start(&net.proxy, plane, &[]);
@@ -54,7 +54,7 @@ fn overlapping_retransmission(plane: &str) {
         tx.lock().expect("lock").send(got).expect("test waits");
     });
     let mut peer = Peer::connect(&net);
-    if plane == "sockmap" {
+    if plane == Plane::Sockmap {
         // Both sockets are in the verdict map before the overlap arrives.
         assert!(
             eventually(WAIT, || daemon.stats()["kernel"]["map_entries"]["RECV"]
@@ -73,7 +73,7 @@ fn overlapping_retransmission(plane: &str) {
     peer.wait_fin();
     let s = daemon.wait_idle();
     assert_eq!(s["connections"]["completed"], 1, "{s:#}");
-    if plane == "sockmap" {
+    if plane == Plane::Sockmap {
         let svc = &s["kernel"]["services"][0];
         assert_eq!(svc["overlaps"], 1, "{s:#}");
         assert_eq!(svc["overlap_bytes"], 8_000, "{s:#}");

@@ -13,11 +13,11 @@ use aya::{
     programs::{CgroupAttachMode, ProgramError, SkMsg, SkSkb, SockOps},
 };
 use proxy_common::{
-    Flow, FlowEvent, Link, MAX_SERVICES, PORT_BACKEND, PORT_PUBLIC, ServiceCounters, UserTx,
-    hold_port_key, names,
+    Flow, Link, MAX_SERVICES, PortRole, SentBytes, ServiceCounters, hold_port_key, names,
 };
 
-use crate::watch::{Registry, SockEvent};
+use super::{cgroup, events};
+use crate::watch::Registry;
 
 /// The object built by build.rs (empty when built with `AYA_BUILD_SKIP=1`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/spliced-ebpf"));
@@ -103,14 +103,11 @@ struct Maps {
     flows: HashMap<MapData, u64, Flow>,
 }
 
-/// The sum over CPUs of a service's kernel counters.
-pub type ServiceTotals = ServiceCounters;
-
 /// The kernel programs, attached, and their maps.
 pub struct Kernel {
     maps: Mutex<Maps>,
     stats: PerCpuArray<MapData, ServiceCounters>,
-    user_tx: PerCpuArray<MapData, UserTx>,
+    sent: PerCpuArray<MapData, SentBytes>,
     // Owns the programs; dropping it detaches them. Kept last so maps close first.
     _ebpf: Ebpf,
 }
@@ -144,7 +141,7 @@ impl Kernel {
             .load(OBJECT)
             .map_err(|e| LoadError::Object(Box::new(e)))?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
-            Ok(logger) => spawn_log_pump(logger)?,
+            Ok(logger) => events::spawn_log_pump(logger)?,
             Err(e) => tracing::warn!(error = %e, "kernel program logs are not available"),
         }
 
@@ -154,7 +151,7 @@ impl Kernel {
         let links = take(&mut ebpf, names::LINKS)?;
         let flows = take(&mut ebpf, names::FLOWS)?;
         let stats = take(&mut ebpf, names::SERVICE_STATS)?;
-        let user_tx = take(&mut ebpf, names::USER_TX)?;
+        let sent = take(&mut ebpf, names::SENT)?;
         let events: RingBuf<MapData> = take(&mut ebpf, names::EVENTS)?;
 
         let name = names::VERDICT_PROG;
@@ -169,12 +166,12 @@ impl Kernel {
             .and_then(|()| msg.attach(socks.fd()))
             .map_err(|source| LoadError::Program { name, source })?;
         let name = names::HOLD_PROG;
-        let path = own_cgroup_path().map_err(|reason| LoadError::Cgroup {
+        let path = cgroup::own_cgroup_path().map_err(|reason| LoadError::Cgroup {
             prog: name,
             path: "of the daemon".to_owned(),
             reason,
         })?;
-        let cgroup = open_cgroup(name, &path)?;
+        let cgroup = cgroup::open_cgroup(name, &path)?;
         let hold: &mut SockOps = program(&mut ebpf, name)?;
         hold.load()
             // aya attaches with a BPF link on this kernel, and links to a cgroup always coexist
@@ -182,7 +179,7 @@ impl Kernel {
             .and_then(|()| hold.attach(&cgroup, CgroupAttachMode::Single))
             .map_err(|source| LoadError::Program { name, source })?;
         tracing::debug!(cgroup = ?cgroup, "hold program attached");
-        spawn_event_pump(events, registry)?;
+        events::spawn_event_pump(events, registry)?;
         Ok(Self {
             maps: Mutex::new(Maps {
                 hold_ports,
@@ -192,7 +189,7 @@ impl Kernel {
                 flows,
             }),
             stats,
-            user_tx,
+            sent,
             _ebpf: ebpf,
         })
     }
@@ -211,8 +208,12 @@ impl Kernel {
         let mut maps = self.maps();
         let keys = public
             .into_iter()
-            .map(|p| hold_port_key(PORT_PUBLIC, p))
-            .chain(backend.into_iter().map(|p| hold_port_key(PORT_BACKEND, p)));
+            .map(|p| hold_port_key(PortRole::Public, p))
+            .chain(
+                backend
+                    .into_iter()
+                    .map(|p| hold_port_key(PortRole::Backend, p)),
+            );
         for key in keys {
             maps.hold_ports.insert(&key, &1, 0)?;
         }
@@ -289,36 +290,22 @@ impl Kernel {
     }
 
     /// The kernel counters of a service, summed over CPUs.
-    pub fn service_totals(&self, service: u32) -> ServiceTotals {
+    pub fn service_totals(&self, service: u32) -> ServiceCounters {
         let mut sum = ServiceCounters::default();
         if service >= MAX_SERVICES {
             return sum;
         }
         if let Ok(values) = self.stats.get(&service, 0) {
-            for v in values.iter() {
-                sum.bytes_to_backend += v.bytes_to_backend;
-                sum.bytes_to_client += v.bytes_to_client;
-                sum.segments += v.segments;
-                sum.redirect_failures += v.redirect_failures;
-                sum.flow_events += v.flow_events;
-                sum.events_lost += v.events_lost;
-                sum.holds += v.holds;
-                sum.overlaps += v.overlaps;
-                sum.overlap_bytes += v.overlap_bytes;
-                sum.stream_faults += v.stream_faults;
-            }
+            values.iter().for_each(|v| sum.add(v));
         }
         sum
     }
 
-    /// What processes wrote into spliced sockets, summed over CPUs.
-    pub fn user_tx(&self) -> UserTx {
-        let mut sum = UserTx::default();
-        if let Ok(values) = self.user_tx.get(&0, 0) {
-            for v in values.iter() {
-                sum.messages += v.messages;
-                sum.bytes += v.bytes;
-            }
+    /// What entered spliced sockets' send paths, summed over CPUs.
+    pub fn sent(&self) -> SentBytes {
+        let mut sum = SentBytes::default();
+        if let Ok(values) = self.sent.get(&0, 0) {
+            values.iter().for_each(|v| sum.add(v));
         }
         sum
     }
@@ -344,64 +331,6 @@ fn log_removal(map: &'static str, cookie: u64, result: Result<(), MapError>) {
     }
 }
 
-/// The path of this process's cgroup in the cgroup v2 hierarchy (from `/proc/self/cgroup`).
-/// Sockets belong to the cgroup of the process that created them (accepted ones to their
-/// listener's), so the hold program attached there sees every connection of the daemon, and
-/// no other cgroup's.
-fn own_cgroup_path() -> Result<String, String> {
-    let cgroups = std::fs::read_to_string("/proc/self/cgroup")
-        .map_err(|e| format!("/proc/self/cgroup: {e}"))?;
-    Ok(cgroups
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .ok_or("/proc/self/cgroup has no cgroup v2 entry")?
-        .to_owned())
-}
-
-/// The directory of the cgroup at `path` in the cgroup v2 hierarchy, where program `prog` is to
-/// attach, opened (found through `/proc/self/mountinfo`).
-///
-/// Where no cgroup2 file system is mounted in this mount namespace (`ip netns exec` mounts a
-/// fresh `/sys`), one is mounted on a private temporary directory just long enough to open
-/// the directory, then detached.
-fn open_cgroup(prog: &'static str, path: &str) -> Result<std::fs::File, LoadError> {
-    open_cgroup_dir(path).map_err(|reason| LoadError::Cgroup {
-        prog,
-        path: path.to_owned(),
-        reason,
-    })
-}
-
-fn open_cgroup_dir(path: &str) -> Result<std::fs::File, String> {
-    let path = path.trim_start_matches('/');
-    if path.split('/').any(|part| part == "..") {
-        return Err(format!("{path}: a cgroup path may not contain '..'"));
-    }
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
-    // mountinfo: id parent major:minor root mount-point options... - fstype source options
-    let mounted = mounts.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        let mut fields = left.split_whitespace();
-        let root = fields.nth(3)?;
-        let point = fields.next()?;
-        (right.split_whitespace().next() == Some("cgroup2") && root == "/").then_some(point)
-    });
-    if let Some(point) = mounted {
-        let dir = std::path::Path::new(point).join(path);
-        return std::fs::File::open(&dir).map_err(|e| format!("{}: {e}", dir.display()));
-    }
-    let tmp = std::env::temp_dir().join(format!("spliced-cgroup2-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    let opened = crate::sys::mount_cgroup2(&tmp).and_then(|()| {
-        let opened = std::fs::File::open(tmp.join(path));
-        crate::sys::detach_mount(&tmp)?;
-        opened
-    });
-    let _ = std::fs::remove_dir(&tmp);
-    opened.map_err(|e| format!("through cgroup2 mounted on {}: {e}", tmp.display()))
-}
-
 fn op_err(op: &'static str, map: &'static str, cookie: u64, source: MapError) -> MapOpError {
     MapOpError {
         op,
@@ -409,40 +338,4 @@ fn op_err(op: &'static str, map: &'static str, cookie: u64, source: MapError) ->
         cookie,
         source,
     }
-}
-
-/// Reads [`FlowEvent`]s and hands each to the connection that owns the socket.
-fn spawn_event_pump(events: RingBuf<MapData>, registry: Arc<Registry>) -> std::io::Result<()> {
-    let mut events = crate::sys::async_readable(events)?;
-    tokio::spawn(async move {
-        loop {
-            let Ok(mut guard) = events.readable_mut().await else {
-                return;
-            };
-            let ring = guard.get_inner_mut();
-            while let Some(item) = ring.next() {
-                if let Some(event) = crate::sys::read_pod::<FlowEvent>(&item) {
-                    registry.deliver(event.cookie, SockEvent::Pressure);
-                }
-            }
-            guard.clear_ready();
-        }
-    });
-    Ok(())
-}
-
-/// Forwards aya-log records from the kernel programs into the `log` facade, which the
-/// tracing subscriber picks up.
-fn spawn_log_pump(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> std::io::Result<()> {
-    let mut logger = crate::sys::async_readable(logger)?;
-    tokio::spawn(async move {
-        loop {
-            let Ok(mut guard) = logger.readable_mut().await else {
-                return;
-            };
-            guard.get_inner_mut().flush();
-            guard.clear_ready();
-        }
-    });
-    Ok(())
 }

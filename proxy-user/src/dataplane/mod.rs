@@ -1,11 +1,64 @@
 //! The two data planes and what they share: `sockmap` (the kernel moves the bytes) and
 //! `copy` (tokio moves them), chosen once at start-up.
 
+mod cgroup;
 pub mod copy;
+mod events;
 pub mod kernel;
 pub mod sockmap;
 
+use std::time::Duration;
+
 use crate::watch::Side;
+
+/// The data plane in place, shared by every connection.
+pub enum Plane {
+    /// The kernel moves the bytes.
+    Sockmap(Box<sockmap::Splicer>),
+    /// Userspace moves the bytes.
+    Copy,
+}
+
+impl Plane {
+    /// Puts the data plane `choice` in place. `Auto` falls back to copy, with a warning, when
+    /// the kernel programs cannot load; `Sockmap` fails then. `max_buffer` bounds what one
+    /// direction of a connection may hold in the kernel; a connection idle for `idle_timeout`
+    /// is closed.
+    pub fn start(
+        choice: DataplaneChoice,
+        max_buffer: u64,
+        idle_timeout: Option<Duration>,
+    ) -> Result<Self, kernel::LoadError> {
+        let load = || sockmap::Splicer::load(max_buffer, idle_timeout);
+        match choice {
+            DataplaneChoice::Copy => {
+                tracing::info!("copy data plane chosen: userspace moves every byte");
+                Ok(Self::Copy)
+            }
+            DataplaneChoice::Sockmap => load().map(|s| Self::Sockmap(Box::new(s))),
+            DataplaneChoice::Auto => match load() {
+                Ok(splicer) => Ok(Self::Sockmap(Box::new(splicer))),
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        "!!! BPF programs could not be loaded: FALLING BACK TO THE COPY DATA \
+                         PLANE. Userspace will move every byte; use --dataplane sockmap to fail \
+                         instead !!!"
+                    );
+                    Ok(Self::Copy)
+                }
+            },
+        }
+    }
+
+    /// `sockmap` or `copy`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Sockmap(_) => "sockmap",
+            Self::Copy => "copy",
+        }
+    }
+}
 
 /// Which data plane the operator asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]

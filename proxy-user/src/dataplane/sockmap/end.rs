@@ -1,0 +1,152 @@
+//! The end of a stream: the kernel does not pass a FIN on, so the daemon shuts the peer's
+//! writing half once every byte before the FIN is in the peer's send queue, and moves itself
+//! what the verdict will not see.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    sync::atomic::Ordering,
+};
+
+use proxy_common::Flow;
+
+use super::{MOVE_CHUNK, POLL_MIN, SpliceError, pair::Pair};
+use crate::{
+    sys::{self, TcpCounters},
+    watch::Side,
+};
+
+impl Pair<'_> {
+    /// Moves bytes userspace must carry from `side` into its peer, as far as both sockets
+    /// allow without blocking, until `total` bytes have been taken from `side` over the life
+    /// of the connection: reads at most `max_buffer` ahead of what is written, and writes them
+    /// once every byte the kernel redirected is in the peer's send queue. Reading does not wait
+    /// for that: the bytes it frees may be what the kernel needs to make progress on the other
+    /// direction. Returns whether all `total` bytes were moved.
+    ///
+    /// The total is exact, never "until end of stream": a read that finds nothing reports end
+    /// of stream once the FIN is in, also while bytes before it are still on their way to
+    /// the socket's queue; taking that for the end cut streams short.
+    pub(super) fn carry(&mut self, side: Side, total: u64) -> Result<bool, SpliceError> {
+        let i = side.index();
+        let flow = self.flow(side)?;
+        let clear = self.backlog(side, &flow)? == 0;
+        let cap = self.splicer.max_buffer as usize;
+        let (from, to) = (self.sides[i].sock, self.side(side.other()).sock);
+        let mut buf = vec![0; MOVE_CHUNK];
+        loop {
+            let dir = &mut self.sides[i];
+            let mut progress = false;
+            if clear && !dir.pending.is_empty() {
+                match (&*to).write(&dir.pending) {
+                    Ok(n) => {
+                        dir.pending.drain(..n);
+                        dir.sent += n as u64;
+                        self.splicer
+                            .moved_bytes
+                            .fetch_add(n as u64, Ordering::Relaxed);
+                        progress = true;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(side_error(side.other(), e)),
+                }
+            }
+            let want = total
+                .saturating_sub(dir.moved)
+                .min(MOVE_CHUNK as u64)
+                .min(cap.saturating_sub(dir.pending.len()) as u64) as usize;
+            if want > 0 {
+                match (&*from).read(&mut buf[..want]) {
+                    // Not readable yet (see above); a later tick tries again.
+                    Ok(0) => {}
+                    Ok(n) => {
+                        dir.moved += n as u64;
+                        dir.pending.extend_from_slice(&buf[..n]);
+                        progress = true;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(side_error(side, e)),
+                }
+            }
+            if dir.moved >= total && dir.pending.is_empty() {
+                return Ok(true);
+            }
+            if !progress {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Bytes `side` has received that the kernel did not redirect (userspace moves them when
+    /// the verdict will not see them). `bytes_received` counts a received FIN's sequence
+    /// number as one byte.
+    pub(super) fn not_redirected(&self, side: Side, own: &TcpCounters, flow: &Flow) -> u64 {
+        let fin = u64::from(self.side(side).eof);
+        own.bytes_received
+            .saturating_sub(fin + flow.redirected + flow.failed)
+    }
+
+    /// `side` received FIN: once every byte before it is in the peer's send queue, shut the
+    /// peer's writing half, which queues the FIN after them.
+    pub(super) fn forward_fin(&mut self, side: Side) -> Result<bool, SpliceError> {
+        let i = side.index();
+        let flow = self.flow(side)?;
+        Self::intact(side, &flow)?;
+        let own = self.counters(side)?;
+        // Userspace carries the rest when the verdict will not see it all: the side was taken
+        // out for a hold or is outside RECV (a socket that got FIN cannot go back in), or the
+        // kernel closed it. A side only asked to be held is taken out only with an empty queue.
+        let carried = self.out_for_hold(side, &flow)
+            || self.sides[i].outside
+            || own.state == sys::TcpState::Close;
+        let left = self.not_redirected(side, &own, &flow);
+        if carried {
+            if !self.carry(side, left)? {
+                return Ok(false);
+            }
+        } else if left > 0 {
+            // The verdict has not taken it all yet.
+            return Ok(false);
+        }
+        // Whichever way the bytes went, every byte the kernel redirected must be in the
+        // peer's send queue before the FIN: the shutdown fails what still waits in the
+        // peer's backlog.
+        let flow = self.flow(side)?;
+        if self.backlog(side, &flow)? > 0 {
+            return Ok(false);
+        }
+        match self
+            .side(side.other())
+            .sock
+            .shutdown(std::net::Shutdown::Write)
+        {
+            // NotConnected: the peer already went away; its own event ends the connection.
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotConnected => {}
+            Err(e) => return Err(SpliceError::Internal(e)),
+        }
+        tracing::trace!(?side, "end of stream passed on");
+        Ok(true)
+    }
+}
+
+/// Writes `bytes` into a non-blocking socket, waiting while its send buffer is full.
+pub(super) async fn write_all(mut s: &TcpStream, mut bytes: &[u8]) -> Result<(), SpliceError> {
+    while !bytes.is_empty() {
+        match s.write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(POLL_MIN).await;
+            }
+            Err(e) => return Err(SpliceError::Backend(e)),
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn side_error(side: Side, e: std::io::Error) -> SpliceError {
+    match side {
+        Side::Client => SpliceError::Client(e),
+        Side::Backend => SpliceError::Backend(e),
+    }
+}

@@ -1,0 +1,155 @@
+//! Holds: a direction whose receiver is slow has its sending side taken out of the verdict
+//! map (by the kernel's hold program, at the daemon's request), so that TCP holds the sender
+//! back; it goes back once the receiver has drained half the bound.
+
+use std::{os::fd::AsFd, sync::atomic::Ordering};
+
+use proxy_common::Flow;
+
+use super::{SpliceError, pair::Pair};
+use crate::{sys, watch::Side};
+
+impl Pair<'_> {
+    /// Reacts to a kernel event: a fault (see [`Self::intact`]), or a check point, where
+    /// `side` is held if too much waits in the peer's backlog, else the check point moves.
+    pub(super) fn on_pressure(&mut self, side: Side) -> Result<(), SpliceError> {
+        let i = side.index();
+        let flow = self.flow(side)?;
+        Self::intact(side, &flow)?;
+        if self.sides[i].held || self.sides[i].outside {
+            return Ok(());
+        }
+        let unacked = self.unacked(side, &flow)?;
+        if unacked <= self.splicer.max_buffer {
+            return self.rearm(side, &flow, unacked);
+        }
+        self.sides[i].link.hold = 1;
+        self.sides[i].drops_seen = sys::receive_memory(self.fd(side))
+            .map_err(SpliceError::Internal)?
+            .drops;
+        self.set_link(side)?;
+        self.sides[i].held_unacked = unacked;
+        self.sides[i].held = true;
+        self.splicer.holds.fetch_add(1, Ordering::Relaxed);
+        tracing::trace!(?side, unacked, "held: the peer is slow");
+        Ok(())
+    }
+
+    /// Whether the kernel has taken `side` out of `RECV` for a hold and it has not been put
+    /// back.
+    pub(super) fn out_for_hold(&self, side: Side, flow: &Flow) -> bool {
+        flow.holds > self.side(side).released
+    }
+
+    /// Lets a held side flow again once its peer's backlog is down to half the bound: the
+    /// link stops asking for the hold, and if the kernel took the socket out it goes back into
+    /// `RECV` and is poked, so the verdict runs over what waited in its queue. Returns whether
+    /// it flows again; false also when it never can (it half-closed meanwhile), and the ticks
+    /// that follow then move the rest of its stream.
+    pub(super) fn release(&mut self, side: Side) -> Result<bool, SpliceError> {
+        let i = side.index();
+        let flow = self.flow(side)?;
+        if self.out_for_hold(side, &flow) {
+            self.relieve(side)?;
+        }
+        let unacked = self.unacked(side, &flow)?;
+        // The peer is taking bytes: look again at the shortest interval, so that the socket
+        // is back before the pipe runs dry. A peer that has stopped reading is looked at
+        // less and less often.
+        self.draining |= unacked < self.sides[i].held_unacked;
+        self.sides[i].held_unacked = unacked;
+        if unacked > self.splicer.max_buffer / 2 {
+            return Ok(false);
+        }
+        self.sides[i].link.hold = 0;
+        self.rearm(side, &flow, unacked)?;
+        self.sides[i].held = false;
+        // Putting it back takes the socket lock, as the hold does, so the two cannot cross:
+        // either the socket was taken out before this, or it stays in (busy).
+        match self
+            .splicer
+            .kernel
+            .start_receive(self.sides[i].cookie, self.fd(side))
+        {
+            Ok(()) => {
+                self.sides[i].released += 1;
+                self.sides[i].relief_refused = false;
+                if let Some(buffer) = self.sides[i].relieved_from.take() {
+                    // The verdict empties the queue: back to the buffer it had.
+                    sys::set_receive_buffer(self.fd(side), buffer / 2)
+                        .map_err(SpliceError::Internal)?;
+                }
+                sys::poke_receive(self.fd(side)).map_err(SpliceError::Internal)?;
+                tracing::trace!(?side, unacked, "released");
+            }
+            Err(e) if e.is_busy() => tracing::trace!(?side, unacked, "released before held"),
+            Err(e) if e.is_state_refusal() => {
+                self.sides[i].released += 1;
+                self.sides[i].outside = true;
+                tracing::debug!(
+                    ?side,
+                    "held side can no longer enter the verdict map; userspace moves the rest"
+                );
+                // Still waiting: the next ticks move its bytes.
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(true)
+    }
+
+    /// Keeps a held `side` taking acknowledgements (see the module's notes): when its queue
+    /// has outgrown its receive buffer while bytes it sent wait for acknowledgement, raises
+    /// the buffer to an eighth above what the queue holds (the kernel offers no window while
+    /// less than a sixteenth of the buffer is free) and makes the socket offer the window
+    /// that opens, which the peer's next retransmission, carrying its acknowledgement, fits
+    /// in. A hold raises it to at most half as much again as it was; past that the
+    /// connection waits for its idle timeout, so a peer that sends and never reads cannot
+    /// make it grow further.
+    pub(super) fn relieve(&mut self, side: Side) -> Result<(), SpliceError> {
+        const MARGIN: u64 = 256 * 1024;
+        let i = side.index();
+        let sock = self.sides[i].sock;
+        let memory = sys::receive_memory(sock.as_fd()).map_err(SpliceError::Internal)?;
+        // A segment dropped for memory is what makes the kernel retract its window, and that
+        // happens once the queue plus the arriving segment would pass the buffer: so a drop
+        // since the last look with the queue within `MARGIN` (several segments) of it.
+        let dropped = memory.drops > std::mem::replace(&mut self.sides[i].drops_seen, memory.drops);
+        if !dropped || memory.held + MARGIN < memory.buffer || self.counters(side)?.outq == 0 {
+            return Ok(());
+        }
+        let dir = &mut self.sides[i];
+        let from = *dir.relieved_from.get_or_insert(memory.buffer);
+        let limit = from + from / 2;
+        let buffer = (memory.held + memory.held / 8 + MARGIN).min(limit);
+        if buffer <= memory.buffer {
+            if !dir.relief_refused {
+                dir.relief_refused = true;
+                self.splicer
+                    .squeezes_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    ?side,
+                    held = memory.held,
+                    buffer = memory.buffer,
+                    "a held socket's queue outgrew its raised receive buffer: it takes no \
+                     acknowledgement until it is read"
+                );
+            }
+            return Ok(());
+        }
+        sys::set_receive_buffer(sock.as_fd(), buffer / 2).map_err(SpliceError::Internal)?;
+        sys::offer_window(sock.as_fd()).map_err(SpliceError::Internal)?;
+        self.splicer
+            .squeezes_relieved
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            ?side,
+            held = memory.held,
+            from = memory.buffer,
+            to = buffer,
+            "raised a held socket's receive buffer"
+        );
+        Ok(())
+    }
+}

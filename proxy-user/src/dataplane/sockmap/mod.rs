@@ -1,0 +1,214 @@
+//! One spliced connection on the sockmap data plane: set-up, the life of the pair, and
+//! tear-down. While bytes flow, userspace neither reads nor writes them; it reacts to what the
+//! kernel reports and makes up for what the kernel does not do by itself (`docs/design.md`
+//! says why each is needed):
+//! - bytes queued before a socket enters the map: each socket is poked once it is in;
+//! - FIN: passed on once every byte before it is in the peer's send queue ([`end`]);
+//! - backpressure: a side whose peer has more than the bound unacknowledged is held
+//!   ([`hold`]);
+//! - the redirect worker's tick-long sleep on a full send queue: each spliced socket's send
+//!   buffer is the bound, which holds keep from filling;
+//! - a side that cannot enter, or go back into, the maps: userspace moves the rest of its
+//!   direction, counted in `moved_bytes`;
+//! - resets are passed on as resets, and a stream the kernel damaged is aborted with resets
+//!   on both sides, never ended as if complete.
+
+mod drive;
+mod end;
+mod hold;
+mod pair;
+
+use std::{
+    net::TcpStream,
+    os::fd::AsFd,
+    sync::{Arc, atomic::AtomicU64},
+    time::Duration,
+};
+
+use proxy_common::Link;
+use tokio::sync::{mpsc, watch};
+
+use self::{
+    end::write_all,
+    pair::{Pair, SideState},
+};
+use super::{
+    Outcome, Phase, SpliceError,
+    kernel::{Kernel, MapOpError},
+};
+use crate::{
+    sys,
+    watch::{Registry, Side, Watcher},
+};
+
+/// Shared by every spliced connection.
+pub struct Splicer {
+    pub kernel: Kernel,
+    pub registry: Arc<Registry>,
+    pub watcher: Watcher,
+    /// Bound on bytes of one direction of one connection that the kernel has taken from the
+    /// sender and the receiver has not acknowledged (the redirect backlog and the send queue).
+    pub max_buffer: u64,
+    /// Bytes userspace moved itself (the ends of streams described above).
+    pub moved_bytes: AtomicU64,
+    /// Times a socket was held because its peer was slow.
+    pub holds: AtomicU64,
+    /// Times a held socket's receive buffer was raised because its queue had outgrown it
+    /// (see [`Pair::relieve`]), and times that was refused at its limit.
+    pub squeezes_relieved: AtomicU64,
+    pub squeezes_refused: AtomicU64,
+    /// A connection with no byte received on either socket for this long is closed.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Splicer {
+    /// Loads the kernel programs and starts the watchers of kernel and socket events.
+    pub fn load(
+        max_buffer: u64,
+        idle_timeout: Option<Duration>,
+    ) -> Result<Self, super::kernel::LoadError> {
+        let registry = Arc::new(Registry::default());
+        let kernel = Kernel::load(Arc::clone(&registry))?;
+        let watcher = Watcher::start(Arc::clone(&registry))?;
+        Ok(Self {
+            kernel,
+            registry,
+            watcher,
+            max_buffer,
+            moved_bytes: AtomicU64::new(0),
+            holds: AtomicU64::new(0),
+            squeezes_relieved: AtomicU64::new(0),
+            squeezes_refused: AtomicU64::new(0),
+            idle_timeout,
+        })
+    }
+}
+
+/// What became of a pair handed to [`Splicer::run`].
+pub enum Spliced {
+    /// The connection was spliced and has ended.
+    Done(Result<Outcome, SpliceError>),
+    /// The kernel would not take the sockets (one had already received FIN); nothing was
+    /// forwarded, and the caller should copy them.
+    Refused(TcpStream, TcpStream),
+}
+
+/// First and last wait between checks while a direction is held or ending.
+const POLL_MIN: Duration = Duration::from_millis(1);
+const POLL_MAX: Duration = Duration::from_millis(20);
+/// Largest read when userspace moves bytes.
+const MOVE_CHUNK: usize = 256 * 1024;
+
+impl Splicer {
+    /// Splices `client` and `backend` until both directions end, one side fails, or the
+    /// daemon's grace period runs out.
+    pub async fn run(
+        &self,
+        client: TcpStream,
+        backend: TcpStream,
+        service: u32,
+        preface: &[u8],
+        mut phase: watch::Receiver<Phase>,
+    ) -> Spliced {
+        let cookies = match (
+            sys::socket_cookie(client.as_fd()),
+            sys::socket_cookie(backend.as_fd()),
+        ) {
+            (Ok(c), Ok(b)) => [c, b],
+            (Err(e), _) | (_, Err(e)) => return Spliced::Done(Err(SpliceError::Internal(e))),
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let link = |peer, side: Side| Link {
+            peer_cookie: peer,
+            check_at: self.max_buffer,
+            service,
+            side: match side {
+                Side::Client => proxy_common::Side::CLIENT,
+                Side::Backend => proxy_common::Side::BACKEND,
+            },
+            ..Link::default()
+        };
+        let mut pair = Pair {
+            splicer: self,
+            sides: [
+                SideState::new(&client, cookies[0], link(cookies[1], Side::Client), 0),
+                SideState::new(
+                    &backend,
+                    cookies[1],
+                    link(cookies[0], Side::Backend),
+                    preface.len() as u64,
+                ),
+            ],
+            started_ns: sys::monotonic_coarse_ns(),
+            draining: false,
+        };
+
+        let mut refused = false;
+        let result = async {
+            for side in [Side::Client, Side::Backend] {
+                let i = side.index();
+                // The kernel's worker that sends redirected bytes waits a whole scheduler tick
+                // (4 ms at 250 Hz) after it finds the send queue full, whatever frees space
+                // meanwhile: an autotuned send buffer (4 MiB at most by default) then runs dry
+                // within each wait, which cut bulk throughput by half. A send buffer of the
+                // bound never fills, since holds keep what the peer has not acknowledged under
+                // the bound, so this costs no memory beyond it.
+                sys::set_send_buffer(pair.fd(side), self.max_buffer)
+                    .map_err(SpliceError::Internal)?;
+                self.registry.add(cookies[i], side, tx.clone());
+                self.watcher
+                    .add(pair.fd(side), cookies[i])
+                    .map_err(SpliceError::Internal)?;
+                self.kernel.add_link(cookies[i], &pair.sides[i].link)?;
+                match self.kernel.add_socket(cookies[i], pair.fd(side)) {
+                    Ok(()) => {}
+                    Err(e) if e.is_state_refusal() => {
+                        refused = true;
+                        return Ok(Outcome::Completed);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            // Before the client's socket enters RECV: ahead of every byte of the client.
+            write_all(&backend, preface).await?;
+            for side in [Side::Client, Side::Backend] {
+                match self
+                    .kernel
+                    .start_receive(cookies[side.index()], pair.fd(side))
+                {
+                    Ok(()) => sys::poke_receive(pair.fd(side)).map_err(SpliceError::Internal)?,
+                    // FIN arrived since the socket entered SOCKS: userspace carries its rest.
+                    Err(e) if e.is_state_refusal() => pair.side_mut(side).outside = true,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            drive::drive(&mut pair, &mut rx, &mut phase).await
+        }
+        .await;
+
+        if !refused && !matches!(result, Ok(Outcome::Completed | Outcome::Idle)) {
+            // Abortive close: the peers see a reset, not a clean end of a truncated stream.
+            for s in [&client, &backend] {
+                socket2::SockRef::from(s)
+                    .set_linger(Some(Duration::ZERO))
+                    .ok();
+            }
+        }
+        for side in [Side::Client, Side::Backend] {
+            let i = side.index();
+            self.watcher.delete(pair.fd(side)).ok();
+            self.registry.remove(cookies[i]);
+            self.kernel.forget(cookies[i]);
+        }
+        if refused {
+            return Spliced::Refused(client, backend);
+        }
+        Spliced::Done(result)
+    }
+}
+
+impl From<MapOpError> for SpliceError {
+    fn from(e: MapOpError) -> Self {
+        Self::Map(e)
+    }
+}

@@ -1,0 +1,173 @@
+//! One client's connection: a slot on a machine of its service, a connection to it (the next
+//! machine when one fails), the PROXY protocol header, and the data plane until both
+//! directions end.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use tokio::{io::AsyncWriteExt as _, net::TcpStream, sync::watch};
+
+use super::{Route, Shared};
+use crate::{
+    balance::{Lease, Refusal},
+    dataplane::{Outcome, Phase, Plane, SpliceError, copy, sockmap::Spliced},
+};
+
+/// One client's connection from accept to close, counted in the daemon's stats.
+pub(super) async fn serve(
+    shared: Arc<Shared>,
+    client: TcpStream,
+    peer: SocketAddr,
+    route: Arc<Route>,
+    phase: watch::Receiver<Phase>,
+) {
+    let result = connect_and_splice(&shared, client, peer, &route, phase).await;
+    let stats = &shared.stats;
+    stats.active.fetch_sub(1, Ordering::Relaxed);
+    match result {
+        Ok(Outcome::Completed) => {
+            stats.completed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, "connection completed");
+        }
+        Ok(Outcome::Aborted) => {
+            stats.aborted.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, "connection closed at end of grace period");
+        }
+        Ok(Outcome::Idle) => {
+            stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, "idle connection closed");
+        }
+        Err(e) => {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// Why no backend connection was made.
+enum NoBackend {
+    Refused(Refusal),
+    Unreachable(std::io::Error),
+}
+
+/// A slot on the best machine of the route's service, and a connection to it. A machine that
+/// refuses or does not answer in time is skipped for the next best, each tried at most once.
+async fn connect_backend(shared: &Shared, route: &Route) -> Result<(TcpStream, Lease), NoBackend> {
+    let mut lease = route.pool.acquire().await.map_err(NoBackend::Refused)?;
+    let mut tried = Vec::new();
+    loop {
+        let addr = lease.addr();
+        let connect = TcpStream::connect(addr);
+        let error = match tokio::time::timeout(shared.opts.connect_timeout, connect).await {
+            Ok(Ok(b)) => return Ok((b, lease)),
+            Ok(Err(e)) => e,
+            Err(_) => std::io::ErrorKind::TimedOut.into(),
+        };
+        tracing::debug!(%addr, %error, service = %route.pool.service, "machine unreachable; trying the next");
+        lease.connect_failed();
+        tried.push(lease.index());
+        drop(lease);
+        if tried.len() >= shared.opts.connect_attempts {
+            return Err(NoBackend::Unreachable(error));
+        }
+        lease = route
+            .pool
+            .retry(&tried)
+            .ok_or(NoBackend::Unreachable(error))?;
+    }
+}
+
+async fn connect_and_splice(
+    shared: &Shared,
+    client: TcpStream,
+    peer: SocketAddr,
+    route: &Route,
+    phase: watch::Receiver<Phase>,
+) -> Result<Outcome, SpliceError> {
+    let mut abort = phase.clone();
+    let connected = tokio::select! {
+        c = connect_backend(shared, route) => c,
+        // A connection still waiting in the queue at the end of the grace period.
+        _ = abort.wait_for(|p| *p == Phase::Abort) => {
+            reset(&client);
+            return Ok(Outcome::Aborted);
+        }
+    };
+    // Held until the connection ends: it is the machine's count of live connections.
+    let (mut backend, _lease) = match connected {
+        Ok(b) => b,
+        Err(NoBackend::Unreachable(e)) => {
+            shared
+                .stats
+                .backend_unreachable
+                .fetch_add(1, Ordering::Relaxed);
+            reset(&client);
+            return Err(SpliceError::Backend(e));
+        }
+        Err(NoBackend::Refused(why)) => {
+            shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+            reset(&client);
+            return Err(SpliceError::Backend(std::io::Error::other(why)));
+        }
+    };
+    // Written before any byte of the client, so it is the first thing the backend reads, once.
+    let header = match route.proxy_proto {
+        Some(version) => {
+            let local = client.local_addr().map_err(SpliceError::Internal)?;
+            crate::proxy_proto::header(version, peer, local)
+        }
+        None => Vec::new(),
+    };
+    for s in [&client, &backend] {
+        s.set_nodelay(true).map_err(SpliceError::Internal)?;
+    }
+    let idle = shared.opts.idle_timeout;
+    match &shared.plane {
+        Plane::Copy => {
+            write_preface(&client, &mut backend, &header).await?;
+            copy::run(client, backend, phase, idle).await
+        }
+        Plane::Sockmap(splicer) => {
+            let client = client.into_std().map_err(SpliceError::Internal)?;
+            let backend = backend.into_std().map_err(SpliceError::Internal)?;
+            let splicing = splicer.run(client, backend, route.service, &header, phase.clone());
+            match splicing.await {
+                Spliced::Done(result) => result,
+                Spliced::Refused(client, backend) => {
+                    shared.stats.copied_fallback.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(
+                        "socket already half-closed before splicing: copying this connection"
+                    );
+                    let client = TcpStream::from_std(client).map_err(SpliceError::Internal)?;
+                    let mut backend =
+                        TcpStream::from_std(backend).map_err(SpliceError::Internal)?;
+                    write_preface(&client, &mut backend, &header).await?;
+                    copy::run(client, backend, phase, idle).await
+                }
+            }
+        }
+    }
+}
+
+/// Writes the PROXY protocol header (if any) into the backend connection.
+async fn write_preface(
+    client: &TcpStream,
+    backend: &mut TcpStream,
+    header: &[u8],
+) -> Result<(), SpliceError> {
+    if let Err(e) = backend.write_all(header).await {
+        reset(client);
+        return Err(SpliceError::Backend(e));
+    }
+    Ok(())
+}
+
+/// Makes the close of `s` a reset.
+pub(super) fn reset(s: &TcpStream) {
+    socket2::SockRef::from(s)
+        .set_linger(Some(Duration::ZERO))
+        .ok();
+}

@@ -1,0 +1,254 @@
+//! The daemon: binds the public ports, accepts, connects each client to its service's
+//! backend, hands the pair to the data plane, and on SIGINT/SIGTERM stops accepting, lets
+//! live connections finish for the grace period, then closes the rest.
+
+mod admin;
+mod connection;
+mod listen;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde::Serialize;
+use tokio::{sync::watch, task::JoinSet};
+
+use crate::{
+    balance::{Pool, QueuePolicy},
+    config::{Config, ProxyProtoVersion},
+    dataplane::{DataplaneChoice, Phase, Plane, kernel::LoadError},
+};
+
+/// Everything `spliced run` takes besides the config.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Addresses to bind each public port on. Empty: every IPv4 and IPv6 address.
+    pub listen_addrs: Vec<IpAddr>,
+    pub dataplane: DataplaneChoice,
+    /// How long live connections may take to finish after a stop signal.
+    pub grace: Duration,
+    /// Bound on bytes buffered in the kernel per direction of a connection.
+    pub max_buffer: u64,
+    /// How long to wait for a backend to accept.
+    pub connect_timeout: Duration,
+    /// Where to serve a JSON snapshot of counters, one per connection.
+    pub admin_socket: Option<PathBuf>,
+    /// Connections that may wait, per service, for a machine under its hard limit, and for
+    /// how long.
+    pub queue: QueuePolicy,
+    /// Machines tried per connection, at most, before the client is reset.
+    pub connect_attempts: usize,
+    /// A connection with no byte either way for this long is closed; `None`: never.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("--dataplane sockmap: the BPF programs could not be loaded: {0}")]
+    Sockmap(#[source] LoadError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the config has no public port to listen on")]
+    NothingToServe,
+    #[error("admin socket {path}: {source}")]
+    Admin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("telling the hold program which ports to watch: {0}")]
+    HoldPorts(#[source] aya::maps::MapError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Counters kept in userspace; the kernel keeps the byte counters.
+#[derive(Default, Debug, Serialize)]
+pub struct ConnStats {
+    pub accepted: AtomicU64,
+    pub active: AtomicU64,
+    pub completed: AtomicU64,
+    pub aborted: AtomicU64,
+    pub failed: AtomicU64,
+    /// Every machine tried refused or did not answer in time.
+    pub backend_unreachable: AtomicU64,
+    /// Closed without a machine: none serves the service, or all stayed at their hard limit.
+    pub refused: AtomicU64,
+    /// Closed after the idle timeout.
+    pub idle_closed: AtomicU64,
+    /// Connections the kernel would not take (a side had already sent FIN), copied instead.
+    pub copied_fallback: AtomicU64,
+}
+
+/// Where the connections of one public port go.
+struct Route {
+    /// The service's id: the kernel counts bytes per id.
+    service: u32,
+    /// The service's machines at its internal port, with their load.
+    pool: Arc<Pool>,
+    /// The PROXY protocol header to send each backend first, if any.
+    proxy_proto: Option<ProxyProtoVersion>,
+}
+
+struct Shared {
+    plane: Plane,
+    stats: ConnStats,
+    opts: RunOptions,
+    /// One per service, in service order.
+    pools: Vec<Arc<Pool>>,
+}
+
+/// Runs the daemon until a stop signal and the end of the grace period.
+#[expect(clippy::too_many_lines, reason = "start, serve, drain: one sequence")]
+pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
+    let plane = Plane::start(opts.dataplane, opts.max_buffer, opts.idle_timeout)
+        .map_err(StartError::Sockmap)?;
+    tracing::info!(dataplane = plane.name(), "data plane ready");
+
+    let listen_addrs = if opts.listen_addrs.is_empty() {
+        vec![
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        ]
+    } else {
+        opts.listen_addrs.clone()
+    };
+    let pools: Vec<Arc<Pool>> = config
+        .services
+        .iter()
+        .map(|service| {
+            let machines: Vec<(String, SocketAddr)> = config
+                .machines_of(service)
+                .map(|m| {
+                    (
+                        m.id.clone(),
+                        SocketAddr::new(m.address, service.internal_port),
+                    )
+                })
+                .collect();
+            let limits = service.concurrency;
+            Arc::new(Pool::new(
+                service.name.clone(),
+                machines,
+                limits.and_then(|c| c.soft_limit),
+                limits.and_then(|c| c.hard_limit),
+                opts.queue,
+            ))
+        })
+        .collect();
+    if let Plane::Sockmap(splicer) = &plane {
+        let public = config.public_ports().map(|(_, port)| port.port);
+        let backend = pools
+            .iter()
+            .flat_map(|pool| pool.machines.iter().map(|m| m.addr.port()));
+        splicer
+            .kernel
+            .watch_ports(public, backend)
+            .map_err(StartError::HoldPorts)?;
+    }
+    let mut listeners = Vec::new();
+    for (service, port) in config.public_ports() {
+        let pool = Arc::clone(&pools[service.id as usize]);
+        if pool.machines.is_empty() {
+            tracing::warn!(port = port.port, service = %service.name, "no machine serves this port: its connections will be refused");
+        }
+        let route = Arc::new(Route {
+            service: service.id,
+            pool,
+            proxy_proto: port.proxy_proto,
+        });
+        for ip in &listen_addrs {
+            let addr = SocketAddr::new(*ip, port.port);
+            let listener =
+                listen::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
+            tracing::info!(
+                %addr,
+                service = %service.name,
+                internal_port = service.internal_port,
+                proxy_proto = ?port.proxy_proto,
+                "listening"
+            );
+            listeners.push((listener, Arc::clone(&route)));
+        }
+    }
+    if listeners.is_empty() {
+        return Err(StartError::NothingToServe);
+    }
+
+    let shared = Arc::new(Shared {
+        plane,
+        stats: ConnStats::default(),
+        opts,
+        pools,
+    });
+    // Dropped (which stops every check) when the daemon returns.
+    let _health = crate::health::start(&config.services, &shared.pools);
+    let (phase_tx, phase_rx) = watch::channel(Phase::Serve);
+    let mut conns = JoinSet::new();
+    let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel();
+
+    let mut acceptors = JoinSet::new();
+    for (listener, route) in listeners {
+        let conn_tx = conn_tx.clone();
+        acceptors.spawn(listen::accept_loop(listener, route, conn_tx));
+    }
+    drop(conn_tx);
+
+    let admin = match &shared.opts.admin_socket {
+        Some(path) => Some(admin::start_admin(path, Arc::clone(&shared))?),
+        None => None,
+    };
+    tracing::info!("spliced is serving");
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            Some((client, peer, route)) = conn_rx.recv() => {
+                shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                shared.stats.active.fetch_add(1, Ordering::Relaxed);
+                conns.spawn(connection::serve(Arc::clone(&shared), client, peer, route, phase_rx.clone()));
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+
+    let live = conns.len();
+    tracing::info!(live, grace = ?shared.opts.grace, "stopping: no longer accepting");
+    acceptors.shutdown().await;
+    drop(conn_rx);
+    phase_tx.send_replace(Phase::Drain);
+    let deadline = tokio::time::sleep(shared.opts.grace);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            next = conns.join_next() => if next.is_none() { break },
+            () = &mut deadline => {
+                tracing::warn!(left = conns.len(), "grace period over: closing live connections");
+                phase_tx.send_replace(Phase::Abort);
+                while conns.join_next().await.is_some() {}
+                break;
+            }
+        }
+    }
+    if let Some(admin) = admin {
+        admin.abort();
+    }
+    if let Some(path) = &shared.opts.admin_socket {
+        std::fs::remove_file(path).ok();
+    }
+    tracing::info!(stats = %serde_json::to_string(&admin::snapshot(&shared)).unwrap_or_default(), "stopped");
+    Ok(())
+}

@@ -1,0 +1,74 @@
+//! The few system calls the standard library and socket2 do not offer, by subject: TCP
+//! sockets ([`tcp`]), epoll and tokio registration ([`epoll`]), cgroup mounts ([`mount`]).
+//! Every `unsafe` block of the daemon lives here.
+
+mod epoll;
+mod mount;
+mod tcp;
+
+pub use epoll::{Epoll, async_readable, ev, read_pod};
+pub use mount::{detach_mount, mount_cgroup2};
+pub use tcp::{
+    ReceiveMemory, TcpCounters, TcpState, offer_window, poke_receive, receive_memory,
+    set_receive_buffer, set_send_buffer, socket_cookie, tcp_counters,
+};
+
+use std::{
+    io,
+    os::fd::{AsRawFd, BorrowedFd},
+};
+
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock of the kernel's activity stamps
+/// (`bpf_ktime_get_coarse_ns`).
+pub fn monotonic_coarse_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: the kernel fills the timespec passed; the clock id is valid on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
+    debug_assert_eq!(rc, 0, "CLOCK_MONOTONIC_COARSE exists on every Linux");
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// The pending error of a socket (`SO_ERROR`), which reading clears.
+pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
+    let mut err: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the buffer and its length describe a valid int for the kernel to fill.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&raw mut err).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((err != 0).then(|| io::Error::from_raw_os_error(err)))
+}
+
+pub(crate) fn setsockopt_int(
+    fd: BorrowedFd<'_>,
+    level: i32,
+    name: i32,
+    value: i32,
+) -> io::Result<()> {
+    // SAFETY: the option value is a valid int of the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

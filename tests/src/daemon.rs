@@ -1,0 +1,298 @@
+//! The daemon under test: started in a namespace with the tests' fly.toml, its admin
+//! snapshot, its process, and the BPF objects it loads.
+
+use std::{
+    io::Read,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{BACKEND_PORT, Netns, PUBLIC_PORT, netns::unique, sh};
+
+/// A data plane of the daemon, as `--dataplane` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plane {
+    Sockmap,
+    Copy,
+    /// sockmap, or copy when the kernel programs cannot load.
+    Auto,
+}
+
+impl Plane {
+    /// The name `--dataplane` takes and the admin snapshot reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sockmap => "sockmap",
+            Self::Copy => "copy",
+            Self::Auto => "auto",
+        }
+    }
+}
+
+impl std::fmt::Display for Plane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The path of the daemon under test (set by `cargo xtask test`).
+pub fn spliced_bin() -> PathBuf {
+    std::env::var_os("SPLICED_BIN").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/spliced"),
+        PathBuf::from,
+    )
+}
+
+/// A scratch directory removed at drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(unique("scratch"));
+        std::fs::create_dir_all(&dir).expect("scratch directory");
+        Self(dir)
+    }
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The fly.toml the tests serve: one TCP service from [`PUBLIC_PORT`] to [`BACKEND_PORT`].
+pub fn test_config() -> String {
+    format!(
+        "app = \"spliced-test\"\n\n[[services]]\n  internal_port = {BACKEND_PORT}\n  protocol = \"tcp\"\n\n  [[services.ports]]\n    port = {PUBLIC_PORT}\n"
+    )
+}
+
+/// A running `spliced run` in a namespace.
+pub struct Daemon {
+    child: Option<Child>,
+    pub pid: u32,
+    admin: PathBuf,
+    log: PathBuf,
+    _dir: Scratch,
+}
+
+impl Daemon {
+    /// Starts the daemon with `--dataplane plane` in `ns` and waits until it serves.
+    pub fn start(ns: &Netns, plane: Plane, extra: &[&str]) -> Self {
+        Self::start_with(ns, &[], plane, extra)
+    }
+
+    /// Like [`Daemon::start`], with a command (and its arguments) that runs the daemon.
+    pub fn start_with(ns: &Netns, wrapper: &[&str], plane: Plane, extra: &[&str]) -> Self {
+        Self::start_full(ns, wrapper, &test_config(), plane, extra)
+    }
+
+    /// Like [`Daemon::start`], serving the fly.toml `config`.
+    pub fn start_config(ns: &Netns, config: &str, plane: Plane, extra: &[&str]) -> Self {
+        Self::start_full(ns, &[], config, plane, extra)
+    }
+
+    fn start_full(
+        ns: &Netns,
+        wrapper: &[&str],
+        config_text: &str,
+        plane: Plane,
+        extra: &[&str],
+    ) -> Self {
+        let dir = Scratch::new();
+        let config = dir.0.join("fly.toml");
+        std::fs::write(&config, config_text).expect("write the config");
+        let admin = dir.0.join("admin.sock");
+        let log = dir.0.join("spliced.log");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name])
+            .args(wrapper)
+            .arg(spliced_bin());
+        cmd.args(["run", "--config"])
+            .arg(&config)
+            .args(["--dataplane", plane.name(), "--admin-socket"])
+            .arg(&admin)
+            .args(extra)
+            .env("RUST_LOG", "info,proxy_user=debug")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.0.join("stdout.log")).expect("log file"))
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        let child = cmd.spawn().expect("start spliced");
+        let pid = child.id();
+        let mut d = Self {
+            child: Some(child),
+            pid,
+            admin,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if d.try_stats().is_some() {
+                return d;
+            }
+            if let Some(st) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("spliced exited at start ({st}):\n{}", d.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "spliced did not start:\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn try_stats(&self) -> Option<serde_json::Value> {
+        let mut s = std::os::unix::net::UnixStream::connect(&self.admin).ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// The daemon's counters, from its admin socket.
+    pub fn stats(&self) -> serde_json::Value {
+        self.try_stats()
+            .unwrap_or_else(|| panic!("admin socket did not answer:\n{}", self.log()))
+    }
+
+    /// Waits until the daemon reports no live connection and, on the sockmap plane, no map
+    /// entry; panics with the counters otherwise.
+    pub fn wait_idle(&self) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.stats();
+            let active = s["connections"]["active"].as_u64().expect("active count");
+            let entries: u64 = s["kernel"]["map_entries"].as_object().map_or(0, |m| {
+                m.values().filter_map(serde_json::Value::as_u64).sum()
+            });
+            let watched = s["kernel"]["watched_sockets"].as_u64().unwrap_or(0);
+            if active == 0 && entries == 0 && watched == 0 {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "connections or map entries left behind: {s:#}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Open file descriptors of the daemon.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
+            .expect("daemon fd directory")
+            .count()
+    }
+
+    /// Resident set size of the daemon, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        proc_field(&format!("/proc/{}/status", self.pid), "VmRSS:")
+    }
+
+    /// Bytes the daemon read and wrote through system calls (`/proc/PID/io` rchar + wchar).
+    pub fn io_bytes(&self) -> u64 {
+        let path = format!("/proc/{}/io", self.pid);
+        proc_field(&path, "rchar:") + proc_field(&path, "wchar:")
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill on the pid of our own child.
+        assert_eq!(unsafe { libc::kill(self.pid as i32, signal) }, 0);
+    }
+
+    /// Waits for the daemon to exit, at most `limit`.
+    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut().expect("daemon still owned");
+        loop {
+            if let Some(st) = child.try_wait().expect("wait for spliced") {
+                self.child = None;
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "spliced did not exit in {limit:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn stop(mut self) -> String {
+        self.signal(libc::SIGTERM);
+        let st = self.wait(Duration::from_secs(40));
+        assert!(st.success(), "spliced exited with {st}:\n{}", self.log());
+        self.log()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- spliced log (last lines) ---");
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn proc_field(path: &str, key: &str) -> u64 {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{path} has no {key}"))
+}
+
+/// Names of the BPF programs and maps of spliced loaded in the kernel.
+pub fn loaded_bpf_objects() -> Vec<String> {
+    let mut found = Vec::new();
+    for kind in ["prog", "map"] {
+        let out = sh(&["bpftool", "-j", kind, "show"]);
+        let list: serde_json::Value = serde_json::from_str(&out).expect("bpftool prints JSON");
+        for item in list.as_array().into_iter().flatten() {
+            let Some(name) = item["name"].as_str() else {
+                continue;
+            };
+            let ours = name.starts_with("spliced_")
+                || [
+                    "SOCKS",
+                    "RECV",
+                    "LINKS",
+                    "FLOWS",
+                    "SERVICE_STATS",
+                    "SENT",
+                    "EVENTS",
+                ]
+                .iter()
+                .any(|n| name == &n[..n.len().min(15)]);
+            if ours {
+                found.push(format!("{kind} {name}"));
+            }
+        }
+    }
+    found
+}
