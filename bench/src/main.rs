@@ -5,9 +5,12 @@
 //! the proxy's host), and writes JSON, a markdown table and SVG charts. It asserts no timing:
 //! a sample that fails is recorded with its error.
 
+mod charts;
 mod load;
+mod machine;
 mod real;
 mod report;
+mod targets;
 mod topo;
 
 use std::{
@@ -20,7 +23,10 @@ use anyhow::{Context as _, Result};
 use serde::Serialize;
 use tests::Scratch;
 
-use crate::topo::{TARGETS, Target, Topology};
+use crate::{
+    targets::{TARGETS, Target},
+    topo::Topology,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -94,7 +100,7 @@ pub struct Sample {
 struct Args {
     quick: bool,
     out: PathBuf,
-    spliced: topo::SplicedCmd,
+    spliced: targets::SplicedCmd,
     targets: Vec<&'static str>,
     topologies: Vec<String>,
 }
@@ -103,7 +109,7 @@ fn parse_args() -> Result<Args> {
     let mut args = Args {
         quick: false,
         out: PathBuf::from("target/bench"),
-        spliced: topo::SplicedCmd {
+        spliced: targets::SplicedCmd {
             bin: tests::spliced_bin(),
             extra: Vec::new(),
         },
@@ -171,7 +177,7 @@ fn main() -> Result<()> {
         let _real = topo::RealBackends::start(&topo, &dir)?;
         let mut targets = Vec::new();
         for t in &args.targets {
-            targets.push(topo::start_target(t, &topo, &args.spliced, &dir)?);
+            targets.push(targets::start_target(t, &topo, &args.spliced, &dir)?);
         }
         eprintln!(
             "[bench] {}: {} targets up; {} rounds",
@@ -189,7 +195,7 @@ fn main() -> Result<()> {
             );
         }
     }
-    let machine = report::machine();
+    let machine = machine::machine();
     let summary = report::summarize(&samples);
     std::fs::create_dir_all(&args.out)?;
     let doc = serde_json::json!({
@@ -206,7 +212,7 @@ fn main() -> Result<()> {
     )?;
     let md = report::markdown(&summary, &machine, &plan);
     std::fs::write(args.out.join("results.md"), &md)?;
-    report::charts(&summary, &plan, &args.out)?;
+    charts::charts(&summary, &plan, &args.out)?;
     println!("{md}");
     eprintln!(
         "[bench] wrote {}/results.json, results.md and charts in {:.0} s",
@@ -224,8 +230,8 @@ struct Cpu {
 
 fn cpu(target: &Target) -> Cpu {
     Cpu {
-        proxy: target.pid.map_or(0.0, report::tree_cpu_secs),
-        machine: report::machine_cpu_secs(),
+        proxy: target.pid.map_or(0.0, machine::tree_cpu_secs),
+        machine: machine::machine_cpu_secs(),
     }
 }
 
@@ -335,12 +341,12 @@ fn run_round(
         // Against the proxy's memory when it started listening: an allocator keeps what
         // earlier rounds freed, so a delta within the round would hide it.
         let rss_before = t.rss_at_start_kib;
-        let kernel_before = report::kernel_kib();
+        let kernel_before = machine::kernel_kib();
         let conns = client.run(move || load::idle(addr, n))?;
         // Let the proxy finish splicing the last ones.
         std::thread::sleep(Duration::from_millis(300));
-        let rss_after = t.pid.map_or(0.0, report::tree_rss_kib);
-        let kernel_after = report::kernel_kib();
+        let rss_after = t.pid.map_or(0.0, machine::tree_rss_kib);
+        let kernel_after = machine::kernel_kib();
         drop(conns);
         // Let the proxies close them before the next target.
         std::thread::sleep(Duration::from_secs(1));

@@ -25,60 +25,68 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the services of a fly.toml.
-    Run {
-        /// Path of the fly.toml.
-        #[arg(long)]
-        config: PathBuf,
-        /// Address to listen on; repeat for several. Default: every IPv4 and IPv6 address.
-        #[arg(long = "listen-addr", value_name = "IP")]
-        listen_addrs: Vec<IpAddr>,
-        /// Who moves the bytes: the kernel (sockmap), userspace (copy), or sockmap when it
-        /// loads and copy otherwise (auto).
-        #[arg(long, value_enum, default_value_t = DataplaneChoice::Auto)]
-        dataplane: DataplaneChoice,
-        /// Seconds live connections may take to finish after SIGINT or SIGTERM.
-        #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
-        grace: f64,
-        /// Bytes the kernel may buffer per direction of a connection before the sender is
-        /// held back (sockmap data plane).
-        #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
-        max_buffer: u64,
-        /// Seconds to wait for a backend to accept a connection.
-        #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
-        connect_timeout: f64,
-        /// Unix socket that answers each connection with a JSON snapshot of the counters.
-        #[arg(long, value_name = "PATH")]
-        admin_socket: Option<PathBuf>,
-        /// Connections that may wait, per service, while every machine is at its hard limit;
-        /// one more is closed at once.
-        #[arg(long, value_name = "N", default_value_t = 1024)]
-        queue_limit: usize,
-        /// Seconds a connection may wait for a machine under its hard limit before it is
-        /// closed.
-        #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
-        queue_timeout: f64,
-        /// Machines tried per connection, at most, when connects are refused or time out.
-        #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
-        connect_attempts: u16,
-        /// Seconds without a byte in either direction after which a connection is closed;
-        /// 0 turns this off.
-        #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
-        idle_timeout: f64,
-        /// Pair connections to machines on this host with the application's own socket.
-        /// `on` is refused: no pairing keeps every application's stream exact on this kernel
-        /// (see docs/same-host-bypass.md).
-        #[arg(long, value_enum, default_value_t = Toggle::Off)]
-        same_host_bypass: Toggle,
-    },
+    Run(RunArgs),
     /// Validate a fly.toml and print what spliced would serve.
-    Check {
-        /// Path of the fly.toml.
-        #[arg(long)]
-        config: PathBuf,
-        /// Output format.
-        #[arg(long, value_enum, default_value_t = Format::Text)]
-        format: Format,
-    },
+    Check(CheckArgs),
+}
+
+/// `spliced run`. Durations are written as in fly.toml (`"500ms"`, `"5s"`, `"1m30s"`); a bare
+/// number is seconds.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Path of the fly.toml.
+    #[arg(long)]
+    config: PathBuf,
+    /// Address to listen on; repeat for several. Default: every IPv4 and IPv6 address.
+    #[arg(long = "listen-addr", value_name = "IP")]
+    listen_addrs: Vec<IpAddr>,
+    /// Who moves the bytes: the kernel (sockmap), userspace (copy), or sockmap when it loads
+    /// and copy otherwise (auto).
+    #[arg(long, value_enum, default_value_t = DataplaneChoice::Auto)]
+    dataplane: DataplaneChoice,
+    /// How long live connections may take to finish after SIGINT or SIGTERM.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration)]
+    grace: Duration,
+    /// Bytes the kernel may buffer per direction of a connection before the sender is held
+    /// back (sockmap data plane); at least 65536.
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
+    max_buffer: u64,
+    /// How long to wait for a backend to accept a connection.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = duration)]
+    connect_timeout: Duration,
+    /// Unix socket that answers each connection with a JSON snapshot of the counters.
+    #[arg(long, value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
+    /// Connections that may wait, per service, while every machine is at its hard limit; one
+    /// more is closed at once.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    queue_limit: usize,
+    /// How long a connection may wait for a machine under its hard limit before it is closed.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    queue_timeout: Duration,
+    /// Machines tried per connection, at most, when connects are refused or time out.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    connect_attempts: u16,
+    /// How long a connection may go without a byte in either direction before it is closed;
+    /// 0 turns this off.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration)]
+    idle_timeout: Duration,
+    /// Pair connections to machines on this host with the application's own socket. `on` is
+    /// refused: no pairing keeps every application's stream exact on this kernel (see
+    /// docs/same-host-bypass.md).
+    #[arg(long, value_enum, default_value_t = Toggle::Off)]
+    same_host_bypass: Toggle,
+}
+
+/// `spliced check`.
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// Path of the fly.toml.
+    #[arg(long)]
+    config: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -102,9 +110,41 @@ when it is woken without data (the application's own FIN acknowledged, a write-s
 a signal). Connections to machines on this host take the verdict path like any other; see \
 docs/same-host-bypass.md";
 
-fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
-    Duration::try_from_secs_f64(value)
-        .map_err(|_| anyhow::anyhow!("--{flag}: {value} is not a number of seconds >= 0"))
+/// A duration as fly.toml writes one (`"1m30s"`), or a bare number of seconds.
+fn duration(s: &str) -> Result<Duration, String> {
+    proxy_user::config::parse_duration(s)
+        .or_else(|| {
+            s.parse::<f64>()
+                .ok()
+                .and_then(|v| Duration::try_from_secs_f64(v).ok())
+        })
+        .ok_or_else(|| format!("{s:?} is not a duration (such as 500ms, 5s, 1m30s, or seconds)"))
+}
+
+impl TryFrom<&RunArgs> for RunOptions {
+    type Error = anyhow::Error;
+
+    fn try_from(a: &RunArgs) -> anyhow::Result<Self> {
+        anyhow::ensure!(a.same_host_bypass == Toggle::Off, "{SAME_HOST_REFUSAL}");
+        anyhow::ensure!(
+            a.max_buffer >= 64 * 1024,
+            "--max-buffer: at least 65536 bytes"
+        );
+        Ok(Self {
+            listen_addrs: a.listen_addrs.clone(),
+            dataplane: a.dataplane,
+            grace: a.grace,
+            max_buffer: a.max_buffer,
+            connect_timeout: a.connect_timeout,
+            admin_socket: a.admin_socket.clone(),
+            queue: QueuePolicy {
+                limit: a.queue_limit,
+                max_wait: a.queue_timeout,
+            },
+            connect_attempts: usize::from(a.connect_attempts),
+            idle_timeout: Some(a.idle_timeout).filter(|d| !d.is_zero()),
+        })
+    }
 }
 
 fn main() -> ExitCode {
@@ -115,92 +155,56 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Check { config, format } => check(&config, format),
-        Command::Run {
-            config,
-            listen_addrs,
-            dataplane,
-            grace,
-            max_buffer,
-            connect_timeout,
-            admin_socket,
-            queue_limit,
-            queue_timeout,
-            connect_attempts,
-            idle_timeout,
-            same_host_bypass,
-        } => {
-            if same_host_bypass == Toggle::On {
-                eprintln!("spliced: {SAME_HOST_REFUSAL}");
-                return ExitCode::from(2);
-            }
-            let path = config;
-            let config = match Config::load(&path) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::from(2);
-                }
-            };
-            for w in &config.warnings {
-                tracing::warn!("{w}");
-            }
-            let unservable = config.unservable();
-            if !unservable.is_empty() {
-                for problem in unservable {
-                    eprintln!("{}: {problem}", path.display());
-                }
-                eprintln!("spliced: refusing to start; `spliced check` shows what each port needs");
-                return ExitCode::from(2);
-            }
-            let opts = (|| -> anyhow::Result<RunOptions> {
-                anyhow::ensure!(
-                    max_buffer >= 64 * 1024,
-                    "--max-buffer: at least 65536 bytes"
-                );
-                Ok(RunOptions {
-                    listen_addrs,
-                    dataplane,
-                    grace: seconds("grace", grace)?,
-                    max_buffer,
-                    connect_timeout: seconds("connect-timeout", connect_timeout)?,
-                    admin_socket,
-                    queue: QueuePolicy {
-                        limit: queue_limit,
-                        max_wait: seconds("queue-timeout", queue_timeout)?,
-                    },
-                    connect_attempts: usize::from(connect_attempts),
-                    idle_timeout: Some(seconds("idle-timeout", idle_timeout)?)
-                        .filter(|d| !d.is_zero()),
-                })
-            })();
-            let opts = match opts {
-                Ok(o) => o,
-                Err(e) => {
-                    eprintln!("spliced: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            raise_fd_limit();
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("spliced: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(server::run(config, opts)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e}");
-                    ExitCode::FAILURE
-                }
-            }
+    match Cli::parse().command {
+        Command::Check(a) => check(&a.config, a.format),
+        Command::Run(a) => run(&a),
+    }
+}
+
+/// `spliced run`: options, then the config, then the daemon until it stops.
+fn run(args: &RunArgs) -> ExitCode {
+    let opts = match RunOptions::try_from(args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("spliced: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let path = &args.config;
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    let unservable = config.unservable();
+    if !unservable.is_empty() {
+        for problem in unservable {
+            eprintln!("{}: {problem}", path.display());
+        }
+        eprintln!("spliced: refusing to start; `spliced check` shows what each port needs");
+        return ExitCode::from(2);
+    }
+    raise_fd_limit();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("spliced: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(server::run(config, opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -254,5 +258,53 @@ fn check(path: &std::path::Path, format: Format) -> ExitCode {
             eprintln!("{e}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(extra: &[&str]) -> Result<RunArgs, clap::Error> {
+        let argv = [&["spliced", "run", "--config", "fly.toml"], extra].concat();
+        Cli::try_parse_from(argv).map(|c| match c.command {
+            Command::Run(a) => a,
+            Command::Check(_) => unreachable!("run was parsed"),
+        })
+    }
+
+    #[test]
+    fn durations_as_in_the_config_or_seconds() {
+        let a = run_args(&[
+            "--grace",
+            "1m30s",
+            "--queue-timeout",
+            "500ms",
+            "--idle-timeout",
+            "2",
+        ])
+        .expect("parses");
+        let o = RunOptions::try_from(&a).expect("valid");
+        assert_eq!(o.grace, Duration::from_secs(90));
+        assert_eq!(o.queue.max_wait, Duration::from_millis(500));
+        assert_eq!(o.idle_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(o.connect_timeout, Duration::from_secs(5), "the default");
+        let off = run_args(&["--idle-timeout", "0"]).expect("parses");
+        assert_eq!(
+            RunOptions::try_from(&off).expect("valid").idle_timeout,
+            None
+        );
+        let bad = run_args(&["--grace", "soon"]).err().expect("refused");
+        assert!(bad.to_string().contains("is not a duration"), "{bad}");
+    }
+
+    #[test]
+    fn invalid_options_are_refused_with_the_flag() {
+        let small = run_args(&["--max-buffer", "1000"]).expect("parses");
+        let e = RunOptions::try_from(&small).expect_err("refused");
+        assert!(e.to_string().contains("--max-buffer"), "{e}");
+        let bypass = run_args(&["--same-host-bypass", "on"]).expect("parses");
+        let e = RunOptions::try_from(&bypass).expect_err("refused");
+        assert!(e.to_string().contains("splice(2)"), "{e}");
     }
 }

@@ -106,6 +106,11 @@ pub fn echo(mut s: TcpStream) {
     let _ = s.shutdown(Shutdown::Write);
 }
 
+/// An [`echo`] server at the topology's backend address.
+pub fn echo_server(net: &crate::Net) -> Server {
+    Server::start(&net.proxy, net.backend(), echo)
+}
+
 /// Sets `SO_LINGER` to zero, so that closing `s` sends a reset.
 pub fn set_reset_on_close(s: &TcpStream) {
     let l = libc::linger {

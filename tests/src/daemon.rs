@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{BACKEND_PORT, Netns, PUBLIC_PORT, netns::unique, sh};
+use crate::{BACKEND_PORT, Net, Netns, PUBLIC_PORT, Topo, netns::unique, sh};
 
 /// A data plane of the daemon, as `--dataplane` names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,10 +30,48 @@ impl Plane {
     }
 }
 
+impl Plane {
+    /// Whether this plane moves the bytes in the kernel.
+    pub fn in_kernel(self) -> bool {
+        self != Self::Copy
+    }
+}
+
 impl std::fmt::Display for Plane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// Instantiates each check `fn check(plane: Plane, topo: Topo)` named for both data planes and
+/// both topologies, as `sockmap_loopback::check`, `copy_veth::check`, ...
+#[macro_export]
+macro_rules! checklist {
+    ($($check:ident),* $(,)?) => {
+        mod sockmap_loopback { $( #[test] fn $check() { super::$check($crate::Plane::Sockmap, $crate::Topo::Loopback) } )* }
+        mod sockmap_veth { $( #[test] fn $check() { super::$check($crate::Plane::Sockmap, $crate::Topo::Veth) } )* }
+        mod copy_loopback { $( #[test] fn $check() { super::$check($crate::Plane::Copy, $crate::Topo::Loopback) } )* }
+        mod copy_veth { $( #[test] fn $check() { super::$check($crate::Plane::Copy, $crate::Topo::Veth) } )* }
+    };
+}
+
+/// A topology with the daemon serving the tests' fly.toml on `plane`.
+pub fn setup(plane: Plane, topo: Topo) -> (Net, Daemon) {
+    setup_with(plane, topo, &[])
+}
+
+/// [`setup`] with more options for the daemon.
+pub fn setup_with(plane: Plane, topo: Topo, extra: &[&str]) -> (Net, Daemon) {
+    crate::raise_fd_limit();
+    let net = Net::new(topo);
+    let daemon = Daemon::start(&net.proxy, plane, extra);
+    assert_eq!(
+        daemon.stats()["dataplane"],
+        plane.name(),
+        "{}",
+        daemon.log()
+    );
+    (net, daemon)
 }
 
 /// The path of the daemon under test (set by `cargo xtask test`).

@@ -2,13 +2,16 @@
 //! (echo, sink, source), and a verifiable byte stream. Everything here is real: sockets,
 //! namespaces, the `spliced` binary and the BPF programs it loads. Root only.
 
+pub mod apps;
 mod backends;
 mod daemon;
+mod fleet;
 mod netns;
 mod pattern;
 
 pub use backends::*;
 pub use daemon::*;
+pub use fleet::*;
 pub use netns::*;
 pub use pattern::*;
 

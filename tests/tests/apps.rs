@@ -9,25 +9,22 @@
 use std::{
     io::{ErrorKind, Read as _, Write as _},
     net::{Shutdown, SocketAddr, TcpStream},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::{Mutex, OnceLock, mpsc},
+    os::fd::AsRawFd as _,
+    process::Command,
+    sync::{Mutex, mpsc},
     time::Duration,
 };
 
 use tests::{
-    BACKEND_PORT, Daemon, GIB, Net, Netns, Pattern, Plane, Scratch, Server, Topo, eventually,
-    raise_fd_limit, recv_pattern, send_pattern, set_reset_on_close,
+    BACKEND_PORT, Daemon, GIB, Net, Pattern, Plane, Scratch, Server, Topo,
+    apps::{
+        PIPE, Process, STALL, go_app, iovec, pipe, read_checked, splice, splice_echo_app, wait_for,
+    },
+    recv_pattern, send_pattern, set_reset_on_close,
 };
 
-/// A read or write that makes no progress for this long fails the test, naming where the
-/// stream stopped.
-const STALL: Duration = Duration::from_secs(20);
 /// How long a whole 1 GiB transfer may take on the slowest plane.
 const TRANSFER: Duration = Duration::from_secs(120);
-/// Pipe size for the splice(2) applications (`fs.pipe-max-size` allows 1 MiB by default).
-const PIPE: usize = 1 << 20;
 
 macro_rules! apps {
     ($($app:ident),* $(,)?) => {
@@ -51,17 +48,9 @@ apps!(
     blocking_read_after_own_fin,
 );
 
+/// The application runs on the proxy's host, reached over loopback.
 fn setup(plane: Plane) -> (Net, Daemon) {
-    raise_fd_limit();
-    let net = Net::new(Topo::Loopback);
-    let daemon = Daemon::start(&net.proxy, plane, &[]);
-    assert_eq!(
-        daemon.stats()["dataplane"],
-        plane.name(),
-        "{}",
-        daemon.log()
-    );
-    (net, daemon)
+    tests::setup(plane, Topo::Loopback)
 }
 
 /// A client connected through the proxy, whose reads and writes fail after [`STALL`] without
@@ -412,169 +401,4 @@ fn blocking_read_after_own_fin(plane: Plane) {
     sent.expect("client sends after the end of the answer");
     let s = daemon.wait_idle();
     assert_eq!(s["connections"]["completed"], 1, "{s:#}");
-}
-
-// ---------------------------------------------------------------------------------------------
-// Helpers
-// ---------------------------------------------------------------------------------------------
-
-/// An echo that moves every byte with splice(2): socket -> pipe -> socket, blocking. A failure
-/// resets the connection, so that a broken echo never looks complete.
-fn splice_echo_app(s: &TcpStream) {
-    let (r, w) = pipe();
-    let moved = (|| -> std::io::Result<()> {
-        loop {
-            let n = splice(s.as_raw_fd(), w.as_raw_fd(), PIPE)?;
-            if n == 0 {
-                return Ok(());
-            }
-            let mut left = n;
-            while left > 0 {
-                left -= splice(r.as_raw_fd(), s.as_raw_fd(), left)?;
-            }
-        }
-    })();
-    match moved {
-        Ok(()) => {
-            let _ = s.shutdown(Shutdown::Write);
-        }
-        Err(_) => set_reset_on_close(s),
-    }
-}
-
-/// Reads `s` to its end with `read` (a raw read call into the buffer it is given), checking
-/// every byte against stream `seed`.
-fn read_checked(
-    s: &TcpStream,
-    seed: u64,
-    read: impl Fn(RawFd, &mut [u8]) -> isize,
-) -> Result<u64, String> {
-    let mut p = Pattern::new(seed);
-    let mut buf = vec![0; 64 * 1024];
-    loop {
-        let n = read(s.as_raw_fd(), &mut buf);
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(format!("read failed after {} bytes: {e}", p.pos()));
-        }
-        if n == 0 {
-            return Ok(p.pos());
-        }
-        p.check(&buf[..n as usize])?;
-    }
-}
-
-fn iovec(buf: &mut [u8]) -> libc::iovec {
-    libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    }
-}
-
-/// A pipe of [`PIPE`] bytes: (read end, write end).
-fn pipe() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two descriptors into the array.
-    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
-    assert_eq!(rc, 0, "pipe2: {}", std::io::Error::last_os_error());
-    // SAFETY: both descriptors are new and owned here.
-    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: fcntl on a descriptor owned here.
-    let rc = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE as libc::c_int) };
-    assert!(rc >= 0, "F_SETPIPE_SZ: {}", std::io::Error::last_os_error());
-    (r, w)
-}
-
-/// splice(2) of up to `len` bytes from `from` to `to` (one of them a pipe), blocking.
-fn splice(from: RawFd, to: RawFd, len: usize) -> std::io::Result<usize> {
-    loop {
-        // SAFETY: splice between two valid descriptors without offsets.
-        let n = unsafe {
-            libc::splice(
-                from,
-                std::ptr::null_mut(),
-                to,
-                std::ptr::null_mut(),
-                len,
-                libc::SPLICE_F_MOVE,
-            )
-        };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
-/// Waits until `s` is ready for `events` (or [`STALL`] passes: the caller then retries and the
-/// test's own deadlines report the stall).
-fn wait_for(s: &TcpStream, events: libc::c_short) {
-    let mut pfd = libc::pollfd {
-        fd: s.as_raw_fd(),
-        events,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&raw mut pfd, 1, STALL.as_millis() as libc::c_int) };
-}
-
-/// A program started in a namespace, killed at drop.
-struct Process(Child);
-
-impl Process {
-    /// Starts `cmd` in `ns` and waits until `ready` accepts connections.
-    fn start(ns: &Netns, cmd: &Command, ready: SocketAddr) -> Self {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &ns.name])
-            .arg(cmd.get_program())
-            .args(cmd.get_args())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        let child = c
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", cmd.get_program().display()));
-        let mut p = Self(child);
-        if !eventually(Duration::from_secs(10), || ns.connect(ready).is_ok()) {
-            let _ = p.0.kill();
-            panic!(
-                "{} did not start listening on {ready}",
-                cmd.get_program().display()
-            );
-        }
-        p
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Builds the Go program `tests/apps/NAME` (Go's cache makes a rebuild cheap) with Debian's Go, which
-/// `cargo xtask test` installs, and returns the binary.
-fn go_app(name: &str) -> PathBuf {
-    static BUILT: OnceLock<Mutex<()>> = OnceLock::new();
-    let _one_build_at_a_time = BUILT.get_or_init(Mutex::default).lock().expect("lock");
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let out = root.join("../target/go-apps");
-    let bin = out.join(name);
-    let st = Command::new("go")
-        .args(["build", "-o"])
-        .arg(&bin)
-        .arg(root.join(format!("apps/{name}/main.go")))
-        .env("GOCACHE", out.join("cache"))
-        .env("GOPATH", out.join("gopath"))
-        .env("GO111MODULE", "off")
-        .status()
-        .expect("run go (cargo xtask test installs golang-go)");
-    assert!(st.success(), "go build of {name} failed: {st}");
-    bin
 }

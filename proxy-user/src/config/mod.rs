@@ -7,13 +7,15 @@
 mod read;
 mod route;
 mod source;
+mod words;
 
 use std::{net::IpAddr, path::Path, time::Duration};
 
 use serde::{Serialize, Serializer};
 
 pub use route::LOCAL_MACHINE;
-pub use source::{Diagnostic, parse_duration};
+pub use source::Diagnostic;
+pub use words::parse_duration;
 
 /// Ports given to the first service that declares no public port, as fly does.
 pub const DEFAULT_PUBLIC_PORTS: [u16; 2] = [80, 443];

@@ -8,9 +8,8 @@ use std::{
 };
 
 use super::{
-    Config, DEFAULT_PUBLIC_PORTS, Exposure, Machine, Protocol, PublicPort,
-    read::Sites,
-    source::{Reader, did_you_mean},
+    Config, DEFAULT_PUBLIC_PORTS, Exposure, Machine, Protocol, PublicPort, read::Sites,
+    source::Reader, words::did_you_mean,
 };
 
 /// Id of the machine spliced assumes when the file names none.

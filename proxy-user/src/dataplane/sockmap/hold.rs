@@ -50,7 +50,7 @@ impl Pair<'_> {
         let i = side.index();
         let flow = self.flow(side)?;
         if self.out_for_hold(side, &flow) {
-            self.relieve(side)?;
+            self.relieve_squeeze(side)?;
         }
         let unacked = self.unacked(side, &flow)?;
         // The peer is taking bytes: look again at the shortest interval, so that the socket
@@ -73,8 +73,8 @@ impl Pair<'_> {
         {
             Ok(()) => {
                 self.sides[i].released += 1;
-                self.sides[i].relief_refused = false;
-                if let Some(buffer) = self.sides[i].relieved_from.take() {
+                self.sides[i].squeeze_refused = false;
+                if let Some(buffer) = self.sides[i].buffer_before_squeeze.take() {
                     // The verdict empties the queue: back to the buffer it had.
                     sys::set_receive_buffer(self.fd(side), buffer / 2)
                         .map_err(SpliceError::Internal)?;
@@ -106,7 +106,7 @@ impl Pair<'_> {
     /// in. A hold raises it to at most half as much again as it was; past that the
     /// connection waits for its idle timeout, so a peer that sends and never reads cannot
     /// make it grow further.
-    pub(super) fn relieve(&mut self, side: Side) -> Result<(), SpliceError> {
+    pub(super) fn relieve_squeeze(&mut self, side: Side) -> Result<(), SpliceError> {
         const MARGIN: u64 = 256 * 1024;
         let i = side.index();
         let sock = self.sides[i].sock;
@@ -119,12 +119,12 @@ impl Pair<'_> {
             return Ok(());
         }
         let dir = &mut self.sides[i];
-        let from = *dir.relieved_from.get_or_insert(memory.buffer);
+        let from = *dir.buffer_before_squeeze.get_or_insert(memory.buffer);
         let limit = from + from / 2;
         let buffer = (memory.held + memory.held / 8 + MARGIN).min(limit);
         if buffer <= memory.buffer {
-            if !dir.relief_refused {
-                dir.relief_refused = true;
+            if !dir.squeeze_refused {
+                dir.squeeze_refused = true;
                 self.splicer
                     .squeezes_refused
                     .fetch_add(1, Ordering::Relaxed);

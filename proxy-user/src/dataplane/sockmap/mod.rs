@@ -54,7 +54,7 @@ pub struct Splicer {
     /// Times a socket was held because its peer was slow.
     pub holds: AtomicU64,
     /// Times a held socket's receive buffer was raised because its queue had outgrown it
-    /// (see [`Pair::relieve`]), and times that was refused at its limit.
+    /// (see [`Pair::relieve_squeeze`]), and times that was refused at its limit.
     pub squeezes_relieved: AtomicU64,
     pub squeezes_refused: AtomicU64,
     /// A connection with no byte received on either socket for this long is closed.
@@ -147,12 +147,9 @@ impl Splicer {
         let result = async {
             for side in [Side::Client, Side::Backend] {
                 let i = side.index();
-                // The kernel's worker that sends redirected bytes waits a whole scheduler tick
-                // (4 ms at 250 Hz) after it finds the send queue full, whatever frees space
-                // meanwhile: an autotuned send buffer (4 MiB at most by default) then runs dry
-                // within each wait, which cut bulk throughput by half. A send buffer of the
-                // bound never fills, since holds keep what the peer has not acknowledged under
-                // the bound, so this costs no memory beyond it.
+                // The redirect worker sleeps a scheduler tick whenever it finds the send queue
+                // full; a send buffer of the bound never fills, since holds keep what the peer
+                // has not acknowledged under the bound (docs/design.md).
                 sys::set_send_buffer(pair.fd(side), self.max_buffer)
                     .map_err(SpliceError::Internal)?;
                 self.registry.add(cookies[i], side, tx.clone());

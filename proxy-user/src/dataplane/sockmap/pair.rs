@@ -50,10 +50,10 @@ pub(super) struct SideState<'a> {
     pub(super) sent: u64,
     /// Taken, not yet written.
     pub(super) pending: Vec<u8>,
-    /// The receiving side's receive buffer before this hold first raised it ([`Pair::relieve`]).
-    pub(super) relieved_from: Option<u64>,
+    /// The receiving side's receive buffer before this hold first raised it ([`Pair::relieve_squeeze`]).
+    pub(super) buffer_before_squeeze: Option<u64>,
     /// This hold has raised it as far as it may.
-    pub(super) relief_refused: bool,
+    pub(super) squeeze_refused: bool,
     /// The receiving side's dropped packets when it was last looked at while held.
     pub(super) drops_seen: u64,
 }
@@ -74,8 +74,8 @@ impl<'a> SideState<'a> {
             moved: 0,
             sent: 0,
             pending: Vec::new(),
-            relieved_from: None,
-            relief_refused: false,
+            buffer_before_squeeze: None,
+            squeeze_refused: false,
             drops_seen: 0,
         }
     }

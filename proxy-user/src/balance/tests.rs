@@ -1,0 +1,174 @@
+use super::*;
+
+fn pool(n: usize, soft: Option<u32>, hard: Option<u32>, limit: usize, wait_ms: u64) -> Arc<Pool> {
+    let machines = (0..n)
+        .map(|i| {
+            (
+                format!("m{i}"),
+                SocketAddr::from(([10, 0, 0, i as u8 + 1], 80)),
+            )
+        })
+        .collect();
+    Arc::new(Pool::new(
+        "services[0]".to_owned(),
+        machines,
+        soft,
+        hard,
+        QueuePolicy {
+            limit,
+            max_wait: Duration::from_millis(wait_ms),
+        },
+    ))
+}
+
+fn active(p: &Pool) -> Vec<u64> {
+    p.machines
+        .iter()
+        .map(|m| m.active.load(Ordering::Relaxed))
+        .collect()
+}
+
+#[tokio::test]
+async fn least_loaded_within_bands() {
+    let p = pool(3, Some(2), Some(4), 8, 50);
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        held.push(p.acquire().await.expect("a slot"));
+    }
+    assert_eq!(active(&p), vec![2, 2, 2], "soft limits fill evenly");
+    held.push(p.acquire().await.expect("a slot above soft"));
+    assert_eq!(active(&p).iter().sum::<u64>(), 7);
+    // Freeing a slot on m0 makes it the only machine under its soft limit.
+    held.retain(|l| l.index() != 0);
+    let l = p.acquire().await.expect("a slot");
+    assert_eq!(
+        l.index(),
+        0,
+        "the machine under its soft limit is preferred"
+    );
+}
+
+#[tokio::test]
+async fn ties_are_broken_at_random() {
+    let p = pool(3, None, None, 8, 50);
+    let mut seen = [0u32; 3];
+    for _ in 0..300 {
+        let l = p.acquire().await.expect("a slot");
+        seen[l.index()] += 1;
+    }
+    assert!(
+        seen.iter().all(|&n| n > 50),
+        "uneven choice among idle machines: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn hard_limit_queues_in_arrival_order() {
+    let p = pool(1, None, Some(1), 8, 5_000);
+    let first = p.acquire().await.expect("a slot");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..3 {
+        let pool = Arc::clone(&p);
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let lease = pool.acquire().await.expect("a slot after waiting");
+            tx.send(i).expect("test listens");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            drop(lease);
+        });
+        // Let each waiter queue before the next.
+        while p.stats.queued.load(Ordering::Relaxed) < i + 1 {
+            tokio::task::yield_now().await;
+        }
+    }
+    assert_eq!(active(&p), vec![1]);
+    drop(first);
+    let order: Vec<u64> = vec![
+        rx.recv().await.expect("first"),
+        rx.recv().await.expect("second"),
+        rx.recv().await.expect("third"),
+    ];
+    assert_eq!(order, vec![0, 1, 2]);
+    while active(&p) != vec![0] {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(p.stats.dequeued.load(Ordering::Relaxed), 3);
+}
+
+#[tokio::test]
+async fn queue_full_and_timeouts_are_refused_and_counted() {
+    let p = pool(1, None, Some(1), 1, 30);
+    let held = p.acquire().await.expect("a slot");
+    let waiting = {
+        let p = Arc::clone(&p);
+        tokio::spawn(async move { p.acquire().await.map(|_| ()) })
+    };
+    while p.stats.queued.load(Ordering::Relaxed) < 1 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(p.acquire().await.err(), Some(Refusal::QueueFull));
+    assert_eq!(
+        waiting.await.expect("waiter task"),
+        Err(Refusal::QueueTimeout)
+    );
+    assert_eq!(p.stats.queue_full.load(Ordering::Relaxed), 1);
+    assert_eq!(p.stats.queue_timeouts.load(Ordering::Relaxed), 1);
+    drop(held);
+    assert_eq!(active(&p), vec![0], "no slot leaked");
+    assert!(p.acquire().await.is_ok());
+}
+
+#[tokio::test]
+async fn retry_skips_tried_machines() {
+    let p = pool(2, None, None, 8, 50);
+    let l = p.acquire().await.expect("a slot");
+    let tried = [l.index()];
+    drop(l);
+    let next = p.retry(&tried).expect("the other machine");
+    assert_ne!(next.index(), tried[0]);
+    let tried = [0, 1];
+    assert!(p.retry(&tried).is_none());
+    assert_eq!(p.stats.retried.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn failing_machines_leave_rotation_unless_all_fail() {
+    let p = pool(2, None, Some(1), 8, 5_000);
+    p.check_changed(0, false, "tcp_checks[0]", "refused");
+    for _ in 0..3 {
+        let l = p.acquire().await.expect("a slot");
+        assert_eq!(l.index(), 1, "the failing machine is out of rotation");
+    }
+    // m1 full, m0 out: a newcomer waits, and gets m0 the moment it passes again.
+    let held = p.acquire().await.expect("a slot");
+    let waiting = {
+        let p = Arc::clone(&p);
+        tokio::spawn(async move { p.acquire().await.map(|l| l.index()) })
+    };
+    while p.stats.queued.load(Ordering::Relaxed) < 1 {
+        tokio::task::yield_now().await;
+    }
+    p.check_changed(0, true, "tcp_checks[0]", "");
+    assert_eq!(waiting.await.expect("waiter task"), Ok(0));
+    drop(held);
+    // Both failing: both used, and counted.
+    p.check_changed(0, false, "tcp_checks[0]", "refused");
+    p.check_changed(1, false, "tcp_checks[0]", "refused");
+    let a = p.acquire().await.expect("a slot while all fail");
+    let b = p.acquire().await.expect("a slot while all fail");
+    assert_ne!(a.index(), b.index());
+    assert_eq!(p.stats.routed_all_failing.load(Ordering::Relaxed), 2);
+    // Two checks failing on one machine: it returns only when both pass.
+    p.check_changed(1, true, "tcp_checks[0]", "");
+    p.check_changed(0, false, "http_checks[0]", "status 500");
+    p.check_changed(0, true, "tcp_checks[0]", "");
+    assert!(!p.machines[0].healthy.load(Ordering::Relaxed));
+    p.check_changed(0, true, "http_checks[0]", "");
+    assert!(p.machines[0].healthy.load(Ordering::Relaxed));
+}
+
+#[tokio::test]
+async fn no_machine_is_refused() {
+    let p = pool(0, None, None, 8, 50);
+    assert_eq!(p.acquire().await.err(), Some(Refusal::NoMachine));
+}
