@@ -5,9 +5,10 @@ use std::{
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
+    panic::AssertUnwindSafe,
     process::{Child, Command, Stdio},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
@@ -36,9 +37,14 @@ pub struct Server {
     addr: SocketAddr,
     ns_name: String,
     thread: Option<JoinHandle<()>>,
+    /// Each connection's handler thread, and what those that panicked said.
+    handlers: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    failures: Arc<Mutex<Vec<String>>>,
 }
 
 impl Server {
+    /// Listens on `addr` in `ns` and runs `handler` for each connection on a thread of its
+    /// own. A handler that panics fails the test when the server is dropped, with what it said.
     pub fn start(
         ns: &Netns,
         addr: SocketAddr,
@@ -47,7 +53,13 @@ impl Server {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handler = Arc::new(handler);
-        let stop2 = Arc::clone(&stop);
+        let handlers = Arc::new(Mutex::new(Vec::new()));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let (stop2, handlers2, failures2) = (
+            Arc::clone(&stop),
+            Arc::clone(&handlers),
+            Arc::clone(&failures),
+        );
         let thread = ns.spawn(move || {
             let listener = listen(addr).expect("backend listens");
             ready_tx.send(()).expect("test waits");
@@ -56,8 +68,23 @@ impl Server {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                let h = Arc::clone(&handler);
-                std::thread::spawn(move || h(conn));
+                let (h, failures) = (Arc::clone(&handler), Arc::clone(&failures2));
+                let t = std::thread::spawn(move || {
+                    if let Err(p) = std::panic::catch_unwind(AssertUnwindSafe(|| h(conn))) {
+                        lock(&failures).push(panic_text(p.as_ref()));
+                    }
+                });
+                // Finished handlers are joined as new ones start: an unjoined thread keeps its
+                // stack mapped, and tests open tens of thousands of connections.
+                let mut live = lock(&handlers2);
+                let (done, running): (Vec<_>, Vec<_>) =
+                    live.drain(..).partition(JoinHandle::is_finished);
+                *live = running;
+                live.push(t);
+                drop(live);
+                for d in done {
+                    let _ = d.join();
+                }
             }
         });
         ready_rx.recv().expect("backend started");
@@ -66,6 +93,8 @@ impl Server {
             addr,
             ns_name: ns.name.clone(),
             thread: Some(thread),
+            handlers,
+            failures,
         }
     }
 }
@@ -84,7 +113,30 @@ impl Drop for Server {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        // Handlers still blocked on a connection the test left open are not waited for.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline && !lock(&self.handlers).iter().all(JoinHandle::is_finished)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let failures = lock(&self.failures);
+        assert!(
+            failures.is_empty() || std::thread::panicking(),
+            "a backend handler failed: {failures:#?}"
+        );
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What a panic said.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 /// Echoes every byte with blocking reads and writes; passes the end of stream on. A read

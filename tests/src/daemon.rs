@@ -44,7 +44,7 @@ impl std::fmt::Display for Plane {
 }
 
 /// Instantiates each check `fn check(plane: Plane, topo: Topo)` named for both data planes and
-/// both topologies, as `sockmap_loopback::check`, `copy_veth::check`, ...
+/// every topology, as `sockmap_loopback::check`, `copy_veth6::check`, ...
 #[macro_export]
 macro_rules! checklist {
     ($($check:ident),* $(,)?) => {
@@ -52,6 +52,8 @@ macro_rules! checklist {
         mod sockmap_veth { $( #[test] fn $check() { super::$check($crate::Plane::Sockmap, $crate::Topo::Veth) } )* }
         mod copy_loopback { $( #[test] fn $check() { super::$check($crate::Plane::Copy, $crate::Topo::Loopback) } )* }
         mod copy_veth { $( #[test] fn $check() { super::$check($crate::Plane::Copy, $crate::Topo::Veth) } )* }
+        mod sockmap_veth6 { $( #[test] fn $check() { super::$check($crate::Plane::Sockmap, $crate::Topo::Veth6) } )* }
+        mod copy_veth6 { $( #[test] fn $check() { super::$check($crate::Plane::Copy, $crate::Topo::Veth6) } )* }
     };
 }
 
@@ -64,7 +66,7 @@ pub fn setup(plane: Plane, topo: Topo) -> (Net, Daemon) {
 pub fn setup_with(plane: Plane, topo: Topo, extra: &[&str]) -> (Net, Daemon) {
     crate::raise_fd_limit();
     let net = Net::new(topo);
-    let daemon = Daemon::start(&net.proxy, plane, extra);
+    let daemon = Daemon::start_config(&net.proxy, &net.config(), plane, extra);
     assert_eq!(
         daemon.stats()["dataplane"],
         plane.name(),
@@ -212,10 +214,7 @@ impl Daemon {
         loop {
             let s = self.stats();
             let active = s["connections"]["active"].as_u64().expect("active count");
-            let entries: u64 = s["kernel"]["map_entries"].as_object().map_or(0, |m| {
-                m.values().filter_map(serde_json::Value::as_u64).sum()
-            });
-            let watched = s["kernel"]["watched_sockets"].as_u64().unwrap_or(0);
+            let (entries, watched) = kernel_leftovers(&s);
             if active == 0 && entries == 0 && watched == 0 {
                 return s;
             }
@@ -226,6 +225,36 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The BPF programs and maps the daemon holds, read from its descriptors
+    /// (`/proc/PID/fdinfo`: `prog_id`, `map_id`): its own, whatever their names.
+    pub fn bpf_objects(&self) -> Vec<BpfObject> {
+        let dir = format!("/proc/{}/fdinfo", self.pid);
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&dir)
+            .expect("daemon fdinfo directory")
+            .flatten()
+        {
+            let Ok(text) = std::fs::read_to_string(entry.path()) else {
+                continue;
+            };
+            for line in text.lines() {
+                let object = if let Some(v) = line.strip_prefix("prog_id:") {
+                    ("prog", v)
+                } else if let Some(v) = line.strip_prefix("map_id:") {
+                    ("map", v)
+                } else {
+                    continue;
+                };
+                if let Ok(id) = object.1.trim().parse() {
+                    found.push((object.0, id));
+                }
+            }
+        }
+        found.sort_unstable();
+        found.dedup();
+        found
     }
 
     /// Open file descriptors of the daemon.
@@ -305,32 +334,46 @@ fn proc_field(path: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("{path} has no {key}"))
 }
 
-/// Names of the BPF programs and maps of spliced loaded in the kernel.
-pub fn loaded_bpf_objects() -> Vec<String> {
-    let mut found = Vec::new();
+/// A BPF program or map, by its kernel id: `("prog", 12)`, `("map", 40)`.
+pub type BpfObject = (&'static str, u64);
+
+/// Which of `objects` are still loaded in the kernel.
+pub fn still_loaded(objects: &[BpfObject]) -> Vec<BpfObject> {
+    let mut loaded = Vec::new();
     for kind in ["prog", "map"] {
         let out = sh(&["bpftool", "-j", kind, "show"]);
         let list: serde_json::Value = serde_json::from_str(&out).expect("bpftool prints JSON");
         for item in list.as_array().into_iter().flatten() {
-            let Some(name) = item["name"].as_str() else {
-                continue;
-            };
-            let ours = name.starts_with("spliced_")
-                || [
-                    "SOCKS",
-                    "RECV",
-                    "LINKS",
-                    "FLOWS",
-                    "SERVICE_STATS",
-                    "SENT",
-                    "EVENTS",
-                ]
-                .iter()
-                .any(|n| name == &n[..n.len().min(15)]);
-            if ours {
-                found.push(format!("{kind} {name}"));
+            if let Some(id) = item["id"].as_u64()
+                && objects.contains(&(kind, id))
+            {
+                loaded.push((kind, id));
             }
         }
     }
-    found
+    loaded
+}
+
+/// The per-socket map entries and watched sockets a snapshot reports; every count must be
+/// there on the sockmap plane (a renamed or missing one fails rather than reads as zero), and
+/// the copy plane has none.
+fn kernel_leftovers(s: &serde_json::Value) -> (u64, u64) {
+    let kernel = &s["kernel"];
+    if s["dataplane"] != "sockmap" {
+        assert!(kernel.is_null(), "kernel counters on the copy plane: {s:#}");
+        return (0, 0);
+    }
+    let maps = &kernel["map_entries"];
+    let entries = ["SOCKS", "RECV", "LINKS", "FLOWS"]
+        .iter()
+        .map(|m| {
+            maps[m]
+                .as_u64()
+                .unwrap_or_else(|| panic!("the snapshot has no entry count for {m}: {s:#}"))
+        })
+        .sum();
+    let watched = kernel["watched_sockets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("the snapshot has no watched_sockets: {s:#}"));
+    (entries, watched)
 }

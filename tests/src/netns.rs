@@ -129,6 +129,9 @@ impl Drop for Netns {
     }
 }
 
+/// How long a client's read waits for a byte before it fails (see [`Net::connect`]).
+pub const CLIENT_STALL: Duration = Duration::from_secs(30);
+
 /// Where the client is, as seen from the proxy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Topo {
@@ -136,6 +139,9 @@ pub enum Topo {
     Loopback,
     /// The client is in its own namespace, joined to the proxy's by a veth pair.
     Veth,
+    /// As [`Topo::Veth`], over IPv6 on both legs: the client reaches the proxy at an IPv6
+    /// address, and the machine is an IPv6 one (`::1`).
+    Veth6,
 }
 
 /// The namespaces of one test: the proxy's (with its backends on loopback) and the client's.
@@ -150,7 +156,7 @@ impl Net {
         let proxy = Netns::new("proxy");
         let client = match topo {
             Topo::Loopback => None,
-            Topo::Veth => {
+            Topo::Veth | Topo::Veth6 => {
                 let client = Netns::new("client");
                 veth(
                     (&client, "vc", &["198.18.0.1/24", "fd00:5::1/64"]),
@@ -176,6 +182,7 @@ impl Net {
         let ip = match self.topo {
             Topo::Loopback => IpAddr::V4(Ipv4Addr::LOCALHOST),
             Topo::Veth => IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)),
+            Topo::Veth6 => return self.public_v6(),
         };
         SocketAddr::new(ip, PUBLIC_PORT)
     }
@@ -184,23 +191,38 @@ impl Net {
     pub fn public_v6(&self) -> SocketAddr {
         let ip = match self.topo {
             Topo::Loopback => Ipv6Addr::LOCALHOST,
-            Topo::Veth => "fd00:5::2".parse().expect("valid address"),
+            Topo::Veth | Topo::Veth6 => "fd00:5::2".parse().expect("valid address"),
         };
         SocketAddr::new(IpAddr::V6(ip), PUBLIC_PORT)
     }
 
     /// The backend's address inside the proxy namespace.
     pub fn backend(&self) -> SocketAddr {
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), BACKEND_PORT)
+        let ip = match self.topo {
+            Topo::Loopback | Topo::Veth => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            Topo::Veth6 => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        };
+        SocketAddr::new(ip, BACKEND_PORT)
     }
 
-    /// Connects a client to the proxy.
+    /// The tests' fly.toml for this topology: its one machine at [`Net::backend`]'s address.
+    pub fn config(&self) -> String {
+        let machine = self.backend().ip();
+        format!(
+            "{}\n[[machines]]\n  id = \"m\"\n  address = \"{machine}\"\n",
+            crate::test_config()
+        )
+    }
+
+    /// Connects a client to the proxy. Its reads fail after [`CLIENT_STALL`] without a byte,
+    /// so that a stalled stream fails the test, naming where it stopped, instead of hanging it.
     pub fn connect(&self) -> TcpStream {
         let s = self
             .client()
             .connect(self.public())
             .expect("client connects to the proxy");
         s.set_nodelay(true).ok();
+        s.set_read_timeout(Some(CLIENT_STALL)).ok();
         s
     }
 }

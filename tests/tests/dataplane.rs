@@ -1,7 +1,7 @@
 //! The L4 checklist every data plane passes, part one: streams, exact both ways. Each check
-//! runs four times (sockmap and copy; loopback and veth), each in namespaces of its own; the
-//! backend runs on the proxy's host. Part two, how connections end and what they cost, is in
-//! `ends.rs`.
+//! runs six times (sockmap and copy; loopback, veth, and veth over IPv6 to an IPv6 machine),
+//! each in namespaces of its own; the backend runs on the proxy's host. Part two, how
+//! connections end and what they cost, is in `ends.rs`.
 
 use std::{
     io::{Read, Write},
@@ -62,8 +62,10 @@ fn bulk_to_backend(plane: Plane, topo: Topo) {
         .recv_timeout(Duration::from_secs(120))
         .expect("backend finished");
     assert_eq!(got, Ok(GIB));
+    // The backend sends nothing back: the client's end of stream follows at once.
     let mut rest = Vec::new();
     c.read_to_end(&mut rest).expect("end of stream");
+    assert_eq!(rest, b"", "bytes the backend never sent");
     let io = daemon.io_bytes() - io_before;
     let s = daemon.wait_idle();
     if plane.in_kernel() {
@@ -239,8 +241,14 @@ fn data_before_insertion(plane: Plane, topo: Topo) {
         c.read_exact(&mut answer)
             .unwrap_or_else(|e| panic!("round {i}: answer stalled: {e}"));
         assert_eq!(&answer, b"PING\n");
+        // Then the backend closes: nothing more, and a clean end of stream.
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest)
+            .unwrap_or_else(|e| panic!("round {i}: end of stream: {e}"));
+        assert_eq!(rest, b"", "round {i}: bytes after the answer");
     }
-    daemon.wait_idle();
+    let s = daemon.wait_idle();
+    assert_eq!(s["connections"]["completed"], 200, "{s:#}");
 }
 
 fn ipv6_client(plane: Plane, topo: Topo) {

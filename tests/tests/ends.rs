@@ -1,18 +1,18 @@
 //! The L4 checklist every data plane passes, part two: how connections end (refusals,
-//! resets, shutdown) and what they cost (1,000 at once, slow readers held within the bound,
-//! leaks). Each check runs four times (sockmap and copy; loopback and veth), each in
-//! namespaces of its own; the backend runs on the proxy's host.
+//! resets, shutdown) and what they cost (1,000 at once, leaks; slow readers held within the
+//! bound are in `slow_reader.rs`). Each check runs six times (sockmap and copy; loopback, veth, and veth over IPv6 to
+//! an IPv6 machine), each in namespaces of its own; the backend runs on the proxy's host.
 
 use std::{
     io::{ErrorKind, Read, Write},
     net::{Shutdown, TcpStream},
-    sync::{Arc, Mutex, mpsc},
+    sync::{Mutex, mpsc},
     time::{Duration, Instant},
 };
 
 use tests::{
-    MAX_BUFFER, Pattern, Plane, Server, Topo, checklist, echo_server, eventually, send_pattern,
-    set_reset_on_close, setup, setup_with,
+    Plane, Server, Topo, checklist, echo_server, eventually, send_pattern, set_reset_on_close,
+    setup, setup_with,
 };
 
 checklist!(
@@ -20,7 +20,6 @@ checklist!(
     backend_resets,
     client_resets,
     concurrent_1000,
-    slow_reader,
     shutdown_with_live_sessions,
     leak_check,
 );
@@ -57,9 +56,11 @@ fn backend_refuses(plane: Plane, topo: Topo) {
             read_until_closed(&mut c)
         }
     };
-    assert!(
-        matches!(end, Ok(0) | Err(ErrorKind::ConnectionReset)),
-        "the client's connection should close: {end:?}"
+    // Every machine failed: the client sees a reset, not a clean end.
+    assert_eq!(
+        end,
+        Err(ErrorKind::ConnectionReset),
+        "the client should see a reset"
     );
     assert!(
         at - start < Duration::from_secs(5),
@@ -174,151 +175,6 @@ fn concurrent_1000(plane: Plane, topo: Topo) {
     assert_eq!(s["connections"]["completed"], 1000, "{s:#}");
 }
 
-fn sysctl_max(path: &str) -> u64 {
-    std::fs::read_to_string(path)
-        .expect("sysctl")
-        .split_whitespace()
-        .last()
-        .and_then(|v| v.parse().ok())
-        .expect("three numbers")
-}
-
-/// 100 clients push into backends that do not read. Each client is held back by TCP once
-/// the proxy's bound and the sockets' own buffers are full, and stays held back; then the
-/// backends read everything, byte-exact.
-fn slow_reader(plane: Plane, topo: Topo) {
-    const CLIENTS: usize = 100;
-    let (net, daemon) = setup(plane, topo);
-    let held: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-    let held2 = Arc::clone(&held);
-    let _backend = Server::start(&net.proxy, net.backend(), move |s| {
-        held2.lock().expect("lock").push(s);
-    });
-    let mut pushers: Vec<Pusher> = (0..CLIENTS)
-        .map(|i| {
-            let c = net.connect();
-            c.set_nonblocking(true).expect("nonblocking");
-            Pusher {
-                c,
-                p: Pattern::new(100 + i as u64),
-                pending: Vec::new(),
-                off: 0,
-                pushed: 0,
-            }
-        })
-        .collect();
-    push_until_held(&mut pushers);
-    let first: Vec<u64> = pushers.iter().map(|x| x.pushed).collect();
-    let mem_first = tcp_mem_pages();
-    // Held back, and stays held back.
-    std::thread::sleep(Duration::from_secs(2));
-    push_until_held(&mut pushers);
-    let pushed: Vec<u64> = pushers.iter().map(|x| x.pushed).collect();
-    let mem_second = tcp_mem_pages();
-    let rmem = sysctl_max("/proc/sys/net/ipv4/tcp_rmem");
-    let wmem = sysctl_max("/proc/sys/net/ipv4/tcp_wmem");
-    // The client's send buffer, the proxy's receive buffer (where a held sender's bytes
-    // wait), the bound, the proxy's send buffer, the backend's receive buffer.
-    let bound = MAX_BUFFER + 3 * rmem + 2 * wmem;
-    let max = *pushed.iter().max().expect("clients");
-    let total: u64 = pushed.iter().sum();
-    eprintln!(
-        "slow_reader {plane} {topo:?}: per client max {max} B, total {total} B; bound {bound} B; \
-         TCP memory {mem_first} -> {mem_second} pages"
-    );
-    assert!(
-        max <= bound,
-        "a client pushed {max} bytes past a stalled backend (bound {bound})"
-    );
-    for (i, (a, b)) in first.iter().zip(&pushed).enumerate() {
-        assert!(b - a <= 2 * rmem, "client {i} kept going: {a} -> {b}");
-    }
-    // Now the backends read: every byte arrives, in order.
-    let backends: Vec<TcpStream> = std::mem::take(&mut *held.lock().expect("lock"));
-    assert_eq!(backends.len(), CLIENTS);
-    let conns: Vec<TcpStream> = pushers.into_iter().map(|x| x.c).collect();
-    for c in &conns {
-        c.set_nonblocking(false).expect("blocking");
-        c.shutdown(Shutdown::Write).expect("half-close");
-    }
-    let readers: Vec<_> = backends
-        .into_iter()
-        .map(|mut b| {
-            std::thread::spawn(move || {
-                let mut first = [0u8; 8];
-                b.read_exact(&mut first).expect("data");
-                let seed = (100..100 + CLIENTS as u64)
-                    .find(|&s| {
-                        let mut p = Pattern::new(s);
-                        p.check(&first).is_ok()
-                    })
-                    .expect("a known stream");
-                let mut p = Pattern::new(seed);
-                p.check(&first).expect("first bytes");
-                let mut rest = Vec::new();
-                b.read_to_end(&mut rest).expect("rest");
-                p.check(&rest).expect("byte-exact");
-                (seed, p.pos())
-            })
-        })
-        .collect();
-    let mut got: Vec<(u64, u64)> = readers
-        .into_iter()
-        .map(|r| r.join().expect("reader"))
-        .collect();
-    got.sort_unstable();
-    for (i, (seed, n)) in got.into_iter().enumerate() {
-        assert_eq!(seed, 100 + i as u64);
-        assert_eq!(n, pushed[i], "client {i}");
-    }
-    drop(conns);
-    daemon.wait_idle();
-}
-
-/// A client writing its stream as fast as the connection takes it.
-struct Pusher {
-    c: TcpStream,
-    p: Pattern,
-    pending: Vec<u8>,
-    off: usize,
-    pushed: u64,
-}
-
-/// Writes on every connection until none has taken a byte for a second.
-fn push_until_held(pushers: &mut [Pusher]) {
-    let mut last_progress = Instant::now();
-    while last_progress.elapsed() < Duration::from_secs(1) {
-        for (i, x) in pushers.iter_mut().enumerate() {
-            loop {
-                if x.off == x.pending.len() {
-                    x.pending.resize(64 * 1024, 0);
-                    x.p.fill(&mut x.pending);
-                    x.off = 0;
-                }
-                match x.c.write(&x.pending[x.off..]) {
-                    Ok(n) => {
-                        x.off += n;
-                        x.pushed += n as u64;
-                        last_progress = Instant::now();
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) => panic!("client {i}: {e}"),
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn tcp_mem_pages() -> u64 {
-    let text = std::fs::read_to_string("/proc/net/sockstat").expect("sockstat");
-    text.lines()
-        .find(|l| l.starts_with("TCP:"))
-        .and_then(|l| l.split_whitespace().skip_while(|w| *w != "mem").nth(1))
-        .and_then(|v| v.parse().ok())
-        .expect("TCP mem")
-}
-
 /// SIGTERM: no new connections, live ones go on for the grace period and are then closed,
 /// and nothing of ours stays in the kernel.
 fn shutdown_with_live_sessions(plane: Plane, topo: Topo) {
@@ -333,6 +189,13 @@ fn shutdown_with_live_sessions(plane: Plane, topo: Topo) {
     finishing.write_all(b"x").expect("write");
     finishing.read_exact(&mut [0; 1]).expect("echo");
 
+    // The daemon's own programs and maps (the copy plane has none).
+    let ours = daemon.bpf_objects();
+    assert_eq!(
+        ours.iter().any(|(kind, _)| *kind == "prog"),
+        plane.in_kernel(),
+        "BPF programs held: {ours:?}"
+    );
     daemon.signal(libc::SIGTERM);
     let term_at = Instant::now();
     assert!(
@@ -354,7 +217,13 @@ fn shutdown_with_live_sessions(plane: Plane, topo: Topo) {
     // Then the grace period ends and the live session is closed.
     live.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    let (_, closed_at) = read_until_closed(&mut live);
+    let (end, closed_at) = read_until_closed(&mut live);
+    // Closed by the daemon at the end of the grace period: a reset, not a clean end.
+    assert_eq!(
+        end,
+        Err(ErrorKind::ConnectionReset),
+        "how the live session ended"
+    );
     let after = closed_at - term_at;
     assert!(
         after >= Duration::from_millis(1900) && after < Duration::from_secs(5),
@@ -364,17 +233,37 @@ fn shutdown_with_live_sessions(plane: Plane, topo: Topo) {
     assert!(log.contains("grace period over"), "{log}");
     // The kernel frees programs and maps after their last reference goes, a little later.
     assert!(
-        eventually(Duration::from_secs(5), || tests::loaded_bpf_objects()
+        eventually(Duration::from_secs(5), || tests::still_loaded(&ours)
             .is_empty()),
         "left in the kernel after exit: {:?}",
-        tests::loaded_bpf_objects()
+        tests::still_loaded(&ours)
     );
 }
 
-/// 10,000 connections open and close: maps empty, no fd leaked, RSS stable.
+/// 55,000 connections open and close (some cleanly, some with a reset, some at once): no map
+/// entry, descriptor or watched socket left, and the daemon's RSS grows by less than 50 bytes
+/// a connection over the last 50,000, so a leak of 100 bytes a connection fails.
 fn leak_check(plane: Plane, topo: Topo) {
+    const WARM_UP: usize = 5_000;
+    const MEASURED: usize = 50_000;
     let (net, daemon) = setup(plane, topo);
     let _backend = echo_server(&net);
+    // The client closes first on most connections: let its TIME_WAIT ports be reused, and
+    // give it every port, or 50,000 connections run out of them.
+    for (key, value) in [
+        ("net.ipv4.tcp_tw_reuse", "1"),
+        ("net.ipv4.ip_local_port_range", "1024 65535"),
+    ] {
+        tests::sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &net.client().name,
+            "sysctl",
+            "-qw",
+            &format!("{key}={value}"),
+        ]);
+    }
     let round = |n: usize| {
         net.client().run({
             let addr = net.public();
@@ -404,28 +293,31 @@ fn leak_check(plane: Plane, topo: Topo) {
         });
     };
     // Warm up: the allocator and the runtime reach their working size.
-    round(1000);
+    round(WARM_UP);
     daemon.wait_idle();
     let fds = daemon.fd_count();
-    round(4000);
-    daemon.wait_idle();
     let rss = daemon.rss_kib();
-    round(5000);
+    round(MEASURED);
     let s = daemon.wait_idle();
-    assert_eq!(s["connections"]["accepted"], 10_000, "{s:#}");
-    // A leak per connection would show as thousands; the runtime may open one or two
-    // descriptors of its own on the way.
+    assert_eq!(
+        s["connections"]["accepted"].as_u64(),
+        Some((WARM_UP + MEASURED) as u64),
+        "{s:#}"
+    );
+    // The runtime may open one or two descriptors of its own on the way.
     let fds_after = daemon.fd_count();
     assert!(
         fds_after <= fds + 2,
         "file descriptors leaked: {fds} -> {fds_after}"
     );
     let rss_after = daemon.rss_kib();
+    let per_conn = (rss_after.saturating_sub(rss) * 1024) as f64 / MEASURED as f64;
     eprintln!(
-        "leak_check {plane} {topo:?}: RSS {rss} KiB after 5,000, {rss_after} KiB after 10,000"
+        "leak_check {plane} {topo:?}: RSS {rss} KiB after {WARM_UP}, {rss_after} KiB after \
+         {MEASURED} more ({per_conn:.1} B a connection)"
     );
     assert!(
-        rss_after < rss + 4 * 1024,
-        "RSS grew from {rss} to {rss_after} KiB"
+        per_conn < 50.0,
+        "RSS grew from {rss} to {rss_after} KiB: {per_conn:.1} B a connection"
     );
 }
