@@ -6,6 +6,7 @@ pub mod balance;
 pub mod check;
 pub mod config;
 pub mod dataplane;
+pub mod faults;
 pub mod health;
 pub mod proxy_proto;
 pub mod server;

@@ -85,6 +85,9 @@ fn slow_reader(plane: Plane, topo: Topo) {
         .into_iter()
         .map(|mut b| {
             std::thread::spawn(move || {
+                // A stall fails the test instead of hanging it.
+                b.set_read_timeout(Some(Duration::from_secs(30)))
+                    .expect("timeout");
                 let mut first = [0u8; 8];
                 b.read_exact(&mut first).expect("data");
                 let seed = (100..100 + CLIENTS as u64)

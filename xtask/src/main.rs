@@ -2,6 +2,7 @@
 //! benchmarks. The build itself stays in `proxy-user/build.rs`; this only drives cargo.
 
 mod bench;
+mod faults;
 mod fuzz;
 mod run;
 mod setup;
@@ -60,6 +61,10 @@ enum Cmd {
         /// Skip fmt and clippy.
         #[arg(long)]
         no_lint: bool,
+        /// Instead of the suite: inject each fault the suite must catch into the tests that
+        /// should catch it, and fail unless every fault made one of them fail.
+        #[arg(long)]
+        faults: bool,
     },
 }
 
@@ -70,7 +75,10 @@ fn main() -> Result<()> {
     match cli.command {
         Cmd::Setup => setup::setup(),
         Cmd::Run { args } => run::run(&root, &args),
-        Cmd::Test { filter, no_lint } => test::test(&root, filter.as_deref(), no_lint),
+        Cmd::Test { faults: true, .. } => faults::faults(&root),
+        Cmd::Test {
+            filter, no_lint, ..
+        } => test::test(&root, filter.as_deref(), no_lint),
         Cmd::Fuzz { seconds } => fuzz::fuzz(&root, seconds),
         Cmd::Bench { quick, args } => bench::bench(&root, quick, &args),
     }

@@ -57,7 +57,9 @@ pub async fn run(
             }
         }
     };
-    if !matches!(result, Ok(Outcome::Completed | Outcome::Idle)) {
+    if !matches!(result, Ok(Outcome::Completed | Outcome::Idle))
+        && !crate::faults::active(crate::faults::Fault::FinNotReset)
+    {
         for s in [&client, &backend] {
             socket2::SockRef::from(s)
                 .set_linger(Some(Duration::ZERO))

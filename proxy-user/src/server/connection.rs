@@ -167,6 +167,9 @@ async fn write_preface(
 
 /// Makes the close of `s` a reset.
 pub(super) fn reset(s: &TcpStream) {
+    if crate::faults::active(crate::faults::Fault::FinNotReset) {
+        return;
+    }
     socket2::SockRef::from(s)
         .set_linger(Some(Duration::ZERO))
         .ok();

@@ -12,6 +12,7 @@ use proxy_common::Flow;
 
 use super::{MOVE_CHUNK, POLL_MIN, SpliceError, pair::Pair};
 use crate::{
+    faults::{self, Fault},
     sys::{self, TcpCounters},
     watch::Side,
 };
@@ -100,6 +101,9 @@ impl Pair<'_> {
             || self.sides[i].outside
             || own.state == sys::TcpState::Close;
         let left = self.not_redirected(side, &own, &flow);
+        if faults::active(Fault::FinEarly) {
+            return self.shut_peer(side);
+        }
         if carried {
             if !self.carry(side, left)? {
                 return Ok(false);
@@ -115,6 +119,11 @@ impl Pair<'_> {
         if self.backlog(side, &flow)? > 0 {
             return Ok(false);
         }
+        self.shut_peer(side)
+    }
+
+    /// Shuts the writing half of `side`'s peer, which queues the FIN after what it holds.
+    fn shut_peer(&self, side: Side) -> Result<bool, SpliceError> {
         match self
             .side(side.other())
             .sock

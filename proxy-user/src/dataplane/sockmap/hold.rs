@@ -7,7 +7,11 @@ use std::{os::fd::AsFd, sync::atomic::Ordering};
 use proxy_common::Flow;
 
 use super::{SpliceError, pair::Pair};
-use crate::{sys, watch::Side};
+use crate::{
+    faults::{self, Fault},
+    sys,
+    watch::Side,
+};
 
 impl Pair<'_> {
     /// Reacts to a kernel event: a fault (see [`Self::intact`]), or a check point, where
@@ -20,7 +24,7 @@ impl Pair<'_> {
             return Ok(());
         }
         let unacked = self.unacked(side, &flow)?;
-        if unacked <= self.splicer.max_buffer {
+        if unacked <= self.splicer.max_buffer || faults::active(Fault::NoBound) {
             return self.rearm(side, &flow, unacked);
         }
         self.sides[i].link.hold = 1;
@@ -47,6 +51,9 @@ impl Pair<'_> {
     /// it flows again; false also when it never can (it half-closed meanwhile), and the ticks
     /// that follow then move the rest of its stream.
     pub(super) fn release(&mut self, side: Side) -> Result<bool, SpliceError> {
+        if faults::active(Fault::HoldForever) {
+            return Ok(false);
+        }
         let i = side.index();
         let flow = self.flow(side)?;
         if self.out_for_hold(side, &flow) {

@@ -37,6 +37,7 @@ use super::{
     kernel::{Kernel, MapOpError},
 };
 use crate::{
+    faults::{self, Fault},
     sys,
     watch::{Registry, Side, Watcher},
 };
@@ -183,7 +184,10 @@ impl Splicer {
         }
         .await;
 
-        if !refused && !matches!(result, Ok(Outcome::Completed | Outcome::Idle)) {
+        if !refused
+            && !matches!(result, Ok(Outcome::Completed | Outcome::Idle))
+            && !faults::active(Fault::FinNotReset)
+        {
             // Abortive close: the peers see a reset, not a clean end of a truncated stream.
             for s in [&client, &backend] {
                 socket2::SockRef::from(s)
@@ -195,7 +199,9 @@ impl Splicer {
             let i = side.index();
             self.watcher.delete(pair.fd(side)).ok();
             self.registry.remove(cookies[i]);
-            self.kernel.forget(cookies[i]);
+            if !(side == Side::Client && faults::active(Fault::LeakEntry)) {
+                self.kernel.forget(cookies[i]);
+            }
         }
         if refused {
             return Spliced::Refused(client, backend);
