@@ -38,6 +38,27 @@ fn read_until_closed(s: &mut TcpStream) -> (Result<u64, ErrorKind>, Instant) {
     }
 }
 
+/// Asserts that a connection ended (as [`read_until_closed`] reports it) with a reset, seen
+/// by `who` within `limit` of `since`.
+fn assert_reset_within(
+    ended: (Result<u64, ErrorKind>, Instant),
+    since: Instant,
+    limit: Duration,
+    who: &str,
+) {
+    let (end, at) = ended;
+    assert_eq!(
+        end,
+        Err(ErrorKind::ConnectionReset),
+        "{who} should see a reset"
+    );
+    assert!(
+        at - since < limit,
+        "{who} saw the end {:?} after it was due",
+        at - since
+    );
+}
+
 fn backend_refuses(plane: Plane, topo: Topo) {
     let (net, daemon) = setup(plane, topo);
     // No backend listens.
@@ -58,16 +79,7 @@ fn backend_refuses(plane: Plane, topo: Topo) {
         }
     };
     // Every machine failed: the client sees a reset, not a clean end.
-    assert_eq!(
-        end,
-        Err(ErrorKind::ConnectionReset),
-        "the client should see a reset"
-    );
-    assert!(
-        at - start < Duration::from_secs(5),
-        "closed after {:?}",
-        at - start
-    );
+    assert_reset_within((end, at), start, Duration::from_secs(5), "the client");
     let s = daemon.wait_idle();
     assert_eq!(s["connections"]["backend_unreachable"], 1, "{s:#}");
 }
@@ -102,16 +114,7 @@ fn backend_resets(plane: Plane, topo: Topo) {
             read_until_closed(&mut c)
         }
     };
-    assert_eq!(
-        end,
-        Err(ErrorKind::ConnectionReset),
-        "the client should see a reset"
-    );
-    assert!(
-        at - reset_at < Duration::from_secs(3),
-        "reset after {:?}",
-        at - reset_at
-    );
+    assert_reset_within((end, at), reset_at, Duration::from_secs(3), "the client");
     daemon.wait_idle();
 }
 
@@ -134,16 +137,7 @@ fn client_resets(plane: Plane, topo: Topo) {
     let (end, at) = rx
         .recv_timeout(Duration::from_secs(30))
         .expect("backend saw the end");
-    assert_eq!(
-        end,
-        Err(ErrorKind::ConnectionReset),
-        "the backend should see a reset"
-    );
-    assert!(
-        at - reset_at < Duration::from_secs(3),
-        "reset after {:?}",
-        at - reset_at
-    );
+    assert_reset_within((end, at), reset_at, Duration::from_secs(3), "the backend");
     daemon.wait_idle();
 }
 

@@ -1,3 +1,5 @@
+//! Unit tests of machine choice: bands, limits, the queue, retries and health.
+
 use super::*;
 
 fn pool(n: usize, soft: Option<u32>, hard: Option<u32>, limit: usize, wait_ms: u64) -> Arc<Pool> {
