@@ -15,6 +15,10 @@ pub enum Fault {
     FinNotReset,
     /// No side is ever held: the memory bound is ignored.
     NoBound,
+    /// The last byte of each stream userspace moves is dropped.
+    DropLastByte,
+    /// The first batch of bytes userspace moves on each stream is written twice.
+    DuplicateBatch,
 }
 
 impl Fault {
@@ -25,6 +29,8 @@ impl Fault {
         ("leak-entry", Self::LeakEntry),
         ("fin-not-reset", Self::FinNotReset),
         ("no-bound", Self::NoBound),
+        ("drop-last-byte", Self::DropLastByte),
+        ("duplicate-batch", Self::DuplicateBatch),
     ];
 }
 

@@ -182,6 +182,24 @@ pub fn set_reset_on_close(s: &TcpStream) {
     assert_eq!(rc, 0);
 }
 
+/// Bytes `s` has taken from its writer that its peer has not acknowledged (`SIOCOUTQ`).
+pub fn unacknowledged(s: &TcpStream) -> u64 {
+    queue_ioctl(s, libc::TIOCOUTQ)
+}
+
+/// Bytes `s` has received that its reader has not read (`SIOCINQ`).
+pub fn unread(s: &TcpStream) -> u64 {
+    queue_ioctl(s, libc::FIONREAD)
+}
+
+fn queue_ioctl(s: &TcpStream, request: libc::Ioctl) -> u64 {
+    let mut n: libc::c_int = 0;
+    // SAFETY: a queue-size ioctl on a valid socket, writing one int.
+    let rc = unsafe { libc::ioctl(s.as_raw_fd(), request, &raw mut n) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    u64::try_from(n).expect("a queue size")
+}
+
 /// Waits until `cond` holds, at most `limit`; returns whether it did.
 pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;

@@ -110,13 +110,13 @@ fn queued_connection_closes_after_the_queue_timeout() {
     second
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    let _ = second.write_all(b"x");
+    // The client sends nothing: a reset is then spliced's, not the kernel's for unread bytes.
     let mut b = [0u8; 1];
     let end = second.read(&mut b);
     let waited = start.elapsed();
     assert!(
-        matches!(&end, Ok(0)) || matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
-        "the queued connection should be closed: {end:?}"
+        matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "the queued connection should be reset: {end:?}"
     );
     assert!(
         waited >= Duration::from_millis(450) && waited < Duration::from_secs(5),
@@ -165,7 +165,8 @@ fn refusing_machine_is_retried_around() {
     daemon.stop();
 }
 
-/// Polls the admin snapshot until `cond` holds of it; returns how long that took.
+/// Every machine refuses: after `--connect-attempts` machines, each tried once, the client is
+/// reset.
 #[test]
 fn connect_attempts_are_bounded() {
     // No machine serves: each refuses.
@@ -184,8 +185,8 @@ fn connect_attempts_are_bounded() {
     let mut b = [0u8; 1];
     let end = c.read(&mut b);
     assert!(
-        matches!(&end, Ok(0)) || matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
-        "{end:?}"
+        matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "the client should be reset: {end:?}"
     );
     assert!(
         start.elapsed() < Duration::from_secs(2),

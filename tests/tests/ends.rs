@@ -11,8 +11,8 @@ use std::{
 };
 
 use tests::{
-    Plane, Server, Topo, checklist, echo_server, eventually, send_pattern, set_reset_on_close,
-    setup, setup_with,
+    Pattern, Plane, Server, Topo, checklist, echo_server, eventually, recv_exact_pattern,
+    send_pattern, set_reset_on_close, setup, setup_with,
 };
 
 checklist!(
@@ -84,6 +84,8 @@ fn backend_refuses(plane: Plane, topo: Topo) {
     assert_eq!(s["connections"]["backend_unreachable"], 1, "{s:#}");
 }
 
+/// The backend resets once it has read its first MiB: the client sees a reset, not a clean
+/// end, within 3 s.
 fn backend_resets(plane: Plane, topo: Topo) {
     let (net, daemon) = setup(plane, topo);
     let (tx, rx) = mpsc::channel::<()>();
@@ -91,7 +93,6 @@ fn backend_resets(plane: Plane, topo: Topo) {
     let _backend = Server::start(&net.proxy, net.backend(), move |mut s| {
         let mut buf = vec![0; 1 << 20];
         s.read_exact(&mut buf).expect("first MiB");
-        s.write_all(b"partial answer").expect("answer");
         set_reset_on_close(&s);
         drop(s);
         tx.lock().expect("lock").send(()).expect("test waits");
@@ -118,19 +119,31 @@ fn backend_resets(plane: Plane, topo: Topo) {
     daemon.wait_idle();
 }
 
+/// The client resets once the backend has read its first MiB: the backend sees exactly that
+/// MiB, then the reset.
 fn client_resets(plane: Plane, topo: Topo) {
     let (net, daemon) = setup(plane, topo);
+    let (read_tx, read_rx) = mpsc::channel();
     let (tx, rx) = mpsc::channel();
-    let tx = Mutex::new(tx);
+    let (read_tx, tx) = (Mutex::new(read_tx), Mutex::new(tx));
     let _backend = Server::start(&net.proxy, net.backend(), move |mut s| {
         s.set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
+        let first = recv_exact_pattern(&mut s, &mut Pattern::new(10), 1 << 20);
+        read_tx
+            .lock()
+            .expect("lock")
+            .send(first)
+            .expect("test waits");
         let r = read_until_closed(&mut s);
         tx.lock().expect("lock").send(r).expect("test waits");
     });
     let mut c = net.connect();
     send_pattern(&mut c, 10, 1 << 20).expect("send");
-    std::thread::sleep(Duration::from_millis(100));
+    read_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("backend read")
+        .expect("the backend reads the first MiB, exact");
     set_reset_on_close(&c);
     let reset_at = Instant::now();
     drop(c);

@@ -15,11 +15,7 @@ const FAULTS: &[(&str, &str, &[&str])] = &[
     (
         "fin-early",
         "FIN before the last byte",
-        &[
-            "sockmap_loopback::bulk_to_backend",
-            "sockmap_loopback::half_close_client_first",
-            "sockmap_loopback::small_messages",
-        ],
+        &["sockmap_loopback::half_close_client_first"],
     ),
     (
         "hold-forever",
@@ -51,6 +47,26 @@ const FAULTS: &[(&str, &str, &[&str])] = &[
         "no-bound",
         "ignore the memory bound",
         &["sockmap_loopback::slow_reader"],
+    ),
+    (
+        "drop-last-byte",
+        "drop the last byte of a stream",
+        &[
+            "copy_loopback::small_transfer",
+            "copy_loopback::bulk_to_backend",
+            "copy_loopback::half_close_backend_first",
+            "sockmap_loopback::slow_reader",
+        ],
+    ),
+    (
+        "duplicate-batch",
+        "duplicate one batch",
+        &[
+            "copy_loopback::small_transfer",
+            "copy_loopback::bulk_to_client",
+            "sockmap_loopback::slow_reader",
+            "sockmap_loopback::data_before_insertion",
+        ],
     ),
 ];
 

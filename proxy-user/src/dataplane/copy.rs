@@ -7,6 +7,7 @@
 
 use std::{
     io,
+    os::fd::AsFd as _,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
@@ -14,19 +15,27 @@ use std::{
 use tokio::{net::TcpStream, sync::watch, time::Instant};
 
 use super::{Outcome, Phase, SpliceError};
+use crate::faults::{self, Fault};
 
 /// Bytes buffered in the daemon per direction.
 pub const COPY_BUFFER: usize = 64 * 1024;
 
 /// Copies both ways until both directions end, one side fails, the grace period ends, or no
 /// byte has moved for `idle_timeout`. An end of stream on one side becomes a shutdown of the
-/// other side's writing half once every byte before it was written.
+/// other side's writing half once every byte before it was written. Each socket's send buffer
+/// is fixed at `max_buffer` bytes of kernel memory, as its receive buffer is
+/// ([`super::bound_receive`]): what waits for a slow reader stays within both and one
+/// [`COPY_BUFFER`].
 pub async fn run(
     client: TcpStream,
     backend: TcpStream,
     mut phase: watch::Receiver<Phase>,
     idle_timeout: Option<Duration>,
+    max_buffer: u64,
 ) -> Result<Outcome, SpliceError> {
+    for s in [&client, &backend] {
+        crate::sys::set_send_buffer(s.as_fd(), max_buffer / 2).map_err(SpliceError::Internal)?;
+    }
     let start = Instant::now();
     // Milliseconds after `start` of the last byte read from either side.
     let last_read = AtomicU64::new(0);
@@ -58,7 +67,7 @@ pub async fn run(
         }
     };
     if !matches!(result, Ok(Outcome::Completed | Outcome::Idle))
-        && !crate::faults::active(crate::faults::Fault::FinNotReset)
+        && !faults::active(Fault::FinNotReset)
     {
         for s in [&client, &backend] {
             socket2::SockRef::from(s)
@@ -78,6 +87,7 @@ async fn one_way(
     last_read: &AtomicU64,
 ) -> io::Result<()> {
     let mut buf: Option<Vec<u8>> = None;
+    let mut faulty = FaultyStream::default();
     loop {
         from.readable().await?;
         let b = buf.get_or_insert_with(|| vec![0; COPY_BUFFER]);
@@ -96,15 +106,45 @@ async fn one_way(
         };
         let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
         last_read.store(ms, Ordering::Relaxed);
+        let bytes = faulty.pass(&b[..n]);
+        let bytes = bytes.as_deref().unwrap_or(&b[..n]);
         let mut sent = 0;
-        while sent < n {
+        while sent < bytes.len() {
             to.writable().await?;
-            match to.try_write(&b[sent..n]) {
+            match to.try_write(&bytes[sent..]) {
                 Ok(w) => sent += w,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// The faults injected into one direction of the copy plane (a test build only).
+#[derive(Default)]
+struct FaultyStream {
+    /// The last byte read, held back from the peer ([`Fault::DropLastByte`]): written with
+    /// the next batch, dropped at the end of stream.
+    held: Option<u8>,
+    /// Whether a batch was already passed on ([`Fault::DuplicateBatch`]).
+    passed: bool,
+}
+
+impl FaultyStream {
+    /// What to write for `read` when a fault changes it; `None` (always, without faults)
+    /// writes `read` as it is.
+    fn pass(&mut self, read: &[u8]) -> Option<Vec<u8>> {
+        let first = !std::mem::replace(&mut self.passed, true);
+        if faults::active(Fault::DuplicateBatch) && first {
+            return Some([read, read].concat());
+        }
+        if faults::active(Fault::DropLastByte) {
+            let (last, rest) = read.split_last()?;
+            let out = self.held.iter().chain(rest).copied().collect();
+            self.held = Some(*last);
+            return Some(out);
+        }
+        None
     }
 }
 

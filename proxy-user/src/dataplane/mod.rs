@@ -60,6 +60,13 @@ impl Plane {
     }
 }
 
+/// Fixes `s`'s receive buffer at `max_buffer` bytes of kernel memory (`SO_RCVBUF`, which
+/// also stops the kernel's autotuning of it): bytes a sender pushes while their reader is slow
+/// wait there, so the host's `tcp_rmem` must not set how many (up to 32 MiB on some hosts).
+pub fn bound_receive(s: &impl std::os::fd::AsFd, max_buffer: u64) -> std::io::Result<()> {
+    crate::sys::set_receive_buffer(s.as_fd(), max_buffer / 2)
+}
+
 /// Which data plane the operator asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -13,7 +13,7 @@ use tokio::{io::AsyncWriteExt as _, net::TcpStream, sync::watch};
 use super::{Route, Shared};
 use crate::{
     balance::{Lease, Refusal},
-    dataplane::{Outcome, Phase, Plane, SpliceError, copy, sockmap::Spliced},
+    dataplane::{self, Outcome, Phase, Plane, SpliceError, copy, sockmap::Spliced},
 };
 
 /// One client's connection from accept to close, counted in the daemon's stats.
@@ -121,14 +121,16 @@ async fn connect_and_splice(
         }
         None => Vec::new(),
     };
+    let max_buffer = shared.opts.max_buffer;
     for s in [&client, &backend] {
         s.set_nodelay(true).map_err(SpliceError::Internal)?;
+        dataplane::bound_receive(s, max_buffer).map_err(SpliceError::Internal)?;
     }
     let idle = shared.opts.idle_timeout;
     match &shared.plane {
         Plane::Copy => {
             write_preface(&client, &mut backend, &header).await?;
-            copy::run(client, backend, phase, idle).await
+            copy::run(client, backend, phase, idle, max_buffer).await
         }
         Plane::Sockmap(splicer) => {
             let client = client.into_std().map_err(SpliceError::Internal)?;
@@ -145,7 +147,7 @@ async fn connect_and_splice(
                     let mut backend =
                         TcpStream::from_std(backend).map_err(SpliceError::Internal)?;
                     write_preface(&client, &mut backend, &header).await?;
-                    copy::run(client, backend, phase, idle).await
+                    copy::run(client, backend, phase, idle, max_buffer).await
                 }
             }
         }

@@ -61,8 +61,14 @@ impl Pair<'_> {
                     // Not readable yet (see above); a later tick tries again.
                     Ok(0) => {}
                     Ok(n) => {
+                        if faults::active(Fault::DuplicateBatch) && dir.moved == 0 {
+                            dir.pending.extend_from_slice(&buf[..n]);
+                        }
                         dir.moved += n as u64;
                         dir.pending.extend_from_slice(&buf[..n]);
+                        if faults::active(Fault::DropLastByte) && dir.moved >= total {
+                            dir.pending.pop();
+                        }
                         progress = true;
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
