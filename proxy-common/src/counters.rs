@@ -41,6 +41,9 @@ counters! {
         pub flow_events,
         /// Flow-control events lost because the ring buffer was full.
         pub events_lost,
+        /// Events telling userspace that a held socket's peer has drained (see
+        /// [`crate::Link::drained_at`]).
+        pub drain_events,
         /// Times the kernel took a socket out of the verdict map for a hold.
         #[cfg_attr(feature = "user", serde(rename = "kernel_holds"))]
         pub holds,
@@ -67,6 +70,6 @@ counters! {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<ServiceCounters>() == 80);
+    assert!(core::mem::size_of::<ServiceCounters>() == 88);
     assert!(core::mem::size_of::<SentBytes>() == 16);
 };

@@ -37,6 +37,20 @@ pub struct Link {
         reason = "explicit padding of a kernel ABI struct"
     )]
     pub _pad: u32,
+    /// Non-zero: once this socket's receiver has acknowledged this many bytes
+    /// (`tcp_sock.bytes_acked`), the `sock_ops` program emits one [`FlowEvent`] for the peer
+    /// socket, which is held: its direction has drained to where it may flow again. Set by
+    /// userspace while the peer is held; the event saves it from polling for that moment.
+    pub drained_at: u64,
+    /// Non-zero: the bound. The `sock_ops` program holds this socket by itself (as for
+    /// [`Link::hold`]) once the peer's receiver has left more than this many of its bytes
+    /// unacknowledged: [`Link::owed_base`] plus [`Flow::redirected`] of this socket, less
+    /// [`Flow::acked`] of the peer. It acts within a packet; userspace's check points
+    /// ([`Link::check_at`]) act within the daemon's reaction time.
+    pub max_unacked: u64,
+    /// Bytes of the peer's send queue written before this socket's first (the PROXY protocol
+    /// header), counted in the peer's acknowledged bytes.
+    pub owed_base: u64,
 }
 
 /// What the kernel has done with the bytes one socket received. Key: that socket's cookie.
@@ -61,9 +75,16 @@ pub struct Flow {
     pub next_seq: u32,
     /// Non-zero once the verdict has seen a batch of this socket.
     pub seq_known: u32,
+    /// The [`Link::drained_at`] for which an event was last emitted.
+    pub drain_notified_at: u64,
+    /// Bytes this socket's receiver has acknowledged (`tcp_sock.bytes_acked`), as of its
+    /// last acknowledgement that brought an RTT sample; written by the `sock_ops` program.
+    pub acked: u64,
 }
 
-/// Emitted when [`Flow::redirected`] of a socket reaches its [`Link::check_at`].
+/// Emitted when [`Flow::redirected`] of a socket reaches its [`Link::check_at`] (for that
+/// socket), and when a socket's acknowledged bytes reach its [`Link::drained_at`] (for its
+/// held peer, with `redirected` 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEvent {
@@ -74,7 +95,7 @@ pub struct FlowEvent {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<Link>() == 32);
-    assert!(core::mem::size_of::<Flow>() == 48);
+    assert!(core::mem::size_of::<Link>() == 56);
+    assert!(core::mem::size_of::<Flow>() == 64);
     assert!(core::mem::size_of::<FlowEvent>() == 16);
 };

@@ -3,11 +3,11 @@
 //!
 //! - `spliced_verdict` (sk_skb stream verdict, attached to `RECV`): [`verdict`] hands every
 //!   byte a spliced socket receives to its peer socket's egress.
-//! - `spliced_msg` (sk_msg, attached to `SOCKS`): counts every byte that enters a spliced
-//!   socket's send path ([`counters::sent`]): what the daemon writes itself, and every batch
-//!   the verdict redirected there, since the kernel's backlog worker sends redirected bytes
-//!   through the socket's `sendmsg`. The egress total is checked against the verdict's
-//!   redirect counters plus the bytes the daemon moved itself.
+//! - `spliced_msg` (sk_msg, attached to `SOCKS` for `--egress-audit` only): counts every byte
+//!   that enters a spliced socket's send path ([`counters::sent`]): what the daemon writes
+//!   itself, and every batch the verdict redirected there, since the kernel's backlog worker
+//!   sends redirected bytes through the socket's `sendmsg`. The egress total is checked
+//!   against the bytes both ends sent.
 //! - `spliced_hold` (sock_ops, attached to the daemon's cgroup): [`hold`] takes a socket out
 //!   of `RECV` under its socket lock when the daemon asks, which is how a sender is held back.
 //!

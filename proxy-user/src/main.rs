@@ -71,6 +71,11 @@ struct RunArgs {
     /// 0 turns this off.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration)]
     idle_timeout: Duration,
+    /// Count every byte that enters a spliced socket's send path with an `sk_msg` program
+    /// (`user_tx_bytes` in the admin snapshot). The kernel then copies every byte it redirects
+    /// once more: for audits and tests, not for speed.
+    #[arg(long)]
+    egress_audit: bool,
     /// Pair connections to machines on this host with the application's own socket. `on` is
     /// refused: no pairing keeps every application's stream exact on this kernel (see
     /// docs/same-host-bypass.md).
@@ -143,6 +148,7 @@ impl TryFrom<&RunArgs> for RunOptions {
             },
             connect_attempts: usize::from(a.connect_attempts),
             idle_timeout: Some(a.idle_timeout).filter(|d| !d.is_zero()),
+            egress_audit: a.egress_audit,
         })
     }
 }

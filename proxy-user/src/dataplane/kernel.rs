@@ -107,7 +107,8 @@ struct Maps {
 pub struct Kernel {
     maps: Mutex<Maps>,
     stats: PerCpuArray<MapData, ServiceCounters>,
-    sent: PerCpuArray<MapData, SentBytes>,
+    /// Present for an egress audit only.
+    sent: Option<PerCpuArray<MapData, SentBytes>>,
     // Owns the programs; dropping it detaches them. Kept last so maps close first.
     _ebpf: Ebpf,
 }
@@ -132,8 +133,10 @@ where
 
 impl Kernel {
     /// Loads the programs into the kernel, attaches them to their maps, and starts the event
-    /// pump (ring buffer -> `registry`) and the kernel log pump on the current runtime.
-    pub fn load(registry: Arc<Registry>) -> Result<Self, LoadError> {
+    /// pump (ring buffer -> `registry`) and the kernel log pump on the current runtime. The
+    /// `sk_msg` program is attached only for an `egress_audit`: a socket with one sends every
+    /// redirected batch through `tcp_bpf_sendmsg`, which copies it once more.
+    pub fn load(registry: Arc<Registry>, egress_audit: bool) -> Result<Self, LoadError> {
         if OBJECT.is_empty() {
             return Err(LoadError::NoObject);
         }
@@ -151,7 +154,11 @@ impl Kernel {
         let links = take(&mut ebpf, names::LINKS)?;
         let flows = take(&mut ebpf, names::FLOWS)?;
         let stats = take(&mut ebpf, names::SERVICE_STATS)?;
-        let sent = take(&mut ebpf, names::SENT)?;
+        let sent = if egress_audit {
+            Some(take(&mut ebpf, names::SENT)?)
+        } else {
+            None
+        };
         let events: RingBuf<MapData> = take(&mut ebpf, names::EVENTS)?;
 
         let name = names::VERDICT_PROG;
@@ -160,11 +167,13 @@ impl Kernel {
             .load()
             .and_then(|()| verdict.attach(recv.fd()))
             .map_err(|source| LoadError::Program { name, source })?;
-        let name = names::MSG_PROG;
-        let msg: &mut SkMsg = program(&mut ebpf, name)?;
-        msg.load()
-            .and_then(|()| msg.attach(socks.fd()))
-            .map_err(|source| LoadError::Program { name, source })?;
+        if egress_audit {
+            let name = names::MSG_PROG;
+            let msg: &mut SkMsg = program(&mut ebpf, name)?;
+            msg.load()
+                .and_then(|()| msg.attach(socks.fd()))
+                .map_err(|source| LoadError::Program { name, source })?;
+        }
         let name = names::HOLD_PROG;
         let path = cgroup::own_cgroup_path().map_err(|reason| LoadError::Cgroup {
             prog: name,
@@ -301,13 +310,15 @@ impl Kernel {
         sum
     }
 
-    /// What entered spliced sockets' send paths, summed over CPUs.
-    pub fn sent(&self) -> SentBytes {
+    /// What entered spliced sockets' send paths, summed over CPUs; `None` without an egress
+    /// audit.
+    pub fn sent(&self) -> Option<SentBytes> {
+        let sent = self.sent.as_ref()?;
         let mut sum = SentBytes::default();
-        if let Ok(values) = self.sent.get(&0, 0) {
+        if let Ok(values) = sent.get(&0, 0) {
             values.iter().for_each(|v| sum.add(v));
         }
-        sum
+        Some(sum)
     }
 }
 

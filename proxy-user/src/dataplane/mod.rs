@@ -7,8 +7,6 @@ mod events;
 pub mod kernel;
 pub mod sockmap;
 
-use std::time::Duration;
-
 use crate::watch::Side;
 
 /// The data plane in place, shared by every connection.
@@ -21,15 +19,12 @@ pub enum Plane {
 
 impl Plane {
     /// Puts the data plane `choice` in place. `Auto` falls back to copy, with a warning, when
-    /// the kernel programs cannot load; `Sockmap` fails then. `max_buffer` bounds what one
-    /// direction of a connection may hold in the kernel; a connection idle for `idle_timeout`
-    /// is closed.
+    /// the kernel programs cannot load; `Sockmap` fails then.
     pub fn start(
         choice: DataplaneChoice,
-        max_buffer: u64,
-        idle_timeout: Option<Duration>,
+        settings: sockmap::Settings,
     ) -> Result<Self, kernel::LoadError> {
-        let load = || sockmap::Splicer::load(max_buffer, idle_timeout);
+        let load = || sockmap::Splicer::load(settings);
         match choice {
             DataplaneChoice::Copy => {
                 tracing::info!("copy data plane chosen: userspace moves every byte");

@@ -35,8 +35,9 @@ struct KernelSnapshot {
     squeezes_relieved: u64,
     squeezes_refused: u64,
     services: Vec<ServiceSnapshot>,
-    user_tx_bytes: u64,
-    user_tx_messages: u64,
+    /// What the `sk_msg` program counted (`--egress-audit`; null without).
+    user_tx_bytes: Option<u64>,
+    user_tx_messages: Option<u64>,
     map_entries: std::collections::BTreeMap<&'static str, usize>,
     watched_sockets: usize,
 }
@@ -68,8 +69,8 @@ pub(super) fn snapshot(shared: &Shared) -> Snapshot<'_> {
                 squeezes_relieved: s.squeezes_relieved.load(Ordering::Relaxed),
                 squeezes_refused: s.squeezes_refused.load(Ordering::Relaxed),
                 services,
-                user_tx_bytes: sent.bytes,
-                user_tx_messages: sent.messages,
+                user_tx_bytes: sent.map(|s| s.bytes),
+                user_tx_messages: sent.map(|s| s.messages),
                 map_entries: s.kernel.entry_counts().into_iter().collect(),
                 watched_sockets: s.registry.len(),
             })

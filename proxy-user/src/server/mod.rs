@@ -22,7 +22,7 @@ use tokio::{sync::watch, task::JoinSet};
 use crate::{
     balance::{Pool, QueuePolicy},
     config::{Config, ProxyProtoVersion},
-    dataplane::{DataplaneChoice, Phase, Plane, kernel::LoadError},
+    dataplane::{DataplaneChoice, Phase, Plane, kernel::LoadError, sockmap},
 };
 
 /// Everything `spliced run` takes besides the config.
@@ -46,6 +46,8 @@ pub struct RunOptions {
     pub connect_attempts: usize,
     /// A connection with no byte either way for this long is closed; `None`: never.
     pub idle_timeout: Option<Duration>,
+    /// Whether an `sk_msg` program counts every byte entering a spliced socket's send path.
+    pub egress_audit: bool,
 }
 
 /// Why the daemon could not start.
@@ -112,8 +114,12 @@ struct Shared {
 /// Runs the daemon until a stop signal and the end of the grace period.
 #[expect(clippy::too_many_lines, reason = "start, serve, drain: one sequence")]
 pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
-    let plane = Plane::start(opts.dataplane, opts.max_buffer, opts.idle_timeout)
-        .map_err(StartError::Sockmap)?;
+    let settings = sockmap::Settings {
+        max_buffer: opts.max_buffer,
+        idle_timeout: opts.idle_timeout,
+        egress_audit: opts.egress_audit,
+    };
+    let plane = Plane::start(opts.dataplane, settings).map_err(StartError::Sockmap)?;
     tracing::info!(dataplane = plane.name(), "data plane ready");
 
     let listen_addrs = if opts.listen_addrs.is_empty() {

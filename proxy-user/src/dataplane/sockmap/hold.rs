@@ -14,8 +14,10 @@ use crate::{
 };
 
 impl Pair<'_> {
-    /// Reacts to a kernel event: a fault (see [`Self::intact`]), or a check point, where
-    /// `side` is held if too much waits in the peer's backlog, else the check point moves.
+    /// Reacts to a kernel event: a fault (see [`Self::intact`]), a hold the kernel set by
+    /// itself (see [`proxy_common::Link::max_unacked`]), which is then watched for release,
+    /// or a check point, where `side` is held if too much waits in the peer's backlog, else
+    /// the check point moves.
     pub(super) fn on_pressure(&mut self, side: Side) -> Result<(), SpliceError> {
         let i = side.index();
         let flow = self.flow(side)?;
@@ -24,19 +26,48 @@ impl Pair<'_> {
             return Ok(());
         }
         let unacked = self.unacked(side, &flow)?;
-        if unacked <= self.splicer.max_buffer || faults::active(Fault::NoBound) {
-            return self.rearm(side, &flow, unacked);
+        let taken_out = self.out_for_hold(side, &flow);
+        if !taken_out {
+            if unacked <= self.splicer.max_buffer || faults::active(Fault::NoBound) {
+                return self.rearm(side, &flow, unacked);
+            }
+            self.sides[i].link.hold = 1;
+            self.set_link(side)?;
         }
-        self.sides[i].link.hold = 1;
         self.sides[i].drops_seen = sys::receive_memory(self.fd(side))
             .map_err(SpliceError::Internal)?
             .drops;
-        self.set_link(side)?;
+        self.arm_drain(side, &flow, 0)?;
         self.sides[i].held_unacked = unacked;
         self.sides[i].held = true;
         self.splicer.holds.fetch_add(1, Ordering::Relaxed);
-        tracing::trace!(?side, unacked, "held: the peer is slow");
+        tracing::trace!(?side, unacked, taken_out, "held: the peer is slow");
         Ok(())
+    }
+
+    /// The most of `side`'s bytes its peer's receiver may leave unacknowledged for a held
+    /// `side` with `queued` bytes waiting in its receive queue to go back into the map:
+    /// half the bound, and room for the whole queue, which the verdict passes on at once.
+    fn release_point(&self, queued: u64) -> u64 {
+        let max = self.splicer.max_buffer;
+        (max / 2).min(max.saturating_sub(queued))
+    }
+
+    /// Asks the kernel to say when held `side` may flow again (see [`Self::release_point`]):
+    /// when its peer's receiver has acknowledged all but that much of what `side` owes it
+    /// ([`proxy_common::Link::drained_at`]). Writes the peer's link only when that point
+    /// moved.
+    fn arm_drain(&mut self, side: Side, flow: &Flow, queued: u64) -> Result<(), SpliceError> {
+        let at = self
+            .owed(side, flow)
+            .saturating_sub(self.release_point(queued))
+            .max(1);
+        let peer = side.other();
+        if self.side(peer).link.drained_at == at {
+            return Ok(());
+        }
+        self.side_mut(peer).link.drained_at = at;
+        self.set_link(peer)
     }
 
     /// Whether the kernel has taken `side` out of `RECV` for a hold and it has not been put
@@ -45,11 +76,12 @@ impl Pair<'_> {
         flow.holds > self.side(side).released
     }
 
-    /// Lets a held side flow again once its peer's backlog is down to half the bound: the
-    /// link stops asking for the hold, and if the kernel took the socket out it goes back into
-    /// `RECV` and is poked, so the verdict runs over what waited in its queue. Returns whether
-    /// it flows again; false also when it never can (it half-closed meanwhile), and the ticks
-    /// that follow then move the rest of its stream.
+    /// Lets a held side flow again once its peer's backlog is down to half the bound, with
+    /// room for what waits in its own queue ([`Self::release_point`]): the link stops asking
+    /// for the hold, and if the kernel took the socket out it goes back into `RECV` and is
+    /// poked, so the verdict runs over what waited in its queue. Returns whether it flows
+    /// again; false also when it never can (it half-closed meanwhile), and the ticks that
+    /// follow then move the rest of its stream.
     pub(super) fn release(&mut self, side: Side) -> Result<bool, SpliceError> {
         if faults::active(Fault::HoldForever) {
             return Ok(false);
@@ -65,7 +97,9 @@ impl Pair<'_> {
         // less and less often.
         self.draining |= unacked < self.sides[i].held_unacked;
         self.sides[i].held_unacked = unacked;
-        if unacked > self.splicer.max_buffer / 2 {
+        let queued = self.not_redirected(side, &self.counters(side)?, &flow);
+        if unacked > self.release_point(queued) {
+            self.arm_drain(side, &flow, queued)?;
             return Ok(false);
         }
         self.sides[i].link.hold = 0;

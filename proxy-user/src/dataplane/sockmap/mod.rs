@@ -62,14 +62,27 @@ pub struct Splicer {
     pub idle_timeout: Option<Duration>,
 }
 
+/// What the operator sets for the sockmap plane.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// See [`Splicer::max_buffer`].
+    pub max_buffer: u64,
+    /// See [`Splicer::idle_timeout`].
+    pub idle_timeout: Option<Duration>,
+    /// Whether the `sk_msg` program counts what enters each spliced socket's send path.
+    pub egress_audit: bool,
+}
+
 impl Splicer {
     /// Loads the kernel programs and starts the watchers of kernel and socket events.
-    pub fn load(
-        max_buffer: u64,
-        idle_timeout: Option<Duration>,
-    ) -> Result<Self, super::kernel::LoadError> {
+    pub fn load(settings: Settings) -> Result<Self, super::kernel::LoadError> {
+        let Settings {
+            max_buffer,
+            idle_timeout,
+            egress_audit,
+        } = settings;
         let registry = Arc::new(Registry::default());
-        let kernel = Kernel::load(Arc::clone(&registry))?;
+        let kernel = Kernel::load(Arc::clone(&registry), egress_audit)?;
         let watcher = Watcher::start(Arc::clone(&registry))?;
         Ok(Self {
             kernel,
@@ -122,6 +135,16 @@ impl Splicer {
         let link = |peer, side: Side| Link {
             peer_cookie: peer,
             check_at: self.max_buffer,
+            max_unacked: if faults::active(Fault::NoBound) {
+                0
+            } else {
+                self.max_buffer
+            },
+            // The header is written into the backend's send queue ahead of the client's bytes.
+            owed_base: match side {
+                Side::Client => preface.len() as u64,
+                Side::Backend => 0,
+            },
             service,
             side: match side {
                 Side::Client => proxy_common::Side::CLIENT,
@@ -148,9 +171,10 @@ impl Splicer {
         let result = async {
             for side in [Side::Client, Side::Backend] {
                 let i = side.index();
-                // The redirect worker sleeps a scheduler tick whenever it finds the send queue
-                // full; a send buffer of the bound never fills, since holds keep what the peer
-                // has not acknowledged under the bound (docs/design.md).
+                // The redirect worker sleeps a scheduler tick whenever it finds the socket not
+                // writable (less than half its send buffer free); holds keep what the peer has
+                // not acknowledged near the bound, so a send buffer of the bound is seldom
+                // found so (docs/design.md).
                 sys::set_send_buffer(pair.fd(side), self.max_buffer)
                     .map_err(SpliceError::Internal)?;
                 self.registry.add(cookies[i], side, tx.clone());
