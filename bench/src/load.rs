@@ -5,6 +5,10 @@
 use std::{
     io::{Read as _, Write as _},
     net::{Shutdown, SocketAddr, TcpStream},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -15,10 +19,18 @@ use anyhow::{Context as _, Result, bail, ensure};
 const STALL: Duration = Duration::from_secs(30);
 const CHUNK: usize = 256 * 1024;
 
-fn connect(addr: SocketAddr, mode: u8) -> Result<TcpStream> {
+/// Whether a workload's client turns Nagle's algorithm off: the request/response workloads
+/// do, as such clients do; bulk ones write large blocks and leave TCP to pack segments.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Nagle {
+    Off,
+    On,
+}
+
+fn connect(addr: SocketAddr, mode: u8, nagle: Nagle) -> Result<TcpStream> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .with_context(|| format!("connect {addr}"))?;
-    s.set_nodelay(true)?;
+    s.set_nodelay(nagle == Nagle::Off)?;
     s.set_read_timeout(Some(STALL))?;
     s.set_write_timeout(Some(STALL))?;
     s.write_all(&[mode])?;
@@ -27,9 +39,19 @@ fn connect(addr: SocketAddr, mode: u8) -> Result<TcpStream> {
 
 /// Sends `bytes` to the sink and waits for its count: seconds from connect to the count.
 pub fn bulk(addr: SocketAddr, bytes: u64) -> Result<f64> {
+    bulk_from(addr, bytes, &block())
+}
+
+/// The block every bulk workload writes, over and over.
+fn block() -> Vec<u8> {
+    vec![0x5au8; CHUNK]
+}
+
+/// [`bulk`], writing `block` (filled before the clock starts).
+fn bulk_from(addr: SocketAddr, bytes: u64, block: &[u8]) -> Result<f64> {
     let start = Instant::now();
-    let mut s = connect(addr, b'S')?;
-    send(&mut s, bytes)?;
+    let mut s = connect(addr, b'S', Nagle::On)?;
+    send(&mut s, bytes, block)?;
     s.shutdown(Shutdown::Write)?;
     let mut count = [0u8; 8];
     s.read_exact(&mut count).context("the sink's count")?;
@@ -42,11 +64,10 @@ pub fn bulk(addr: SocketAddr, bytes: u64) -> Result<f64> {
     Ok(start.elapsed().as_secs_f64())
 }
 
-fn send(s: &mut TcpStream, mut left: u64) -> Result<()> {
-    let buf = vec![0x5au8; CHUNK];
+fn send(s: &mut TcpStream, mut left: u64, block: &[u8]) -> Result<()> {
     while left > 0 {
-        let n = left.min(CHUNK as u64) as usize;
-        s.write_all(&buf[..n]).context("send")?;
+        let n = left.min(block.len() as u64) as usize;
+        s.write_all(&block[..n]).context("send")?;
         left -= n as u64;
     }
     Ok(())
@@ -54,15 +75,16 @@ fn send(s: &mut TcpStream, mut left: u64) -> Result<()> {
 
 /// Sends `bytes` to the echo while reading them back: seconds until the last byte is back.
 pub fn duplex(addr: SocketAddr, bytes: u64) -> Result<f64> {
+    let block = block();
+    let mut buf = vec![0u8; CHUNK];
     let start = Instant::now();
-    let mut s = connect(addr, b'E')?;
+    let mut s = connect(addr, b'E', Nagle::On)?;
     let mut w = s.try_clone()?;
     let writer = std::thread::spawn(move || -> Result<()> {
-        send(&mut w, bytes)?;
+        send(&mut w, bytes, &block)?;
         w.shutdown(Shutdown::Write)?;
         Ok(())
     });
-    let mut buf = vec![0u8; CHUNK];
     let mut got = 0u64;
     while got < bytes {
         match s.read(&mut buf) {
@@ -81,7 +103,7 @@ pub fn duplex(addr: SocketAddr, bytes: u64) -> Result<f64> {
 /// `count` request/response rounds of `size` bytes on one connection: each round's time in
 /// nanoseconds, sorted.
 pub fn round_trips(addr: SocketAddr, size: usize, count: usize) -> Result<Vec<u64>> {
-    let mut s = connect(addr, b'E')?;
+    let mut s = connect(addr, b'E', Nagle::Off)?;
     let msg = vec![0x33u8; size];
     let mut back = vec![0u8; size];
     // Warm-up: the first rounds pay for connection set-up.
@@ -117,7 +139,7 @@ pub fn connection_rate(addr: SocketAddr, duration: Duration) -> Result<f64> {
     let msg = [0x44u8; 32];
     let mut back = [0u8; 32];
     while start.elapsed() < duration {
-        let mut s = connect(addr, b'E')?;
+        let mut s = connect(addr, b'E', Nagle::Off)?;
         s.write_all(&msg)?;
         s.read_exact(&mut back).context("echo")?;
         drop(s);
@@ -127,17 +149,32 @@ pub fn connection_rate(addr: SocketAddr, duration: Duration) -> Result<f64> {
 }
 
 /// `conns` connections at once, each sending its share of `total` bytes to the sink: seconds
-/// until the last count is back.
+/// from the start (every worker thread ready) until the last count is back.
 pub fn sweep(addr: SocketAddr, conns: usize, total: u64) -> Result<f64> {
     let each = total / conns as u64;
-    let start = Instant::now();
+    let block = Arc::new(block());
+    // Workers wait at the gate (held shut by the write lock) until every one is ready; a
+    // failed spawn opens it too, so that none waits forever.
+    let gate = Arc::new(RwLock::new(()));
+    let ready = Arc::new(AtomicUsize::new(0));
+    let shut = gate.write().map_err(|_| anyhow::anyhow!("gate poisoned"))?;
     let workers: Vec<_> = (0..conns)
         .map(|_| {
+            let (block, gate, ready) = (Arc::clone(&block), Arc::clone(&gate), Arc::clone(&ready));
             std::thread::Builder::new()
                 .stack_size(256 * 1024)
-                .spawn(move || bulk(addr, each))
+                .spawn(move || {
+                    ready.fetch_add(1, Ordering::SeqCst);
+                    drop(gate.read());
+                    bulk_from(addr, each, &block)
+                })
         })
         .collect::<std::io::Result<_>>()?;
+    while ready.load(Ordering::SeqCst) < conns {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(shut);
+    let start = Instant::now();
     for w in workers {
         w.join().map_err(|_| anyhow::anyhow!("worker panicked"))??;
     }
@@ -149,7 +186,8 @@ pub fn sweep(addr: SocketAddr, conns: usize, total: u64) -> Result<f64> {
 pub fn idle(addr: SocketAddr, n: usize) -> Result<Vec<TcpStream>> {
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
-        let mut s = connect(addr, b'E').with_context(|| format!("idle connection {i}"))?;
+        let mut s =
+            connect(addr, b'E', Nagle::Off).with_context(|| format!("idle connection {i}"))?;
         s.write_all(b"i")?;
         let mut b = [0u8; 1];
         s.read_exact(&mut b)

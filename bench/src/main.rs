@@ -235,6 +235,31 @@ fn cpu(target: &Target) -> Cpu {
     }
 }
 
+/// What spliced's kernel plane did for a sample that moved `bytes` (`before`: its counters
+/// when the sample started): the share of bytes the daemon moved itself, and holds and
+/// daemon wake-ups per GiB. Empty for other targets.
+fn kernel_figures(
+    t: &Target,
+    before: Option<targets::KernelWork>,
+    bytes: u64,
+) -> BTreeMap<String, f64> {
+    let (Some(before), Some(after)) = (before, t.kernel_work()) else {
+        return BTreeMap::new();
+    };
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    BTreeMap::from([
+        (
+            "userspace moved %".to_owned(),
+            100.0 * (after.userspace_moved - before.userspace_moved) / bytes as f64,
+        ),
+        ("holds/GiB".to_owned(), (after.holds - before.holds) / gib),
+        (
+            "wake-ups/GiB".to_owned(),
+            (after.wakeups - before.wakeups) / gib,
+        ),
+    ])
+}
+
 #[expect(
     clippy::too_many_lines,
     reason = "the workloads one after another, in the order they run"
@@ -247,7 +272,13 @@ fn run_round(
     out: &mut Vec<Sample>,
 ) {
     let mut measure = |workload: &str, f: &dyn Fn(&Target) -> Result<BTreeMap<String, f64>>| {
-        for t in targets {
+        // Each round starts at another target, so that none always runs first or last.
+        for t in targets
+            .iter()
+            .cycle()
+            .skip(round % targets.len().max(1))
+            .take(targets.len())
+        {
             let result = f(t);
             let (figures, error) = match result {
                 Ok(f) => (f, None),
@@ -272,11 +303,13 @@ fn run_round(
 
     measure("bulk", &|t| {
         let (addr, bytes) = (t.addr, plan.bulk_bytes);
+        let work = t.kernel_work();
         let before = cpu(t);
         let secs = client.run(move || load::bulk(addr, bytes))?;
         let after = cpu(t);
         let gib = bytes as f64 / (1u64 << 30) as f64;
-        Ok(BTreeMap::from([
+        let mut figures = kernel_figures(t, work, bytes);
+        figures.extend(BTreeMap::from([
             ("MB/s".to_owned(), bytes as f64 / secs / 1e6),
             (
                 "proxy CPU s/GiB".to_owned(),
@@ -286,15 +319,16 @@ fn run_round(
                 "machine CPU s/GiB".to_owned(),
                 (after.machine - before.machine) / gib,
             ),
-        ]))
+        ]));
+        Ok(figures)
     });
     measure("duplex", &|t| {
         let (addr, bytes) = (t.addr, plan.duplex_bytes);
+        let work = t.kernel_work();
         let secs = client.run(move || load::duplex(addr, bytes))?;
-        Ok(BTreeMap::from([(
-            "MB/s each way".to_owned(),
-            bytes as f64 / secs / 1e6,
-        )]))
+        let mut figures = kernel_figures(t, work, 2 * bytes);
+        figures.insert("MB/s each way".to_owned(), bytes as f64 / secs / 1e6);
+        Ok(figures)
     });
     for size in [64usize, 4096] {
         let name = if size == 64 { "rr 64 B" } else { "rr 4 KiB" };
@@ -316,11 +350,11 @@ fn run_round(
     for &conns in &plan.sweep {
         measure(&format!("sweep {conns:>4}"), &|t| {
             let (addr, bytes) = (t.addr, plan.sweep_bytes);
+            let work = t.kernel_work();
             let secs = client.run(move || load::sweep(addr, conns, bytes))?;
-            Ok(BTreeMap::from([(
-                "MB/s".to_owned(),
-                bytes as f64 / secs / 1e6,
-            )]))
+            let mut figures = kernel_figures(t, work, bytes);
+            figures.insert("MB/s".to_owned(), bytes as f64 / secs / 1e6);
+            Ok(figures)
         });
     }
     let ns = client.name.as_str();

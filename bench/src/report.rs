@@ -19,6 +19,10 @@ pub struct Stat {
     pub max: f64,
     /// Median over rounds of (this round's value / direct's value in the same round).
     pub ratio_to_direct: Option<f64>,
+    /// For spliced's sockmap plane: its median over the best median of the userspace peers
+    /// (copy plane, `HAProxy`, nginx, socat) for this figure, where a figure has a better
+    /// direction ([`higher_is_better`]).
+    pub ratio_to_best_peer: Option<f64>,
     pub rounds_ok: usize,
     pub rounds_failed: usize,
     /// The first error, when some rounds failed.
@@ -68,6 +72,7 @@ pub fn summarize(samples: &[Sample]) -> Vec<Stat> {
                 min: f64::NAN,
                 max: f64::NAN,
                 ratio_to_direct: None,
+                ratio_to_best_peer: None,
                 rounds_ok: 0,
                 rounds_failed: failed,
                 error,
@@ -108,13 +113,54 @@ pub fn summarize(samples: &[Sample]) -> Vec<Stat> {
                 min,
                 max,
                 ratio_to_direct: (!ratios.is_empty()).then(|| median(&mut ratios)),
+                ratio_to_best_peer: None,
                 rounds_ok: values.len(),
                 rounds_failed: failed,
                 error: error.clone(),
             });
         }
     }
+    let ratios: Vec<Option<f64>> = out.iter().map(|s| best_peer_ratio(s, &out)).collect();
+    for (s, r) in out.iter_mut().zip(ratios) {
+        s.ratio_to_best_peer = r;
+    }
     out
+}
+
+/// The userspace proxies spliced's kernel path is measured against.
+const PEERS: &[&str] = &["copy", "haproxy", "nginx", "socat"];
+
+/// Whether more of `figure` is better (throughput, rates), less (latency, CPU, memory), or
+/// neither (counts reported for insight).
+fn higher_is_better(figure: &str) -> Option<bool> {
+    if figure.contains("MB/s") || figure.contains("conn/s") || figure.contains("req/s") {
+        Some(true)
+    } else if figure.contains("µs") || figure.contains("s/GiB") || figure.contains("KiB") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// `stat`'s median over the best peer's for the same figure (sockmap plane only).
+fn best_peer_ratio(stat: &Stat, all: &[Stat]) -> Option<f64> {
+    if stat.target != "sockmap" {
+        return None;
+    }
+    let higher = higher_is_better(&stat.figure)?;
+    let peers = all.iter().filter(|p| {
+        PEERS.contains(&p.target.as_str())
+            && p.topology == stat.topology
+            && p.workload == stat.workload
+            && p.figure == stat.figure
+            && p.median.is_finite()
+    });
+    let best = if higher {
+        peers.map(|p| p.median).max_by(f64::total_cmp)?
+    } else {
+        peers.map(|p| p.median).min_by(f64::total_cmp)?
+    };
+    (best.abs() > f64::EPSILON && stat.median.is_finite()).then(|| stat.median / best)
 }
 
 pub fn fmt_num(v: f64) -> String {
@@ -137,7 +183,9 @@ pub fn markdown(stats: &[Stat], machine: &serde_json::Value, plan: &Plan) -> Str
         md,
         "Measured on {} ({} CPUs, {} GiB, Linux {}); {} rounds{}, targets interleaved in each \
          round; processes not pinned. Each cell: median (min-max) and, in brackets, the median \
-         ratio to direct in the same round.\n",
+         ratio to direct in the same round; for sockmap, in braces, its median over the best \
+         userspace peer's (copy, HAProxy, nginx, socat), on throughput, latency, CPU and memory \
+         figures.\n",
         machine["cpu"].as_str().unwrap_or("?"),
         machine["cpus"],
         machine["memory_gib"],
@@ -186,6 +234,9 @@ pub fn markdown(stats: &[Stat], machine: &serde_json::Value, plan: &Plan) -> Str
                             );
                             if let Some(r) = s.ratio_to_direct.filter(|_| *t != "direct") {
                                 let _ = write!(c, " [{r:.2}]");
+                            }
+                            if let Some(r) = s.ratio_to_best_peer {
+                                let _ = write!(c, " {{{r:.2} of best peer}}");
                             }
                             if s.rounds_failed > 0 {
                                 let _ = write!(c, " ({} failed)", s.rounds_failed);

@@ -33,6 +33,43 @@ pub struct Target {
     /// Resident memory of its process tree once it listened, KiB.
     pub rss_at_start_kib: f64,
     children: Vec<Child>,
+    /// The cgroup of its own that spliced runs in, removed once it has exited.
+    cgroup: Option<PathBuf>,
+    /// spliced's admin socket.
+    admin: Option<PathBuf>,
+}
+
+/// What spliced's kernel plane did, from its admin snapshot: the figures a bench sample
+/// reports as differences.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelWork {
+    /// Bytes the daemon moved itself instead of the kernel.
+    pub userspace_moved: f64,
+    /// Holds set, and events that woke the daemon (check points and drained holds).
+    pub holds: f64,
+    pub wakeups: f64,
+}
+
+impl Target {
+    /// spliced's kernel counters now; `None` for other targets and the copy plane.
+    pub fn kernel_work(&self) -> Option<KernelWork> {
+        use std::io::Read as _;
+        let mut s = std::os::unix::net::UnixStream::connect(self.admin.as_ref()?).ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let k = v.get("kernel").filter(|k| !k.is_null())?;
+        let sum = |field: &str| -> f64 {
+            k["services"]
+                .as_array()
+                .map_or(0.0, |s| s.iter().filter_map(|c| c[field].as_f64()).sum())
+        };
+        Some(KernelWork {
+            userspace_moved: k["userspace_moved_bytes"].as_f64()?,
+            holds: k["holds"].as_f64()?,
+            wakeups: sum("flow_events") + sum("drain_events"),
+        })
+    }
 }
 
 impl Drop for Target {
@@ -54,7 +91,51 @@ impl Drop for Target {
                 let _ = c.wait();
             }
         }
+        if let Some(dir) = &self.cgroup {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
+}
+
+/// Where the cgroup v2 hierarchy is mounted, if it is.
+fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // mountinfo: id parent major:minor root mount-point options... - fstype source options
+    mounts.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        let mut fields = left.split_whitespace();
+        let root = fields.nth(3)?;
+        let point = fields.next()?;
+        (right.split_whitespace().next() == Some("cgroup2") && root == "/")
+            .then(|| PathBuf::from(point))
+    })
+}
+
+/// Runs `cmd` in a new cgroup of its own: spliced attaches its hold program to its own
+/// cgroup, and in a shared one every other target's connections would run it too. Returns
+/// the wrapped command and the cgroup; `cmd` unchanged where no cgroup v2 is mounted.
+fn in_own_cgroup(cmd: Command, name: &str) -> Result<(Command, Option<PathBuf>)> {
+    let Some(root) = cgroup2_mount() else {
+        eprintln!(
+            "[bench] no cgroup v2 mounted: {name} shares its cgroup, and every target's \
+             connections run its hold program's callbacks"
+        );
+        return Ok((cmd, None));
+    };
+    let dir = root.join(format!("spliced-bench-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let mut wrapped = Command::new("sh");
+    wrapped
+        .args(["-c", "echo $$ > \"$0\" && exec \"$@\""])
+        .arg(dir.join("cgroup.procs"))
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            wrapped.env(k, v);
+        }
+    }
+    Ok((wrapped, Some(dir)))
 }
 
 /// The public port of service `k` on target `i`.
@@ -87,6 +168,8 @@ pub fn start_target(
             pid: None,
             rss_at_start_kib: 0.0,
             children: Vec::new(),
+            cgroup: None,
+            admin: None,
         });
     }
     let addrs: Vec<SocketAddr> = (0..SERVICES.len())
@@ -100,11 +183,20 @@ pub fn start_target(
         pid: None,
         rss_at_start_kib: 0.0,
         children: Vec::new(),
+        cgroup: None,
+        admin: matches!(name, "sockmap" | "copy").then(|| file("admin.sock")),
     };
-    for (i, mut cmd) in commands(name, topo, &addrs, spliced, &file)?
+    for (i, cmd) in commands(name, topo, &addrs, spliced, &file)?
         .into_iter()
         .enumerate()
     {
+        let mut cmd = if matches!(name, "sockmap" | "copy") {
+            let (cmd, cgroup) = in_own_cgroup(cmd, &format!("{}-{name}", topo.name))?;
+            target.cgroup = cgroup;
+            cmd
+        } else {
+            cmd
+        };
         let log = std::fs::File::create(file(&format!("{i}.log")))?;
         let child = cmd
             .stdin(Stdio::null())
@@ -191,17 +283,21 @@ fn commands(
                 .args(["--dataplane", name])
                 .arg("--listen-addr")
                 .arg(topo.public_ip.to_string())
+                .arg("--admin-socket")
+                .arg(file("admin.sock"))
                 .args(&spliced.extra)
                 .env("RUST_LOG", "warn");
         }
         "haproxy" => {
-            // mode tcp with splice(2) both ways; everything else at HAProxy's defaults
-            // (threads: one per CPU). Timeouts long enough never to fire during a run.
-            // maxconn fits the machine's open-file limit (two descriptors per connection,
-            // two per splice pipe).
+            // mode tcp with splice(2) both ways, buffers of 64 KiB (the copy plane's and
+            // nginx's here, four times HAProxy's default) and a pipe for every connection of
+            // the sweep; threads: one per CPU. Timeouts long enough never to fire during a
+            // run. maxconn and maxpipes fit the machine's open-file limit of 20,000 (two
+            // descriptors per connection, two per splice pipe).
             let config = file("haproxy.cfg");
             let mut text = String::from(
-                "global\n  maxconn 9000\n  maxpipes 500\n\ndefaults\n  mode tcp\n  \
+                "global\n  maxconn 8200\n  maxpipes 1000\n  tune.bufsize 65536\n\n\
+                 defaults\n  mode tcp\n  \
                  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n  \
                  option splice-auto\n",
             );
@@ -243,12 +339,14 @@ fn commands(
             cmd.args(["nginx", "-c"]).arg(&config);
         }
         "socat" => {
-            // socat's own model: one forked process per connection; one listener per port.
+            // socat's own model: one forked process per connection; one listener per port;
+            // blocks of 256 KiB (the load generator's), not its default 8 KiB.
             let mut all = Vec::new();
             for (listen, backend) in &pairs {
                 let mut c = netns();
                 c.args([
                     "socat".to_owned(),
+                    "-b262144".to_owned(),
                     format!(
                         "TCP-LISTEN:{},bind={},fork,reuseaddr,backlog=8192,nodelay",
                         listen.port(),
