@@ -37,7 +37,7 @@ impl Pair<'_> {
         self.sides[i].drops_seen = sys::receive_memory(self.fd(side))
             .map_err(SpliceError::Internal)?
             .drops;
-        self.arm_drain(side, &flow, 0)?;
+        self.arm_drain(side, &flow)?;
         self.sides[i].held_unacked = unacked;
         self.sides[i].held = true;
         self.splicer.holds.fetch_add(1, Ordering::Relaxed);
@@ -45,22 +45,14 @@ impl Pair<'_> {
         Ok(())
     }
 
-    /// The most of `side`'s bytes its peer's receiver may leave unacknowledged for a held
-    /// `side` with `queued` bytes waiting in its receive queue to go back into the map:
-    /// half the bound, and room for the whole queue, which the verdict passes on at once.
-    fn release_point(&self, queued: u64) -> u64 {
-        let max = self.splicer.max_buffer;
-        (max / 2).min(max.saturating_sub(queued))
-    }
-
-    /// Asks the kernel to say when held `side` may flow again (see [`Self::release_point`]):
-    /// when its peer's receiver has acknowledged all but that much of what `side` owes it
+    /// Asks the kernel to say when held `side` may flow again: when its peer's receiver has
+    /// acknowledged all but half the bound of what `side` owes it
     /// ([`proxy_common::Link::drained_at`]). Writes the peer's link only when that point
     /// moved.
-    fn arm_drain(&mut self, side: Side, flow: &Flow, queued: u64) -> Result<(), SpliceError> {
+    fn arm_drain(&mut self, side: Side, flow: &Flow) -> Result<(), SpliceError> {
         let at = self
             .owed(side, flow)
-            .saturating_sub(self.release_point(queued))
+            .saturating_sub(self.splicer.max_buffer / 2)
             .max(1);
         let peer = side.other();
         if self.side(peer).link.drained_at == at {
@@ -76,12 +68,12 @@ impl Pair<'_> {
         flow.holds > self.side(side).released
     }
 
-    /// Lets a held side flow again once its peer's backlog is down to half the bound, with
-    /// room for what waits in its own queue ([`Self::release_point`]): the link stops asking
-    /// for the hold, and if the kernel took the socket out it goes back into `RECV` and is
-    /// poked, so the verdict runs over what waited in its queue. Returns whether it flows
-    /// again; false also when it never can (it half-closed meanwhile), and the ticks that
-    /// follow then move the rest of its stream.
+    /// Lets a held side flow again once its peer's backlog is down to half the bound: the
+    /// link stops asking for the hold, and if the kernel took the socket out it goes back into
+    /// `RECV` and is poked, so the verdict runs over what waited in its queue (past the bound
+    /// it is held again at its next packet). Returns whether it flows again; false also when
+    /// it never can (it half-closed meanwhile), and the ticks that follow then move the rest
+    /// of its stream.
     pub(super) fn release(&mut self, side: Side) -> Result<bool, SpliceError> {
         if faults::active(Fault::HoldForever) {
             return Ok(false);
@@ -97,9 +89,8 @@ impl Pair<'_> {
         // less and less often.
         self.draining |= unacked < self.sides[i].held_unacked;
         self.sides[i].held_unacked = unacked;
-        let queued = self.not_redirected(side, &self.counters(side)?, &flow);
-        if unacked > self.release_point(queued) {
-            self.arm_drain(side, &flow, queued)?;
+        if unacked > self.splicer.max_buffer / 2 {
+            self.arm_drain(side, &flow)?;
             return Ok(false);
         }
         self.sides[i].link.hold = 0;
