@@ -34,6 +34,8 @@ const MIB: u64 = 1 << 20;
 #[derive(Clone, Debug, Serialize)]
 pub struct Plan {
     pub quick: bool,
+    /// TCP congestion control of every namespace, so of every socket of every target.
+    pub congestion: String,
     pub rounds: usize,
     pub bulk_bytes: u64,
     pub duplex_bytes: u64,
@@ -49,10 +51,11 @@ pub struct Plan {
 }
 
 impl Plan {
-    fn new(quick: bool) -> Self {
+    fn new(quick: bool, congestion: String) -> Self {
         if quick {
             Self {
                 quick,
+                congestion,
                 rounds: 2,
                 bulk_bytes: 64 * MIB,
                 duplex_bytes: 32 * MIB,
@@ -67,6 +70,7 @@ impl Plan {
         } else {
             Self {
                 quick,
+                congestion,
                 rounds: 5,
                 bulk_bytes: 1024 * MIB,
                 duplex_bytes: 256 * MIB,
@@ -99,6 +103,7 @@ pub struct Sample {
 
 struct Args {
     quick: bool,
+    congestion: String,
     out: PathBuf,
     spliced: targets::SplicedCmd,
     targets: Vec<&'static str>,
@@ -108,6 +113,9 @@ struct Args {
 fn parse_args() -> Result<Args> {
     let mut args = Args {
         quick: false,
+        // Linux's default, which Debian and Ubuntu keep; `--congestion bbr` measures a host
+        // that chose BBR.
+        congestion: "cubic".to_owned(),
         out: PathBuf::from("target/bench"),
         spliced: targets::SplicedCmd {
             bin: tests::spliced_bin(),
@@ -120,6 +128,7 @@ fn parse_args() -> Result<Args> {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => args.quick = true,
+            "--congestion" => args.congestion = it.next().context("--congestion ALGO")?,
             "--out" => args.out = it.next().context("--out PATH")?.into(),
             "--spliced" => args.spliced.bin = it.next().context("--spliced PATH")?.into(),
             "--spliced-arg" => args
@@ -144,7 +153,7 @@ fn parse_args() -> Result<Args> {
                 args.topologies = list.split(',').map(str::to_owned).collect();
             }
             other => anyhow::bail!(
-                "unknown argument {other}; usage: spliced-bench [--quick] [--out DIR] \
+                "unknown argument {other}; usage: spliced-bench [--quick] [--congestion ALGO] [--out DIR] \
                  [--spliced PATH] [--spliced-arg ARG]... [--targets a,b] \
                  [--topologies loopback,veth,edge]"
             ),
@@ -162,15 +171,15 @@ fn main() -> Result<()> {
     }
     let args = parse_args()?;
     tests::raise_fd_limit();
-    let plan = Plan::new(args.quick);
+    let plan = Plan::new(args.quick, args.congestion.clone());
     let started = Instant::now();
     let dir = Scratch::new();
     let mut samples = Vec::new();
     for name in &args.topologies {
         let topo = match name.as_str() {
-            "loopback" => Topology::loopback(),
-            "veth" => Topology::veth(),
-            "edge" => Topology::edge(),
+            "loopback" => Topology::loopback(&plan.congestion),
+            "veth" => Topology::veth(&plan.congestion),
+            "edge" => Topology::edge(&plan.congestion),
             other => anyhow::bail!("unknown topology {other}"),
         };
         let _backend = topo::Backend::start(&topo.backend, topo.backend_addr)?;

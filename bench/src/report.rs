@@ -181,8 +181,8 @@ pub fn markdown(stats: &[Stat], machine: &serde_json::Value, plan: &Plan) -> Str
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "Measured on {} ({} CPUs, {} GiB, Linux {}); {} rounds{}, targets interleaved in each \
-         round; processes not pinned. Each cell: median (min-max) and, in brackets, the median \
+        "Measured on {} ({} CPUs, {} GiB, Linux {}); TCP congestion control {} on every \
+         socket; {} rounds{}, targets interleaved in each round; processes not pinned. Each cell: median (min-max) and, in brackets, the median \
          ratio to direct in the same round; for sockmap, in braces, its median over the best \
          userspace peer's (copy, HAProxy, nginx, socat), on throughput, latency, CPU and memory \
          figures.\n",
@@ -190,6 +190,7 @@ pub fn markdown(stats: &[Stat], machine: &serde_json::Value, plan: &Plan) -> Str
         machine["cpus"],
         machine["memory_gib"],
         machine["kernel"].as_str().unwrap_or("?"),
+        plan.congestion,
         plan.rounds,
         if plan.quick { " (--quick)" } else { "" },
     );

@@ -41,13 +41,15 @@ pub struct Topology {
     pub backend_addr: SocketAddr,
 }
 
-/// Settings every namespace gets, so that the connection-rate workload does not run out of
-/// ports to `TIME_WAIT`.
-fn tune(ns: &Netns) {
+/// Settings every namespace gets: ports enough that the connection-rate workload does not
+/// run out to `TIME_WAIT`, and one congestion control for every socket of every target
+/// (a namespace starts with the host's, which may pace where nothing needs pacing).
+fn tune(ns: &Netns, congestion: &str) {
     for (key, value) in [
         ("net.ipv4.tcp_tw_reuse", "1"),
         ("net.ipv4.ip_local_port_range", "1024 65535"),
         ("net.core.somaxconn", "8192"),
+        ("net.ipv4.tcp_congestion_control", congestion),
     ] {
         sh(&[
             "ip",
@@ -64,9 +66,9 @@ fn tune(ns: &Netns) {
 
 impl Topology {
     /// Client, proxy and backend in one namespace, over loopback.
-    pub fn loopback() -> Self {
+    pub fn loopback(congestion: &str) -> Self {
         let ns = Arc::new(Netns::new("bench-lo"));
-        tune(&ns);
+        tune(&ns, congestion);
         Self {
             name: "loopback",
             client: Arc::clone(&ns),
@@ -79,7 +81,7 @@ impl Topology {
 
     /// client | proxy | backend, three namespaces joined by two veth pairs; the proxy's
     /// namespace routes between the other two, which is the "direct" path.
-    pub fn veth() -> Self {
+    pub fn veth(congestion: &str) -> Self {
         let (c, p, b) = (
             Netns::new("bench-c"),
             Netns::new("bench-p"),
@@ -125,7 +127,7 @@ impl Topology {
             "net.ipv4.ip_forward=1",
         ]);
         for ns in [&c, &p, &b] {
-            tune(ns);
+            tune(ns, congestion);
         }
         Self {
             name: "veth",
@@ -141,14 +143,14 @@ impl Topology {
     /// the proxy and the backend share, so the client comes over a network and the backend
     /// is a machine on the proxy's host, as on an edge host that runs its machines; the
     /// client's own leg is the same for every target.
-    pub fn edge() -> Self {
+    pub fn edge(congestion: &str) -> Self {
         let (c, p) = (Netns::new("bench-ec"), Netns::new("bench-ep"));
         veth(
             (&c, "vc", &["198.18.0.1/24"]),
             (&p, "vp", &["198.18.0.2/24"]),
         );
         for ns in [&c, &p] {
-            tune(ns);
+            tune(ns, congestion);
         }
         let p = Arc::new(p);
         let ip = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));

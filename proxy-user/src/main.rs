@@ -76,6 +76,12 @@ struct RunArgs {
     /// once more: for audits and tests, not for speed.
     #[arg(long)]
     egress_audit: bool,
+    /// TCP congestion control of connections to machines (one of
+    /// `/proc/sys/net/ipv4/tcp_allowed_congestion_control`); default: the host's. On a host that
+    /// paces its clients with BBR, `cubic` lets machines on this host or its LAN be fed
+    /// at the speed of memory.
+    #[arg(long, value_name = "ALGO")]
+    backend_congestion: Option<String>,
     /// Pair connections to machines on this host with the application's own socket. `on` is
     /// refused: no pairing keeps every application's stream exact on this kernel (see
     /// docs/same-host-bypass.md).
@@ -149,6 +155,7 @@ impl TryFrom<&RunArgs> for RunOptions {
             connect_attempts: usize::from(a.connect_attempts),
             idle_timeout: Some(a.idle_timeout).filter(|d| !d.is_zero()),
             egress_audit: a.egress_audit,
+            backend_congestion: a.backend_congestion.clone(),
         })
     }
 }

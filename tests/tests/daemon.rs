@@ -184,3 +184,59 @@ fn redis_benchmark_copy() {
 fn redis_benchmark_sockmap() {
     redis_through_proxy(Plane::Sockmap);
 }
+
+/// `--backend-congestion` gives each connection to a machine that congestion control (seen
+/// with `ss` on the proxy's socket), and one the kernel lacks stops the daemon at start with
+/// the ones it offers.
+#[test]
+fn backend_congestion_is_set_or_refused() {
+    let net = Net::new(Topo::Loopback);
+    let dir = tests::Scratch::new();
+    let config = dir.0.join("fly.toml");
+    std::fs::write(&config, tests::test_config()).expect("config");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &net.proxy.name])
+        .arg(tests::spliced_bin())
+        .args(["run", "--backend-congestion", "nonesuch", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run spliced");
+    assert!(!out.status.success(), "spliced started with nonesuch");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for part in ["--backend-congestion nonesuch", "reno"] {
+        assert!(err.contains(part), "the refusal should say {part:?}: {err}");
+    }
+
+    // reno is built into every kernel and is no namespace's default.
+    let daemon = Daemon::start(
+        &net.proxy,
+        Plane::Sockmap,
+        &["--backend-congestion", "reno"],
+    );
+    let _backend = Server::start(&net.proxy, net.backend(), echo);
+    let mut c = net.connect();
+    c.write_all(b"ping").expect("write");
+    let mut got = [0; 4];
+    c.read_exact(&mut got).expect("echo");
+    let dport = format!("dport = :{BACKEND_PORT}");
+    let ss = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.proxy.name,
+            "ss",
+            "-tinH",
+            "state",
+            "established",
+        ])
+        .arg(&dport)
+        .output()
+        .expect("ss");
+    let ss = String::from_utf8_lossy(&ss.stdout);
+    assert!(
+        ss.contains("reno") && !ss.contains("cubic") && !ss.contains("bbr"),
+        "the connection to the machine should use reno: {ss}"
+    );
+    drop(c);
+    daemon.stop();
+}

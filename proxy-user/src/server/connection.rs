@@ -4,11 +4,16 @@
 
 use std::{
     net::SocketAddr,
+    os::fd::AsFd as _,
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
-use tokio::{io::AsyncWriteExt as _, net::TcpStream, sync::watch};
+use tokio::{
+    io::AsyncWriteExt as _,
+    net::{TcpSocket, TcpStream},
+    sync::watch,
+};
 
 use super::{Route, Shared};
 use crate::{
@@ -60,7 +65,7 @@ async fn connect_backend(shared: &Shared, route: &Route) -> Result<(TcpStream, L
     let mut tried = Vec::new();
     loop {
         let addr = lease.addr();
-        let connect = TcpStream::connect(addr);
+        let connect = connect(addr, shared.opts.backend_congestion.as_deref());
         let error = match tokio::time::timeout(shared.opts.connect_timeout, connect).await {
             Ok(Ok(b)) => return Ok((b, lease)),
             Ok(Err(e)) => e,
@@ -78,6 +83,18 @@ async fn connect_backend(shared: &Shared, route: &Route) -> Result<(TcpStream, L
             .retry(&tried)
             .ok_or(NoBackend::Unreachable(error))?;
     }
+}
+
+/// A connection to `addr`, with the congestion control asked for set before the handshake.
+async fn connect(addr: SocketAddr, congestion: Option<&str>) -> std::io::Result<TcpStream> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    if let Some(name) = congestion {
+        crate::sys::set_congestion(socket.as_fd(), name)?;
+    }
+    socket.connect(addr).await
 }
 
 async fn connect_and_splice(

@@ -48,6 +48,8 @@ pub struct RunOptions {
     pub idle_timeout: Option<Duration>,
     /// Whether an `sk_msg` program counts every byte entering a spliced socket's send path.
     pub egress_audit: bool,
+    /// TCP congestion control of connections to machines; `None`: the host's default.
+    pub backend_congestion: Option<String>,
 }
 
 /// Why the daemon could not start.
@@ -66,6 +68,15 @@ pub enum StartError {
     #[error("admin socket {path}: {source}")]
     Admin {
         path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "--backend-congestion {name}: the kernel refuses it ({source}); the host offers: {available}"
+    )]
+    Congestion {
+        name: String,
+        available: String,
         #[source]
         source: std::io::Error,
     },
@@ -119,6 +130,9 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         idle_timeout: opts.idle_timeout,
         egress_audit: opts.egress_audit,
     };
+    if let Some(name) = &opts.backend_congestion {
+        check_congestion(name)?;
+    }
     let plane = Plane::start(opts.dataplane, settings).map_err(StartError::Sockmap)?;
     tracing::info!(dataplane = plane.name(), "data plane ready");
 
@@ -256,5 +270,24 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         std::fs::remove_file(path).ok();
     }
     tracing::info!(stats = %serde_json::to_string(&admin::snapshot(&shared)).unwrap_or_default(), "stopped");
+    Ok(())
+}
+
+/// Refuses, at start, a congestion control this kernel will not give a socket, naming the ones
+/// it offers; a connection to a machine then never fails for it.
+fn check_congestion(name: &str) -> Result<(), StartError> {
+    let probe = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    crate::sys::set_congestion(std::os::fd::AsFd::as_fd(&probe), name).map_err(|source| {
+        StartError::Congestion {
+            name: name.to_owned(),
+            available: std::fs::read_to_string("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+                .map_or_else(|_| "?".to_owned(), |s| s.trim().to_owned()),
+            source,
+        }
+    })?;
+    tracing::info!(
+        congestion = name,
+        "connections to machines use this congestion control"
+    );
     Ok(())
 }

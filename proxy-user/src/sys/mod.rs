@@ -10,7 +10,7 @@ pub use epoll::{Epoll, async_readable, ev, read_pod};
 pub use mount::{detach_mount, mount_cgroup2};
 pub use tcp::{
     ReceiveMemory, TcpCounters, TcpState, offer_window, poke_receive, receive_memory,
-    set_receive_buffer, set_send_buffer, socket_cookie, tcp_counters,
+    set_congestion, set_receive_buffer, set_send_buffer, socket_cookie, tcp_counters,
 };
 
 use std::{
