@@ -48,6 +48,8 @@ pub struct Plan {
     pub real_secs: u32,
     /// Requests per redis-benchmark test.
     pub redis_requests: u32,
+    /// Only the workloads whose names start with one of these (all when empty).
+    pub workloads: Vec<String>,
 }
 
 impl Plan {
@@ -66,6 +68,7 @@ impl Plan {
                 idle_conns: 500,
                 real_secs: 1,
                 redis_requests: 10_000,
+                workloads: Vec::new(),
             }
         } else {
             Self {
@@ -84,6 +87,7 @@ impl Plan {
                 idle_conns: 8_000,
                 real_secs: 2,
                 redis_requests: 50_000,
+                workloads: Vec::new(),
             }
         }
     }
@@ -108,6 +112,7 @@ struct Args {
     spliced: targets::SplicedCmd,
     targets: Vec<&'static str>,
     topologies: Vec<String>,
+    workloads: Vec<String>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -123,6 +128,7 @@ fn parse_args() -> Result<Args> {
         },
         targets: TARGETS.to_vec(),
         topologies: vec!["loopback".to_owned(), "veth".to_owned(), "edge".to_owned()],
+        workloads: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -152,10 +158,14 @@ fn parse_args() -> Result<Args> {
                 let list = it.next().context("--topologies a,b")?;
                 args.topologies = list.split(',').map(str::to_owned).collect();
             }
+            "--workloads" => {
+                let list = it.next().context("--workloads a,b")?;
+                args.workloads = list.split(',').map(str::to_owned).collect();
+            }
             other => anyhow::bail!(
                 "unknown argument {other}; usage: spliced-bench [--quick] [--congestion ALGO] [--out DIR] \
                  [--spliced PATH] [--spliced-arg ARG]... [--targets a,b] \
-                 [--topologies loopback,veth,edge]"
+                 [--topologies loopback,veth,edge] [--workloads bulk,connect,...]"
             ),
         }
     }
@@ -171,7 +181,8 @@ fn main() -> Result<()> {
     }
     let args = parse_args()?;
     tests::raise_fd_limit();
-    let plan = Plan::new(args.quick, args.congestion.clone());
+    let mut plan = Plan::new(args.quick, args.congestion.clone());
+    plan.workloads.clone_from(&args.workloads);
     let started = Instant::now();
     let dir = Scratch::new();
     let mut samples = Vec::new();
@@ -281,6 +292,9 @@ fn run_round(
     out: &mut Vec<Sample>,
 ) {
     let mut measure = |workload: &str, f: &dyn Fn(&Target) -> Result<BTreeMap<String, f64>>| {
+        if !plan.workloads.is_empty() && !plan.workloads.iter().any(|w| workload.starts_with(w)) {
+            return;
+        }
         // Each round starts at another target, so that none always runs first or last.
         for t in targets
             .iter()

@@ -3,6 +3,7 @@
 
 use std::{
     io::Read,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
@@ -264,6 +265,49 @@ impl Daemon {
             .count()
     }
 
+    /// Every TCP socket the daemon holds, listeners included, as duplicates of its descriptors
+    /// (`pidfd_getfd`): their options can then be read as the daemon set them.
+    pub fn tcp_sockets(&self) -> Vec<OwnedFd> {
+        // SAFETY: pidfd_open on the pid of our own, still running, child.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid, 0) };
+        assert!(
+            pidfd >= 0,
+            "pidfd_open: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: a descriptor just returned to us, owned from here on.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(format!("/proc/{}/fd", self.pid)).expect("daemon fds") {
+            let entry = entry.expect("fd entry");
+            let is_socket = std::fs::read_link(entry.path())
+                .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"));
+            let Some(target) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            if !is_socket {
+                continue;
+            }
+            // SAFETY: pidfd_getfd with a valid pidfd; a descriptor closed meanwhile fails.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
+            if fd < 0 {
+                continue;
+            }
+            // SAFETY: as above.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+            let domain = sockopt(&fd, libc::SOL_SOCKET, libc::SO_DOMAIN);
+            let protocol = sockopt(&fd, libc::SOL_SOCKET, libc::SO_PROTOCOL);
+            if matches!(domain, libc::AF_INET | libc::AF_INET6) && protocol == libc::IPPROTO_TCP {
+                found.push(fd);
+            }
+        }
+        found
+    }
+
     /// Resident set size of the daemon, in KiB.
     pub fn rss_kib(&self) -> u64 {
         proc_field(&format!("/proc/{}/status", self.pid), "VmRSS:")
@@ -376,4 +420,22 @@ fn kernel_leftovers(s: &serde_json::Value) -> (u64, u64) {
         .as_u64()
         .unwrap_or_else(|| panic!("the snapshot has no watched_sockets: {s:#}"));
     (entries, watched)
+}
+
+/// An integer socket option of `fd`.
+pub fn sockopt(fd: &impl AsRawFd, level: i32, name: i32) -> i32 {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the buffer and its length describe a valid int for the kernel to fill.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&raw mut value).cast(),
+            &raw mut len,
+        )
+    };
+    assert_eq!(rc, 0, "getsockopt: {}", std::io::Error::last_os_error());
+    value
 }

@@ -8,7 +8,10 @@ use std::{
     time::Duration,
 };
 
-use tests::{BACKEND_PORT, Daemon, Net, Netns, Plane, Server, Topo, echo, raise_fd_limit};
+use tests::{
+    BACKEND_PORT, Daemon, MAX_BUFFER, Net, Netns, Plane, Server, Topo, echo, raise_fd_limit, setup,
+    sockopt,
+};
 
 /// Runs the daemon without the capabilities BPF needs.
 const NO_BPF: &[&str] = &[
@@ -239,4 +242,46 @@ fn backend_congestion_is_set_or_refused() {
     );
     drop(c);
     daemon.stop();
+}
+
+/// Every socket that carries a proxied stream has its options from before its handshake, on
+/// both planes: no Nagle delay, the receive buffer fixed at `--max-buffer`, the send buffer of
+/// the plane (the kernel doubles both values it is given). Accepted sockets get them from
+/// their listener, so the client's socket is checked as the machine's is.
+#[test]
+fn proxied_sockets_are_set_up_from_their_first_segment() {
+    for plane in [Plane::Sockmap, Plane::Copy] {
+        let (net, daemon) = setup(plane, Topo::Loopback);
+        let _backend = Server::start(&net.proxy, net.backend(), echo);
+        let mut c = net.connect();
+        c.write_all(b"ping").expect("write");
+        let mut got = [0; 4];
+        c.read_exact(&mut got).expect("echo");
+        let send_buffer = match plane {
+            Plane::Copy => MAX_BUFFER,
+            _ => 2 * MAX_BUFFER,
+        };
+        let sockets = daemon.tcp_sockets();
+        let (mut listeners, mut connected) = (0, 0);
+        for s in &sockets {
+            if sockopt(s, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) == 1 {
+                listeners += 1;
+            } else {
+                connected += 1;
+            }
+            let got = [
+                sockopt(s, libc::IPPROTO_TCP, libc::TCP_NODELAY),
+                sockopt(s, libc::SOL_SOCKET, libc::SO_RCVBUF),
+                sockopt(s, libc::SOL_SOCKET, libc::SO_SNDBUF),
+            ];
+            let want = [1, MAX_BUFFER as i32, send_buffer as i32];
+            assert_eq!(got, want, "{plane}: nodelay, rcvbuf, sndbuf of a socket");
+        }
+        assert!(
+            listeners >= 1 && connected == 2,
+            "{plane}: {listeners} listeners and {connected} connected sockets"
+        );
+        drop(c);
+        daemon.stop();
+    }
 }

@@ -7,7 +7,6 @@
 
 use std::{
     io,
-    os::fd::AsFd as _,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
@@ -22,20 +21,15 @@ pub const COPY_BUFFER: usize = 64 * 1024;
 
 /// Copies both ways until both directions end, one side fails, the grace period ends, or no
 /// byte has moved for `idle_timeout`. An end of stream on one side becomes a shutdown of the
-/// other side's writing half once every byte before it was written. Each socket's send buffer
-/// is fixed at `max_buffer` bytes of kernel memory, as its receive buffer is
-/// ([`super::bound_receive`]): what waits for a slow reader stays within both and one
+/// other side's writing half once every byte before it was written. Each socket's buffers are
+/// fixed ([`super::tune_socket`]): what waits for a slow reader stays within both and one
 /// [`COPY_BUFFER`].
 pub async fn run(
     client: TcpStream,
     backend: TcpStream,
     mut phase: watch::Receiver<Phase>,
     idle_timeout: Option<Duration>,
-    max_buffer: u64,
 ) -> Result<Outcome, SpliceError> {
-    for s in [&client, &backend] {
-        crate::sys::set_send_buffer(s.as_fd(), max_buffer / 2).map_err(SpliceError::Internal)?;
-    }
     let start = Instant::now();
     // Milliseconds after `start` of the last byte read from either side.
     let last_read = AtomicU64::new(0);

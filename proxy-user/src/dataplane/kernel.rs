@@ -3,13 +3,14 @@
 //! program's ring buffer and aya-log records into events and log lines.
 
 use std::{
-    os::fd::{AsRawFd, BorrowedFd},
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    io,
+    os::fd::{AsFd as _, AsRawFd, BorrowedFd},
+    sync::Arc,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash},
+    maps::{HashMap, IterableMap, MapData, MapError, PerCpuArray, RingBuf, SockHash},
     programs::{CgroupAttachMode, ProgramError, SkMsg, SkSkb, SockOps},
 };
 use proxy_common::{
@@ -17,7 +18,7 @@ use proxy_common::{
 };
 
 use super::{cgroup, events};
-use crate::watch::Registry;
+use crate::{sys, watch::Registry};
 
 /// The object built by build.rs (empty when built with `AYA_BUILD_SKIP=1`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/spliced-ebpf"));
@@ -55,46 +56,30 @@ pub enum LoadError {
 
 /// A failed map operation on a spliced pair.
 #[derive(Debug, thiserror::Error)]
-#[error("{op} on {map} for socket {cookie}: {}", describe(source))]
+#[error("{op} on {map} for socket {cookie}: {source}")]
 pub struct MapOpError {
     op: &'static str,
     map: &'static str,
     cookie: u64,
     #[source]
-    source: MapError,
+    source: io::Error,
 }
 
 impl MapOpError {
     /// The kernel refused the socket because of its TCP state: a socket map only takes
     /// established sockets, and one that has received FIN is in `CLOSE_WAIT`.
     pub fn is_state_refusal(&self) -> bool {
-        syscall_errno(&self.source) == Some(libc::EOPNOTSUPP)
+        self.source.raw_os_error() == Some(libc::EOPNOTSUPP)
     }
 
     /// The socket is in the map already.
     pub fn is_busy(&self) -> bool {
-        syscall_errno(&self.source) == Some(libc::EBUSY)
+        self.source.raw_os_error() == Some(libc::EBUSY)
     }
 }
 
-/// The errno of a map operation that failed in the syscall (socket maps report a missing key
-/// as a plain ENOENT there).
-fn syscall_errno(e: &MapError) -> Option<i32> {
-    match e {
-        MapError::SyscallError(aya::sys::SyscallError { io_error, .. }) => io_error.raw_os_error(),
-        _ => None,
-    }
-}
-
-fn describe(e: &MapError) -> String {
-    match e {
-        MapError::SyscallError(aya::sys::SyscallError { call, io_error }) => {
-            format!("{call}: {io_error}")
-        }
-        other => other.to_string(),
-    }
-}
-
+/// The per-socket maps. Entries are changed through the maps' descriptors ([`sys::bpf`]),
+/// without a lock: each connection task changes only its own sockets' entries.
 struct Maps {
     hold_ports: HashMap<MapData, u32, u32>,
     socks: SockHash<MapData, u64>,
@@ -103,9 +88,27 @@ struct Maps {
     flows: HashMap<MapData, u64, Flow>,
 }
 
+impl Maps {
+    fn socks(&self) -> BorrowedFd<'_> {
+        IterableMap::map(&self.socks).fd().as_fd()
+    }
+
+    fn recv(&self) -> BorrowedFd<'_> {
+        IterableMap::map(&self.recv).fd().as_fd()
+    }
+
+    fn links(&self) -> BorrowedFd<'_> {
+        IterableMap::map(&self.links).fd().as_fd()
+    }
+
+    fn flows(&self) -> BorrowedFd<'_> {
+        IterableMap::map(&self.flows).fd().as_fd()
+    }
+}
+
 /// The kernel programs, attached, and their maps.
 pub struct Kernel {
-    maps: Mutex<Maps>,
+    maps: Maps,
     stats: PerCpuArray<MapData, ServiceCounters>,
     /// Present for an egress audit only.
     sent: Option<PerCpuArray<MapData, SentBytes>>,
@@ -190,21 +193,17 @@ impl Kernel {
         tracing::debug!(cgroup = ?cgroup, "hold program attached");
         events::spawn_event_pump(events, registry)?;
         Ok(Self {
-            maps: Mutex::new(Maps {
+            maps: Maps {
                 hold_ports,
                 socks,
                 recv,
                 links,
                 flows,
-            }),
+            },
             stats,
             sent,
             _ebpf: ebpf,
         })
-    }
-
-    fn maps(&self) -> MutexGuard<'_, Maps> {
-        self.maps.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Tells the hold program which connections to watch: those accepted on `public` ports
@@ -213,8 +212,8 @@ impl Kernel {
         &self,
         public: impl IntoIterator<Item = u16>,
         backend: impl IntoIterator<Item = u16>,
-    ) -> Result<(), MapError> {
-        let mut maps = self.maps();
+    ) -> io::Result<()> {
+        let map = IterableMap::map(&self.maps.hold_ports).fd().as_fd();
         let keys = public
             .into_iter()
             .map(|p| hold_port_key(PortRole::Public, p))
@@ -224,72 +223,78 @@ impl Kernel {
                     .map(|p| hold_port_key(PortRole::Backend, p)),
             );
         for key in keys {
-            maps.hold_ports.insert(&key, &1, 0)?;
+            sys::map_update(map, &key, &1u32, 0)?;
         }
         Ok(())
     }
 
-    /// Creates the link and flow entries of one socket.
-    pub fn add_link(&self, cookie: u64, link: &Link) -> Result<(), MapOpError> {
-        let mut maps = self.maps();
-        maps.flows
-            .insert(&cookie, &Flow::default(), 0)
-            .map_err(|source| op_err("insert", names::FLOWS, cookie, source))?;
-        maps.links
-            .insert(&cookie, link, 0)
-            .map_err(|source| op_err("insert", names::LINKS, cookie, source))
+    /// Creates the link and flow entries of a pair's two sockets (one call per map).
+    pub fn add_links(&self, links: [(u64, Link); 2]) -> Result<(), MapOpError> {
+        let cookies = links.map(|(c, _)| c);
+        sys::map_update_batch(self.maps.flows(), &cookies, &[Flow::default(); 2])
+            .map_err(|source| op_err("insert", names::FLOWS, cookies[0], source))?;
+        sys::map_update_batch(self.maps.links(), &cookies, &links.map(|(_, l)| l))
+            .map_err(|source| op_err("insert", names::LINKS, cookies[0], source))
     }
 
     /// Replaces the link of a socket (check point, hold).
     pub fn set_link(&self, cookie: u64, link: &Link) -> Result<(), MapOpError> {
-        self.maps()
-            .links
-            .insert(&cookie, link, 0)
+        sys::map_update(self.maps.links(), &cookie, link, 0)
             .map_err(|source| op_err("update", names::LINKS, cookie, source))
     }
 
     /// What the verdict program has done with the bytes this socket received.
     pub fn flow(&self, cookie: u64) -> Result<Flow, MapOpError> {
-        self.maps()
-            .flows
-            .get(&cookie, 0)
+        sys::map_lookup(self.maps.flows(), &cookie)
             .map_err(|source| op_err("lookup", names::FLOWS, cookie, source))
     }
 
     /// Puts a socket in `SOCKS`, where it can be redirected to.
     pub fn add_socket(&self, cookie: u64, fd: BorrowedFd<'_>) -> Result<(), MapOpError> {
-        self.maps()
-            .socks
-            .insert(&cookie, fd.as_raw_fd(), 0)
+        sys::map_update(self.maps.socks(), &cookie, &raw_fd(fd), 0)
             .map_err(|source| op_err("insert", names::SOCKS, cookie, source))
     }
 
     /// Lets the bytes a socket receives flow to its peer (puts it in `RECV`).
     pub fn start_receive(&self, cookie: u64, fd: BorrowedFd<'_>) -> Result<(), MapOpError> {
-        self.maps()
-            .recv
-            .insert(&cookie, fd.as_raw_fd(), 0)
+        sys::map_update(self.maps.recv(), &cookie, &raw_fd(fd), 0)
             .map_err(|source| op_err("insert", names::RECV, cookie, source))
     }
 
-    /// Removes every entry of a socket. Missing entries are fine: set-up may have failed
-    /// half-way, and closing a socket removes it from the socket maps by itself.
-    pub fn forget(&self, cookie: u64) {
-        let mut maps = self.maps();
-        let results = [
-            (names::RECV, maps.recv.remove(&cookie)),
-            (names::SOCKS, maps.socks.remove(&cookie)),
-            (names::LINKS, maps.links.remove(&cookie)),
-            (names::FLOWS, maps.flows.remove(&cookie)),
-        ];
-        for (map, result) in results {
-            log_removal(map, cookie, result);
+    /// Removes every entry of a pair's sockets while they are open. Missing entries are fine:
+    /// set-up may have failed half-way.
+    pub fn forget(&self, cookies: &[u64]) {
+        for &cookie in cookies {
+            for (map, fd) in [
+                (names::RECV, self.maps.recv()),
+                (names::SOCKS, self.maps.socks()),
+            ] {
+                match sys::map_delete(fd, &cookie) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => log_removal_error(map, cookie, &e),
+                }
+            }
+        }
+        self.forget_closed(cookies);
+    }
+
+    /// Removes the entries of a pair's sockets once both are closed: closing a socket took it
+    /// out of the socket maps, so only the link and flow entries are left (one call per map).
+    pub fn forget_closed(&self, cookies: &[u64]) {
+        for (map, fd) in [
+            (names::LINKS, self.maps.links()),
+            (names::FLOWS, self.maps.flows()),
+        ] {
+            if let Err(e) = sys::map_delete_all(fd, cookies) {
+                log_removal_error(map, cookies.first().copied().unwrap_or(0), &e);
+            }
         }
     }
 
     /// Entries left in each per-socket map (for leak checks).
     pub fn entry_counts(&self) -> [(&'static str, usize); 4] {
-        let maps = self.maps();
+        let maps = &self.maps;
         [
             (names::SOCKS, maps.socks.keys().count()),
             (names::RECV, maps.recv.keys().count()),
@@ -322,27 +327,16 @@ impl Kernel {
     }
 }
 
-/// The key was not in the map (socket maps report that as a plain ENOENT).
-fn not_found(e: &MapError) -> bool {
-    matches!(e, MapError::KeyNotFound) || syscall_errno(e) == Some(libc::ENOENT)
+/// A socket's descriptor as a socket map's value.
+fn raw_fd(fd: BorrowedFd<'_>) -> u32 {
+    u32::try_from(fd.as_raw_fd()).unwrap_or(u32::MAX)
 }
 
-fn log_removal(map: &'static str, cookie: u64, result: Result<(), MapError>) {
-    match result {
-        Ok(()) => {}
-        Err(e) if not_found(&e) => {}
-        Err(e) => {
-            tracing::error!(
-                map,
-                cookie,
-                error = describe(&e),
-                "removing a map entry failed"
-            );
-        }
-    }
+fn log_removal_error(map: &'static str, cookie: u64, e: &io::Error) {
+    tracing::error!(map, cookie, error = %e, "removing a map entry failed");
 }
 
-fn op_err(op: &'static str, map: &'static str, cookie: u64, source: MapError) -> MapOpError {
+fn op_err(op: &'static str, map: &'static str, cookie: u64, source: io::Error) -> MapOpError {
     MapOpError {
         op,
         map,

@@ -46,6 +46,19 @@ impl Plane {
         }
     }
 
+    /// The send buffer, in bytes of payload, of each proxied socket on this plane. On the copy
+    /// plane, half the bound, as the receive buffer. On the sockmap plane, the whole bound: the
+    /// kernel's redirect worker sleeps a scheduler tick whenever it finds the socket not
+    /// writable (less than half its send buffer free), and holds keep what the peer has not
+    /// acknowledged near the bound, so a send buffer of the bound is seldom found so
+    /// (docs/design.md).
+    pub fn send_buffer(&self, max_buffer: u64) -> u64 {
+        match self {
+            Self::Sockmap(_) => max_buffer,
+            Self::Copy => max_buffer / 2,
+        }
+    }
+
     /// `sockmap` or `copy`.
     pub fn name(&self) -> &'static str {
         match self {
@@ -55,11 +68,22 @@ impl Plane {
     }
 }
 
-/// Fixes `s`'s receive buffer at `max_buffer` bytes of kernel memory (`SO_RCVBUF`, which
-/// also stops the kernel's autotuning of it): bytes a sender pushes while their reader is slow
-/// wait there, so the host's `tcp_rmem` must not set how many (up to 32 MiB on some hosts).
-pub fn bound_receive(s: &impl std::os::fd::AsFd, max_buffer: u64) -> std::io::Result<()> {
-    crate::sys::set_receive_buffer(s.as_fd(), max_buffer / 2)
+/// Sets what every proxied socket needs before its handshake, so that it holds from the first
+/// segment and its window scale fits its buffer; accepted sockets inherit it from their
+/// listener, so a connection costs no call for its client side:
+/// - no Nagle delay: bytes are forwarded as they come;
+/// - the receive buffer fixed at `max_buffer` bytes of kernel memory (`SO_RCVBUF`, which also
+///   stops the kernel's autotuning of it): bytes a sender pushes while their reader is slow
+///   wait there, so the host's `tcp_rmem` must not set how many (up to 32 MiB on some hosts);
+/// - the send buffer fixed at `send_buffer` bytes of payload ([`Plane::send_buffer`]).
+pub fn tune_socket(
+    fd: std::os::fd::BorrowedFd<'_>,
+    max_buffer: u64,
+    send_buffer: u64,
+) -> std::io::Result<()> {
+    crate::sys::set_no_delay(fd)?;
+    crate::sys::set_receive_buffer(fd, max_buffer / 2)?;
+    crate::sys::set_send_buffer(fd, send_buffer)
 }
 
 /// Which data plane the operator asked for.

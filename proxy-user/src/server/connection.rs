@@ -31,7 +31,9 @@ pub(super) async fn serve(
 ) {
     let result = connect_and_splice(&shared, client, peer, &route, phase).await;
     let stats = &shared.stats;
-    stats.active.fetch_sub(1, Ordering::Relaxed);
+    if stats.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+        shared.none_live.notify_waiters();
+    }
     match result {
         Ok(Outcome::Completed) => {
             stats.completed.fetch_add(1, Ordering::Relaxed);
@@ -65,7 +67,7 @@ async fn connect_backend(shared: &Shared, route: &Route) -> Result<(TcpStream, L
     let mut tried = Vec::new();
     loop {
         let addr = lease.addr();
-        let connect = connect(addr, shared.opts.backend_congestion.as_deref());
+        let connect = connect(shared, addr);
         let error = match tokio::time::timeout(shared.opts.connect_timeout, connect).await {
             Ok(Ok(b)) => return Ok((b, lease)),
             Ok(Err(e)) => e,
@@ -85,13 +87,20 @@ async fn connect_backend(shared: &Shared, route: &Route) -> Result<(TcpStream, L
     }
 }
 
-/// A connection to `addr`, with the congestion control asked for set before the handshake.
-async fn connect(addr: SocketAddr, congestion: Option<&str>) -> std::io::Result<TcpStream> {
+/// A connection to `addr`, its socket set up before the handshake as the listeners are
+/// ([`dataplane::tune_socket`]), with the congestion control asked for.
+async fn connect(shared: &Shared, addr: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
-    if let Some(name) = congestion {
+    let max_buffer = shared.opts.max_buffer;
+    dataplane::tune_socket(
+        socket.as_fd(),
+        max_buffer,
+        shared.plane.send_buffer(max_buffer),
+    )?;
+    if let Some(name) = &shared.opts.backend_congestion {
         crate::sys::set_congestion(socket.as_fd(), name)?;
     }
     socket.connect(addr).await
@@ -138,16 +147,11 @@ async fn connect_and_splice(
         }
         None => Vec::new(),
     };
-    let max_buffer = shared.opts.max_buffer;
-    for s in [&client, &backend] {
-        s.set_nodelay(true).map_err(SpliceError::Internal)?;
-        dataplane::bound_receive(s, max_buffer).map_err(SpliceError::Internal)?;
-    }
     let idle = shared.opts.idle_timeout;
     match &shared.plane {
         Plane::Copy => {
             write_preface(&client, &mut backend, &header).await?;
-            copy::run(client, backend, phase, idle, max_buffer).await
+            copy::run(client, backend, phase, idle).await
         }
         Plane::Sockmap(splicer) => {
             let client = client.into_std().map_err(SpliceError::Internal)?;
@@ -160,11 +164,16 @@ async fn connect_and_splice(
                     tracing::debug!(
                         "socket already half-closed before splicing: copying this connection"
                     );
+                    let send_buffer = Plane::Copy.send_buffer(shared.opts.max_buffer);
+                    for s in [&client, &backend] {
+                        crate::sys::set_send_buffer(s.as_fd(), send_buffer)
+                            .map_err(SpliceError::Internal)?;
+                    }
                     let client = TcpStream::from_std(client).map_err(SpliceError::Internal)?;
                     let mut backend =
                         TcpStream::from_std(backend).map_err(SpliceError::Internal)?;
                     write_preface(&client, &mut backend, &header).await?;
-                    copy::run(client, backend, phase, idle, max_buffer).await
+                    copy::run(client, backend, phase, idle).await
                 }
             }
         }

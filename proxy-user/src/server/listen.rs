@@ -1,13 +1,22 @@
 //! The public listeners: binding each public port, and the accept loops.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    sync::watch,
+};
 
-use super::Route;
+use super::{Route, Shared, connection};
+use crate::dataplane::Phase;
 
 /// Binds `addr` with `SO_REUSEADDR` and a backlog of 4096; an IPv6 wildcard takes only IPv6.
-pub(super) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// Accepted sockets inherit `tune` ([`crate::dataplane::tune_socket`]).
+pub(super) fn bind(addr: SocketAddr, tune: (u64, u64)) -> std::io::Result<TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => {
@@ -18,25 +27,32 @@ pub(super) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
         }
     };
     socket.set_reuseaddr(true)?;
+    crate::dataplane::tune_socket(std::os::fd::AsFd::as_fd(&socket), tune.0, tune.1)?;
     socket.bind(addr)?;
     socket.listen(4096)
 }
 
-/// An accepted client, its address, and where its connection goes.
-pub(super) type Accepted = (TcpStream, SocketAddr, Arc<Route>);
-
-/// Accepts on `listener` for ever, handing each client to `out`; stops when `out` is closed.
+/// Accepts on `listener` until the task is aborted, and serves each client in a task of its
+/// own, spawned here so that it starts on the accepting thread; `shared.stats.active` counts
+/// those tasks until each has ended.
 pub(super) async fn accept_loop(
     listener: TcpListener,
     route: Arc<Route>,
-    out: tokio::sync::mpsc::UnboundedSender<Accepted>,
+    shared: Arc<Shared>,
+    phase: watch::Receiver<Phase>,
 ) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                if out.send((stream, peer, Arc::clone(&route))).is_err() {
-                    return;
-                }
+                shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                shared.stats.active.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(connection::serve(
+                    Arc::clone(&shared),
+                    stream,
+                    peer,
+                    Arc::clone(&route),
+                    phase.clone(),
+                ));
             }
             Err(e) => {
                 // EMFILE and friends: log, back off briefly, keep serving.

@@ -17,7 +17,10 @@ use std::{
 };
 
 use serde::Serialize;
-use tokio::{sync::watch, task::JoinSet};
+use tokio::{
+    sync::{Notify, watch},
+    task::JoinSet,
+};
 
 use crate::{
     balance::{Pool, QueuePolicy},
@@ -81,7 +84,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("telling the hold program which ports to watch: {0}")]
-    HoldPorts(#[source] aya::maps::MapError),
+    HoldPorts(#[source] std::io::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -120,6 +123,22 @@ struct Shared {
     opts: RunOptions,
     /// One per service, in service order.
     pools: Vec<Arc<Pool>>,
+    /// Signalled when the last live connection ends (`stats.active` falls to zero).
+    none_live: Notify,
+}
+
+impl Shared {
+    /// Waits until no connection is live.
+    async fn all_ended(&self) {
+        loop {
+            // Made before the count is read, so that an end between the two still wakes it.
+            let ended = self.none_live.notified();
+            if self.stats.active.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            ended.await;
+        }
+    }
 }
 
 /// Runs the daemon until a stop signal and the end of the grace period.
@@ -190,8 +209,9 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         });
         for ip in &listen_addrs {
             let addr = SocketAddr::new(*ip, port.port);
+            let tune = (opts.max_buffer, plane.send_buffer(opts.max_buffer));
             let listener =
-                listen::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
+                listen::bind(addr, tune).map_err(|source| StartError::Bind { addr, source })?;
             tracing::info!(
                 %addr,
                 service = %service.name,
@@ -211,19 +231,20 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         stats: ConnStats::default(),
         opts,
         pools,
+        none_live: Notify::new(),
     });
     // Dropped (which stops every check) when the daemon returns.
     let _health = crate::health::start(&config.services, &shared.pools);
     let (phase_tx, phase_rx) = watch::channel(Phase::Serve);
-    let mut conns = JoinSet::new();
-    let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel();
-
     let mut acceptors = JoinSet::new();
     for (listener, route) in listeners {
-        let conn_tx = conn_tx.clone();
-        acceptors.spawn(listen::accept_loop(listener, route, conn_tx));
+        acceptors.spawn(listen::accept_loop(
+            listener,
+            route,
+            Arc::clone(&shared),
+            phase_rx.clone(),
+        ));
     }
-    drop(conn_tx);
 
     let admin = match &shared.opts.admin_socket {
         Some(path) => Some(admin::start_admin(path, Arc::clone(&shared))?),
@@ -232,36 +253,23 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     tracing::info!("spliced is serving");
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
-        tokio::select! {
-            Some((client, peer, route)) = conn_rx.recv() => {
-                shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                shared.stats.active.fetch_add(1, Ordering::Relaxed);
-                conns.spawn(connection::serve(Arc::clone(&shared), client, peer, route, phase_rx.clone()));
-            }
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
-        }
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = sigterm.recv() => {}
     }
 
-    let live = conns.len();
+    let live = shared.stats.active.load(Ordering::Acquire);
     tracing::info!(live, grace = ?shared.opts.grace, "stopping: no longer accepting");
     acceptors.shutdown().await;
-    drop(conn_rx);
     phase_tx.send_replace(Phase::Drain);
-    let deadline = tokio::time::sleep(shared.opts.grace);
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            next = conns.join_next() => if next.is_none() { break },
-            () = &mut deadline => {
-                tracing::warn!(left = conns.len(), "grace period over: closing live connections");
-                phase_tx.send_replace(Phase::Abort);
-                while conns.join_next().await.is_some() {}
-                break;
-            }
-        }
+    let drained = tokio::time::timeout(shared.opts.grace, shared.all_ended()).await;
+    if drained.is_err() {
+        tracing::warn!(
+            left = shared.stats.active.load(Ordering::Acquire),
+            "grace period over: closing live connections"
+        );
+        phase_tx.send_replace(Phase::Abort);
+        shared.all_ended().await;
     }
     if let Some(admin) = admin {
         admin.abort();

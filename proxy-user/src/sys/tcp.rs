@@ -169,6 +169,11 @@ pub fn poke_receive(fd: BorrowedFd<'_>) -> io::Result<()> {
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)
 }
 
+/// Turns Nagle's algorithm off (`TCP_NODELAY`).
+pub fn set_no_delay(fd: BorrowedFd<'_>) -> io::Result<()> {
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)
+}
+
 /// Fixes a socket's send buffer at `bytes` of payload (the kernel doubles the value for its
 /// overhead), past the `net.core.wmem_max` cap when the process may (`SO_SNDBUFFORCE`).
 pub fn set_send_buffer(fd: BorrowedFd<'_>, bytes: u64) -> io::Result<()> {

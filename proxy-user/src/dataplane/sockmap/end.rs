@@ -34,7 +34,8 @@ impl Pair<'_> {
         let clear = self.backlog(side, &flow)? == 0;
         let cap = self.splicer.max_buffer as usize;
         let (from, to) = (self.sides[i].sock, self.side(side.other()).sock);
-        let mut buf = vec![0; MOVE_CHUNK];
+        // Sized by the first read: most calls find nothing to read and allocate nothing.
+        let mut buf = Vec::new();
         loop {
             let dir = &mut self.sides[i];
             let mut progress = false;
@@ -57,6 +58,9 @@ impl Pair<'_> {
                 .min(MOVE_CHUNK as u64)
                 .min(cap.saturating_sub(dir.pending.len()) as u64) as usize;
             if want > 0 {
+                if buf.len() < want {
+                    buf.resize(want, 0);
+                }
                 match (&*from).read(&mut buf[..want]) {
                     // Not readable yet (see above); a later tick tries again.
                     Ok(0) => {}

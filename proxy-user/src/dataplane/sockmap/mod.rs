@@ -7,7 +7,7 @@
 //! - backpressure: a side whose peer has more than the bound unacknowledged is held
 //!   ([`hold`]);
 //! - the redirect worker's tick-long sleep on a full send queue: each spliced socket's send
-//!   buffer is the bound, which holds keep from filling;
+//!   buffer is the bound ([`super::Plane::send_buffer`]), which holds keep from filling;
 //! - a side that cannot enter, or go back into, the maps: userspace moves the rest of its
 //!   direction, counted in `moved_bytes`;
 //! - resets are passed on as resets, and a stream the kernel damaged is aborted with resets
@@ -39,7 +39,7 @@ use super::{
 use crate::{
     faults::{self, Fault},
     sys,
-    watch::{Registry, Side, Watcher},
+    watch::{Registry, Side, SockEvent, Watcher},
 };
 
 /// Shared by every spliced connection.
@@ -169,40 +169,9 @@ impl Splicer {
 
         let mut refused = false;
         let result = async {
-            for side in [Side::Client, Side::Backend] {
-                let i = side.index();
-                // The redirect worker sleeps a scheduler tick whenever it finds the socket not
-                // writable (less than half its send buffer free); holds keep what the peer has
-                // not acknowledged near the bound, so a send buffer of the bound is seldom
-                // found so (docs/design.md).
-                sys::set_send_buffer(pair.fd(side), self.max_buffer)
-                    .map_err(SpliceError::Internal)?;
-                self.registry.add(cookies[i], side, tx.clone());
-                self.watcher
-                    .add(pair.fd(side), cookies[i])
-                    .map_err(SpliceError::Internal)?;
-                self.kernel.add_link(cookies[i], &pair.sides[i].link)?;
-                match self.kernel.add_socket(cookies[i], pair.fd(side)) {
-                    Ok(()) => {}
-                    Err(e) if e.is_state_refusal() => {
-                        refused = true;
-                        return Ok(Outcome::Completed);
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            // Before the client's socket enters RECV: ahead of every byte of the client.
-            write_all(&backend, preface).await?;
-            for side in [Side::Client, Side::Backend] {
-                match self
-                    .kernel
-                    .start_receive(cookies[side.index()], pair.fd(side))
-                {
-                    Ok(()) => sys::poke_receive(pair.fd(side)).map_err(SpliceError::Internal)?,
-                    // FIN arrived since the socket entered SOCKS: userspace carries its rest.
-                    Err(e) if e.is_state_refusal() => pair.side_mut(side).outside = true,
-                    Err(e) => return Err(e.into()),
-                }
+            if !self.enter(&mut pair, preface, &tx).await? {
+                refused = true;
+                return Ok(Outcome::Completed);
             }
             drive::drive(&mut pair, &mut rx, &mut phase).await
         }
@@ -219,18 +188,68 @@ impl Splicer {
                     .ok();
             }
         }
-        for side in [Side::Client, Side::Backend] {
-            let i = side.index();
-            self.watcher.delete(pair.fd(side)).ok();
-            self.registry.remove(cookies[i]);
-            if !(side == Side::Client && faults::active(Fault::LeakEntry)) {
-                self.kernel.forget(cookies[i]);
-            }
+        drop(pair);
+        for cookie in cookies {
+            self.registry.remove(cookie);
         }
         if refused {
+            for s in [&client, &backend] {
+                self.watcher.delete(s.as_fd()).ok();
+            }
+            self.kernel.forget(&cookies);
             return Spliced::Refused(client, backend);
         }
+        // Closing a socket takes it out of the socket maps and the watcher's epoll.
+        drop((client, backend));
+        let forget = if faults::active(Fault::LeakEntry) {
+            &cookies[1..]
+        } else {
+            &cookies[..]
+        };
+        self.kernel.forget_closed(forget);
         Spliced::Done(result)
+    }
+
+    /// Puts a pair's sockets in the maps and lets their bytes flow, the PROXY protocol header
+    /// first. Returns `false`, having forwarded nothing, when the kernel would not take a
+    /// socket (it had already received FIN).
+    async fn enter(
+        &self,
+        pair: &mut Pair<'_>,
+        preface: &[u8],
+        tx: &mpsc::UnboundedSender<SockEvent>,
+    ) -> Result<bool, SpliceError> {
+        let cookies = pair.sides.each_ref().map(|s| s.cookie);
+        for side in [Side::Client, Side::Backend] {
+            let cookie = cookies[side.index()];
+            self.registry.add(cookie, side, tx.clone());
+            self.watcher
+                .add(pair.fd(side), cookie)
+                .map_err(SpliceError::Internal)?;
+        }
+        self.kernel
+            .add_links(pair.sides.each_ref().map(|s| (s.cookie, s.link)))?;
+        for side in [Side::Client, Side::Backend] {
+            match self.kernel.add_socket(cookies[side.index()], pair.fd(side)) {
+                Ok(()) => {}
+                Err(e) if e.is_state_refusal() => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Before the client's socket enters RECV: ahead of every byte of the client.
+        write_all(pair.side(Side::Backend).sock, preface).await?;
+        for side in [Side::Client, Side::Backend] {
+            match self
+                .kernel
+                .start_receive(cookies[side.index()], pair.fd(side))
+            {
+                Ok(()) => sys::poke_receive(pair.fd(side)).map_err(SpliceError::Internal)?,
+                // FIN arrived since the socket entered SOCKS: userspace carries its rest.
+                Err(e) if e.is_state_refusal() => pair.side_mut(side).outside = true,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(true)
     }
 }
 
