@@ -68,22 +68,25 @@ impl Plane {
     }
 }
 
-/// Sets what every proxied socket needs before its handshake, so that it holds from the first
-/// segment and its window scale fits its buffer; accepted sockets inherit it from their
-/// listener, so a connection costs no call for its client side:
+/// Sets what every proxied socket needs before its handshake; accepted sockets inherit it
+/// from their listener, so a connection costs no call for its client side:
 /// - no Nagle delay: bytes are forwarded as they come;
-/// - the receive buffer fixed at `max_buffer` bytes of kernel memory (`SO_RCVBUF`, which also
-///   stops the kernel's autotuning of it): bytes a sender pushes while their reader is slow
-///   wait there, so the host's `tcp_rmem` must not set how many (up to 32 MiB on some hosts);
 /// - the send buffer fixed at `send_buffer` bytes of payload ([`Plane::send_buffer`]).
-pub fn tune_socket(
-    fd: std::os::fd::BorrowedFd<'_>,
-    max_buffer: u64,
-    send_buffer: u64,
-) -> std::io::Result<()> {
+pub fn tune_socket(fd: std::os::fd::BorrowedFd<'_>, send_buffer: u64) -> std::io::Result<()> {
     crate::sys::set_no_delay(fd)?;
-    crate::sys::set_receive_buffer(fd, max_buffer / 2)?;
     crate::sys::set_send_buffer(fd, send_buffer)
+}
+
+/// Fixes an established socket's receive buffer at `max_buffer` bytes of kernel memory
+/// (`SO_RCVBUF`, which also stops the kernel's autotuning of it): bytes a sender pushes while
+/// their reader is slow wait there, so the host's `tcp_rmem` must not set how many (up to
+/// 32 MiB on some hosts). Set after the handshake, not inherited from the listener: fixed
+/// before it, the socket offers its whole window at once instead of growing it as its
+/// segments prove their overhead, and a held socket's queue then outgrew its buffer, cost a
+/// retransmission timeout, in a third of the quick runs of one bulk flow over veth
+/// (docs/design.md).
+pub fn bound_receive(s: &impl std::os::fd::AsFd, max_buffer: u64) -> std::io::Result<()> {
+    crate::sys::set_receive_buffer(s.as_fd(), max_buffer / 2)
 }
 
 /// Which data plane the operator asked for.

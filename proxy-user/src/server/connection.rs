@@ -94,11 +94,9 @@ async fn connect(shared: &Shared, addr: SocketAddr) -> std::io::Result<TcpStream
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
-    let max_buffer = shared.opts.max_buffer;
     dataplane::tune_socket(
         socket.as_fd(),
-        max_buffer,
-        shared.plane.send_buffer(max_buffer),
+        shared.plane.send_buffer(shared.opts.max_buffer),
     )?;
     if let Some(name) = &shared.opts.backend_congestion {
         crate::sys::set_congestion(socket.as_fd(), name)?;
@@ -147,6 +145,9 @@ async fn connect_and_splice(
         }
         None => Vec::new(),
     };
+    for s in [&client, &backend] {
+        dataplane::bound_receive(s, shared.opts.max_buffer).map_err(SpliceError::Internal)?;
+    }
     let idle = shared.opts.idle_timeout;
     match &shared.plane {
         Plane::Copy => {

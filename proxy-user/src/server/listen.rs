@@ -15,8 +15,8 @@ use super::{Route, Shared, connection};
 use crate::dataplane::Phase;
 
 /// Binds `addr` with `SO_REUSEADDR` and a backlog of 4096; an IPv6 wildcard takes only IPv6.
-/// Accepted sockets inherit `tune` ([`crate::dataplane::tune_socket`]).
-pub(super) fn bind(addr: SocketAddr, tune: (u64, u64)) -> std::io::Result<TcpListener> {
+/// Accepted sockets inherit what [`crate::dataplane::tune_socket`] sets with `send_buffer`.
+pub(super) fn bind(addr: SocketAddr, send_buffer: u64) -> std::io::Result<TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => {
@@ -27,7 +27,7 @@ pub(super) fn bind(addr: SocketAddr, tune: (u64, u64)) -> std::io::Result<TcpLis
         }
     };
     socket.set_reuseaddr(true)?;
-    crate::dataplane::tune_socket(std::os::fd::AsFd::as_fd(&socket), tune.0, tune.1)?;
+    crate::dataplane::tune_socket(std::os::fd::AsFd::as_fd(&socket), send_buffer)?;
     socket.bind(addr)?;
     socket.listen(4096)
 }
