@@ -21,6 +21,28 @@ const NO_BPF: &[&str] = &[
     "--",
 ];
 
+/// Runs `spliced run` with the tests' config and `args` in `ns` (under `wrapper`), expecting
+/// it to stop at start: its exit code and what it wrote to stderr.
+fn refused_start(ns: &Netns, wrapper: &[&str], args: &[&str]) -> (Option<i32>, String) {
+    let dir = tests::Scratch::new();
+    let config = dir.0.join("fly.toml");
+    std::fs::write(&config, tests::test_config()).expect("config");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .args(wrapper)
+        .arg(tests::spliced_bin())
+        .arg("run")
+        .args(args)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("run spliced");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn auto_falls_back_to_copy_when_bpf_cannot_load() {
     let net = Net::new(Topo::Loopback);
@@ -46,20 +68,8 @@ fn auto_falls_back_to_copy_when_bpf_cannot_load() {
 #[test]
 fn same_host_bypass_is_refused_with_the_reason() {
     let net = Net::new(Topo::Loopback);
-    let dir = tests::Scratch::new();
-    let config = dir.0.join("fly.toml");
-    std::fs::write(&config, tests::test_config()).expect("config");
-    let child = Command::new("ip")
-        .args(["netns", "exec", &net.proxy.name])
-        .arg(tests::spliced_bin())
-        .args(["run", "--same-host-bypass", "on", "--config"])
-        .arg(&config)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run spliced");
-    let out = child.wait_with_output().expect("spliced exits");
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = refused_start(&net.proxy, &[], &["--same-host-bypass", "on"]);
+    assert_eq!(code, Some(2), "{err}");
     for why in [
         "--same-host-bypass on is refused",
         "splice(2)",
@@ -82,19 +92,8 @@ fn same_host_bypass_is_refused_with_the_reason() {
 #[test]
 fn sockmap_refuses_to_start_without_bpf() {
     let ns = Netns::new("nobpf");
-    let dir = tests::Scratch::new();
-    let config = dir.0.join("fly.toml");
-    std::fs::write(&config, tests::test_config()).expect("config");
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name])
-        .args(NO_BPF)
-        .arg(tests::spliced_bin())
-        .args(["run", "--dataplane", "sockmap", "--config"])
-        .arg(&config)
-        .output()
-        .expect("run spliced");
-    assert!(!out.status.success(), "spliced started without BPF");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = refused_start(&ns, NO_BPF, &["--dataplane", "sockmap"]);
+    assert_ne!(code, Some(0), "spliced started without BPF");
     assert!(
         err.contains("sockmap"),
         "the error should name the data plane: {err}"
@@ -194,18 +193,8 @@ fn redis_benchmark_sockmap() {
 #[test]
 fn backend_congestion_is_set_or_refused() {
     let net = Net::new(Topo::Loopback);
-    let dir = tests::Scratch::new();
-    let config = dir.0.join("fly.toml");
-    std::fs::write(&config, tests::test_config()).expect("config");
-    let out = Command::new("ip")
-        .args(["netns", "exec", &net.proxy.name])
-        .arg(tests::spliced_bin())
-        .args(["run", "--backend-congestion", "nonesuch", "--config"])
-        .arg(&config)
-        .output()
-        .expect("run spliced");
-    assert!(!out.status.success(), "spliced started with nonesuch");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = refused_start(&net.proxy, &[], &["--backend-congestion", "nonesuch"]);
+    assert_ne!(code, Some(0), "spliced started with nonesuch");
     for part in ["--backend-congestion nonesuch", "reno"] {
         assert!(err.contains(part), "the refusal should say {part:?}: {err}");
     }

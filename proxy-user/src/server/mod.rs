@@ -284,7 +284,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
 /// Refuses, at start, a congestion control this kernel will not give a socket, naming the ones
 /// it offers; a connection to a machine then never fails for it.
 fn check_congestion(name: &str) -> Result<(), StartError> {
-    let probe = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     crate::sys::set_congestion(std::os::fd::AsFd::as_fd(&probe), name).map_err(|source| {
         StartError::Congestion {
             name: name.to_owned(),

@@ -59,14 +59,24 @@ pub(crate) fn setsockopt_int(
     name: i32,
     value: i32,
 ) -> io::Result<()> {
-    // SAFETY: the option value is a valid int of the given length.
+    setsockopt_bytes(fd, level, name, &value.to_ne_bytes())
+}
+
+/// Sets a socket option whose value is `value`'s bytes.
+pub(crate) fn setsockopt_bytes(
+    fd: BorrowedFd<'_>,
+    level: i32,
+    name: i32,
+    value: &[u8],
+) -> io::Result<()> {
+    // SAFETY: the option value is `value`'s bytes with their length; the kernel copies them.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
             level,
             name,
-            (&raw const value).cast(),
-            size_of::<i32>() as libc::socklen_t,
+            value.as_ptr().cast(),
+            libc::socklen_t::try_from(value.len()).unwrap_or(libc::socklen_t::MAX),
         )
     };
     if rc != 0 {

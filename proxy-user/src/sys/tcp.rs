@@ -6,7 +6,7 @@ use std::{
     os::fd::{AsRawFd, BorrowedFd},
 };
 
-use super::setsockopt_int;
+use super::{setsockopt_bytes, setsockopt_int};
 
 /// The kernel's unique id of a socket (`SO_COOKIE`); the key of every per-socket map.
 pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
@@ -262,18 +262,5 @@ fn set_buffer(fd: BorrowedFd<'_>, forced: i32, plain: i32, bytes: u64) -> io::Re
 /// Sets the socket's TCP congestion control by name (`TCP_CONGESTION`); the kernel refuses a
 /// name it has not loaded or does not allow.
 pub fn set_congestion(fd: BorrowedFd<'_>, name: &str) -> io::Result<()> {
-    // SAFETY: the option value is the name's bytes with their length; the kernel copies them.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_CONGESTION,
-            name.as_ptr().cast(),
-            libc::socklen_t::try_from(name.len()).unwrap_or(libc::socklen_t::MAX),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    setsockopt_bytes(fd, libc::IPPROTO_TCP, libc::TCP_CONGESTION, name.as_bytes())
 }
