@@ -71,18 +71,6 @@ pub struct TcpCounters {
     pub bytes_acked: u64,
     /// Sequence space received in order (data bytes, plus one for a FIN).
     pub bytes_received: u64,
-    /// Bytes written to the socket and not yet acknowledged (`SIOCOUTQ`), read after the rest.
-    pub outq: u64,
-}
-
-impl TcpCounters {
-    /// Bytes ever written into this socket's send queue.
-    ///
-    /// `bytes_acked` is read before `outq`, so an acknowledgement arriving between the two
-    /// reads can only make this smaller than the truth, never larger.
-    pub fn bytes_written(&self) -> u64 {
-        self.bytes_acked + self.outq
-    }
 }
 
 /// A TCP socket's state (`include/net/tcp_states.h`).
@@ -127,7 +115,7 @@ impl From<u8> for TcpState {
     }
 }
 
-/// Reads [`TcpCounters`] of a TCP socket.
+/// Reads [`TcpCounters`] of a TCP socket (`TCP_INFO`).
 pub fn tcp_counters(fd: BorrowedFd<'_>) -> io::Result<TcpCounters> {
     let mut info = RawTcpInfo::default();
     let mut len = size_of::<RawTcpInfo>() as libc::socklen_t;
@@ -148,18 +136,30 @@ pub fn tcp_counters(fd: BorrowedFd<'_>) -> io::Result<TcpCounters> {
     if (len as usize) < size_of::<RawTcpInfo>() {
         return Err(io::Error::other("kernel returned a short tcp_info"));
     }
+    Ok(TcpCounters {
+        state: TcpState::from(info.state),
+        bytes_acked: info.bytes_acked,
+        bytes_received: info.bytes_received,
+    })
+}
+
+/// Bytes written to a TCP socket and not yet acknowledged (`SIOCOUTQ`).
+pub fn send_queue(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut outq: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one int to the pointer given.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &raw mut outq) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(TcpCounters {
-        state: TcpState::from(info.state),
-        bytes_acked: info.bytes_acked,
-        bytes_received: info.bytes_received,
-        outq: u64::try_from(outq).unwrap_or(0),
-    })
+    Ok(u64::try_from(outq).unwrap_or(0))
+}
+
+/// Bytes ever written into a TCP socket's send queue: those acknowledged, read first, plus
+/// those not yet. An acknowledgement arriving between the two reads can only make this
+/// smaller than the truth, never larger.
+pub fn bytes_written(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let acked = tcp_counters(fd)?.bytes_acked;
+    Ok(acked + send_queue(fd)?)
 }
 
 /// Sets `SO_RCVLOWAT` to 1. Beyond its meaning, the kernel runs the socket's data-ready

@@ -147,7 +147,10 @@ impl Pair<'_> {
         // happens once the queue plus the arriving segment would pass the buffer: so a drop
         // since the last look with the queue within `MARGIN` (several segments) of it.
         let dropped = memory.drops > std::mem::replace(&mut self.sides[i].drops_seen, memory.drops);
-        if !dropped || memory.held + MARGIN < memory.buffer || self.counters(side)?.outq == 0 {
+        if !dropped
+            || memory.held + MARGIN < memory.buffer
+            || sys::send_queue(sock.as_fd()).map_err(SpliceError::Internal)? == 0
+        {
             return Ok(());
         }
         let dir = &mut self.sides[i];

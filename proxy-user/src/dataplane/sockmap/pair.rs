@@ -120,7 +120,7 @@ impl<'a> Pair<'a> {
     /// Bytes of `side` the kernel has redirected and not yet written into the peer.
     pub(super) fn backlog(&self, side: Side, flow: &Flow) -> Result<u64, SpliceError> {
         let peer = side.other();
-        let written = self.counters(peer)?.bytes_written();
+        let written = sys::bytes_written(self.fd(peer)).map_err(SpliceError::Internal)?;
         Ok(self.owed(side, flow).saturating_sub(written))
     }
 
