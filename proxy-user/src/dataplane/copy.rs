@@ -22,8 +22,8 @@ pub const COPY_BUFFER: usize = 64 * 1024;
 /// Copies both ways until both directions end, one side fails, the grace period ends, or no
 /// byte has moved for `idle_timeout`. An end of stream on one side becomes a shutdown of the
 /// other side's writing half once every byte before it was written. Each socket's buffers are
-/// fixed ([`super::tune_socket`], [`super::bound_receive`]): what waits for a slow reader stays
-/// within both and one [`COPY_BUFFER`].
+/// fixed ([`super::tune_socket`]): what waits for a slow reader stays within both and one
+/// [`COPY_BUFFER`].
 pub async fn run(
     client: TcpStream,
     backend: TcpStream,

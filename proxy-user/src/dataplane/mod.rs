@@ -68,25 +68,25 @@ impl Plane {
     }
 }
 
-/// Sets what every proxied socket needs before its handshake; accepted sockets inherit it
-/// from their listener, so a connection costs no call for its client side:
+/// Sets what every proxied socket needs once established, on both planes:
 /// - no Nagle delay: bytes are forwarded as they come;
-/// - the send buffer fixed at `send_buffer` bytes of payload ([`Plane::send_buffer`]).
-pub fn tune_socket(fd: std::os::fd::BorrowedFd<'_>, send_buffer: u64) -> std::io::Result<()> {
-    crate::sys::set_no_delay(fd)?;
-    crate::sys::set_send_buffer(fd, send_buffer)
-}
-
-/// Fixes an established socket's receive buffer at `max_buffer` bytes of kernel memory
-/// (`SO_RCVBUF`, which also stops the kernel's autotuning of it): bytes a sender pushes while
-/// their reader is slow wait there, so the host's `tcp_rmem` must not set how many (up to
-/// 32 MiB on some hosts). Set after the handshake, not inherited from the listener: fixed
-/// before it, the socket offers its whole window at once instead of growing it as its
-/// segments prove their overhead, and a held socket's queue then outgrew its buffer, cost a
-/// retransmission timeout, in a third of the quick runs of one bulk flow over veth
+/// - the send buffer fixed at `send_buffer` bytes of payload ([`Plane::send_buffer`]);
+/// - the receive buffer fixed at `max_buffer` bytes of kernel memory (`SO_RCVBUF`, which also
+///   stops the kernel's autotuning of it): bytes a sender pushes while their reader is slow
+///   wait there, so the host's `tcp_rmem` must not set how many (up to 32 MiB on some hosts).
+///
+/// After the handshake, not inherited from the listener nor set before `connect`: set before,
+/// a single bulk flow over veth stalled for about a retransmission timeout in some runs
 /// (docs/design.md).
-pub fn bound_receive(s: &impl std::os::fd::AsFd, max_buffer: u64) -> std::io::Result<()> {
-    crate::sys::set_receive_buffer(s.as_fd(), max_buffer / 2)
+pub fn tune_socket(
+    s: &impl std::os::fd::AsFd,
+    max_buffer: u64,
+    send_buffer: u64,
+) -> std::io::Result<()> {
+    let fd = s.as_fd();
+    crate::sys::set_no_delay(fd)?;
+    crate::sys::set_send_buffer(fd, send_buffer)?;
+    crate::sys::set_receive_buffer(fd, max_buffer / 2)
 }
 
 /// Which data plane the operator asked for.

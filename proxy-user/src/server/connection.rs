@@ -87,17 +87,12 @@ async fn connect_backend(shared: &Shared, route: &Route) -> Result<(TcpStream, L
     }
 }
 
-/// A connection to `addr`, its socket set up before the handshake as the listeners are
-/// ([`dataplane::tune_socket`]), with the congestion control asked for.
+/// A connection to `addr`, with the congestion control asked for set before the handshake.
 async fn connect(shared: &Shared, addr: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
-    dataplane::tune_socket(
-        socket.as_fd(),
-        shared.plane.send_buffer(shared.opts.max_buffer),
-    )?;
     if let Some(name) = &shared.opts.backend_congestion {
         crate::sys::set_congestion(socket.as_fd(), name)?;
     }
@@ -145,8 +140,10 @@ async fn connect_and_splice(
         }
         None => Vec::new(),
     };
+    let max_buffer = shared.opts.max_buffer;
     for s in [&client, &backend] {
-        dataplane::bound_receive(s, shared.opts.max_buffer).map_err(SpliceError::Internal)?;
+        dataplane::tune_socket(s, max_buffer, shared.plane.send_buffer(max_buffer))
+            .map_err(SpliceError::Internal)?;
     }
     let idle = shared.opts.idle_timeout;
     match &shared.plane {

@@ -15,8 +15,7 @@ use super::{Route, Shared, connection};
 use crate::dataplane::Phase;
 
 /// Binds `addr` with `SO_REUSEADDR` and a backlog of 4096; an IPv6 wildcard takes only IPv6.
-/// Accepted sockets inherit what [`crate::dataplane::tune_socket`] sets with `send_buffer`.
-pub(super) fn bind(addr: SocketAddr, send_buffer: u64) -> std::io::Result<TcpListener> {
+pub(super) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => {
@@ -27,7 +26,6 @@ pub(super) fn bind(addr: SocketAddr, send_buffer: u64) -> std::io::Result<TcpLis
         }
     };
     socket.set_reuseaddr(true)?;
-    crate::dataplane::tune_socket(std::os::fd::AsFd::as_fd(&socket), send_buffer)?;
     socket.bind(addr)?;
     socket.listen(4096)
 }

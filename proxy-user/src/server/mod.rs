@@ -209,9 +209,8 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         });
         for ip in &listen_addrs {
             let addr = SocketAddr::new(*ip, port.port);
-            let send_buffer = plane.send_buffer(opts.max_buffer);
-            let listener = listen::bind(addr, send_buffer)
-                .map_err(|source| StartError::Bind { addr, source })?;
+            let listener =
+                listen::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
             tracing::info!(
                 %addr,
                 service = %service.name,
