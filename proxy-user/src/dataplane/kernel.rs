@@ -78,7 +78,7 @@ impl MapOpError {
     }
 }
 
-/// The per-socket maps. Entries are changed through the maps' descriptors ([`sys::bpf`]),
+/// The per-socket maps. Entries are changed through the maps' descriptors ([`map_fd`]),
 /// without a lock: each connection task changes only its own sockets' entries.
 struct Maps {
     hold_ports: HashMap<MapData, u32, u32>,
@@ -88,22 +88,9 @@ struct Maps {
     flows: HashMap<MapData, u64, Flow>,
 }
 
-impl Maps {
-    fn socks(&self) -> BorrowedFd<'_> {
-        IterableMap::map(&self.socks).fd().as_fd()
-    }
-
-    fn recv(&self) -> BorrowedFd<'_> {
-        IterableMap::map(&self.recv).fd().as_fd()
-    }
-
-    fn links(&self) -> BorrowedFd<'_> {
-        IterableMap::map(&self.links).fd().as_fd()
-    }
-
-    fn flows(&self) -> BorrowedFd<'_> {
-        IterableMap::map(&self.flows).fd().as_fd()
-    }
+/// The descriptor of a loaded map.
+fn map_fd<K: aya::Pod, V>(map: &impl IterableMap<K, V>) -> BorrowedFd<'_> {
+    map.map().fd().as_fd()
 }
 
 /// The kernel programs, attached, and their maps.
@@ -213,7 +200,7 @@ impl Kernel {
         public: impl IntoIterator<Item = u16>,
         backend: impl IntoIterator<Item = u16>,
     ) -> io::Result<()> {
-        let map = IterableMap::map(&self.maps.hold_ports).fd().as_fd();
+        let map = map_fd(&self.maps.hold_ports);
         let keys = public
             .into_iter()
             .map(|p| hold_port_key(PortRole::Public, p))
@@ -231,33 +218,33 @@ impl Kernel {
     /// Creates the link and flow entries of a pair's two sockets (one call per map).
     pub fn add_links(&self, links: [(u64, Link); 2]) -> Result<(), MapOpError> {
         let cookies = links.map(|(c, _)| c);
-        sys::map_update_batch(self.maps.flows(), &cookies, &[Flow::default(); 2])
+        sys::map_update_batch(map_fd(&self.maps.flows), &cookies, &[Flow::default(); 2])
             .map_err(|source| op_err("insert", names::FLOWS, cookies[0], source))?;
-        sys::map_update_batch(self.maps.links(), &cookies, &links.map(|(_, l)| l))
+        sys::map_update_batch(map_fd(&self.maps.links), &cookies, &links.map(|(_, l)| l))
             .map_err(|source| op_err("insert", names::LINKS, cookies[0], source))
     }
 
     /// Replaces the link of a socket (check point, hold).
     pub fn set_link(&self, cookie: u64, link: &Link) -> Result<(), MapOpError> {
-        sys::map_update(self.maps.links(), &cookie, link, 0)
+        sys::map_update(map_fd(&self.maps.links), &cookie, link, 0)
             .map_err(|source| op_err("update", names::LINKS, cookie, source))
     }
 
     /// What the verdict program has done with the bytes this socket received.
     pub fn flow(&self, cookie: u64) -> Result<Flow, MapOpError> {
-        sys::map_lookup(self.maps.flows(), &cookie)
+        sys::map_lookup(map_fd(&self.maps.flows), &cookie)
             .map_err(|source| op_err("lookup", names::FLOWS, cookie, source))
     }
 
     /// Puts a socket in `SOCKS`, where it can be redirected to.
     pub fn add_socket(&self, cookie: u64, fd: BorrowedFd<'_>) -> Result<(), MapOpError> {
-        sys::map_update(self.maps.socks(), &cookie, &raw_fd(fd), 0)
+        sys::map_update(map_fd(&self.maps.socks), &cookie, &raw_fd(fd), 0)
             .map_err(|source| op_err("insert", names::SOCKS, cookie, source))
     }
 
     /// Lets the bytes a socket receives flow to its peer (puts it in `RECV`).
     pub fn start_receive(&self, cookie: u64, fd: BorrowedFd<'_>) -> Result<(), MapOpError> {
-        sys::map_update(self.maps.recv(), &cookie, &raw_fd(fd), 0)
+        sys::map_update(map_fd(&self.maps.recv), &cookie, &raw_fd(fd), 0)
             .map_err(|source| op_err("insert", names::RECV, cookie, source))
     }
 
@@ -266,8 +253,8 @@ impl Kernel {
     pub fn forget(&self, cookies: &[u64]) {
         for &cookie in cookies {
             for (map, fd) in [
-                (names::RECV, self.maps.recv()),
-                (names::SOCKS, self.maps.socks()),
+                (names::RECV, map_fd(&self.maps.recv)),
+                (names::SOCKS, map_fd(&self.maps.socks)),
             ] {
                 match sys::map_delete(fd, &cookie) {
                     Ok(()) => {}
@@ -283,8 +270,8 @@ impl Kernel {
     /// out of the socket maps, so only the link and flow entries are left (one call per map).
     pub fn forget_closed(&self, cookies: &[u64]) {
         for (map, fd) in [
-            (names::LINKS, self.maps.links()),
-            (names::FLOWS, self.maps.flows()),
+            (names::LINKS, map_fd(&self.maps.links)),
+            (names::FLOWS, map_fd(&self.maps.flows)),
         ] {
             if let Err(e) = sys::map_delete_all(fd, cookies) {
                 log_removal_error(map, cookies.first().copied().unwrap_or(0), &e);

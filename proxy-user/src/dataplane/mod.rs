@@ -75,9 +75,8 @@ impl Plane {
 ///   stops the kernel's autotuning of it): bytes a sender pushes while their reader is slow
 ///   wait there, so the host's `tcp_rmem` must not set how many (up to 32 MiB on some hosts).
 ///
-/// After the handshake, not inherited from the listener nor set before `connect`: set before,
-/// a single bulk flow over veth stalled for about a retransmission timeout in some runs
-/// (docs/design.md).
+/// Called once the socket is established, never on a listener or before `connect`
+/// (docs/design.md says why).
 pub fn tune_socket(
     s: &impl std::os::fd::AsFd,
     max_buffer: u64,

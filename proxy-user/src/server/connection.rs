@@ -67,7 +67,7 @@ async fn connect_backend(shared: &Shared, route: &Route) -> Result<(TcpStream, L
     let mut tried = Vec::new();
     loop {
         let addr = lease.addr();
-        let connect = connect(shared, addr);
+        let connect = connect(addr, shared.opts.backend_congestion.as_deref());
         let error = match tokio::time::timeout(shared.opts.connect_timeout, connect).await {
             Ok(Ok(b)) => return Ok((b, lease)),
             Ok(Err(e)) => e,
@@ -88,12 +88,12 @@ async fn connect_backend(shared: &Shared, route: &Route) -> Result<(TcpStream, L
 }
 
 /// A connection to `addr`, with the congestion control asked for set before the handshake.
-async fn connect(shared: &Shared, addr: SocketAddr) -> std::io::Result<TcpStream> {
+async fn connect(addr: SocketAddr, congestion: Option<&str>) -> std::io::Result<TcpStream> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
-    if let Some(name) = &shared.opts.backend_congestion {
+    if let Some(name) = congestion {
         crate::sys::set_congestion(socket.as_fd(), name)?;
     }
     socket.connect(addr).await

@@ -1,5 +1,6 @@
 //! The few system calls the standard library and socket2 do not offer, by subject: TCP
-//! sockets ([`tcp`]), BPF maps ([`bpf`]), epoll and tokio registration ([`epoll`]), cgroup mounts ([`mount`]).
+//! sockets ([`tcp`]), BPF maps ([`bpf`]), epoll and tokio registration ([`epoll`]), cgroup
+//! mounts ([`mount`]).
 //! Every `unsafe` block of the daemon lives here.
 
 mod bpf;
