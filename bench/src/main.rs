@@ -181,6 +181,7 @@ fn main() -> Result<()> {
     }
     let args = parse_args()?;
     tests::raise_fd_limit();
+    topo::allow_congestion(&args.congestion)?;
     let mut plan = Plan::new(args.quick, args.congestion.clone());
     plan.workloads.clone_from(&args.workloads);
     let started = Instant::now();

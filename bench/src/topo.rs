@@ -41,6 +41,38 @@ pub struct Topology {
     pub backend_addr: SocketAddr,
 }
 
+/// Where the host lists the congestion controls a namespace other than the first may choose.
+const ALLOWED_CONGESTION: &str = "/proc/sys/net/ipv4/tcp_allowed_congestion_control";
+
+/// Lets every namespace choose `congestion`: the host allows only its default and reno there
+/// until told otherwise (a host whose default is BBR refuses cubic). Only adds to the list,
+/// and says so.
+pub fn allow_congestion(congestion: &str) -> Result<()> {
+    let allowed = std::fs::read_to_string(ALLOWED_CONGESTION).context(ALLOWED_CONGESTION)?;
+    if allowed.split_whitespace().any(|a| a == congestion) {
+        return Ok(());
+    }
+    let available = "/proc/sys/net/ipv4/tcp_available_congestion_control";
+    if !std::fs::read_to_string(available)
+        .context(available)?
+        .split_whitespace()
+        .any(|a| a == congestion)
+    {
+        // A module the kernel loads on request (tcp_cubic, tcp_bbr).
+        let _ = Command::new("modprobe")
+            .arg(format!("tcp_{congestion}"))
+            .status();
+    }
+    let wanted = format!("{} {congestion}", allowed.trim());
+    std::fs::write(ALLOWED_CONGESTION, &wanted)
+        .with_context(|| format!("{ALLOWED_CONGESTION}: allowing {congestion}"))?;
+    eprintln!(
+        "bench: host sysctl net.ipv4.tcp_allowed_congestion_control raised to {wanted:?} (was {:?}) so that every namespace can use {congestion}",
+        allowed.trim()
+    );
+    Ok(())
+}
+
 /// Settings every namespace gets: ports enough that the connection-rate workload does not
 /// run out to `TIME_WAIT`, and one congestion control for every socket of every target
 /// (a namespace starts with the host's, which may pace where nothing needs pacing).

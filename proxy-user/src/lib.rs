@@ -11,4 +11,5 @@ pub mod health;
 pub mod proxy_proto;
 pub mod server;
 pub mod sys;
+pub mod tls;
 pub mod watch;

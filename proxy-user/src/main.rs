@@ -87,6 +87,15 @@ struct RunArgs {
     /// docs/same-host-bypass.md).
     #[arg(long, value_enum, default_value_t = Toggle::Off)]
     same_host_bypass: Toggle,
+    /// Directory of PEM certificates for `tls` and `pg_tls` ports, chosen by the client's SNI
+    /// (exact name, then wildcard, then the file named `default`), each with its key after it
+    /// or in a file of the same name ending `.key`; re-read when it changes. Without it, TLS
+    /// ports serve a self-signed certificate.
+    #[arg(long, value_name = "DIR")]
+    certs: Option<PathBuf>,
+    /// How long a client may take over its TLS handshake.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    tls_handshake_timeout: Duration,
 }
 
 /// `spliced check`.
@@ -156,6 +165,8 @@ impl TryFrom<&RunArgs> for RunOptions {
             idle_timeout: Some(a.idle_timeout).filter(|d| !d.is_zero()),
             egress_audit: a.egress_audit,
             backend_congestion: a.backend_congestion.clone(),
+            certs: a.certs.clone(),
+            tls_handshake_timeout: a.tls_handshake_timeout,
         })
     }
 }

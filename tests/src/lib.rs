@@ -8,6 +8,7 @@ mod daemon;
 mod fleet;
 mod netns;
 mod pattern;
+pub mod tls;
 
 pub use backends::*;
 pub use daemon::*;

@@ -69,7 +69,7 @@ fn check_prints_the_routing_table_and_json() {
             "w1",
             "conns 20/25",
             "tcp every 10s",
-            "refused: tls,http"
+            "refused: http"
         ]
     );
     assert_eq!(row("5000/tcp")[3], "proxy_proto v2");
@@ -167,10 +167,10 @@ fn run_refuses_unimplemented_handlers_one_message_per_port() {
     let f = config.display();
     for line in [
         format!(
-            "{f}: port 80 (http_service): handler http is not implemented yet; spliced serves raw TCP and proxy_proto"
+            "{f}: port 80 (http_service): handler http is not implemented yet; spliced serves raw TCP, tls, pg_tls and proxy_proto"
         ),
         format!(
-            "{f}: port 443 (http_service): handlers tls, http are not implemented yet; spliced serves raw TCP and proxy_proto"
+            "{f}: port 443 (http_service): handler http is not implemented yet; spliced serves raw TCP, tls, pg_tls and proxy_proto"
         ),
         format!("{f}: port 53/udp (services[0]): UDP services are not implemented yet"),
     ] {

@@ -140,7 +140,12 @@ impl PublicPort {
         self.handlers
             .iter()
             .copied()
-            .filter(|h| *h != Handler::ProxyProto)
+            .filter(|h| {
+                !matches!(
+                    h,
+                    Handler::ProxyProto | Handler::Tls | Handler::PgTls | Handler::EdgeHttp
+                )
+            })
             .collect()
     }
 }
@@ -339,6 +344,13 @@ impl Config {
                 ));
                 continue;
             }
+            if p.handlers.contains(&Handler::EdgeHttp) {
+                out.push(format!(
+                    "port {} ({}): edge_http is a handler of Fly's own edge, not one an app's ports can use; use http",
+                    p.port, s.name
+                ));
+                continue;
+            }
             let missing = p.unimplemented_handlers();
             if !missing.is_empty() {
                 let names: Vec<&str> = missing.iter().map(|h| h.name()).collect();
@@ -348,7 +360,7 @@ impl Config {
                     ("handlers", "are")
                 };
                 out.push(format!(
-                    "port {} ({}): {noun} {} {verb} not implemented yet; spliced serves raw TCP and proxy_proto",
+                    "port {} ({}): {noun} {} {verb} not implemented yet; spliced serves raw TCP, tls, pg_tls and proxy_proto",
                     p.port,
                     s.name,
                     names.join(", ")

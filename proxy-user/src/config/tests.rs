@@ -113,3 +113,37 @@ fn unknown_key_warns_with_suggestion() {
         "fly.toml:2:1: services[0].internal_prot: unknown key, ignored; did you mean `internal_port`?"
     );
 }
+
+#[test]
+fn proxy_proto_is_v1_unless_its_options_say_v2() {
+    let c = parse(
+        "[[services]]\ninternal_port = 9\n[[services.ports]]\nport = 1\nhandlers = [\"tls\", \"proxy_proto\"]\n[[services.ports]]\nport = 2\nhandlers = [\"proxy_proto\"]\nproxy_proto_options = { version = \"v2\" }\n[[services.ports]]\nport = 3\nhandlers = [\"tls\"]\n",
+    )
+    .expect("valid config");
+    let versions: Vec<Option<ProxyProtoVersion>> =
+        c.public_ports().map(|(_, p)| p.proxy_proto).collect();
+    assert_eq!(
+        versions,
+        vec![
+            Some(ProxyProtoVersion::V1),
+            Some(ProxyProtoVersion::V2),
+            None
+        ]
+    );
+    assert!(c.unservable().is_empty(), "{:?}", c.unservable());
+}
+
+#[test]
+fn edge_http_is_refused_with_what_to_use_instead() {
+    let c = parse(
+        "[[services]]\ninternal_port = 9\n[[services.ports]]\nport = 1\nhandlers = [\"edge_http\"]\n",
+    )
+    .expect("valid config");
+    assert_eq!(
+        c.unservable(),
+        vec![
+            "port 1 (services[0]): edge_http is a handler of Fly's own edge, not one an app's ports can use; use http"
+                .to_owned()
+        ]
+    );
+}

@@ -11,7 +11,12 @@ use std::{
     time::Duration,
 };
 
-use tokio::{net::TcpStream, sync::watch, time::Instant};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::TcpStream,
+    sync::watch,
+    time::Instant,
+};
 
 use super::{Outcome, Phase, SpliceError};
 use crate::faults::{self, Fault};
@@ -27,49 +32,130 @@ pub const COPY_BUFFER: usize = 64 * 1024;
 pub async fn run(
     client: TcpStream,
     backend: TcpStream,
-    mut phase: watch::Receiver<Phase>,
+    phase: watch::Receiver<Phase>,
     idle_timeout: Option<Duration>,
 ) -> Result<Outcome, SpliceError> {
     let start = Instant::now();
     // Milliseconds after `start` of the last byte read from either side.
     let last_read = AtomicU64::new(0);
+    let copy = async {
+        tokio::try_join!(
+            one_way(&client, &backend, start, &last_read),
+            one_way(&backend, &client, start, &last_read)
+        )
+        .map(|_| ())
+    };
+    let result = supervise(copy, phase, idle_timeout, start, &last_read).await;
+    reset_unless_ended(&result, [&client, &backend]);
+    result
+}
+
+/// [`run`] for a client whose bytes are not the socket's own (TLS): the same ends, bound and
+/// timeouts, through the stream's reads and writes. An end of the client's stream without
+/// TLS's `close_notify` is an end of stream all the same, as for a bare socket.
+pub async fn run_stream<S: OverTcp>(
+    client: S,
+    mut backend: TcpStream,
+    phase: watch::Receiver<Phase>,
+    idle_timeout: Option<Duration>,
+) -> Result<Outcome, SpliceError> {
+    let start = Instant::now();
+    let last_read = AtomicU64::new(0);
+    let (mut from_client, mut to_client) = tokio::io::split(client);
     let result = {
+        let (mut from_backend, mut to_backend) = backend.split();
         let copy = async {
             tokio::try_join!(
-                one_way(&client, &backend, start, &last_read),
-                one_way(&backend, &client, start, &last_read)
+                stream_one_way(&mut from_client, &mut to_backend, start, &last_read),
+                stream_one_way(&mut from_backend, &mut to_client, start, &last_read)
             )
+            .map(|_| ())
         };
-        tokio::pin!(copy);
-        let idle = idle_timeout.unwrap_or_default();
-        let mut idle_check = start + idle;
-        loop {
-            if *phase.borrow() == Phase::Abort {
-                break Ok(Outcome::Aborted);
-            }
-            tokio::select! {
-                r = &mut copy => break r.map(|_| Outcome::Completed).map_err(classify),
-                _ = phase.changed() => {}
-                () = tokio::time::sleep_until(idle_check), if idle_timeout.is_some() => {
-                    let last = start + Duration::from_millis(last_read.load(Ordering::Relaxed));
-                    if last.elapsed() >= idle {
-                        break Ok(Outcome::Idle);
-                    }
-                    idle_check = last + idle;
+        supervise(copy, phase, idle_timeout, start, &last_read).await
+    };
+    let client = from_client.unsplit(to_client);
+    reset_unless_ended(&result, [client.tcp(), &backend]);
+    result
+}
+
+/// A client stream over a TCP socket, which is reset when the copy fails.
+pub trait OverTcp: AsyncRead + AsyncWrite + Unpin {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl OverTcp for tokio_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+/// Runs `copy` until it ends, the grace period ends, or no byte has moved for
+/// `idle_timeout` (`last_read`: milliseconds after `start` of the last byte read).
+async fn supervise(
+    copy: impl Future<Output = io::Result<()>>,
+    mut phase: watch::Receiver<Phase>,
+    idle_timeout: Option<Duration>,
+    start: Instant,
+    last_read: &AtomicU64,
+) -> Result<Outcome, SpliceError> {
+    tokio::pin!(copy);
+    let idle = idle_timeout.unwrap_or_default();
+    let mut idle_check = start + idle;
+    loop {
+        if *phase.borrow() == Phase::Abort {
+            return Ok(Outcome::Aborted);
+        }
+        tokio::select! {
+            r = &mut copy => return r.map(|()| Outcome::Completed).map_err(classify),
+            _ = phase.changed() => {}
+            () = tokio::time::sleep_until(idle_check), if idle_timeout.is_some() => {
+                let last = start + Duration::from_millis(last_read.load(Ordering::Relaxed));
+                if last.elapsed() >= idle {
+                    return Ok(Outcome::Idle);
                 }
+                idle_check = last + idle;
             }
         }
-    };
+    }
+}
+
+/// Makes the close of both sockets a reset unless the connection ended cleanly (or timed
+/// out idle, which closes with FIN).
+fn reset_unless_ended(result: &Result<Outcome, SpliceError>, sockets: [&TcpStream; 2]) {
     if !matches!(result, Ok(Outcome::Completed | Outcome::Idle))
         && !faults::active(Fault::FinNotReset)
     {
-        for s in [&client, &backend] {
+        for s in sockets {
             socket2::SockRef::from(s)
                 .set_linger(Some(Duration::ZERO))
                 .ok();
         }
     }
-    result
+}
+
+/// Moves bytes from `from` to `to` through their streams until `from` ends, then ends `to`
+/// (for TLS, `close_notify` then FIN). Each write is flushed: TLS may keep records back
+/// otherwise.
+async fn stream_one_way(
+    from: &mut (impl AsyncRead + Unpin),
+    to: &mut (impl AsyncWrite + Unpin),
+    start: Instant,
+    last_read: &AtomicU64,
+) -> io::Result<()> {
+    let mut buf = vec![0; COPY_BUFFER];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e),
+        };
+        let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        last_read.store(ms, Ordering::Relaxed);
+        to.write_all(&buf[..n]).await?;
+        to.flush().await?;
+    }
+    to.shutdown().await
 }
 
 /// Moves bytes from `from` to `to` until `from` ends its stream, then shuts `to`'s writing

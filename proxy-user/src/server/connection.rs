@@ -29,7 +29,10 @@ pub(super) async fn serve(
     route: Arc<Route>,
     phase: watch::Receiver<Phase>,
 ) {
-    let result = connect_and_splice(&shared, client, peer, &route, phase).await;
+    let result = match &route.tls {
+        Some(tls) => super::terminate::serve(&shared, client, peer, &route, tls, phase).await,
+        None => connect_and_splice(&shared, client, peer, &route, phase, &[]).await,
+    };
     let stats = &shared.stats;
     if stats.active.fetch_sub(1, Ordering::AcqRel) == 1 {
         shared.none_live.notify_waiters();
@@ -99,47 +102,74 @@ async fn connect(addr: SocketAddr, congestion: Option<&str>) -> std::io::Result<
     socket.connect(addr).await
 }
 
-async fn connect_and_splice(
+/// A slot and a connection for `client`, which is reset when there is none; `None` when the
+/// grace period ended while it waited.
+pub(super) async fn backend_or_reset(
     shared: &Shared,
-    client: TcpStream,
-    peer: SocketAddr,
     route: &Route,
-    phase: watch::Receiver<Phase>,
-) -> Result<Outcome, SpliceError> {
+    client: &TcpStream,
+    phase: &watch::Receiver<Phase>,
+) -> Result<Option<(TcpStream, Lease)>, SpliceError> {
     let mut abort = phase.clone();
     let connected = tokio::select! {
         c = connect_backend(shared, route) => c,
         // A connection still waiting in the queue at the end of the grace period.
         _ = abort.wait_for(|p| *p == Phase::Abort) => {
-            reset(&client);
-            return Ok(Outcome::Aborted);
+            reset(client);
+            return Ok(None);
         }
     };
-    // Held until the connection ends: it is the machine's count of live connections.
-    let (mut backend, _lease) = match connected {
-        Ok(b) => b,
+    match connected {
+        Ok(b) => Ok(Some(b)),
         Err(NoBackend::Unreachable(e)) => {
             shared
                 .stats
                 .backend_unreachable
                 .fetch_add(1, Ordering::Relaxed);
-            reset(&client);
-            return Err(SpliceError::Backend(e));
+            reset(client);
+            Err(SpliceError::Backend(e))
         }
         Err(NoBackend::Refused(why)) => {
             shared.stats.refused.fetch_add(1, Ordering::Relaxed);
-            reset(&client);
-            return Err(SpliceError::Backend(std::io::Error::other(why)));
+            reset(client);
+            Err(SpliceError::Backend(std::io::Error::other(why)))
         }
-    };
-    // Written before any byte of the client, so it is the first thing the backend reads, once.
-    let header = match route.proxy_proto {
+    }
+}
+
+/// The PROXY protocol header for `client`'s connection, if the route sends one.
+pub(super) fn proxy_header(
+    route: &Route,
+    client: &TcpStream,
+    peer: SocketAddr,
+) -> Result<Vec<u8>, SpliceError> {
+    Ok(match route.proxy_proto {
         Some(version) => {
             let local = client.local_addr().map_err(SpliceError::Internal)?;
             crate::proxy_proto::header(version, peer, local)
         }
         None => Vec::new(),
+    })
+}
+
+/// Connects `client` to a machine and moves its bytes on the daemon's data plane. `early`:
+/// bytes already read from the client, passed on first (after the PROXY header).
+pub(super) async fn connect_and_splice(
+    shared: &Shared,
+    client: TcpStream,
+    peer: SocketAddr,
+    route: &Route,
+    phase: watch::Receiver<Phase>,
+    early: &[u8],
+) -> Result<Outcome, SpliceError> {
+    // Held until the connection ends: it is the machine's count of live connections.
+    let Some((mut backend, _lease)) = backend_or_reset(shared, route, &client, &phase).await?
+    else {
+        return Ok(Outcome::Aborted);
     };
+    // Written before any byte of the client, so it is the first thing the backend reads, once.
+    let mut header = proxy_header(route, &client, peer)?;
+    header.extend_from_slice(early);
     let max_buffer = shared.opts.max_buffer;
     for s in [&client, &backend] {
         dataplane::tune_socket(s, max_buffer, shared.plane.send_buffer(max_buffer))
@@ -179,7 +209,7 @@ async fn connect_and_splice(
 }
 
 /// Writes the PROXY protocol header (if any) into the backend connection.
-async fn write_preface(
+pub(super) async fn write_preface(
     client: &TcpStream,
     backend: &mut TcpStream,
     header: &[u8],

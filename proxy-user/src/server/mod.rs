@@ -5,6 +5,7 @@
 mod admin;
 mod connection;
 mod listen;
+mod terminate;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -53,6 +54,10 @@ pub struct RunOptions {
     pub egress_audit: bool,
     /// TCP congestion control of connections to machines; `None`: the host's default.
     pub backend_congestion: Option<String>,
+    /// Where the certificates of TLS ports are (`--certs`); `None`: self-signed ones.
+    pub certs: Option<PathBuf>,
+    /// How long a client may take over its TLS handshake.
+    pub tls_handshake_timeout: Duration,
 }
 
 /// Why the daemon could not start.
@@ -83,6 +88,14 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("--certs: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Certs(Vec<crate::tls::CertError>),
+    #[error("port {port}: TLS: {source}")]
+    Tls {
+        port: u16,
+        #[source]
+        source: crate::tls::TlsConfigError,
+    },
     #[error("telling the hold program which ports to watch: {0}")]
     HoldPorts(#[source] std::io::Error),
     #[error("{0}")]
@@ -105,6 +118,12 @@ pub struct ConnStats {
     pub idle_closed: AtomicU64,
     /// Connections the kernel would not take (a side had already sent FIN), copied instead.
     pub copied_fallback: AtomicU64,
+    /// TLS handshakes completed on `tls` and `pg_tls` ports.
+    pub tls_handshakes: AtomicU64,
+    /// TLS handshakes that failed or timed out; the client is closed.
+    pub tls_failed: AtomicU64,
+    /// Clients of `pg_tls` ports that did not ask for TLS, passed on in plain text.
+    pub pg_plaintext: AtomicU64,
 }
 
 /// Where the connections of one public port go.
@@ -115,6 +134,8 @@ struct Route {
     pool: Arc<Pool>,
     /// The PROXY protocol header to send each backend first, if any.
     proxy_proto: Option<ProxyProtoVersion>,
+    /// TLS termination (`tls`, `pg_tls`), if the port has it.
+    tls: Option<crate::tls::TlsPort>,
 }
 
 struct Shared {
@@ -196,16 +217,19 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
             .watch_ports(public, backend)
             .map_err(StartError::HoldPorts)?;
     }
+    let mut certs = None;
     let mut listeners = Vec::new();
     for (service, port) in config.public_ports() {
         let pool = Arc::clone(&pools[service.id as usize]);
         if pool.machines.is_empty() {
             tracing::warn!(port = port.port, service = %service.name, "no machine serves this port: its connections will be refused");
         }
+        let tls = tls_port(&config, port, &opts, &mut certs)?;
         let route = Arc::new(Route {
             service: service.id,
             pool,
             proxy_proto: port.proxy_proto,
+            tls,
         });
         for ip in &listen_addrs {
             let addr = SocketAddr::new(*ip, port.port);
@@ -234,6 +258,9 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     });
     // Dropped (which stops every check) when the daemon returns.
     let _health = crate::health::start(&config.services, &shared.pools);
+    let _certs = certs
+        .filter(|c: &Arc<crate::tls::CertStore>| c.dir().is_some())
+        .map(|c| AbortOnDrop(crate::tls::watch(c)));
     let (phase_tx, phase_rx) = watch::channel(Phase::Serve);
     let mut acceptors = JoinSet::new();
     for (listener, route) in listeners {
@@ -278,6 +305,77 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     }
     tracing::info!(stats = %serde_json::to_string(&admin::snapshot(&shared)).unwrap_or_default(), "stopped");
     Ok(())
+}
+
+/// A task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The TLS side of `port` when it terminates TLS. `certs` is the store every port shares,
+/// read on first need. A port that asks for a self-signed certificate, or any port when no
+/// `--certs` is given, gets one for the app's names, served when no certificate matches.
+fn tls_port(
+    config: &Config,
+    port: &crate::config::PublicPort,
+    opts: &RunOptions,
+    certs: &mut Option<Arc<crate::tls::CertStore>>,
+) -> Result<Option<crate::tls::TlsPort>, StartError> {
+    use crate::{config::Handler, tls};
+    let postgres = port.handlers.contains(&Handler::PgTls);
+    if !postgres && !port.handlers.contains(&Handler::Tls) {
+        return Ok(None);
+    }
+    let provider = tls::provider();
+    if certs.is_none() {
+        let s = tls::CertStore::open(opts.certs.as_deref(), Arc::clone(&provider))
+            .map_err(StartError::Certs)?;
+        tracing::info!(dir = ?opts.certs, names = s.len(), "certificates loaded");
+        *certs = Some(Arc::new(s));
+    }
+    let store = certs.as_ref().map(Arc::clone).expect("read above");
+    let options = port.tls_options.clone().unwrap_or_default();
+    let self_signed = options.default_self_signed == Some(true) || store.dir().is_none();
+    let fallback = if self_signed {
+        let mut names = vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+        ];
+        if let Some(app) = &config.app {
+            names.insert(0, format!("{app}.fly.dev"));
+        }
+        if store.dir().is_none() {
+            tracing::warn!(
+                port = port.port,
+                ?names,
+                "no --certs: this port serves a self-signed certificate"
+            );
+        }
+        Some(tls::certs::self_signed(names, &provider).map_err(|e| StartError::Certs(vec![e]))?)
+    } else {
+        None
+    };
+    let tls =
+        tls::TlsPort::new(&options, postgres, store, fallback, provider).map_err(|source| {
+            StartError::Tls {
+                port: port.port,
+                source,
+            }
+        })?;
+    tracing::info!(
+        port = port.port,
+        alpn = ?options.alpn,
+        versions = ?options.versions,
+        self_signed,
+        postgres,
+        "TLS terminates here, in userspace: this kernel path does not carry TLS"
+    );
+    Ok(Some(tls))
 }
 
 /// Refuses, at start, a congestion control this kernel will not give a socket, naming the ones

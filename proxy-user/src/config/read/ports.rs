@@ -146,7 +146,9 @@ pub(super) fn read_proxy_proto(
     let mut version = handlers
         .contains(&Handler::ProxyProto)
         .then_some(ProxyProtoVersion::V1);
-    let v = t.get("proxy_proto_options")?;
+    let Some(v) = t.get("proxy_proto_options") else {
+        return version;
+    };
     let field = t.field("proxy_proto_options");
     let opts = Table::new(&field, r.table(v, &field)?, v.span());
     r.unknown_keys(opts, &["version"]);

@@ -1,0 +1,228 @@
+//! TLS for the tests: a certificate authority of the test's own and certificates it signs,
+//! written as `spliced run --certs` reads them; a fly.toml whose port terminates TLS;
+//! `openssl s_client` as the client that reports what it was served; and a Rust client
+//! (tokio-rustls) that moves a checked stream through the TLS port.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::Arc,
+    time::Duration,
+};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::{BACKEND_PORT, Netns, PUBLIC_PORT, Pattern};
+
+/// A certificate authority that signs the tests' certificates; its certificate is `ca.pem`
+/// in the directory it was made in.
+pub struct TestCa {
+    issuer: Issuer<'static, KeyPair>,
+    pub pem: String,
+    pub path: PathBuf,
+}
+
+impl TestCa {
+    pub fn new(dir: &Path) -> Self {
+        let key = KeyPair::generate().expect("CA key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "spliced test CA");
+        let cert = params.self_signed(&key).expect("CA certificate");
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, cert.pem()).expect("write ca.pem");
+        Self {
+            issuer: Issuer::new(params, key),
+            pem: cert.pem(),
+            path,
+        }
+    }
+
+    /// Writes a certificate for `names` with common name `cn` as `dir/stem.pem`, its key
+    /// after it (`separate_key`: in `dir/stem.key` instead).
+    pub fn issue(&self, dir: &Path, stem: &str, cn: &str, names: &[&str], separate_key: bool) {
+        let key = KeyPair::generate().expect("key");
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let mut params = CertificateParams::new(names).expect("params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        let cert_path = dir.join(format!("{stem}.pem"));
+        if separate_key {
+            std::fs::write(dir.join(format!("{stem}.key")), key.serialize_pem()).expect("key");
+            std::fs::write(cert_path, cert.pem()).expect("certificate");
+        } else {
+            std::fs::write(cert_path, cert.pem() + &key.serialize_pem()).expect("certificate");
+        }
+    }
+}
+
+/// The tests' fly.toml with its one port given `handlers` and, if not empty, the body of its
+/// `tls_options` table; the machine at `machine`.
+pub fn tls_config(handlers: &[&str], tls_options: &str, machine: SocketAddr) -> String {
+    let handlers: Vec<String> = handlers.iter().map(|h| format!("\"{h}\"")).collect();
+    let options = if tls_options.is_empty() {
+        String::new()
+    } else {
+        format!("    [services.ports.tls_options]\n{tls_options}\n")
+    };
+    assert_eq!(machine.port(), BACKEND_PORT, "the config's internal port");
+    format!(
+        "app = \"spliced-test\"\n\n[[services]]\n  internal_port = {BACKEND_PORT}\n  protocol = \"tcp\"\n\n  \
+         [[services.ports]]\n    port = {PUBLIC_PORT}\n    handlers = [{}]\n{options}\n\
+         [[machines]]\n  id = \"m\"\n  address = \"{}\"\n",
+        handlers.join(", "),
+        machine.ip()
+    )
+}
+
+/// What `openssl s_client` reported about one handshake.
+#[derive(Debug)]
+pub struct Handshake {
+    /// Whether a session was established.
+    pub ok: bool,
+    /// The common name of the certificate served, if any.
+    pub subject_cn: Option<String>,
+    /// The verification result code (0: the chain verifies for the name asked).
+    pub verify_code: Option<u32>,
+    pub alpn: Option<String>,
+    pub protocol: Option<String>,
+    /// Everything `s_client` printed, for failure messages.
+    pub output: String,
+}
+
+/// Runs `openssl s_client` from `ns` to `addr` with `args` (such as `-servername NAME`,
+/// `-alpn h2`, `-tls1_2`, `-starttls postgres`), checking the chain against `ca`, then closes.
+pub fn s_client(ns: &Netns, addr: SocketAddr, ca: &Path, args: &[&str]) -> Handshake {
+    let out = Command::new("ip")
+        .args([
+            "netns", "exec", &ns.name, "timeout", "20", "openssl", "s_client",
+        ])
+        .arg("-connect")
+        .arg(addr.to_string())
+        .arg("-CAfile")
+        .arg(ca)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl s_client (Debian's openssl)");
+    let output =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let field = |prefix: &str| {
+        output
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(|v| v.trim().to_owned()))
+    };
+    let subject_cn = output
+        .lines()
+        .find_map(|l| l.strip_prefix("subject="))
+        .and_then(|s| s.split("CN").nth(1))
+        .map(|cn| cn.trim_start_matches([' ', '=']).trim().to_owned());
+    Handshake {
+        ok: out.status.success() && output.contains("BEGIN CERTIFICATE"),
+        subject_cn,
+        verify_code: field("Verify return code:")
+            .and_then(|v| v.split_whitespace().next().and_then(|c| c.parse().ok())),
+        alpn: field("ALPN protocol:"),
+        protocol: field("Protocol:").or_else(|| field("Protocol  :")),
+        output,
+    }
+}
+
+/// A rustls client configuration that trusts `ca_pem` only.
+pub fn client_config(ca_pem: &str) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.expect("CA PEM")).expect("CA certificate");
+    }
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
+
+/// Over TLS to `name` through `conn` (already connected; `clear`: bytes written in the clear
+/// first, and the one byte answer expected, as PostgreSQL's `SSLRequest` and `S`), sends
+/// `total` bytes of stream `seed` while reading them back from an echo, checks every byte,
+/// then ends the stream (`close_notify`) and expects the echo's end. Returns an error naming
+/// where the stream went wrong.
+pub fn echo_through_tls(
+    conn: std::net::TcpStream,
+    config: Arc<rustls::ClientConfig>,
+    name: &str,
+    clear: Option<(&[u8], u8)>,
+    seed: u64,
+    total: u64,
+) -> Result<(), String> {
+    let name =
+        rustls::pki_types::ServerName::try_from(name.to_owned()).map_err(|e| e.to_string())?;
+    let clear = clear.map(|(bytes, answer)| (bytes.to_vec(), answer));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        conn.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let mut tcp = tokio::net::TcpStream::from_std(conn).map_err(|e| e.to_string())?;
+        if let Some((bytes, answer)) = clear {
+            tcp.write_all(&bytes).await.map_err(|e| e.to_string())?;
+            let got = tcp
+                .read_u8()
+                .await
+                .map_err(|e| format!("preface answer: {e}"))?;
+            if got != answer {
+                return Err(format!("preface answered {got:?}, not {answer:?}"));
+            }
+        }
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
+            .await
+            .map_err(|_| "handshake timed out".to_owned())?
+            .map_err(|e| format!("handshake: {e}"))?;
+        let (mut reader, mut writer) = tokio::io::split(tls);
+        let sending = async move {
+            let mut p = Pattern::new(seed);
+            let mut buf = vec![0; 100_000];
+            while p.pos() < total {
+                let n = (total - p.pos()).min(buf.len() as u64) as usize;
+                p.fill(&mut buf[..n]);
+                writer
+                    .write_all(&buf[..n])
+                    .await
+                    .map_err(|e| format!("write at {}: {e}", p.pos()))?;
+            }
+            writer
+                .shutdown()
+                .await
+                .map_err(|e| format!("close_notify: {e}"))
+        };
+        let receiving = async move {
+            let mut p = Pattern::new(seed);
+            let mut buf = vec![0; 64 * 1024];
+            loop {
+                let read = tokio::time::timeout(crate::CLIENT_STALL, reader.read(&mut buf)).await;
+                match read {
+                    Err(_) => return Err(format!("stalled at {} of {total}", p.pos())),
+                    Ok(Ok(0)) => break,
+                    Ok(Ok(n)) => p.check(&buf[..n])?,
+                    Ok(Err(e)) => return Err(format!("read at {}: {e}", p.pos())),
+                }
+            }
+            if p.pos() == total {
+                Ok(())
+            } else {
+                Err(format!("end of stream at {} of {total}", p.pos()))
+            }
+        };
+        tokio::try_join!(sending, receiving).map(|_| ())
+    })
+}

@@ -1,0 +1,492 @@
+//! The `tls` and `pg_tls` handlers with real clients: `openssl s_client` reports the
+//! certificate chosen by SNI (exact, wildcard, default, self-signed, after a reload), the
+//! versions and ALPN protocols a port allows; curl fetches from nginx through TLS; a rustls
+//! client moves checked streams both ways through TLS, after PostgreSQL's `SSLRequest`, and
+//! with a PROXY header the machine reads; bad handshakes are closed and counted.
+
+use std::{
+    io::{Read, Write},
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tests::{
+    Daemon, Net, Plane, Scratch, Server, Topo, echo, eventually,
+    tls::{TestCa, client_config, echo_through_tls, s_client, tls_config},
+};
+
+/// A directory of certificates: `a.example.com` (common name `exact`, key in the file),
+/// `*.wild.example.com` (`wildcard`, key in a `.key` file) and `default` (`default`).
+fn cert_dir() -> (Scratch, TestCa, Scratch) {
+    let ca_dir = Scratch::new();
+    let ca = TestCa::new(&ca_dir.0);
+    let certs = Scratch::new();
+    ca.issue(&certs.0, "a", "exact", &["a.example.com"], false);
+    ca.issue(&certs.0, "wild", "wildcard", &["*.wild.example.com"], true);
+    ca.issue(
+        &certs.0,
+        "default",
+        "default",
+        &["default.example.com"],
+        false,
+    );
+    (ca_dir, ca, certs)
+}
+
+fn start(net: &Net, plane: Plane, config: &str, extra: &[&str]) -> Daemon {
+    tests::raise_fd_limit();
+    Daemon::start_config(&net.proxy, config, plane, extra)
+}
+
+fn counter(d: &Daemon, name: &str) -> u64 {
+    d.stats()["connections"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("counter {name}"))
+}
+
+#[test]
+fn the_certificate_is_chosen_by_sni_and_reloaded_when_the_directory_changes() {
+    let net = Net::new(Topo::Loopback);
+    let (_ca_dir, ca, certs) = cert_dir();
+    let _backend = Server::start(&net.proxy, net.backend(), echo);
+    let certs_arg = certs.0.to_string_lossy().into_owned();
+    let d = start(
+        &net,
+        Plane::Sockmap,
+        &tls_config(&["tls"], "", net.backend()),
+        &["--certs", &certs_arg],
+    );
+    let served = |args: &[&str]| s_client(net.client(), net.public(), &ca.path, args);
+    for (args, cn) in [
+        (&["-servername", "a.example.com"][..], "exact"),
+        (&["-servername", "A.Example.COM"][..], "exact"),
+        (&["-servername", "x.wild.example.com"][..], "wildcard"),
+        (&["-servername", "y.x.wild.example.com"][..], "default"),
+        (&["-servername", "unknown.test"][..], "default"),
+        (&["-noservername"][..], "default"),
+    ] {
+        let h = served(args);
+        assert!(h.ok, "{args:?}: no session\n{}", h.output);
+        assert_eq!(h.subject_cn.as_deref(), Some(cn), "{args:?}\n{}", h.output);
+        assert_eq!(h.verify_code, Some(0), "{args:?}: chain\n{}", h.output);
+    }
+    assert_eq!(counter(&d, "tls_handshakes"), 6);
+
+    // A new file is served within a few polls; a broken one keeps the set in place.
+    ca.issue(&certs.0, "b", "reloaded", &["b.example.com"], false);
+    let reloaded = eventually(Duration::from_secs(10), || {
+        served(&["-servername", "b.example.com"])
+            .subject_cn
+            .as_deref()
+            == Some("reloaded")
+    });
+    assert!(
+        reloaded,
+        "b.example.com not served after a reload:\n{}",
+        d.log()
+    );
+    std::fs::write(
+        certs.0.join("broken.pem"),
+        "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write");
+    let reported = eventually(Duration::from_secs(10), || {
+        d.log().contains("certificates not reloaded") && d.log().contains("broken.pem")
+    });
+    assert!(reported, "the broken file was not reported:\n{}", d.log());
+    let h = served(&["-servername", "b.example.com"]);
+    assert_eq!(h.subject_cn.as_deref(), Some("reloaded"), "{}", h.output);
+    d.wait_idle();
+}
+
+/// A checked stream each way through TLS, on both planes, over veth; the daemon's TLS
+/// sockets end cleanly and nothing is left behind.
+fn tls_stream_is_exact(plane: Plane) {
+    let net = Net::new(Topo::Veth);
+    let (_ca_dir, ca, certs) = cert_dir();
+    let _backend = Server::start(&net.proxy, net.backend(), echo);
+    let certs_arg = certs.0.to_string_lossy().into_owned();
+    let d = start(
+        &net,
+        plane,
+        &tls_config(&["tls"], "", net.backend()),
+        &["--certs", &certs_arg],
+    );
+    let config = client_config(&ca.pem);
+    let conns: Vec<_> = (0..4u64)
+        .map(|i| {
+            let s = net.connect();
+            let config = Arc::clone(&config);
+            std::thread::spawn(move || {
+                echo_through_tls(s, config, "a.example.com", None, 100 + i, 64 << 20)
+            })
+        })
+        .collect();
+    for c in conns {
+        c.join()
+            .expect("client thread")
+            .expect("exact stream through TLS");
+    }
+    let s = d.wait_idle();
+    assert_eq!(s["connections"]["tls_handshakes"], 4, "{s:#}");
+    assert_eq!(s["connections"]["completed"], 4, "{s:#}");
+    assert_eq!(s["connections"]["failed"], 0, "{s:#}");
+}
+
+#[test]
+fn tls_stream_is_exact_sockmap() {
+    tls_stream_is_exact(Plane::Sockmap);
+}
+
+#[test]
+fn tls_stream_is_exact_copy() {
+    tls_stream_is_exact(Plane::Copy);
+}
+
+#[test]
+fn curl_fetches_from_nginx_through_tls() {
+    let net = Net::new(Topo::Veth);
+    let (_ca_dir, ca, certs) = cert_dir();
+    let www = Scratch::new();
+    let body: Vec<u8> = (0..(8u32 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(www.0.join("blob"), &body).expect("write blob");
+    let backend = net.backend();
+    let _nginx = tests::Nginx::start(
+        &net.proxy,
+        &format!("  server {{ listen {backend}; root {}; }}", www.0.display()),
+        backend,
+    );
+    let certs_arg = certs.0.to_string_lossy().into_owned();
+    let d = start(
+        &net,
+        Plane::Sockmap,
+        &tls_config(&["tls"], "", backend),
+        &["--certs", &certs_arg],
+    );
+    let public = net.public();
+    let out_file = www.0.join("fetched");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &net.client().name, "curl", "-sS", "--fail"])
+        .args(["--max-time", "30", "--cacert"])
+        .arg(&ca.path)
+        .arg("--resolve")
+        .arg(format!(
+            "x.wild.example.com:{}:{}",
+            public.port(),
+            public.ip()
+        ))
+        .arg("-o")
+        .arg(&out_file)
+        .args(["-w", "%{http_code} %{ssl_verify_result}"])
+        .arg(format!("https://x.wild.example.com:{}/blob", public.port()))
+        .output()
+        .expect("curl");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "curl: {report} {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log()
+    );
+    assert_eq!(report, "200 0");
+    let fetched = std::fs::read(&out_file).expect("fetched file");
+    assert!(
+        fetched == body,
+        "fetched {} bytes, not the {} served",
+        fetched.len(),
+        body.len()
+    );
+    d.wait_idle();
+}
+
+#[test]
+fn a_port_allows_the_versions_and_alpn_protocols_it_names() {
+    let net = Net::new(Topo::Loopback);
+    let (_ca_dir, ca, certs) = cert_dir();
+    let _backend = Server::start(&net.proxy, net.backend(), echo);
+    let certs_arg = certs.0.to_string_lossy().into_owned();
+    let options = "      alpn = [\"h2\", \"http/1.1\"]\n      versions = [\"TLSv1.2\"]";
+    let _d = start(
+        &net,
+        Plane::Sockmap,
+        &tls_config(&["tls"], options, net.backend()),
+        &["--certs", &certs_arg],
+    );
+    let served = |args: &[&str]| {
+        let mut all = vec!["-servername", "a.example.com"];
+        all.extend_from_slice(args);
+        s_client(net.client(), net.public(), &ca.path, &all)
+    };
+    let h = served(&["-alpn", "h2,http/1.1"]);
+    assert!(h.ok, "{}", h.output);
+    assert_eq!(h.alpn.as_deref(), Some("h2"), "{}", h.output);
+    assert_eq!(h.protocol.as_deref(), Some("TLSv1.2"), "{}", h.output);
+    let h = served(&["-alpn", "http/1.1"]);
+    assert_eq!(h.alpn.as_deref(), Some("http/1.1"), "{}", h.output);
+    let h = served(&["-tls1_3"]);
+    assert!(
+        !h.ok,
+        "TLS 1.3 was accepted on a TLSv1.2 port:\n{}",
+        h.output
+    );
+    let h = served(&["-tls1_2"]);
+    assert!(h.ok, "{}", h.output);
+}
+
+#[test]
+fn self_signed_certificates_where_asked_for_or_nothing_is_configured() {
+    let net = Net::new(Topo::Loopback);
+    let (_ca_dir, ca, certs) = cert_dir();
+    let _backend = Server::start(&net.proxy, net.backend(), echo);
+    // No --certs: every name gets the self-signed certificate, with a warning at start.
+    let d = start(
+        &net,
+        Plane::Sockmap,
+        &tls_config(&["tls"], "", net.backend()),
+        &[],
+    );
+    let h = s_client(
+        net.client(),
+        net.public(),
+        &ca.path,
+        &["-servername", "a.example.com"],
+    );
+    assert!(h.ok, "{}", h.output);
+    assert_eq!(
+        h.subject_cn.as_deref(),
+        Some("rcgen self signed cert"),
+        "{}",
+        h.output
+    );
+    assert_eq!(h.verify_code, Some(18), "not self-signed:\n{}", h.output);
+    assert!(d.log().contains("self-signed"), "no warning:\n{}", d.log());
+    drop(d);
+
+    // With --certs and no default: a name without a certificate fails its handshake, counted.
+    std::fs::remove_file(certs.0.join("default.pem")).expect("remove default");
+    let certs_arg = certs.0.to_string_lossy().into_owned();
+    let d = start(
+        &net,
+        Plane::Sockmap,
+        &tls_config(&["tls"], "", net.backend()),
+        &["--certs", &certs_arg],
+    );
+    let h = s_client(
+        net.client(),
+        net.public(),
+        &ca.path,
+        &["-servername", "unknown.test"],
+    );
+    assert!(
+        !h.ok,
+        "a handshake without a certificate succeeded:\n{}",
+        h.output
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || counter(&d, "tls_failed") == 1),
+        "{:#}",
+        d.stats()
+    );
+    drop(d);
+
+    // default_self_signed: the self-signed certificate where no file matches.
+    let d = start(
+        &net,
+        Plane::Sockmap,
+        &tls_config(&["tls"], "      default_self_signed = true", net.backend()),
+        &["--certs", &certs_arg],
+    );
+    let h = s_client(
+        net.client(),
+        net.public(),
+        &ca.path,
+        &["-servername", "unknown.test"],
+    );
+    assert_eq!(
+        h.subject_cn.as_deref(),
+        Some("rcgen self signed cert"),
+        "{}",
+        h.output
+    );
+    let h = s_client(
+        net.client(),
+        net.public(),
+        &ca.path,
+        &["-servername", "a.example.com"],
+    );
+    assert_eq!(h.subject_cn.as_deref(), Some("exact"), "{}", h.output);
+    assert_eq!(h.verify_code, Some(0), "{}", h.output);
+    d.wait_idle();
+}
+
+#[test]
+fn bad_handshakes_are_closed_and_counted() {
+    let net = Net::new(Topo::Loopback);
+    let (_ca_dir, ca, certs) = cert_dir();
+    let _backend = Server::start(&net.proxy, net.backend(), echo);
+    let certs_arg = certs.0.to_string_lossy().into_owned();
+    let d = start(
+        &net,
+        Plane::Sockmap,
+        &tls_config(&["tls"], "", net.backend()),
+        &["--certs", &certs_arg, "--tls-handshake-timeout", "1s"],
+    );
+    // Plain HTTP to a TLS port.
+    let mut plain = net.connect();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: a.example.com\r\n\r\n")
+        .expect("write");
+    let mut rest = Vec::new();
+    let _ = plain.read_to_end(&mut rest);
+    assert!(
+        rest.is_empty() || rest[0] == 0x15,
+        "plain text got an answer other than an alert: {rest:?}"
+    );
+    // A client that says nothing is closed after the handshake timeout.
+    let mut silent = net.connect();
+    let mut byte = [0u8; 1];
+    let got = silent.read(&mut byte);
+    assert!(
+        matches!(got, Ok(0) | Err(_)),
+        "the silent client got {got:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || counter(&d, "tls_failed") == 2),
+        "{:#}",
+        d.stats()
+    );
+    // A good one is served still, and no machine's slot was taken by the others.
+    let conn = net.connect();
+    echo_through_tls(
+        conn,
+        client_config(&ca.pem),
+        "a.example.com",
+        None,
+        7,
+        1 << 20,
+    )
+    .expect("served");
+    let stats = d.wait_idle();
+    assert_eq!(stats["connections"]["tls_handshakes"], 1, "{stats:#}");
+    assert_eq!(
+        stats["services"][0]["machines"][0]["chosen"], 1,
+        "{stats:#}"
+    );
+}
+
+/// `SSLRequest`: length 8, code 80877103.
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+/// `GSSENCRequest`: length 8, code 80877104.
+const GSSENC_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
+
+#[test]
+fn pg_tls_answers_postgres_clients_and_passes_plain_text_on() {
+    let net = Net::new(Topo::Veth);
+    let (_ca_dir, ca, certs) = cert_dir();
+    let _backend = Server::start(&net.proxy, net.backend(), echo);
+    let certs_arg = certs.0.to_string_lossy().into_owned();
+    let d = start(
+        &net,
+        Plane::Sockmap,
+        &tls_config(&["pg_tls"], "", net.backend()),
+        &["--certs", &certs_arg],
+    );
+    // openssl's own PostgreSQL negotiation.
+    let h = s_client(
+        net.client(),
+        net.public(),
+        &ca.path,
+        &["-starttls", "postgres", "-servername", "a.example.com"],
+    );
+    assert!(h.ok, "{}", h.output);
+    assert_eq!(h.subject_cn.as_deref(), Some("exact"), "{}", h.output);
+    assert_eq!(h.verify_code, Some(0), "{}", h.output);
+    // SSLRequest, then a checked stream; GSSENCRequest first is declined.
+    let config = client_config(&ca.pem);
+    let s = net.connect();
+    echo_through_tls(
+        s,
+        Arc::clone(&config),
+        "a.example.com",
+        Some((&SSL_REQUEST, b'S')),
+        3,
+        16 << 20,
+    )
+    .expect("stream after SSLRequest");
+    let mut s = net.connect();
+    s.write_all(&GSSENC_REQUEST).expect("write");
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer).expect("answer");
+    assert_eq!(&answer, b"N");
+    echo_through_tls(
+        s,
+        config,
+        "a.example.com",
+        Some((&SSL_REQUEST, b'S')),
+        4,
+        1 << 20,
+    )
+    .expect("stream after GSSENCRequest and SSLRequest");
+    // A startup message in plain text reaches the machine unchanged.
+    let mut s = net.connect();
+    let startup: Vec<u8> = [
+        &[0u8, 0, 0, 23, 0, 3, 0, 0][..],
+        b"user\0pg\0\0",
+        b"more bytes",
+    ]
+    .concat();
+    s.write_all(&startup).expect("write");
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).expect("echo");
+    assert_eq!(back, startup);
+    let s = d.wait_idle();
+    assert_eq!(s["connections"]["pg_plaintext"], 1, "{s:#}");
+    assert_eq!(s["connections"]["tls_handshakes"], 3, "{s:#}");
+}
+
+#[test]
+fn proxy_protocol_after_tls_precedes_the_plaintext() {
+    let net = Net::new(Topo::Veth);
+    let (_ca_dir, ca, certs) = cert_dir();
+    let headers = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&headers);
+    // The machine reads the PROXY v1 line, notes it, then echoes what follows.
+    let _backend = Server::start(&net.proxy, net.backend(), move |s| {
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        let mut r = s.try_clone().expect("clone");
+        while !line.ends_with(b"\r\n") {
+            if r.read(&mut byte).unwrap_or(0) == 0 {
+                return;
+            }
+            line.push(byte[0]);
+        }
+        seen.lock()
+            .expect("headers")
+            .push(String::from_utf8_lossy(&line).into_owned());
+        echo(s);
+    });
+    let certs_arg = certs.0.to_string_lossy().into_owned();
+    let config = tls_config(&["tls", "proxy_proto"], "", net.backend());
+    let _d = start(&net, Plane::Sockmap, &config, &["--certs", &certs_arg]);
+    let s = net.connect();
+    let client: SocketAddr = s.local_addr().expect("client address");
+    echo_through_tls(s, client_config(&ca.pem), "a.example.com", None, 9, 4 << 20)
+        .expect("stream after the header");
+    let headers = headers.lock().expect("headers");
+    let public = net.public();
+    assert_eq!(
+        headers.as_slice(),
+        [format!(
+            "PROXY TCP4 {} {} {} {}\r\n",
+            client.ip(),
+            public.ip(),
+            client.port(),
+            public.port()
+        )]
+    );
+}
