@@ -8,6 +8,7 @@ pub mod config;
 pub mod dataplane;
 pub mod faults;
 pub mod health;
+pub mod http;
 pub mod proxy_proto;
 pub mod server;
 pub mod sys;

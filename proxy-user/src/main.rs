@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the services of a fly.toml.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate a fly.toml and print what spliced would serve.
     Check(CheckArgs),
 }
@@ -96,6 +96,10 @@ struct RunArgs {
     /// How long a client may take over its TLS handshake.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
     tls_handshake_timeout: Duration,
+    /// How long a machine may take to send the head of its response to an HTTP request before
+    /// the client is answered 504.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration)]
+    http_response_timeout: Duration,
 }
 
 /// `spliced check`.
@@ -167,6 +171,7 @@ impl TryFrom<&RunArgs> for RunOptions {
             backend_congestion: a.backend_congestion.clone(),
             certs: a.certs.clone(),
             tls_handshake_timeout: a.tls_handshake_timeout,
+            http_response_timeout: a.http_response_timeout,
         })
     }
 }
@@ -292,7 +297,7 @@ mod tests {
     fn run_args(extra: &[&str]) -> Result<RunArgs, clap::Error> {
         let argv = [&["spliced", "run", "--config", "fly.toml"], extra].concat();
         Cli::try_parse_from(argv).map(|c| match c.command {
-            Command::Run(a) => a,
+            Command::Run(a) => *a,
             Command::Check(_) => unreachable!("run was parsed"),
         })
     }

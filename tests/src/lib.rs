@@ -6,6 +6,7 @@ pub mod apps;
 mod backends;
 mod daemon;
 mod fleet;
+pub mod http;
 mod netns;
 mod pattern;
 pub mod tls;

@@ -12,7 +12,8 @@ use crate::{EBPF_TOOLCHAIN, check, is_root, note, succeeds};
 /// Debian packages: LLVM 22 for bpf-linker, bpftool for the tests' checks, redis for a real
 /// backend driven by its own client, nginx as a real PROXY protocol consumer, Go and `HAProxy`
 /// for applications that move their bytes with splice(2), iproute2 for network namespaces,
-/// netcat for the demo `cargo xtask run` suggests.
+/// netcat for the demo `cargo xtask run` suggests, curl, openssl and h2load (nghttp2-client)
+/// as the clients of the TLS and HTTP handlers.
 pub const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -22,6 +23,9 @@ pub const APT_PACKAGES: &[&str] = &[
     "redis-server",
     "redis-tools",
     "nginx",
+    "nghttp2-client",
+    "curl",
+    "openssl",
     "golang-go",
     "haproxy",
     "iproute2",

@@ -143,7 +143,11 @@ impl PublicPort {
             .filter(|h| {
                 !matches!(
                     h,
-                    Handler::ProxyProto | Handler::Tls | Handler::PgTls | Handler::EdgeHttp
+                    Handler::ProxyProto
+                        | Handler::Tls
+                        | Handler::PgTls
+                        | Handler::Http
+                        | Handler::EdgeHttp
                 )
             })
             .collect()
@@ -360,7 +364,7 @@ impl Config {
                     ("handlers", "are")
                 };
                 out.push(format!(
-                    "port {} ({}): {noun} {} {verb} not implemented yet; spliced serves raw TCP, tls, pg_tls and proxy_proto",
+                    "port {} ({}): {noun} {} {verb} not implemented yet; spliced serves raw TCP, tls, pg_tls, http and proxy_proto",
                     p.port,
                     s.name,
                     names.join(", ")

@@ -14,6 +14,7 @@ use crate::{balance::PoolStats, dataplane::Plane};
 pub(super) struct Snapshot<'a> {
     dataplane: &'static str,
     connections: &'a ConnStats,
+    http: &'a crate::http::HttpStats,
     /// Per service: its machines' load and its queue.
     services: Vec<PoolSnapshot<'a>>,
     kernel: Option<KernelSnapshot>,
@@ -79,6 +80,7 @@ pub(super) fn snapshot(shared: &Shared) -> Snapshot<'_> {
     Snapshot {
         dataplane: shared.plane.name(),
         connections: &shared.stats,
+        http: &shared.http,
         services: shared
             .pools
             .iter()

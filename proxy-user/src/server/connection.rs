@@ -29,9 +29,16 @@ pub(super) async fn serve(
     route: Arc<Route>,
     phase: watch::Receiver<Phase>,
 ) {
-    let result = match &route.tls {
-        Some(tls) => super::terminate::serve(&shared, client, peer, &route, tls, phase).await,
-        None => connect_and_splice(&shared, client, peer, &route, phase, &[]).await,
+    let result = match (&route.tls, &route.http) {
+        (Some(tls), _) => super::terminate::serve(&shared, client, peer, &route, tls, phase).await,
+        (None, Some(http)) => {
+            let max_buffer = shared.opts.max_buffer;
+            match dataplane::tune_socket(&client, max_buffer, Plane::Copy.send_buffer(max_buffer)) {
+                Ok(()) => serve_http(&shared, client, peer, &route, http, false, phase).await,
+                Err(e) => Err(SpliceError::Internal(e)),
+            }
+        }
+        (None, None) => connect_and_splice(&shared, client, peer, &route, phase, &[]).await,
     };
     let stats = &shared.stats;
     if stats.active.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -55,6 +62,32 @@ pub(super) async fn serve(
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
     }
+}
+
+/// Serves HTTP on `io` (the client's socket, or its TLS stream over `tcp`), whose requests
+/// go to the route's machines one by one.
+pub(super) async fn serve_http<I>(
+    shared: &Shared,
+    io: I,
+    peer: SocketAddr,
+    route: &Route,
+    http: &Arc<crate::http::HttpPort>,
+    tls: bool,
+    phase: watch::Receiver<Phase>,
+) -> Result<Outcome, SpliceError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    crate::http::serve(
+        io,
+        Arc::clone(http),
+        Arc::clone(&route.pool),
+        Arc::clone(&shared.http),
+        peer,
+        tls,
+        phase,
+    )
+    .await
 }
 
 /// Why no backend connection was made.

@@ -58,6 +58,8 @@ pub struct RunOptions {
     pub certs: Option<PathBuf>,
     /// How long a client may take over its TLS handshake.
     pub tls_handshake_timeout: Duration,
+    /// How long a machine may take to send the head of its response to an HTTP request.
+    pub http_response_timeout: Duration,
 }
 
 /// Why the daemon could not start.
@@ -71,8 +73,6 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the config has no public port to listen on")]
-    NothingToServe,
     #[error("admin socket {path}: {source}")]
     Admin {
         path: PathBuf,
@@ -95,6 +95,12 @@ pub enum StartError {
         port: u16,
         #[source]
         source: crate::tls::TlsConfigError,
+    },
+    #[error("port {port}: {source}")]
+    Http {
+        port: u16,
+        #[source]
+        source: crate::http::OptionsError,
     },
     #[error("telling the hold program which ports to watch: {0}")]
     HoldPorts(#[source] std::io::Error),
@@ -136,6 +142,8 @@ struct Route {
     proxy_proto: Option<ProxyProtoVersion>,
     /// TLS termination (`tls`, `pg_tls`), if the port has it.
     tls: Option<crate::tls::TlsPort>,
+    /// The `http` handler, if the port has it: the pool's machines per request.
+    http: Option<Arc<crate::http::HttpPort>>,
 }
 
 struct Shared {
@@ -146,6 +154,7 @@ struct Shared {
     pools: Vec<Arc<Pool>>,
     /// Signalled when the last live connection ends (`stats.active` falls to zero).
     none_live: Notify,
+    http: Arc<crate::http::HttpStats>,
 }
 
 impl Shared {
@@ -225,11 +234,13 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
             tracing::warn!(port = port.port, service = %service.name, "no machine serves this port: its connections will be refused");
         }
         let tls = tls_port(&config, port, &opts, &mut certs)?;
+        let http = http_port(&config, port, &opts)?;
         let route = Arc::new(Route {
             service: service.id,
             pool,
             proxy_proto: port.proxy_proto,
             tls,
+            http,
         });
         for ip in &listen_addrs {
             let addr = SocketAddr::new(*ip, port.port);
@@ -246,7 +257,8 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         }
     }
     if listeners.is_empty() {
-        return Err(StartError::NothingToServe);
+        // An app without services (a worker, a VPN node) is valid: Fly routes nothing to it.
+        tracing::warn!("the config has no public port: spliced listens on nothing");
     }
 
     let shared = Arc::new(Shared {
@@ -255,6 +267,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         opts,
         pools,
         none_live: Notify::new(),
+        http: Arc::default(),
     });
     // Dropped (which stops every check) when the daemon returns.
     let _health = crate::health::start(&config.services, &shared.pools);
@@ -338,7 +351,10 @@ fn tls_port(
         *certs = Some(Arc::new(s));
     }
     let store = certs.as_ref().map(Arc::clone).expect("read above");
-    let options = port.tls_options.clone().unwrap_or_default();
+    let mut options = port.tls_options.clone().unwrap_or_default();
+    if options.alpn.is_empty() && port.handlers.contains(&Handler::Http) {
+        options.alpn = vec!["h2".to_owned(), "http/1.1".to_owned()];
+    }
     let self_signed = options.default_self_signed == Some(true) || store.dir().is_none();
     let fallback = if self_signed {
         let mut names = vec![
@@ -376,6 +392,35 @@ fn tls_port(
         "TLS terminates here, in userspace: this kernel path does not carry TLS"
     );
     Ok(Some(tls))
+}
+
+/// The `http` handler of `port`, if it has one.
+fn http_port(
+    config: &Config,
+    port: &crate::config::PublicPort,
+    opts: &RunOptions,
+) -> Result<Option<Arc<crate::http::HttpPort>>, StartError> {
+    if !port.handlers.contains(&crate::config::Handler::Http) {
+        return Ok(None);
+    }
+    let settings = crate::http::Settings {
+        connect_timeout: opts.connect_timeout,
+        response_timeout: opts.http_response_timeout,
+        connect_attempts: opts.connect_attempts,
+        idle_timeout: opts.idle_timeout,
+    };
+    let http = crate::http::HttpPort::new(port, config.primary_region.as_deref(), settings)
+        .map_err(|source| StartError::Http {
+            port: port.port,
+            source,
+        })?;
+    tracing::info!(
+        port = port.port,
+        force_https = http.force_https,
+        h2_backend = http.options.h2_backend,
+        "HTTP handled here: requests are balanced one by one"
+    );
+    Ok(Some(Arc::new(http)))
 }
 
 /// Refuses, at start, a congestion control this kernel will not give a socket, naming the ones

@@ -57,6 +57,16 @@ pub(super) async fn serve(
         }
     };
     stats.tls_handshakes.fetch_add(1, Ordering::Relaxed);
+    if let Some(http) = &route.http {
+        let max_buffer = shared.opts.max_buffer;
+        dataplane::tune_socket(
+            stream.get_ref().0,
+            max_buffer,
+            Plane::Copy.send_buffer(max_buffer),
+        )
+        .map_err(SpliceError::Internal)?;
+        return connection::serve_http(shared, stream, peer, route, http, true, phase).await;
+    }
     let tcp = stream.get_ref().0;
     let Some((mut backend, _lease)) =
         connection::backend_or_reset(shared, route, tcp, &phase).await?

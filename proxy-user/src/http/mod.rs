@@ -1,0 +1,204 @@
+//! The `http` handler: HTTP/1.1 and HTTP/2 from clients (hyper; HTTP/2 by ALPN over TLS or by
+//! its preface in the clear), each request balanced on its own over the service's machines,
+//! with Fly's forwarding headers, through keep-alive pools to the machines (HTTP/1.1, or
+//! HTTP/2 with `http_options.h2_backend`). Bodies stream both ways with backpressure and are
+//! never held whole. A request's slot on its machine is held until its response has been
+//! sent, so concurrency limits count requests in flight.
+
+pub mod options;
+mod proxy;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, PoisonError, atomic::AtomicU64},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::HeaderValue;
+use http_body_util::combinators::BoxBody;
+use hyper::service::service_fn;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use serde::Serialize;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::watch,
+    task::JoinHandle,
+};
+
+use crate::{
+    balance::Pool,
+    config::PublicPort,
+    dataplane::{Outcome, Phase, SpliceError},
+};
+pub use options::{HttpOptions, OptionsError};
+
+/// The bodies passed on: the client's or the machine's, or one of spliced's own answers.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// What the handler counted, over every http port.
+#[derive(Default, Debug, Serialize)]
+pub struct HttpStats {
+    pub requests: AtomicU64,
+    /// Requests hyper could not parse, answered 400 by it.
+    pub bad_requests: AtomicU64,
+    /// No machine reachable, or the machine's answer broken: 502.
+    pub bad_gateway: AtomicU64,
+    /// Every machine at its hard limit for the whole queue wait, or none serves: 503.
+    pub unavailable: AtomicU64,
+    /// No response head within `--http-response-timeout`: 504.
+    pub gateway_timeout: AtomicU64,
+    /// Plain HTTP answered with a redirect to HTTPS (`force_https`).
+    pub redirects: AtomicU64,
+    /// Connections switched to another protocol (WebSocket) and tunnelled.
+    pub upgrades: AtomicU64,
+}
+
+/// What every http port shares, from the command line.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    pub connect_timeout: Duration,
+    /// How long a machine may take to send its response head.
+    pub response_timeout: Duration,
+    pub connect_attempts: usize,
+    /// How long a client connection may wait for its next request, unless the port says.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// One http port: its settings and its pool of connections to the machines.
+pub struct HttpPort {
+    pub public_port: u16,
+    pub force_https: bool,
+    pub options: HttpOptions,
+    /// `Fly-Region`: the config's `primary_region`.
+    region: Option<HeaderValue>,
+    settings: Settings,
+    client: Client<HttpConnector, ProxyBody>,
+}
+
+impl HttpPort {
+    pub fn new(
+        port: &PublicPort,
+        region: Option<&str>,
+        settings: Settings,
+    ) -> Result<Self, OptionsError> {
+        let options = HttpOptions::read(port.http_options.as_ref())?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(settings.connect_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .http2_only(options.h2_backend)
+            .build(connector);
+        Ok(Self {
+            public_port: port.port,
+            force_https: port.force_https,
+            region: region.and_then(|r| HeaderValue::from_str(r).ok()),
+            options,
+            settings,
+            client,
+        })
+    }
+
+    fn idle_timeout(&self) -> Option<Duration> {
+        self.options.idle_timeout.or(self.settings.idle_timeout)
+    }
+}
+
+/// One client connection's context, shared by its requests.
+struct Conn {
+    port: Arc<HttpPort>,
+    pool: Arc<Pool>,
+    stats: Arc<HttpStats>,
+    peer: SocketAddr,
+    /// Whether the client came over TLS.
+    tls: bool,
+    /// The tunnels of upgraded requests, which outlive the HTTP connection.
+    tunnels: Mutex<Vec<JoinHandle<()>>>,
+    phase: watch::Receiver<Phase>,
+}
+
+/// Serves HTTP on `io` until the client closes, the grace period ends (in-flight requests
+/// finish first; keep-alive connections are closed), or the connection sits idle for the
+/// port's idle timeout between requests.
+pub async fn serve<I>(
+    io: I,
+    port: Arc<HttpPort>,
+    pool: Arc<Pool>,
+    stats: Arc<HttpStats>,
+    peer: SocketAddr,
+    tls: bool,
+    phase: watch::Receiver<Phase>,
+) -> Result<Outcome, SpliceError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut h1 = builder.http1();
+    h1.timer(TokioTimer::new()).keep_alive(true);
+    if let Some(idle) = port.idle_timeout() {
+        h1.header_read_timeout(idle);
+    }
+    builder.http2().timer(TokioTimer::new());
+    let conn = Arc::new(Conn {
+        port,
+        pool,
+        stats,
+        peer,
+        tls,
+        tunnels: Mutex::new(Vec::new()),
+        phase: phase.clone(),
+    });
+    let per_request = Arc::clone(&conn);
+    let service = service_fn(move |req| proxy::handle(req, Arc::clone(&per_request)));
+    let serving = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(serving);
+    let (mut drain, mut abort) = (phase.clone(), phase);
+    let mut draining = false;
+    let result = loop {
+        tokio::select! {
+            r = serving.as_mut() => break r,
+            _ = drain.wait_for(|p| *p != Phase::Serve), if !draining => {
+                draining = true;
+                serving.as_mut().graceful_shutdown();
+            }
+            _ = abort.wait_for(|p| *p == Phase::Abort) => {
+                for t in conn.tunnels.lock().unwrap_or_else(PoisonError::into_inner).drain(..) {
+                    t.abort();
+                }
+                return Ok(Outcome::Aborted);
+            }
+        }
+    };
+    let tunnels = std::mem::take(&mut *conn.tunnels.lock().unwrap_or_else(PoisonError::into_inner));
+    for t in tunnels {
+        let _ = t.await;
+    }
+    match result {
+        Ok(()) => Ok(Outcome::Completed),
+        Err(e)
+            if e.downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_timeout) =>
+        {
+            Ok(Outcome::Idle)
+        }
+        Err(e) => {
+            let parse = e
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_parse);
+            if parse {
+                conn.stats
+                    .bad_requests
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            tracing::debug!(peer = %conn.peer, error = %e, "HTTP connection ended with an error");
+            Err(SpliceError::Peer(std::io::Error::other(e)))
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! One request: `force_https`, a machine for it (the next one when a connect fails and the
+//! request has no body to replay), the forwarding headers, the machine's response with the
+//! port's header edits, and, for a switch of protocols, the tunnel that follows.
+
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    sync::{Arc, PoisonError, atomic::Ordering},
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version,
+    header::{CONNECTION, HOST, LOCATION, UPGRADE, VIA},
+    request::Parts,
+};
+use http_body_util::{BodyExt as _, Empty, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::TokioIo;
+
+use super::{Conn, ProxyBody, options::HeaderEdit};
+use crate::{
+    balance::{Lease, Refusal},
+    dataplane::Phase,
+};
+
+/// Headers that describe one hop, never passed on (RFC 9110, 7.6.1), besides those the
+/// `Connection` header names.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+pub(super) async fn handle(
+    mut req: Request<Incoming>,
+    conn: Arc<Conn>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let stats = &conn.stats;
+    stats.requests.fetch_add(1, Ordering::Relaxed);
+    if conn.port.force_https && !conn.tls {
+        return Ok(redirect(&req, &conn));
+    }
+    let upgrade = wants_upgrade(req.headers());
+    let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut head, body) = req.into_parts();
+    let replayable = body.is_end_stream();
+    let mut body = Some(body.boxed());
+    forward_headers(&mut head, &conn, upgrade);
+
+    let mut lease = match conn.pool.acquire().await {
+        Ok(l) => l,
+        Err(why) => return Ok(refused(why, &conn)),
+    };
+    let mut tried = Vec::new();
+    loop {
+        let req = to_machine(
+            &head,
+            lease.addr(),
+            conn.port.options.h2_backend,
+            body.take(),
+        );
+        let sent = tokio::time::timeout(
+            conn.port.settings.response_timeout,
+            conn.port.client.request(req),
+        )
+        .await;
+        let error = match sent {
+            Ok(Ok(resp)) => return Ok(respond(resp, lease, client_side, &conn)),
+            Err(_) => {
+                stats.gateway_timeout.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(machine = %lease.addr(), "no response head in time: 504");
+                return Ok(answer(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "the machine did not answer in time",
+                ));
+            }
+            Ok(Err(e)) => e,
+        };
+        tracing::debug!(machine = %lease.addr(), %error, "request to a machine failed");
+        if !error.is_connect() {
+            stats.bad_gateway.fetch_add(1, Ordering::Relaxed);
+            return Ok(answer(
+                StatusCode::BAD_GATEWAY,
+                "the machine's answer was broken",
+            ));
+        }
+        lease.connect_failed();
+        tried.push(lease.index());
+        let next = (replayable && tried.len() < conn.port.settings.connect_attempts)
+            .then(|| conn.pool.retry(&tried))
+            .flatten();
+        let Some(next) = next else {
+            stats.bad_gateway.fetch_add(1, Ordering::Relaxed);
+            return Ok(answer(
+                StatusCode::BAD_GATEWAY,
+                "no machine could be reached",
+            ));
+        };
+        lease = next;
+        if body.is_none() {
+            body = Some(Empty::new().map_err(|never| match never {}).boxed());
+        }
+    }
+}
+
+/// Whether the client asks to switch protocols (`Connection: upgrade` and `Upgrade`).
+fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(UPGRADE)
+        && headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes hop-by-hop headers; `upgrade` keeps `Connection: upgrade` and `Upgrade`.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    let upgrade_to = headers.get(UPGRADE).cloned();
+    let trailers = headers
+        .get("te")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if trailers {
+        // What gRPC needs: the machine may send trailers.
+        headers.insert("te", HeaderValue::from_static("trailers"));
+    }
+    if upgrade && let Some(to) = upgrade_to {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(UPGRADE, to);
+    }
+}
+
+/// The headers Fly's proxy sets on each request, over whatever the client sent as them.
+fn forward_headers(head: &mut Parts, conn: &Conn, upgrade: bool) {
+    let headers = &mut head.headers;
+    if !headers.contains_key(HOST)
+        && let Some(authority) = head.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(authority.as_str())
+    {
+        headers.insert(HOST, v);
+    }
+    strip_hop_by_hop(headers, upgrade);
+    let ip = conn.peer.ip().to_canonical().to_string();
+    let forwarded_for: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .chain([ip.as_str()])
+        .collect();
+    let forwarded_for = forwarded_for.join(", ");
+    let port = conn.port.public_port.to_string();
+    let (proto, ssl) = if conn.tls {
+        ("https", "on")
+    } else {
+        ("http", "off")
+    };
+    let set = [
+        ("fly-client-ip", ip.as_str()),
+        ("x-forwarded-for", forwarded_for.as_str()),
+        ("x-forwarded-proto", proto),
+        ("x-forwarded-ssl", ssl),
+        ("x-forwarded-port", port.as_str()),
+        ("fly-forwarded-port", port.as_str()),
+    ];
+    for (name, value) in set {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(name, v);
+        }
+    }
+    match &conn.port.region {
+        Some(region) => {
+            headers.insert("fly-region", region.clone());
+        }
+        None => {
+            headers.remove("fly-region");
+        }
+    }
+    append_via(headers, head.version);
+}
+
+/// Adds this hop to `Via`: the protocol version it was received with, and spliced's name.
+fn append_via(headers: &mut HeaderMap, version: Version) {
+    let v = match version {
+        Version::HTTP_09 => "0.9",
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_2 => "2",
+        Version::HTTP_3 => "3",
+        _ => "1.1",
+    };
+    if let Ok(value) = HeaderValue::from_str(&format!("{v} spliced")) {
+        headers.append(VIA, value);
+    }
+}
+
+/// The request as sent to the machine at `machine`.
+fn to_machine(
+    head: &Parts,
+    machine: std::net::SocketAddr,
+    h2: bool,
+    body: Option<ProxyBody>,
+) -> Request<ProxyBody> {
+    let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(machine.to_string())
+        .path_and_query(path)
+        .build()
+        .unwrap_or_else(|_| Uri::from_static("/"));
+    let mut req =
+        Request::new(body.unwrap_or_else(|| Empty::new().map_err(|never| match never {}).boxed()));
+    *req.method_mut() = head.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = if h2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    *req.headers_mut() = head.headers.clone();
+    req
+}
+
+/// The machine's response as sent to the client; the slot is held until its body ends, or,
+/// after a switch of protocols, until the tunnel closes.
+fn respond(
+    mut resp: Response<Incoming>,
+    lease: Lease,
+    client_side: Option<hyper::upgrade::OnUpgrade>,
+    conn: &Arc<Conn>,
+) -> Response<ProxyBody> {
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(resp.headers_mut(), switching);
+    for edit in &conn.port.options.response_headers {
+        match edit {
+            HeaderEdit::Remove(name) => {
+                resp.headers_mut().remove(name);
+            }
+            HeaderEdit::Set(name, values) => {
+                resp.headers_mut().remove(name);
+                for v in values {
+                    resp.headers_mut().append(name.clone(), v.clone());
+                }
+            }
+        }
+    }
+    let version = resp.version();
+    append_via(resp.headers_mut(), version);
+    if switching && let Some(client_side) = client_side {
+        let machine_side = hyper::upgrade::on(&mut resp);
+        conn.stats.upgrades.fetch_add(1, Ordering::Relaxed);
+        let tunnel = tokio::spawn(tunnel(client_side, machine_side, lease, conn.phase.clone()));
+        conn.tunnels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(tunnel);
+        return resp.map(|_| Empty::new().map_err(|never| match never {}).boxed());
+    }
+    resp.map(|body| {
+        Leased {
+            body: body.boxed(),
+            _lease: lease,
+        }
+        .boxed()
+    })
+}
+
+/// Moves bytes both ways between a client and a machine that switched protocols, until
+/// both ends close or the grace period ends.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    machine: hyper::upgrade::OnUpgrade,
+    _lease: Lease,
+    mut phase: tokio::sync::watch::Receiver<Phase>,
+) {
+    let (client, machine) = match tokio::try_join!(client, machine) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(error = %e, "protocol switch failed");
+            return;
+        }
+    };
+    let (mut client, mut machine) = (TokioIo::new(client), TokioIo::new(machine));
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut machine) => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "tunnel ended with an error");
+            }
+        }
+        _ = phase.wait_for(|p| *p == Phase::Abort) => {}
+    }
+}
+
+/// A 301 to the same host and path over HTTPS; 400 without a host.
+fn redirect(req: &Request<Incoming>, conn: &Conn) -> Response<ProxyBody> {
+    let host = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(http::uri::Authority::as_str));
+    let Some(host) = host else {
+        conn.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+        return answer(StatusCode::BAD_REQUEST, "no host to redirect to");
+    };
+    // The host without its port: HTTPS is on its own port.
+    let name = host
+        .parse::<http::uri::Authority>()
+        .map_or_else(|_| host.to_owned(), |a| a.host().to_owned());
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    conn.stats.redirects.fetch_add(1, Ordering::Relaxed);
+    let mut resp = answer(StatusCode::MOVED_PERMANENTLY, "");
+    if let Ok(location) = HeaderValue::from_str(&format!("https://{name}{path}")) {
+        resp.headers_mut().insert(LOCATION, location);
+    }
+    resp
+}
+
+/// The answer when no machine was given.
+fn refused(why: Refusal, conn: &Conn) -> Response<ProxyBody> {
+    conn.stats.unavailable.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(%why, service = %conn.pool.service, "request refused: 503");
+    answer(StatusCode::SERVICE_UNAVAILABLE, &why.to_string())
+}
+
+/// A response of spliced's own, with a line of text saying why.
+fn answer(status: StatusCode, why: &str) -> Response<ProxyBody> {
+    let text = if why.is_empty() {
+        String::new()
+    } else {
+        format!("{status}: {why}\n")
+    };
+    let mut resp = Response::new(
+        Full::new(Bytes::from(text))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
+    resp.headers_mut()
+        .insert(VIA, HeaderValue::from_static("1.1 spliced"));
+    resp
+}
+
+/// A body that holds its request's slot on the machine until it ends or is dropped.
+struct Leased {
+    body: ProxyBody,
+    _lease: Lease,
+}
+
+impl Body for Leased {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
