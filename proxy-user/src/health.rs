@@ -4,7 +4,8 @@
 //! A machine starts in rotation; it leaves when one of its checks fails and returns when all
 //! pass again (see [`Pool::check_changed`]). A TCP check passes when the machine accepts a
 //! connection in time; an HTTP check when it answers the configured request with a 2xx in
-//! time.
+//! time, over TLS for `protocol = "https"` (SNI `tls_server_name`, or none; the certificate
+//! checked against the host's roots unless `tls_skip_verify`).
 
 #![forbid(unsafe_code)]
 
@@ -15,8 +16,9 @@ use std::{
     time::Duration,
 };
 
+use rustls::pki_types::ServerName;
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::TcpStream,
     task::JoinSet,
 };
@@ -56,11 +58,6 @@ pub fn start(services: &[Service], pools: &[Arc<Pool>]) -> JoinSet<()> {
         }
         for (i, c) in service.http_checks.iter().enumerate() {
             let name = format!("http_checks[{i}]");
-            if c.protocol != "http" {
-                tracing::warn!(service = %service.name, check = %name, protocol = %c.protocol,
-                    "health checks over TLS are not supported yet: this check is not run");
-                continue;
-            }
             let timing = Timing {
                 interval: c.interval,
                 timeout: c.timeout,
@@ -123,18 +120,39 @@ async fn once(addr: SocketAddr, probe: &Probe) -> Result<(), String> {
         .map_err(|e| format!("connect: {e}"))?;
     match probe {
         Probe::Tcp => Ok(()),
-        Probe::Http(check) => {
-            stream
-                .write_all(request(addr, check).as_bytes())
+        Probe::Http(check) if check.protocol == "https" => {
+            let config = crate::tls::client_config(check.tls_skip_verify);
+            let name = match &check.tls_server_name {
+                Some(n) => {
+                    ServerName::try_from(n.clone()).map_err(|e| format!("tls_server_name: {e}"))?
+                }
+                None => ServerName::IpAddress(addr.ip().into()),
+            };
+            let mut tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, stream)
                 .await
-                .map_err(|e| format!("send: {e}"))?;
-            let status = read_status(&mut stream).await?;
-            if (200..300).contains(&status) {
-                Ok(())
-            } else {
-                Err(format!("status {status}"))
-            }
+                .map_err(|e| format!("TLS: {e}"))?;
+            exchange(&mut tls, addr, check).await
         }
+        Probe::Http(check) => exchange(&mut stream, addr, check).await,
+    }
+}
+
+/// Sends the check's request on `stream` and passes on a 2xx.
+async fn exchange(
+    stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    addr: SocketAddr,
+    check: &HttpCheck,
+) -> Result<(), String> {
+    stream
+        .write_all(request(addr, check).as_bytes())
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let status = read_status(stream).await?;
+    if (200..300).contains(&status) {
+        Ok(())
+    } else {
+        Err(format!("status {status}"))
     }
 }
 
@@ -162,7 +180,7 @@ fn request(addr: SocketAddr, check: &HttpCheck) -> String {
 }
 
 /// The status code of an HTTP/1.x response, from its status line.
-async fn read_status(stream: &mut TcpStream) -> Result<u16, String> {
+async fn read_status(stream: &mut (impl AsyncRead + Unpin)) -> Result<u16, String> {
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 256];
     while !buf.windows(2).any(|w| w == b"\r\n") {

@@ -490,3 +490,53 @@ fn proxy_protocol_after_tls_precedes_the_plaintext() {
         )]
     );
 }
+
+/// A machine that serves HTTPS only (nginx with a certificate of the test's CA).
+fn https_machine(net: &Net, ca: &TestCa, dir: &Scratch) -> tests::Nginx {
+    ca.issue(&dir.0, "m", "machine", &["machine.internal"], true);
+    let backend = net.backend();
+    let d = dir.0.display();
+    tests::Nginx::start(
+        &net.proxy,
+        &format!(
+            "  server {{ listen {backend} ssl; ssl_certificate {d}/m.pem; ssl_certificate_key {d}/m.key; \
+             location / {{ return 200 \"ok\\n\"; }} }}"
+        ),
+        backend,
+    )
+}
+
+/// The machine's health after its checks have run a few times.
+fn checked_health(net: &Net, check: &str) -> serde_json::Value {
+    let config = format!(
+        "{}  [[services.http_checks]]\n    interval = 200\n    timeout = 1000\n{check}\n",
+        tests::test_config()
+    ) + &format!(
+        "[[machines]]\n  id = \"m\"\n  address = \"{}\"\n",
+        net.backend().ip()
+    );
+    let d = start(net, Plane::Sockmap, &config, &[]);
+    std::thread::sleep(Duration::from_millis(1200));
+    d.stats()["services"][0]["machines"][0].clone()
+}
+
+#[test]
+fn https_checks_verify_the_machine_or_skip_verification_when_told() {
+    let net = Net::new(Topo::Loopback);
+    let ca_dir = Scratch::new();
+    let ca = TestCa::new(&ca_dir.0);
+    let _nginx = https_machine(&net, &ca, &ca_dir);
+    // Without verification: passes, so TLS and the request went through.
+    let m = checked_health(&net, "    protocol = \"https\"\n    tls_skip_verify = true");
+    assert_eq!(m["healthy"], true, "{m:#}");
+    assert_eq!(m["check_failures"], 0, "{m:#}");
+    // Verified against the host's roots, which do not hold the test's CA: fails.
+    let m = checked_health(
+        &net,
+        "    protocol = \"https\"\n    tls_server_name = \"machine.internal\"",
+    );
+    assert_eq!(m["healthy"], false, "{m:#}");
+    // Plain HTTP to an HTTPS machine: nginx answers 400, the check fails.
+    let m = checked_health(&net, "    protocol = \"http\"");
+    assert_eq!(m["healthy"], false, "{m:#}");
+}

@@ -3,6 +3,7 @@
 //! a self-signed certificate where the port asks for one or no certificate is configured.
 
 pub mod certs;
+mod client;
 pub mod postgres;
 
 use std::{fmt, sync::Arc, time::Duration};
@@ -17,6 +18,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsOptions;
 pub use certs::{CertError, CertStore};
+pub use client::client_config;
 
 /// How often `--certs` is looked at for changes.
 pub const CERTS_POLL: Duration = Duration::from_secs(1);
