@@ -9,7 +9,9 @@ pub mod options;
 mod proxy;
 
 use std::{
+    future::Future,
     net::SocketAddr,
+    pin::Pin,
     sync::{Arc, Mutex, PoisonError, atomic::AtomicU64},
     time::Duration,
 };
@@ -26,6 +28,7 @@ use hyper_util::{
 use serde::Serialize;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
     sync::watch,
     task::JoinHandle,
 };
@@ -106,9 +109,33 @@ impl HttpPort {
         })
     }
 
-    fn idle_timeout(&self) -> Option<Duration> {
+    /// How long a client connection may wait for its next request.
+    pub fn idle_timeout(&self) -> Option<Duration> {
         self.options.idle_timeout.or(self.settings.idle_timeout)
     }
+}
+
+/// Where an upgraded connection goes when both its sides are bare sockets: the daemon's data
+/// plane, which then moves its bytes as those of any TCP connection.
+pub trait Join: Send + Sync {
+    /// Moves bytes between `client` and `machine` until both directions end; `to_machine`
+    /// (what the client sent after its request) reaches the machine first.
+    fn join(
+        &self,
+        client: TcpStream,
+        machine: TcpStream,
+        to_machine: Bytes,
+        phase: watch::Receiver<Phase>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+/// Who the client is.
+pub struct ClientSide {
+    pub peer: SocketAddr,
+    /// Whether the client came over TLS.
+    pub tls: bool,
+    /// For a client on a bare socket: the data plane that takes over after an upgrade.
+    pub join: Option<Arc<dyn Join>>,
 }
 
 /// One client connection's context, shared by its requests.
@@ -116,65 +143,124 @@ struct Conn {
     port: Arc<HttpPort>,
     pool: Arc<Pool>,
     stats: Arc<HttpStats>,
-    peer: SocketAddr,
-    /// Whether the client came over TLS.
-    tls: bool,
+    client: ClientSide,
     /// The tunnels of upgraded requests, which outlive the HTTP connection.
     tunnels: Mutex<Vec<JoinHandle<()>>>,
     phase: watch::Receiver<Phase>,
 }
 
-/// Serves HTTP on `io` until the client closes, the grace period ends (in-flight requests
-/// finish first; keep-alive connections are closed), or the connection sits idle for the
-/// port's idle timeout between requests.
+/// Which HTTP a client speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+    /// Unknown: told by the first bytes (a TLS client that named no ALPN protocol).
+    Either,
+}
+
+/// HTTP/2's connection preface, which only an HTTP/2 client starts with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Which HTTP a client on a bare socket speaks, from its first bytes, left unread.
+pub async fn sniff(stream: &TcpStream) -> std::io::Result<Protocol> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 || !H2_PREFACE.starts_with(&buf[..n]) {
+            return Ok(Protocol::Http1);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(Protocol::Http2);
+        }
+        // Part of the preface: the rest is on its way.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Serves HTTP (`protocol`) on `io` until the client closes, the grace period ends
+/// (in-flight requests finish first; keep-alive connections are closed), or the connection
+/// sits idle for the port's idle timeout between requests. HTTP/1 is served by hyper's own
+/// connection, on the socket itself, so that an upgraded connection can be handed on whole.
 pub async fn serve<I>(
     io: I,
+    protocol: Protocol,
     port: Arc<HttpPort>,
     pool: Arc<Pool>,
     stats: Arc<HttpStats>,
-    peer: SocketAddr,
-    tls: bool,
+    client: ClientSide,
     phase: watch::Receiver<Phase>,
 ) -> Result<Outcome, SpliceError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    let mut h1 = builder.http1();
-    h1.timer(TokioTimer::new()).keep_alive(true);
-    if let Some(idle) = port.idle_timeout() {
-        h1.header_read_timeout(idle);
-    }
-    builder.http2().timer(TokioTimer::new());
+    let idle = port.idle_timeout();
     let conn = Arc::new(Conn {
         port,
         pool,
         stats,
-        peer,
-        tls,
+        client,
         tunnels: Mutex::new(Vec::new()),
         phase: phase.clone(),
     });
     let per_request = Arc::clone(&conn);
     let service = service_fn(move |req| proxy::handle(req, Arc::clone(&per_request)));
-    let serving = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(serving);
-    let (mut drain, mut abort) = (phase.clone(), phase);
-    let mut draining = false;
-    let result = loop {
-        tokio::select! {
-            r = serving.as_mut() => break r,
-            _ = drain.wait_for(|p| *p != Phase::Serve), if !draining => {
-                draining = true;
-                serving.as_mut().graceful_shutdown();
+    let io = TokioIo::new(io);
+    let result = match protocol {
+        Protocol::Http1 => {
+            let mut h1 = hyper::server::conn::http1::Builder::new();
+            h1.timer(TokioTimer::new()).keep_alive(true);
+            if let Some(idle) = idle {
+                h1.header_read_timeout(idle);
             }
-            _ = abort.wait_for(|p| *p == Phase::Abort) => {
-                for t in conn.tunnels.lock().unwrap_or_else(PoisonError::into_inner).drain(..) {
-                    t.abort();
-                }
-                return Ok(Outcome::Aborted);
-            }
+            let serving = h1.serve_connection(io, service).with_upgrades();
+            drive(
+                serving,
+                hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown,
+                &conn,
+                phase,
+            )
+            .await
         }
+        Protocol::Http2 => {
+            let serving = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .serve_connection(io, service);
+            drive(
+                serving,
+                hyper::server::conn::http2::Connection::graceful_shutdown,
+                &conn,
+                phase,
+            )
+            .await
+        }
+        Protocol::Either => {
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            let mut h1 = builder.http1();
+            h1.timer(TokioTimer::new()).keep_alive(true);
+            if let Some(idle) = idle {
+                h1.header_read_timeout(idle);
+            }
+            builder.http2().timer(TokioTimer::new());
+            let serving = builder.serve_connection_with_upgrades(io, service);
+            drive(
+                serving,
+                auto::UpgradeableConnection::graceful_shutdown,
+                &conn,
+                phase,
+            )
+            .await
+        }
+    };
+    let Some(result) = result else {
+        for t in conn
+            .tunnels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+        {
+            t.abort();
+        }
+        return Ok(Outcome::Aborted);
     };
     let tunnels = std::mem::take(&mut *conn.tunnels.lock().unwrap_or_else(PoisonError::into_inner));
     for t in tunnels {
@@ -197,8 +283,36 @@ where
                     .bad_requests
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            tracing::debug!(peer = %conn.peer, error = %e, "HTTP connection ended with an error");
+            tracing::debug!(peer = %conn.client.peer, error = %e, "HTTP connection ended with an error");
             Err(SpliceError::Peer(std::io::Error::other(e)))
+        }
+    }
+}
+
+/// The connection's result when it ended by itself (`None`: at the end of the grace
+/// period). At the start of the grace period, `shutdown` lets in-flight requests finish.
+async fn drive<F, E>(
+    serving: F,
+    shutdown: impl Fn(Pin<&mut F>),
+    conn: &Conn,
+    phase: watch::Receiver<Phase>,
+) -> Option<Result<(), Box<dyn std::error::Error + Send + Sync>>>
+where
+    F: Future<Output = Result<(), E>>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::pin!(serving);
+    let (mut drain, mut abort) = (phase.clone(), phase);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            r = serving.as_mut() => return Some(r.map_err(Into::into)),
+            _ = drain.wait_for(|p| *p != Phase::Serve), if !draining => {
+                draining = true;
+                tracing::debug!(peer = %conn.client.peer, "draining: no request after those in flight");
+                shutdown(serving.as_mut());
+            }
+            _ = abort.wait_for(|p| *p == Phase::Abort) => return None,
         }
     }
 }

@@ -19,7 +19,14 @@ use http_body_util::{BodyExt as _, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 
-use super::{Conn, ProxyBody, options::HeaderEdit};
+use hyper::upgrade::OnUpgrade;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _},
+    net::TcpStream,
+    sync::watch,
+};
+
+use super::{Conn, Join, ProxyBody, options::HeaderEdit};
 use crate::{
     balance::{Lease, Refusal},
     dataplane::Phase,
@@ -43,7 +50,7 @@ pub(super) async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let stats = &conn.stats;
     stats.requests.fetch_add(1, Ordering::Relaxed);
-    if conn.port.force_https && !conn.tls {
+    if conn.port.force_https && !conn.client.tls {
         return Ok(redirect(&req, &conn));
     }
     let upgrade = wants_upgrade(req.headers());
@@ -163,7 +170,7 @@ fn forward_headers(head: &mut Parts, conn: &Conn, upgrade: bool) {
         headers.insert(HOST, v);
     }
     strip_hop_by_hop(headers, upgrade);
-    let ip = conn.peer.ip().to_canonical().to_string();
+    let ip = conn.client.peer.ip().to_canonical().to_string();
     let forwarded_for: Vec<&str> = headers
         .get_all("x-forwarded-for")
         .iter()
@@ -172,7 +179,7 @@ fn forward_headers(head: &mut Parts, conn: &Conn, upgrade: bool) {
         .collect();
     let forwarded_for = forwarded_for.join(", ");
     let port = conn.port.public_port.to_string();
-    let (proto, ssl) = if conn.tls {
+    let (proto, ssl) = if conn.client.tls {
         ("https", "on")
     } else {
         ("http", "off")
@@ -247,7 +254,7 @@ fn to_machine(
 fn respond(
     mut resp: Response<Incoming>,
     lease: Lease,
-    client_side: Option<hyper::upgrade::OnUpgrade>,
+    client_side: Option<OnUpgrade>,
     conn: &Arc<Conn>,
 ) -> Response<ProxyBody> {
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -270,7 +277,13 @@ fn respond(
     if switching && let Some(client_side) = client_side {
         let machine_side = hyper::upgrade::on(&mut resp);
         conn.stats.upgrades.fetch_add(1, Ordering::Relaxed);
-        let tunnel = tokio::spawn(tunnel(client_side, machine_side, lease, conn.phase.clone()));
+        let tunnel = tokio::spawn(tunnel(
+            client_side,
+            machine_side,
+            lease,
+            conn.client.join.clone(),
+            conn.phase.clone(),
+        ));
         conn.tunnels
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -287,12 +300,14 @@ fn respond(
 }
 
 /// Moves bytes both ways between a client and a machine that switched protocols, until
-/// both ends close or the grace period ends.
+/// both ends close or the grace period ends: on the daemon's data plane when both are bare
+/// sockets (`join`), copied here otherwise (a TLS client).
 async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    machine: hyper::upgrade::OnUpgrade,
+    client: OnUpgrade,
+    machine: OnUpgrade,
     _lease: Lease,
-    mut phase: tokio::sync::watch::Receiver<Phase>,
+    join: Option<Arc<dyn Join>>,
+    phase: watch::Receiver<Phase>,
 ) {
     let (client, machine) = match tokio::try_join!(client, machine) {
         Ok(both) => both,
@@ -301,9 +316,45 @@ async fn tunnel(
             return;
         }
     };
-    let (mut client, mut machine) = (TokioIo::new(client), TokioIo::new(machine));
+    let Some(join) = join else {
+        return copied(TokioIo::new(client), TokioIo::new(machine), phase).await;
+    };
+    let client = match client.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => parts,
+        Err(client) => {
+            tracing::debug!("upgraded: the client's side is not a bare socket; copied");
+            return copied(TokioIo::new(client), TokioIo::new(machine), phase).await;
+        }
+    };
+    let (mut client_tcp, to_machine) = (client.io.into_inner(), client.read_buf);
+    match machine.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => {
+            // What the machine sent after its 101 and hyper read reaches the client first.
+            if !parts.read_buf.is_empty() && client_tcp.write_all(&parts.read_buf).await.is_err() {
+                return;
+            }
+            tracing::debug!("upgraded: both sides handed to the data plane");
+            join.join(client_tcp, parts.io.into_inner(), to_machine, phase)
+                .await;
+        }
+        Err(machine) => {
+            tracing::debug!("upgraded: the machine's side is not a bare socket; copied");
+            let mut machine = TokioIo::new(machine);
+            if machine.write_all(&to_machine).await.is_ok() {
+                copied(client_tcp, machine, phase).await;
+            }
+        }
+    }
+}
+
+/// Copies both ways between `a` and `b` until both close or the grace period ends.
+async fn copied(
+    mut a: impl AsyncRead + AsyncWrite + Unpin,
+    mut b: impl AsyncRead + AsyncWrite + Unpin,
+    mut phase: watch::Receiver<Phase>,
+) {
     tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut client, &mut machine) => {
+        r = tokio::io::copy_bidirectional(&mut a, &mut b) => {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "tunnel ended with an error");
             }

@@ -31,13 +31,7 @@ pub(super) async fn serve(
 ) {
     let result = match (&route.tls, &route.http) {
         (Some(tls), _) => super::terminate::serve(&shared, client, peer, &route, tls, phase).await,
-        (None, Some(http)) => {
-            let max_buffer = shared.opts.max_buffer;
-            match dataplane::tune_socket(&client, max_buffer, Plane::Copy.send_buffer(max_buffer)) {
-                Ok(()) => serve_http(&shared, client, peer, &route, http, false, phase).await,
-                Err(e) => Err(SpliceError::Internal(e)),
-            }
-        }
+        (None, Some(http)) => serve_plain_http(&shared, client, peer, &route, http, phase).await,
         (None, None) => connect_and_splice(&shared, client, peer, &route, phase, &[]).await,
     };
     let stats = &shared.stats;
@@ -64,15 +58,48 @@ pub(super) async fn serve(
     }
 }
 
-/// Serves HTTP on `io` (the client's socket, or its TLS stream over `tcp`), whose requests
-/// go to the route's machines one by one.
-pub(super) async fn serve_http<I>(
-    shared: &Shared,
-    io: I,
+/// Serves HTTP to a client on a bare socket: HTTP/1.1, or HTTP/2 when it starts with
+/// HTTP/2's preface; an upgraded connection is handed to the data plane.
+async fn serve_plain_http(
+    shared: &Arc<Shared>,
+    client: TcpStream,
     peer: SocketAddr,
     route: &Route,
     http: &Arc<crate::http::HttpPort>,
-    tls: bool,
+    phase: watch::Receiver<Phase>,
+) -> Result<Outcome, SpliceError> {
+    let max_buffer = shared.opts.max_buffer;
+    dataplane::tune_socket(&client, max_buffer, Plane::Copy.send_buffer(max_buffer))
+        .map_err(SpliceError::Internal)?;
+    let join = Arc::new(PlaneJoin {
+        shared: Arc::clone(shared),
+        service: route.service,
+    });
+    let side = crate::http::ClientSide {
+        peer,
+        tls: false,
+        join: Some(join),
+    };
+    let sniffed = match http.idle_timeout() {
+        Some(idle) => tokio::time::timeout(idle, crate::http::sniff(&client)).await,
+        None => Ok(crate::http::sniff(&client).await),
+    };
+    match sniffed {
+        Ok(Ok(protocol)) => serve_http(shared, client, protocol, route, http, side, phase).await,
+        Ok(Err(e)) => Err(SpliceError::Peer(e)),
+        Err(_) => Ok(Outcome::Idle),
+    }
+}
+
+/// Serves HTTP on `io` (the client's socket, or its TLS stream), whose requests go to the
+/// route's machines one by one.
+pub(super) async fn serve_http<I>(
+    shared: &Shared,
+    io: I,
+    protocol: crate::http::Protocol,
+    route: &Route,
+    http: &Arc<crate::http::HttpPort>,
+    side: crate::http::ClientSide,
     phase: watch::Receiver<Phase>,
 ) -> Result<Outcome, SpliceError>
 where
@@ -80,14 +107,36 @@ where
 {
     crate::http::serve(
         io,
+        protocol,
         Arc::clone(http),
         Arc::clone(&route.pool),
         Arc::clone(&shared.http),
-        peer,
-        tls,
+        side,
         phase,
     )
     .await
+}
+
+/// The daemon's data plane for upgraded HTTP connections of one service.
+struct PlaneJoin {
+    shared: Arc<Shared>,
+    service: u32,
+}
+
+impl crate::http::Join for PlaneJoin {
+    fn join(
+        &self,
+        client: TcpStream,
+        machine: TcpStream,
+        to_machine: bytes::Bytes,
+        phase: watch::Receiver<Phase>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+        let (shared, service) = (Arc::clone(&self.shared), self.service);
+        Box::pin(async move {
+            let ended = splice_pair(&shared, client, machine, service, &to_machine, phase).await;
+            tracing::debug!(?ended, "upgraded connection ended");
+        })
+    }
 }
 
 /// Why no backend connection was made.
@@ -196,13 +245,25 @@ pub(super) async fn connect_and_splice(
     early: &[u8],
 ) -> Result<Outcome, SpliceError> {
     // Held until the connection ends: it is the machine's count of live connections.
-    let Some((mut backend, _lease)) = backend_or_reset(shared, route, &client, &phase).await?
-    else {
+    let Some((backend, _lease)) = backend_or_reset(shared, route, &client, &phase).await? else {
         return Ok(Outcome::Aborted);
     };
     // Written before any byte of the client, so it is the first thing the backend reads, once.
     let mut header = proxy_header(route, &client, peer)?;
     header.extend_from_slice(early);
+    splice_pair(shared, client, backend, route.service, &header, phase).await
+}
+
+/// Moves the bytes of `client` and `backend`, connected, on the daemon's data plane until
+/// both directions end; `header` goes to the backend before any byte of the client.
+pub(super) async fn splice_pair(
+    shared: &Shared,
+    client: TcpStream,
+    mut backend: TcpStream,
+    service: u32,
+    header: &[u8],
+    phase: watch::Receiver<Phase>,
+) -> Result<Outcome, SpliceError> {
     let max_buffer = shared.opts.max_buffer;
     for s in [&client, &backend] {
         dataplane::tune_socket(s, max_buffer, shared.plane.send_buffer(max_buffer))
@@ -211,13 +272,25 @@ pub(super) async fn connect_and_splice(
     let idle = shared.opts.idle_timeout;
     match &shared.plane {
         Plane::Copy => {
-            write_preface(&client, &mut backend, &header).await?;
+            write_preface(&client, &mut backend, header).await?;
             copy::run(client, backend, phase, idle).await
         }
         Plane::Sockmap(splicer) => {
+            // The verdict takes whole queued segments, however much of one was read before
+            // (the kernel's tcp_read_skb ignores it): a socket already read from (an upgraded
+            // connection, the bytes pg_tls reads) has its queue taken here, passed on ahead.
+            let mut client = client;
+            let to_client = take_queued_if_read(&backend).map_err(SpliceError::Internal)?;
+            if let Err(e) = client.write_all(&to_client).await {
+                reset(&backend);
+                return Err(SpliceError::Peer(e));
+            }
+            let mut header = header.to_vec();
+            header.extend(take_queued_if_read(&client).map_err(SpliceError::Internal)?);
+            let header = &header[..];
             let client = client.into_std().map_err(SpliceError::Internal)?;
             let backend = backend.into_std().map_err(SpliceError::Internal)?;
-            let splicing = splicer.run(client, backend, route.service, &header, phase.clone());
+            let splicing = splicer.run(client, backend, service, header, phase.clone());
             match splicing.await {
                 Spliced::Done(result) => result,
                 Spliced::Refused(client, backend) => {
@@ -233,10 +306,28 @@ pub(super) async fn connect_and_splice(
                     let client = TcpStream::from_std(client).map_err(SpliceError::Internal)?;
                     let mut backend =
                         TcpStream::from_std(backend).map_err(SpliceError::Internal)?;
-                    write_preface(&client, &mut backend, &header).await?;
+                    write_preface(&client, &mut backend, header).await?;
                     copy::run(client, backend, phase, idle).await
                 }
             }
+        }
+    }
+}
+
+/// Every byte queued on `s` when some of its input was read before; none otherwise.
+fn take_queued_if_read(s: &TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut taken = Vec::new();
+    if crate::sys::bytes_read(s.as_fd())? == 0 {
+        return Ok(taken);
+    }
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        match s.try_read(&mut buf) {
+            // FIN: the splice refuses the socket and the copy plane carries on.
+            Ok(0) => return Ok(taken),
+            Ok(n) => taken.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(taken),
+            Err(e) => return Err(e),
         }
     }
 }

@@ -65,7 +65,17 @@ pub(super) async fn serve(
             Plane::Copy.send_buffer(max_buffer),
         )
         .map_err(SpliceError::Internal)?;
-        return connection::serve_http(shared, stream, peer, route, http, true, phase).await;
+        let side = crate::http::ClientSide {
+            peer,
+            tls: true,
+            join: None,
+        };
+        let protocol = match stream.get_ref().1.alpn_protocol() {
+            Some(b"h2") => crate::http::Protocol::Http2,
+            Some(_) => crate::http::Protocol::Http1,
+            None => crate::http::Protocol::Either,
+        };
+        return connection::serve_http(shared, stream, protocol, route, http, side, phase).await;
     }
     let tcp = stream.get_ref().0;
     let Some((mut backend, _lease)) =

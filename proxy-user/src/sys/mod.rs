@@ -12,7 +12,7 @@ pub use bpf::{map_delete, map_delete_all, map_lookup, map_update, map_update_bat
 pub use epoll::{Epoll, async_readable, ev, read_pod};
 pub use mount::{detach_mount, mount_cgroup2};
 pub use tcp::{
-    ReceiveMemory, TcpCounters, TcpState, bytes_written, offer_window, poke_receive,
+    ReceiveMemory, TcpCounters, TcpState, bytes_read, bytes_written, offer_window, poke_receive,
     receive_memory, send_queue, set_congestion, set_no_delay, set_receive_buffer, set_send_buffer,
     socket_cookie, tcp_counters,
 };

@@ -162,6 +162,24 @@ pub fn bytes_written(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(acked + send_queue(fd)?)
 }
 
+/// Bytes of the socket's input userspace has read: those received less those still queued.
+/// Both are read until no byte arrived between them, so the figure is exact while nobody
+/// reads the socket.
+pub fn bytes_read(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    loop {
+        let before = tcp_counters(fd)?.bytes_received;
+        let mut inq: libc::c_int = 0;
+        // SAFETY: SIOCINQ writes one int to the pointer given.
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &raw mut inq) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if tcp_counters(fd)?.bytes_received == before {
+            return Ok(before.saturating_sub(inq.max(0) as u64));
+        }
+    }
+}
+
 /// Sets `SO_RCVLOWAT` to 1. Beyond its meaning, the kernel runs the socket's data-ready
 /// callback when it is set, which makes the verdict program take bytes that were queued
 /// before the socket entered the map.

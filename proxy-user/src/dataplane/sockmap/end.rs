@@ -94,7 +94,7 @@ impl Pair<'_> {
     pub(super) fn not_redirected(&self, side: Side, own: &TcpCounters, flow: &Flow) -> u64 {
         let fin = u64::from(self.side(side).eof);
         own.bytes_received
-            .saturating_sub(fin + flow.redirected + flow.failed)
+            .saturating_sub(self.side(side).read_before + fin + flow.redirected + flow.failed)
     }
 
     /// `side` received FIN: once every byte before it is in the peer's send queue, shut the

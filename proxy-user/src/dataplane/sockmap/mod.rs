@@ -131,6 +131,16 @@ impl Splicer {
             (Ok(c), Ok(b)) => [c, b],
             (Err(e), _) | (_, Err(e)) => return Spliced::Done(Err(SpliceError::Internal(e))),
         };
+        // What each socket carried before the splice: nothing on a fresh connection; on an
+        // upgraded one, the HTTP exchange that precedes the stream the kernel moves.
+        let before = |s: &TcpStream| -> std::io::Result<(u64, u64)> {
+            Ok((sys::bytes_written(s.as_fd())?, sys::bytes_read(s.as_fd())?))
+        };
+        let (client_before, backend_before) = match (before(&client), before(&backend)) {
+            (Ok(c), Ok(b)) => (c, b),
+            (Err(e), _) | (_, Err(e)) => return Spliced::Done(Err(SpliceError::Internal(e))),
+        };
+        let backend_written = backend_before.0 + preface.len() as u64;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let link = |peer, side: Side| Link {
             peer_cookie: peer,
@@ -140,10 +150,10 @@ impl Splicer {
             } else {
                 self.max_buffer
             },
-            // The header is written into the backend's send queue ahead of the client's bytes.
+            // What is in each peer's send queue ahead of this socket's bytes (the header).
             owed_base: match side {
-                Side::Client => preface.len() as u64,
-                Side::Backend => 0,
+                Side::Client => backend_written,
+                Side::Backend => client_before.0,
             },
             service,
             side: match side {
@@ -155,12 +165,19 @@ impl Splicer {
         let mut pair = Pair {
             splicer: self,
             sides: [
-                SideState::new(&client, cookies[0], link(cookies[1], Side::Client), 0),
+                SideState::new(
+                    &client,
+                    cookies[0],
+                    link(cookies[1], Side::Client),
+                    client_before.0,
+                    client_before.1,
+                ),
                 SideState::new(
                     &backend,
                     cookies[1],
                     link(cookies[0], Side::Backend),
-                    preface.len() as u64,
+                    backend_written,
+                    backend_before.1,
                 ),
             ],
             started_ns: sys::monotonic_coarse_ns(),

@@ -26,9 +26,12 @@ pub(super) struct SideState<'a> {
     pub(super) cookie: u64,
     /// Its entry in `LINKS` as last written.
     pub(super) link: Link,
-    /// Bytes userspace wrote into it before splicing (a PROXY protocol header into the
-    /// backend's).
+    /// Bytes written into it before splicing: a PROXY protocol header into the backend's,
+    /// and on a connection that was HTTP before it was upgraded, what the HTTP exchange wrote.
     pub(super) preface: u64,
+    /// Bytes of its input read before splicing (an upgraded connection's HTTP exchange):
+    /// received, and never the verdict's.
+    pub(super) read_before: u64,
     /// The receiving side got FIN.
     pub(super) eof: bool,
     /// The FIN was passed on.
@@ -59,12 +62,19 @@ pub(super) struct SideState<'a> {
 }
 
 impl<'a> SideState<'a> {
-    pub(super) fn new(sock: &'a TcpStream, cookie: u64, link: Link, preface: u64) -> Self {
+    pub(super) fn new(
+        sock: &'a TcpStream,
+        cookie: u64,
+        link: Link,
+        preface: u64,
+        read_before: u64,
+    ) -> Self {
         Self {
             sock,
             cookie,
             link,
             preface,
+            read_before,
             eof: false,
             done: false,
             held: false,
