@@ -64,7 +64,7 @@ fn bulk_from(addr: SocketAddr, bytes: u64, block: &[u8]) -> Result<f64> {
     Ok(start.elapsed().as_secs_f64())
 }
 
-fn send(s: &mut TcpStream, mut left: u64, block: &[u8]) -> Result<()> {
+fn send(s: &mut impl std::io::Write, mut left: u64, block: &[u8]) -> Result<()> {
     while left > 0 {
         let n = left.min(block.len() as u64) as usize;
         s.write_all(&block[..n]).context("send")?;
@@ -195,4 +195,70 @@ pub fn idle(addr: SocketAddr, n: usize) -> Result<Vec<TcpStream>> {
         conns.push(s);
     }
     Ok(conns)
+}
+
+/// A TLS session over `tcp` to [`crate::targets::TLS_NAME`], its handshake done.
+fn tls(
+    tcp: TcpStream,
+    config: &Arc<rustls::ClientConfig>,
+) -> Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+    let name = rustls::pki_types::ServerName::try_from(crate::targets::TLS_NAME)?;
+    let conn = rustls::ClientConnection::new(Arc::clone(config), name)?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).context("TLS handshake")?;
+    }
+    Ok(s)
+}
+
+/// [`bulk`] over TLS: the target terminates it and passes the bytes on in the clear. The
+/// end of the stream is TLS's `close_notify`, then FIN.
+pub fn tls_bulk(addr: SocketAddr, bytes: u64, config: &Arc<rustls::ClientConfig>) -> Result<f64> {
+    let block = block();
+    let start = Instant::now();
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("connect {addr}"))?;
+    tcp.set_read_timeout(Some(STALL))?;
+    tcp.set_write_timeout(Some(STALL))?;
+    let mut s = tls(tcp, config)?;
+    s.write_all(b"S")?;
+    send(&mut s, bytes, &block)?;
+    s.conn.send_close_notify();
+    s.flush()?;
+    s.sock.shutdown(Shutdown::Write)?;
+    let mut count = [0u8; 8];
+    s.read_exact(&mut count).context("the sink's count")?;
+    let got = u64::from_le_bytes(count);
+    ensure!(
+        got == bytes + 1,
+        "the sink got {} of {bytes} bytes",
+        got.saturating_sub(1)
+    );
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// [`connection_rate`] over TLS, each connection with a full handshake (no resumption):
+/// connections per second.
+pub fn tls_connection_rate(
+    addr: SocketAddr,
+    duration: Duration,
+    config: &Arc<rustls::ClientConfig>,
+) -> Result<f64> {
+    let start = Instant::now();
+    let mut done = 0u64;
+    let msg = [0x44u8; 32];
+    let mut back = [0u8; 32];
+    while start.elapsed() < duration {
+        let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .with_context(|| format!("connect {addr}"))?;
+        tcp.set_nodelay(true)?;
+        tcp.set_read_timeout(Some(STALL))?;
+        let mut s = tls(tcp, config)?;
+        s.write_all(b"E")?;
+        s.write_all(&msg)?;
+        s.read_exact(&mut back).context("echo")?;
+        drop(s);
+        done += 1;
+    }
+    Ok(done as f64 / start.elapsed().as_secs_f64())
 }

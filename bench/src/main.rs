@@ -186,6 +186,13 @@ fn main() -> Result<()> {
     plan.workloads.clone_from(&args.workloads);
     let started = Instant::now();
     let dir = Scratch::new();
+    let tls = targets::TlsFiles::new(&dir)?;
+    let tls_client = {
+        let mut c = (*tests::tls::client_config(&tls.ca_pem)).clone();
+        // Every connection of the TLS connection-rate workload pays for a full handshake.
+        c.resumption = rustls::client::Resumption::disabled();
+        std::sync::Arc::new(c)
+    };
     let mut samples = Vec::new();
     for name in &args.topologies {
         let topo = match name.as_str() {
@@ -198,7 +205,7 @@ fn main() -> Result<()> {
         let _real = topo::RealBackends::start(&topo, &dir)?;
         let mut targets = Vec::new();
         for t in &args.targets {
-            targets.push(targets::start_target(t, &topo, &args.spliced, &dir)?);
+            targets.push(targets::start_target(t, &topo, &args.spliced, &tls, &dir)?);
         }
         eprintln!(
             "[bench] {}: {} targets up; {} rounds",
@@ -207,7 +214,7 @@ fn main() -> Result<()> {
             plan.rounds
         );
         for round in 0..plan.rounds {
-            run_round(&topo, &targets, &plan, round, &mut samples);
+            run_round(&topo, &targets, &plan, &tls_client, round, &mut samples);
             eprintln!(
                 "[bench] {} round {} done ({:.0} s so far)",
                 topo.name,
@@ -289,6 +296,7 @@ fn run_round(
     topo: &Topology,
     targets: &[Target],
     plan: &Plan,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
     round: usize,
     out: &mut Vec<Sample>,
 ) {
@@ -390,6 +398,57 @@ fn run_round(
     });
     measure("wrk", &|t| {
         real::wrk(ns, t.addrs[topo::service("http")], plan.real_secs)
+    });
+    // The handlers: TLS and HTTP terminated by the proxy. spliced serves them in userspace
+    // whatever its data plane, so its copy target adds nothing; direct and socat do not
+    // terminate.
+    let terminates = |t: &Target| -> Result<()> {
+        if matches!(t.name, "sockmap" | "haproxy" | "nginx") {
+            Ok(())
+        } else {
+            anyhow::bail!(
+                "not measured: {} does not terminate TLS or HTTP here",
+                t.name
+            )
+        }
+    };
+    measure("tls bulk", &|t| {
+        terminates(t)?;
+        let (addr, bytes) = (t.addrs[topo::service("tls")], plan.bulk_bytes);
+        let before = cpu(t);
+        let config = std::sync::Arc::clone(tls);
+        let secs = client.run(move || load::tls_bulk(addr, bytes, &config))?;
+        let after = cpu(t);
+        let gib = bytes as f64 / (1u64 << 30) as f64;
+        Ok(BTreeMap::from([
+            ("MB/s".to_owned(), bytes as f64 / secs / 1e6),
+            (
+                "proxy CPU s/GiB".to_owned(),
+                (after.proxy - before.proxy) / gib,
+            ),
+            (
+                "machine CPU s/GiB".to_owned(),
+                (after.machine - before.machine) / gib,
+            ),
+        ]))
+    });
+    measure("tls connect", &|t| {
+        terminates(t)?;
+        let addr = t.addrs[topo::service("tls")];
+        let d = Duration::from_secs_f64(plan.connect_secs);
+        let config = std::sync::Arc::clone(tls);
+        let rate = client.run(move || load::tls_connection_rate(addr, d, &config))?;
+        Ok(BTreeMap::from([("conn/s".to_owned(), rate)]))
+    });
+    measure("http wrk", &|t| {
+        terminates(t)?;
+        let url = format!("http://{}/", t.addrs[topo::service("http-proxy")]);
+        real::wrk_url(ns, &url, plan.real_secs)
+    });
+    measure("https wrk", &|t| {
+        terminates(t)?;
+        let url = format!("https://{}/", t.addrs[topo::service("https")]);
+        real::wrk_url(ns, &url, plan.real_secs)
     });
     measure("idle", &|t| {
         if t.name == "socat" {

@@ -86,6 +86,12 @@ pub fn redis_benchmark(ns: &str, addr: SocketAddr, n: u32) -> Result<BTreeMap<St
 /// wrk with 2 threads and 50 connections for `secs` seconds: requests per second and the
 /// p99 latency.
 pub fn wrk(ns: &str, addr: SocketAddr, secs: u32) -> Result<BTreeMap<String, f64>> {
+    wrk_url(ns, &format!("http://{addr}/"), secs)
+}
+
+/// [`wrk`] at `url` (`https://` for a target that terminates TLS; wrk checks no
+/// certificate).
+pub fn wrk_url(ns: &str, url: &str, secs: u32) -> Result<BTreeMap<String, f64>> {
     let text = run(
         ns,
         &[
@@ -94,7 +100,7 @@ pub fn wrk(ns: &str, addr: SocketAddr, secs: u32) -> Result<BTreeMap<String, f64
             "-c50".into(),
             format!("-d{secs}s"),
             "--latency".into(),
-            format!("http://{addr}/"),
+            url.to_owned(),
         ],
     )?;
     if text.contains("Non-2xx") || text.contains("Socket errors") {

@@ -13,7 +13,34 @@ use std::fmt::Write as _;
 use anyhow::{Context as _, Result, bail};
 use tests::Scratch;
 
-use crate::topo::{SERVICES, Topology};
+use crate::topo::{SERVICES, Topology, terminated};
+
+/// The name the TLS-terminating targets' certificate is for.
+pub const TLS_NAME: &str = "bench.test";
+
+/// The certificate every TLS-terminating target serves, and the CA its clients trust.
+pub struct TlsFiles {
+    /// The certificate with its key after it; named `default` so that spliced serves it
+    /// whatever name a client asks for (or none, as wrk).
+    pub pem: PathBuf,
+    /// The directory `spliced run --certs` reads.
+    pub dir: PathBuf,
+    pub ca_pem: String,
+}
+
+impl TlsFiles {
+    pub fn new(scratch: &Scratch) -> Result<Self> {
+        let dir = scratch.0.join("certs");
+        std::fs::create_dir_all(&dir)?;
+        let ca = tests::tls::TestCa::new(&scratch.0);
+        ca.issue(&dir, "default", "bench", &[TLS_NAME], false);
+        Ok(Self {
+            pem: dir.join("default.pem"),
+            dir,
+            ca_pem: ca.pem,
+        })
+    }
+}
 
 /// The daemon under test, and arguments added to each `spliced run`.
 pub struct SplicedCmd {
@@ -151,6 +178,7 @@ pub fn start_target(
     name: &'static str,
     topo: &Topology,
     spliced: &SplicedCmd,
+    tls: &TlsFiles,
     dir: &Scratch,
 ) -> Result<Target> {
     let index = TARGETS
@@ -186,7 +214,7 @@ pub fn start_target(
         cgroup: None,
         admin: matches!(name, "sockmap" | "copy").then(|| file("admin.sock")),
     };
-    for (i, cmd) in commands(name, topo, &addrs, spliced, &file)?
+    for (i, cmd) in commands(name, topo, &addrs, spliced, tls, &file)?
         .into_iter()
         .enumerate()
     {
@@ -234,15 +262,22 @@ pub fn start_target(
     Ok(target)
 }
 
-/// spliced's fly.toml: one service per (public, backend) pair, on one machine.
+/// spliced's fly.toml: one service per (public, backend) pair, on one machine, with the
+/// handlers the service's name asks for.
 fn spliced_config(pairs: &[(SocketAddr, SocketAddr)], backend_ip: IpAddr) -> String {
     let mut text = String::from("app = \"bench\"\n");
-    for (listen, backend) in pairs {
+    for ((listen, backend), (name, _)) in pairs.iter().zip(SERVICES) {
+        let (tls, http) = terminated(name);
+        let handlers: Vec<&str> = [(tls, "\"tls\""), (http, "\"http\"")]
+            .iter()
+            .filter_map(|(on, h)| on.then_some(*h))
+            .collect();
         let _ = write!(
             text,
-            "\n[[services]]\n  internal_port = {}\n  port = {}\n",
+            "\n[[services]]\n  internal_port = {}\n  [[services.ports]]\n    port = {}\n    handlers = [{}]\n",
             backend.port(),
-            listen.port()
+            listen.port(),
+            handlers.join(", ")
         );
     }
     let _ = write!(
@@ -252,6 +287,97 @@ fn spliced_config(pairs: &[(SocketAddr, SocketAddr)], backend_ip: IpAddr) -> Str
     text
 }
 
+/// `HAProxy`'s configuration for `pairs` (one per [`SERVICES`]).
+fn haproxy_config(pairs: &[(SocketAddr, SocketAddr)], tls: &TlsFiles) -> String {
+    let mut text = String::from(
+        "global\n  maxconn 8200\n  maxpipes 1000\n  tune.bufsize 65536\n\n\
+         defaults\n  mode tcp\n  \
+         timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n  \
+         option splice-auto\n",
+    );
+    // Terminated services: TLS with `ssl crt`, HTTP in `mode http` with keep-alive to
+    // the server and X-Forwarded-For, as spliced adds its forwarding headers.
+    let pem = tls.pem.display();
+    for (k, ((listen, backend), (name, _))) in pairs.iter().zip(SERVICES).enumerate() {
+        let (ssl, http) = terminated(name);
+        let bind = if ssl {
+            format!("{listen} ssl crt {pem} alpn h2,http/1.1")
+        } else {
+            listen.to_string()
+        };
+        let mode = if http {
+            "  mode http\n  option forwardfor\n"
+        } else {
+            ""
+        };
+        let _ = write!(
+            text,
+            "\nfrontend f{k}\n  bind {bind}\n{mode}  default_backend b{k}\n\n\
+             backend b{k}\n{mode}  server s1 {backend}\n"
+        );
+    }
+    text
+}
+
+/// nginx's configuration for `pairs` (one per [`SERVICES`]), its files named by `file`.
+fn nginx_config(
+    pairs: &[(SocketAddr, SocketAddr)],
+    tls: &TlsFiles,
+    file: &dyn Fn(&str) -> PathBuf,
+) -> Result<String> {
+    // Terminated services: `ssl` in the stream module for TLS alone; the http module
+    // for HTTP, with keep-alive to the server and X-Forwarded-For.
+    let pem = tls.pem.display();
+    let ssl_files = format!("ssl_certificate {pem}; ssl_certificate_key {pem};");
+    let mut servers = String::new();
+    let mut http_servers = String::new();
+    for (k, ((listen, backend), (name, _))) in pairs.iter().zip(SERVICES).enumerate() {
+        match terminated(name) {
+            (ssl, false) => {
+                let (flag, files) = if ssl {
+                    (" ssl", ssl_files.as_str())
+                } else {
+                    ("", "")
+                };
+                let _ = write!(
+                    servers,
+                    " server {{ listen {listen}{flag} backlog=8192; {files} proxy_pass {backend}; \
+                     proxy_buffer_size 64k; proxy_half_close on; }}"
+                );
+            }
+            (ssl, true) => {
+                let (flag, files) = if ssl {
+                    (" ssl http2", ssl_files.as_str())
+                } else {
+                    ("", "")
+                };
+                let _ = write!(
+                    http_servers,
+                    " upstream u{k} {{ server {backend}; keepalive 64; }} \
+                     server {{ listen {listen}{flag} backlog=8192; {files} location / {{ \
+                     proxy_pass http://u{k}; proxy_http_version 1.1; \
+                     proxy_set_header Connection \"\"; \
+                     proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }} }}"
+                );
+            }
+        }
+    }
+    let temp = file("nginx-temp");
+    std::fs::create_dir_all(&temp)?;
+    let t = temp.display();
+    Ok(format!(
+        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
+             worker_processes auto;\nworker_rlimit_nofile 20000;\ndaemon off;\n\
+             pid {};\nerror_log {} warn;\n\
+             events {{ worker_connections 19900; }}\nstream {{{servers} }}\n\
+             http {{ access_log off; client_body_temp_path {t}/body; \
+             proxy_temp_path {t}/proxy; fastcgi_temp_path {t}/fastcgi; \
+             uwsgi_temp_path {t}/uwsgi; scgi_temp_path {t}/scgi;{http_servers} }}\n",
+        file("nginx.pid").display(),
+        file("nginx.log").display()
+    ))
+}
+
 /// The commands that run proxy `name` on `addrs` (one per [`SERVICES`]), with configs
 /// written by `file`.
 fn commands(
@@ -259,6 +385,7 @@ fn commands(
     topo: &Topology,
     addrs: &[SocketAddr],
     spliced: &SplicedCmd,
+    tls: &TlsFiles,
     file: &dyn Fn(&str) -> PathBuf,
 ) -> Result<Vec<Command>> {
     let backend_ip = topo.backend_addr.ip();
@@ -285,6 +412,8 @@ fn commands(
                 .arg(topo.public_ip.to_string())
                 .arg("--admin-socket")
                 .arg(file("admin.sock"))
+                .arg("--certs")
+                .arg(&tls.dir)
                 .args(&spliced.extra)
                 .env("RUST_LOG", "warn");
         }
@@ -295,20 +424,7 @@ fn commands(
             // run. maxconn and maxpipes fit the machine's open-file limit of 20,000 (two
             // descriptors per connection, two per splice pipe).
             let config = file("haproxy.cfg");
-            let mut text = String::from(
-                "global\n  maxconn 8200\n  maxpipes 1000\n  tune.bufsize 65536\n\n\
-                 defaults\n  mode tcp\n  \
-                 timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n  \
-                 option splice-auto\n",
-            );
-            for (k, (listen, backend)) in pairs.iter().enumerate() {
-                let _ = write!(
-                    text,
-                    "\nfrontend f{k}\n  bind {listen}\n  default_backend b{k}\n\n\
-                     backend b{k}\n  server s1 {backend}\n"
-                );
-            }
-            std::fs::write(&config, text)?;
+            std::fs::write(&config, haproxy_config(&pairs, tls))?;
             cmd.args(["haproxy", "-db", "-f"]).arg(&config);
         }
         "nginx" => {
@@ -317,25 +433,7 @@ fn commands(
             // closes both sides at the client's FIN and the reply is lost, as every other
             // target passes the FIN on.
             let config = file("nginx.conf");
-            let mut servers = String::new();
-            for (listen, backend) in &pairs {
-                let _ = write!(
-                    servers,
-                    " server {{ listen {listen} backlog=8192; proxy_pass {backend}; \
-                     proxy_buffer_size 64k; proxy_half_close on; }}"
-                );
-            }
-            std::fs::write(
-                &config,
-                format!(
-                    "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
-                     worker_processes auto;\nworker_rlimit_nofile 20000;\ndaemon off;\n\
-                     pid {};\nerror_log {} warn;\n\
-                     events {{ worker_connections 19900; }}\nstream {{{servers} }}\n",
-                    file("nginx.pid").display(),
-                    file("nginx.log").display()
-                ),
-            )?;
+            std::fs::write(&config, nginx_config(&pairs, tls, file)?)?;
             cmd.args(["nginx", "-c"]).arg(&config);
         }
         "socat" => {
