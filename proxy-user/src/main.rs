@@ -11,6 +11,10 @@ use proxy_user::{
     server::{self, RunOptions},
 };
 
+/// Per-thread heaps: each request and connection allocates on its worker's thread.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "spliced",
@@ -100,6 +104,10 @@ struct RunArgs {
     /// the client is answered 504.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration)]
     http_response_timeout: Duration,
+    /// Threads that accept and serve connections, each with a listener of its own on every
+    /// public address (`SO_REUSEPORT`); default: one per CPU.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    workers: Option<u16>,
 }
 
 /// `spliced check`.
@@ -172,6 +180,10 @@ impl TryFrom<&RunArgs> for RunOptions {
             certs: a.certs.clone(),
             tls_handshake_timeout: a.tls_handshake_timeout,
             http_response_timeout: a.http_response_timeout,
+            workers: a.workers.map_or_else(
+                || std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+                usize::from,
+            ),
         })
     }
 }

@@ -80,7 +80,8 @@ pub struct HttpPort {
     /// `Fly-Region`: the config's `primary_region`.
     region: Option<HeaderValue>,
     settings: Settings,
-    client: Client<HttpConnector, ProxyBody>,
+    /// One pool per worker thread: a connection's task stays on the thread that uses it.
+    clients: Vec<Client<HttpConnector, ProxyBody>>,
 }
 
 impl HttpPort {
@@ -88,25 +89,33 @@ impl HttpPort {
         port: &PublicPort,
         region: Option<&str>,
         settings: Settings,
+        workers: usize,
     ) -> Result<Self, OptionsError> {
         let options = HttpOptions::read(port.http_options.as_ref())?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .http2_only(options.h2_backend)
-            .build(connector);
+        let client = || {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            connector.set_connect_timeout(Some(settings.connect_timeout));
+            Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .http2_only(options.h2_backend)
+                .build(connector)
+        };
         Ok(Self {
             public_port: port.port,
             force_https: port.force_https,
             region: region.and_then(|r| HeaderValue::from_str(r).ok()),
+            clients: (0..workers.max(1)).map(|_| client()).collect(),
             options,
             settings,
-            client,
         })
+    }
+
+    /// The pool of the worker thread this runs on.
+    fn client(&self) -> &Client<HttpConnector, ProxyBody> {
+        &self.clients[crate::server::worker_index() % self.clients.len()]
     }
 
     /// How long a client connection may wait for its next request.

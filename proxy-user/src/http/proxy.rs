@@ -74,7 +74,7 @@ pub(super) async fn handle(
         );
         let sent = tokio::time::timeout(
             conn.port.settings.response_timeout,
-            conn.port.client.request(req),
+            conn.port.client().request(req),
         )
         .await;
         let error = match sent {

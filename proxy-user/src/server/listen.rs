@@ -6,28 +6,78 @@ use std::{
     time::Duration,
 };
 
-use tokio::{
-    net::{TcpListener, TcpSocket},
-    sync::watch,
-};
+use tokio::{net::TcpListener, sync::watch};
 
 use super::{Route, Shared, connection};
 use crate::dataplane::Phase;
 
-/// Binds `addr` with `SO_REUSEADDR` and a backlog of 4096; an IPv6 wildcard takes only IPv6.
-pub(super) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => {
-            let s = TcpSocket::new_v6()?;
-            // The IPv4 wildcard gets its own socket, so both can be bound side by side.
-            socket2::SockRef::from(&s).set_only_v6(true)?;
-            s
+/// Binds `addr` with `SO_REUSEADDR`, `SO_REUSEPORT` (each worker binds its own listener of
+/// the address; the kernel spreads new connections over them) and a backlog of 4096; an IPv6
+/// wildcard takes only IPv6.
+pub(super) fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    if addr.is_ipv6() {
+        // The IPv4 wildcard gets its own socket, so both can be bound side by side.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+thread_local! {
+    /// Which worker runs on this thread; 0 elsewhere.
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The index of the worker thread this runs on (0 off the workers).
+pub fn worker_index() -> usize {
+    WORKER.with(std::cell::Cell::get)
+}
+
+/// One worker thread: a single-threaded runtime that accepts on its own listeners and serves
+/// every connection it accepts to its end, so a connection's tasks (and an HTTP port's pool
+/// of connections to the machines) stay on one thread. It stops accepting when the daemon
+/// stops serving, and returns once no connection of the daemon is live.
+pub(super) fn worker(
+    index: usize,
+    listeners: Vec<(std::net::TcpListener, Arc<Route>)>,
+    shared: &Arc<Shared>,
+    phase: watch::Receiver<Phase>,
+) {
+    WORKER.with(|w| w.set(index));
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(worker = index, error = %e, "cannot start a worker's runtime: it serves nothing");
+            return;
         }
     };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(4096)
+    runtime.block_on(async {
+        let mut accepting = tokio::task::JoinSet::new();
+        for (listener, route) in listeners {
+            match TcpListener::from_std(listener) {
+                Ok(l) => {
+                    accepting.spawn(accept_loop(l, route, Arc::clone(shared), phase.clone()));
+                }
+                Err(e) => tracing::error!(worker = index, error = %e, "a listener could not join its worker"),
+            }
+        }
+        let mut serving = phase;
+        let _ = serving.wait_for(|p| *p != Phase::Serve).await;
+        accepting.shutdown().await;
+        shared.all_ended().await;
+    });
 }
 
 /// Accepts on `listener` until the task is aborted, and serves each client in a task of its

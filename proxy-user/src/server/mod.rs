@@ -7,6 +7,8 @@ mod connection;
 mod listen;
 mod terminate;
 
+pub use listen::worker_index;
+
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
@@ -18,10 +20,7 @@ use std::{
 };
 
 use serde::Serialize;
-use tokio::{
-    sync::{Notify, watch},
-    task::JoinSet,
-};
+use tokio::sync::{Notify, watch};
 
 use crate::{
     balance::{Pool, QueuePolicy},
@@ -60,6 +59,8 @@ pub struct RunOptions {
     pub tls_handshake_timeout: Duration,
     /// How long a machine may take to send the head of its response to an HTTP request.
     pub http_response_timeout: Duration,
+    /// Threads that accept and serve connections, each with listeners of its own.
+    pub workers: usize,
 }
 
 /// Why the daemon could not start.
@@ -227,14 +228,17 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
             .map_err(StartError::HoldPorts)?;
     }
     let mut certs = None;
-    let mut listeners = Vec::new();
+    let workers = opts.workers.max(1);
+    // Per worker thread: its own listener of every public address (SO_REUSEPORT).
+    let mut listeners: Vec<Vec<(std::net::TcpListener, Arc<Route>)>> =
+        (0..workers).map(|_| Vec::new()).collect();
     for (service, port) in config.public_ports() {
         let pool = Arc::clone(&pools[service.id as usize]);
         if pool.machines.is_empty() {
             tracing::warn!(port = port.port, service = %service.name, "no machine serves this port: its connections will be refused");
         }
         let tls = tls_port(&config, port, &opts, &mut certs)?;
-        let http = http_port(&config, port, &opts)?;
+        let http = http_port(&config, port, &opts, workers)?;
         let route = Arc::new(Route {
             service: service.id,
             pool,
@@ -244,19 +248,22 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         });
         for ip in &listen_addrs {
             let addr = SocketAddr::new(*ip, port.port);
-            let listener =
-                listen::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
+            for set in &mut listeners {
+                let listener =
+                    listen::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
+                set.push((listener, Arc::clone(&route)));
+            }
             tracing::info!(
                 %addr,
                 service = %service.name,
                 internal_port = service.internal_port,
                 proxy_proto = ?port.proxy_proto,
+                workers,
                 "listening"
             );
-            listeners.push((listener, Arc::clone(&route)));
         }
     }
-    if listeners.is_empty() {
+    if listeners[0].is_empty() {
         // An app without services (a worker, a VPN node) is valid: Fly routes nothing to it.
         tracing::warn!("the config has no public port: spliced listens on nothing");
     }
@@ -275,14 +282,13 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         .filter(|c: &Arc<crate::tls::CertStore>| c.dir().is_some())
         .map(|c| AbortOnDrop(crate::tls::watch(c)));
     let (phase_tx, phase_rx) = watch::channel(Phase::Serve);
-    let mut acceptors = JoinSet::new();
-    for (listener, route) in listeners {
-        acceptors.spawn(listen::accept_loop(
-            listener,
-            route,
-            Arc::clone(&shared),
-            phase_rx.clone(),
-        ));
+    let mut threads = Vec::new();
+    for (index, set) in listeners.into_iter().enumerate() {
+        let (shared, phase) = (Arc::clone(&shared), phase_rx.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("spliced-w{index}"))
+            .spawn(move || listen::worker(index, set, &shared, phase))?;
+        threads.push(thread);
     }
 
     let admin = match &shared.opts.admin_socket {
@@ -299,7 +305,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
 
     let live = shared.stats.active.load(Ordering::Acquire);
     tracing::info!(live, grace = ?shared.opts.grace, "stopping: no longer accepting");
-    acceptors.shutdown().await;
+    // Each worker closes its listeners at once and serves its connections to their end.
     phase_tx.send_replace(Phase::Drain);
     let drained = tokio::time::timeout(shared.opts.grace, shared.all_ended()).await;
     if drained.is_err() {
@@ -310,6 +316,14 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         phase_tx.send_replace(Phase::Abort);
         shared.all_ended().await;
     }
+    let joined = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            if t.join().is_err() {
+                tracing::error!("a worker thread panicked");
+            }
+        }
+    });
+    joined.await.ok();
     if let Some(admin) = admin {
         admin.abort();
     }
@@ -399,6 +413,7 @@ fn http_port(
     config: &Config,
     port: &crate::config::PublicPort,
     opts: &RunOptions,
+    workers: usize,
 ) -> Result<Option<Arc<crate::http::HttpPort>>, StartError> {
     if !port.handlers.contains(&crate::config::Handler::Http) {
         return Ok(None);
@@ -409,11 +424,12 @@ fn http_port(
         connect_attempts: opts.connect_attempts,
         idle_timeout: opts.idle_timeout,
     };
-    let http = crate::http::HttpPort::new(port, config.primary_region.as_deref(), settings)
-        .map_err(|source| StartError::Http {
-            port: port.port,
-            source,
-        })?;
+    let http =
+        crate::http::HttpPort::new(port, config.primary_region.as_deref(), settings, workers)
+            .map_err(|source| StartError::Http {
+                port: port.port,
+                source,
+            })?;
     tracing::info!(
         port = port.port,
         force_https = http.force_https,
