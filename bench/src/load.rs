@@ -53,15 +53,22 @@ fn bulk_from(addr: SocketAddr, bytes: u64, block: &[u8]) -> Result<f64> {
     let mut s = connect(addr, b'S', Nagle::On)?;
     send(&mut s, bytes, block)?;
     s.shutdown(Shutdown::Write)?;
+    sink_count(&mut s, bytes)?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Reads the sink's count at the end of a bulk transfer and checks it: `bytes` and the mode
+/// byte.
+fn sink_count(s: &mut impl std::io::Read, bytes: u64) -> Result<()> {
     let mut count = [0u8; 8];
     s.read_exact(&mut count).context("the sink's count")?;
     let got = u64::from_le_bytes(count);
     ensure!(
         got == bytes + 1,
         "the sink got {} of {bytes} bytes",
-        got - 1
+        got.saturating_sub(1)
     );
-    Ok(start.elapsed().as_secs_f64())
+    Ok(())
 }
 
 fn send(s: &mut impl std::io::Write, mut left: u64, block: &[u8]) -> Result<()> {
@@ -226,14 +233,7 @@ pub fn tls_bulk(addr: SocketAddr, bytes: u64, config: &Arc<rustls::ClientConfig>
     s.conn.send_close_notify();
     s.flush()?;
     s.sock.shutdown(Shutdown::Write)?;
-    let mut count = [0u8; 8];
-    s.read_exact(&mut count).context("the sink's count")?;
-    let got = u64::from_le_bytes(count);
-    ensure!(
-        got == bytes + 1,
-        "the sink got {} of {bytes} bytes",
-        got.saturating_sub(1)
-    );
+    sink_count(&mut s, bytes)?;
     Ok(start.elapsed().as_secs_f64())
 }
 

@@ -61,6 +61,16 @@ fn url(net: &Net, path: &str) -> String {
     format!("http://{}{path}", net.public())
 }
 
+/// A topology with one machine answering as [`head_echo`] at the backend address, and the
+/// daemon serving [`config`] with `top` and `port_toml` on it.
+fn one_machine(topo: Topo, top: &str, port_toml: &str, extra: &[&str]) -> (Net, Server, Daemon) {
+    let net = Net::new(topo);
+    let machine = Server::start(&net.proxy, net.backend(), head_echo("m0"));
+    let ip = net.backend().ip().to_string();
+    let d = start(&net, &config(top, port_toml, &[ip.as_str()]), extra);
+    (net, machine, d)
+}
+
 fn start(net: &Net, config: &str, extra: &[&str]) -> Daemon {
     tests::raise_fd_limit();
     Daemon::start_config(&net.proxy, config, Plane::Sockmap, extra)
@@ -68,15 +78,10 @@ fn start(net: &Net, config: &str, extra: &[&str]) -> Daemon {
 
 #[test]
 fn the_machine_gets_fly_forwarding_headers_over_every_protocol() {
-    let net = Net::new(Topo::Veth);
-    let _m = Server::start(&net.proxy, net.backend(), head_echo("m0"));
-    let d = start(
-        &net,
-        &config(
-            "primary_region = \"ams\"",
-            "    handlers = [\"http\"]",
-            &["127.0.0.1"],
-        ),
+    let (net, _m, d) = one_machine(
+        Topo::Veth,
+        "primary_region = \"ams\"",
+        "    handlers = [\"http\"]",
         &[],
     );
     let (ok, body, err) = curl(
@@ -212,15 +217,10 @@ fn requests_are_balanced_one_by_one_and_headers_edited() {
 
 #[test]
 fn force_https_redirects_plain_requests() {
-    let net = Net::new(Topo::Loopback);
-    let _m = Server::start(&net.proxy, net.backend(), head_echo("m0"));
-    let d = start(
-        &net,
-        &config(
-            "",
-            "    handlers = [\"http\"]\n    force_https = true",
-            &["127.0.0.1"],
-        ),
+    let (net, _m, d) = one_machine(
+        Topo::Loopback,
+        "",
+        "    handlers = [\"http\"]\n    force_https = true",
         &[],
     );
     let (ok, out, err) = curl(
@@ -248,13 +248,7 @@ fn force_https_redirects_plain_requests() {
 
 #[test]
 fn bodies_stream_both_ways_and_h2load_completes_every_request() {
-    let net = Net::new(Topo::Veth);
-    let _m = Server::start(&net.proxy, net.backend(), head_echo("m0"));
-    let d = start(
-        &net,
-        &config("", "    handlers = [\"http\"]", &["127.0.0.1"]),
-        &[],
-    );
+    let (net, _m, d) = one_machine(Topo::Veth, "", "    handlers = [\"http\"]", &[]);
     let dir = Scratch::new();
     let upload = dir.0.join("upload");
     let mut data = vec![0u8; 64 << 20];
@@ -314,13 +308,7 @@ fn bodies_stream_both_ways_and_h2load_completes_every_request() {
 
 #[test]
 fn an_upgraded_connection_is_tunnelled_exactly() {
-    let net = Net::new(Topo::Veth);
-    let _m = Server::start(&net.proxy, net.backend(), head_echo("m0"));
-    let d = start(
-        &net,
-        &config("", "    handlers = [\"http\"]", &["127.0.0.1"]),
-        &[],
-    );
+    let (net, _m, d) = one_machine(Topo::Veth, "", "    handlers = [\"http\"]", &[]);
     let total = 16u64 << 20;
     let mut stream = vec![0u8; total as usize];
     Pattern::new(11).fill(&mut stream);

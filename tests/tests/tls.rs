@@ -39,6 +39,39 @@ fn start(net: &Net, plane: Plane, config: &str, extra: &[&str]) -> Daemon {
     Daemon::start_config(&net.proxy, config, plane, extra)
 }
 
+/// A topology with an echo machine and the daemon serving one port with `handlers` and
+/// `tls_options` (`options`), its certificates those of [`cert_dir`].
+struct Served {
+    d: Daemon,
+    _backend: Server,
+    net: Net,
+    ca: TestCa,
+    certs: Scratch,
+    _ca_dir: Scratch,
+}
+
+fn serve_tls(topo: Topo, plane: Plane, handlers: &[&str], options: &str, extra: &[&str]) -> Served {
+    let net = Net::new(topo);
+    let (ca_dir, ca, certs) = cert_dir();
+    let backend = Server::start(&net.proxy, net.backend(), echo);
+    let certs_arg = certs.0.to_string_lossy().into_owned();
+    let args = [&["--certs", certs_arg.as_str()][..], extra].concat();
+    let d = start(
+        &net,
+        plane,
+        &tls_config(handlers, options, net.backend()),
+        &args,
+    );
+    Served {
+        d,
+        _backend: backend,
+        net,
+        ca,
+        certs,
+        _ca_dir: ca_dir,
+    }
+}
+
 fn counter(d: &Daemon, name: &str) -> u64 {
     d.stats()["connections"][name]
         .as_u64()
@@ -47,16 +80,8 @@ fn counter(d: &Daemon, name: &str) -> u64 {
 
 #[test]
 fn the_certificate_is_chosen_by_sni_and_reloaded_when_the_directory_changes() {
-    let net = Net::new(Topo::Loopback);
-    let (_ca_dir, ca, certs) = cert_dir();
-    let _backend = Server::start(&net.proxy, net.backend(), echo);
-    let certs_arg = certs.0.to_string_lossy().into_owned();
-    let d = start(
-        &net,
-        Plane::Sockmap,
-        &tls_config(&["tls"], "", net.backend()),
-        &["--certs", &certs_arg],
-    );
+    let setup = serve_tls(Topo::Loopback, Plane::Sockmap, &["tls"], "", &[]);
+    let (net, ca, d, certs) = (&setup.net, &setup.ca, &setup.d, &setup.certs);
     let served = |args: &[&str]| s_client(net.client(), net.public(), &ca.path, args);
     for (args, cn) in [
         (&["-servername", "a.example.com"][..], "exact"),
@@ -71,7 +96,7 @@ fn the_certificate_is_chosen_by_sni_and_reloaded_when_the_directory_changes() {
         assert_eq!(h.subject_cn.as_deref(), Some(cn), "{args:?}\n{}", h.output);
         assert_eq!(h.verify_code, Some(0), "{args:?}: chain\n{}", h.output);
     }
-    assert_eq!(counter(&d, "tls_handshakes"), 6);
+    assert_eq!(counter(d, "tls_handshakes"), 6);
 
     // A new file is served within a few polls; a broken one keeps the set in place.
     ca.issue(&certs.0, "b", "reloaded", &["b.example.com"], false);
@@ -103,16 +128,8 @@ fn the_certificate_is_chosen_by_sni_and_reloaded_when_the_directory_changes() {
 /// A checked stream each way through TLS, on both planes, over veth; the daemon's TLS
 /// sockets end cleanly and nothing is left behind.
 fn tls_stream_is_exact(plane: Plane) {
-    let net = Net::new(Topo::Veth);
-    let (_ca_dir, ca, certs) = cert_dir();
-    let _backend = Server::start(&net.proxy, net.backend(), echo);
-    let certs_arg = certs.0.to_string_lossy().into_owned();
-    let d = start(
-        &net,
-        plane,
-        &tls_config(&["tls"], "", net.backend()),
-        &["--certs", &certs_arg],
-    );
+    let setup = serve_tls(Topo::Veth, plane, &["tls"], "", &[]);
+    let (net, ca, d) = (&setup.net, &setup.ca, &setup.d);
     let config = client_config(&ca.pem);
     let conns: Vec<_> = (0..4u64)
         .map(|i| {
@@ -204,17 +221,9 @@ fn curl_fetches_from_nginx_through_tls() {
 
 #[test]
 fn a_port_allows_the_versions_and_alpn_protocols_it_names() {
-    let net = Net::new(Topo::Loopback);
-    let (_ca_dir, ca, certs) = cert_dir();
-    let _backend = Server::start(&net.proxy, net.backend(), echo);
-    let certs_arg = certs.0.to_string_lossy().into_owned();
     let options = "      alpn = [\"h2\", \"http/1.1\"]\n      versions = [\"TLSv1.2\"]";
-    let _d = start(
-        &net,
-        Plane::Sockmap,
-        &tls_config(&["tls"], options, net.backend()),
-        &["--certs", &certs_arg],
-    );
+    let setup = serve_tls(Topo::Loopback, Plane::Sockmap, &["tls"], options, &[]);
+    let (net, ca) = (&setup.net, &setup.ca);
     let served = |args: &[&str]| {
         let mut all = vec!["-servername", "a.example.com"];
         all.extend_from_slice(args);
@@ -324,16 +333,9 @@ fn self_signed_certificates_where_asked_for_or_nothing_is_configured() {
 
 #[test]
 fn bad_handshakes_are_closed_and_counted() {
-    let net = Net::new(Topo::Loopback);
-    let (_ca_dir, ca, certs) = cert_dir();
-    let _backend = Server::start(&net.proxy, net.backend(), echo);
-    let certs_arg = certs.0.to_string_lossy().into_owned();
-    let d = start(
-        &net,
-        Plane::Sockmap,
-        &tls_config(&["tls"], "", net.backend()),
-        &["--certs", &certs_arg, "--tls-handshake-timeout", "1s"],
-    );
+    let extra = ["--tls-handshake-timeout", "1s"];
+    let setup = serve_tls(Topo::Loopback, Plane::Sockmap, &["tls"], "", &extra);
+    let (net, ca, d) = (&setup.net, &setup.ca, &setup.d);
     // Plain HTTP to a TLS port.
     let mut plain = net.connect();
     plain
@@ -354,7 +356,7 @@ fn bad_handshakes_are_closed_and_counted() {
         "the silent client got {got:?}"
     );
     assert!(
-        eventually(Duration::from_secs(5), || counter(&d, "tls_failed") == 2),
+        eventually(Duration::from_secs(5), || counter(d, "tls_failed") == 2),
         "{:#}",
         d.stats()
     );
@@ -384,16 +386,8 @@ const GSSENC_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
 
 #[test]
 fn pg_tls_answers_postgres_clients_and_passes_plain_text_on() {
-    let net = Net::new(Topo::Veth);
-    let (_ca_dir, ca, certs) = cert_dir();
-    let _backend = Server::start(&net.proxy, net.backend(), echo);
-    let certs_arg = certs.0.to_string_lossy().into_owned();
-    let d = start(
-        &net,
-        Plane::Sockmap,
-        &tls_config(&["pg_tls"], "", net.backend()),
-        &["--certs", &certs_arg],
-    );
+    let setup = serve_tls(Topo::Veth, Plane::Sockmap, &["pg_tls"], "", &[]);
+    let (net, ca, d) = (&setup.net, &setup.ca, &setup.d);
     // openssl's own PostgreSQL negotiation.
     let h = s_client(
         net.client(),
