@@ -263,7 +263,7 @@ pub fn render_text(config: &Config) -> String {
 
     out.push_str("\nmachines:\n");
     let mut rows = vec![
-        ["ID", "ADDRESS", "PROCESSES", "REGION"]
+        ["ID", "ADDRESS", "PROCESSES", "REGION", "RUN BY SPLICED"]
             .map(str::to_owned)
             .to_vec(),
     ];
@@ -277,6 +277,9 @@ pub fn render_text(config: &Config) -> String {
                 m.processes.join(",")
             },
             m.region.clone().unwrap_or_else(|| "-".to_owned()),
+            m.command
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), |c| c.join(" ")),
         ]);
     }
     out.push_str(&table(&rows));

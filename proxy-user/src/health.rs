@@ -89,6 +89,10 @@ async fn run(pool: Arc<Pool>, index: usize, name: String, probe: Probe, timing: 
     let mut passing = true;
     loop {
         ticks.tick().await;
+        // A machine spliced has stopped, or not yet started, keeps its last outcome.
+        if !pool.machines[index].running() {
+            continue;
+        }
         let outcome = match tokio::time::timeout(timing.timeout, once(addr, &probe)).await {
             Ok(outcome) => outcome,
             Err(_) => Err(format!("no answer within {:?}", timing.timeout)),

@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod faults;
 pub mod health;
 pub mod http;
+pub mod machines;
 pub mod proxy_proto;
 pub mod server;
 pub mod sys;

@@ -108,6 +108,16 @@ struct RunArgs {
     /// public address (`SO_REUSEPORT`); default: one per CPU.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     workers: Option<u16>,
+    /// How long a connection that finds no machine running waits for one of the machines
+    /// spliced runs (`[[machines]]` with `command`) to start and accept.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    start_timeout: Duration,
+    /// How often idle machines are looked at for `auto_stop_machines`.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = duration)]
+    autostop_interval: Duration,
+    /// How long a machine spliced stops has between SIGTERM and SIGKILL.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = duration)]
+    machine_stop_grace: Duration,
 }
 
 /// `spliced check`.
@@ -184,6 +194,11 @@ impl TryFrom<&RunArgs> for RunOptions {
                 || std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
                 usize::from,
             ),
+            machines: proxy_user::machines::Timing {
+                start_timeout: a.start_timeout,
+                stop_grace: a.machine_stop_grace,
+            },
+            autostop_interval: a.autostop_interval,
         })
     }
 }
@@ -195,6 +210,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colours for a terminal only: a log file or journal gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
         Command::Check(a) => check(&a.config, a.format),

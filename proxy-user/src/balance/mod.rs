@@ -5,6 +5,11 @@
 //! maximum wait. A machine failing a health check is out of rotation until it passes again;
 //! when every machine of a service fails, all of them are used (see [`Pool::pick`]). Every
 //! decision is counted per machine and per service, and changes of state are logged.
+//!
+//! Machines spliced runs (`machines`) take connections only while started. A connection that
+//! finds none of its service's machines running starts one and waits for it (all such
+//! connections wait for the same one); one that lands on a machine past its soft limit starts
+//! a spare in the background, as Fly's proxy does.
 
 #![forbid(unsafe_code)]
 
@@ -20,6 +25,33 @@ use std::{
 
 use serde::Serialize;
 use tokio::sync::oneshot;
+
+use crate::{
+    config::AutoStop,
+    machines::{Managed, State as MachineState},
+};
+
+/// The soft limit Fly's proxy assumes for a service that sets none, used by the stop rule.
+pub const FLY_SOFT_LIMIT: u64 = 20;
+
+/// A service's `auto_start_machines`, `auto_stop_machines` and `min_machines_running`, with
+/// Fly's defaults (start on, stop off, none kept).
+#[derive(Clone, Copy, Debug)]
+pub struct Demand {
+    pub auto_start: bool,
+    pub auto_stop: AutoStop,
+    pub min_running: u32,
+}
+
+impl Default for Demand {
+    fn default() -> Self {
+        Self {
+            auto_start: true,
+            auto_stop: AutoStop::Off,
+            min_running: 0,
+        }
+    }
+}
 
 /// How long and how many connections may wait for a machine below its hard limit.
 #[derive(Clone, Copy, Debug)]
@@ -47,6 +79,18 @@ pub struct MachineStats {
     pub failing_checks: AtomicU32,
     /// Health check runs it has failed in all.
     pub check_failures: AtomicU64,
+    /// The process spliced runs as this machine, if it does.
+    #[serde(skip)]
+    pub managed: Option<Arc<Managed>>,
+}
+
+impl MachineStats {
+    /// Whether it can take connections: always for a machine spliced does not run.
+    pub fn running(&self) -> bool {
+        self.managed
+            .as_ref()
+            .is_none_or(|m| m.state() == MachineState::Started)
+    }
 }
 
 /// Counters of a service's pool.
@@ -66,6 +110,12 @@ pub struct PoolStats {
     pub retried: AtomicU64,
     /// Connections routed while every machine failed its health checks.
     pub routed_all_failing: AtomicU64,
+    /// Connections that found no machine running and waited for one to start.
+    pub waited_for_start: AtomicU64,
+    /// Connections refused because no machine could be started for them.
+    pub start_failures: AtomicU64,
+    /// Spare machines started because every running one was past its soft limit.
+    pub spare_starts: AtomicU64,
 }
 
 /// The machines of one service and who waits for them.
@@ -75,6 +125,7 @@ pub struct Pool {
     soft_limit: Option<u64>,
     hard_limit: Option<u64>,
     policy: QueuePolicy,
+    pub demand: Demand,
     state: Mutex<State>,
     pub stats: PoolStats,
 }
@@ -97,6 +148,10 @@ pub enum Refusal {
     QueueFull,
     #[error("every machine stayed at its hard limit for the whole queue wait")]
     QueueTimeout,
+    #[error("no machine runs and auto_start_machines is off")]
+    NoneRunning,
+    #[error("no machine could be started in time")]
+    StartFailed,
 }
 
 /// A slot on one machine, released when dropped.
@@ -168,11 +223,13 @@ impl Pool {
                     healthy: AtomicBool::new(true),
                     failing_checks: AtomicU32::new(0),
                     check_failures: AtomicU64::new(0),
+                    managed: None,
                 })
                 .collect::<Vec<_>>(),
             soft_limit: soft_limit.map(u64::from),
             hard_limit: hard_limit.map(u64::from),
             policy,
+            demand: Demand::default(),
             state: Mutex::new(State {
                 waiters: VecDeque::new(),
                 queued_since: None,
@@ -180,6 +237,17 @@ impl Pool {
             }),
             stats: PoolStats::default(),
         }
+    }
+
+    /// The same pool with the service's start and stop settings, and the processes spliced
+    /// runs as its machines (`managed[i]` for machine `i`).
+    #[must_use]
+    pub fn with_demand(mut self, demand: Demand, managed: Vec<Option<Arc<Managed>>>) -> Self {
+        self.demand = demand;
+        for (m, managed) in self.machines.iter_mut().zip(managed) {
+            m.managed = managed;
+        }
+        self
     }
 
     /// Machines in rotation. Their flags change only with the state locked.
@@ -209,7 +277,10 @@ impl Pool {
         let mut ties = 0u64;
         let all_failing = self.in_rotation() == 0;
         for (i, m) in self.machines.iter().enumerate() {
-            if exclude.contains(&i) || !(all_failing || m.healthy.load(Ordering::Relaxed)) {
+            if exclude.contains(&i)
+                || !(all_failing || m.healthy.load(Ordering::Relaxed))
+                || !m.running()
+            {
                 continue;
             }
             let active = m.active.load(Ordering::Relaxed);
@@ -238,6 +309,14 @@ impl Pool {
         }
         let (_, _, i) = best?;
         let m = &self.machines[i];
+        if let Some(managed) = &m.managed
+            && !managed.enter()
+        {
+            // Stopped since it was looked at: choose again without it.
+            let mut exclude = exclude.to_vec();
+            exclude.push(i);
+            return self.pick(state, &exclude);
+        }
         m.active.fetch_add(1, Ordering::Relaxed);
         m.chosen.fetch_add(1, Ordering::Relaxed);
         if all_failing {
@@ -253,12 +332,16 @@ impl Pool {
         if self.machines.is_empty() {
             return Err(Refusal::NoMachine);
         }
+        if !self.machines.iter().any(MachineStats::running) {
+            self.start_for_connection().await?;
+        }
         let rx = {
             let mut state = self.lock();
             // Waiters go first: a newcomer never overtakes the queue.
             if state.waiters.is_empty()
                 && let Some(index) = self.pick(&mut state, &[])
             {
+                self.spare_if_busy(index);
                 return Ok(Lease::new(self, index));
             }
             if state.waiters.len() >= self.policy.limit {
@@ -290,6 +373,111 @@ impl Pool {
         }
     }
 
+    /// Starts a machine for a connection that found none running, and waits for it: a
+    /// suspended one first (it resumes at once), then the first stopped one; one already
+    /// starting is joined, so concurrent arrivals start one machine.
+    async fn start_for_connection(&self) -> Result<(), Refusal> {
+        let managed = || self.machines.iter().filter_map(|m| m.managed.as_ref());
+        if !self.demand.auto_start {
+            return Err(Refusal::NoneRunning);
+        }
+        let pick = managed()
+            .find(|m| m.state() == MachineState::Suspended)
+            .or_else(|| {
+                managed()
+                    .find(|m| matches!(m.state(), MachineState::Starting | MachineState::Stopping))
+            })
+            .or_else(|| managed().find(|m| m.can_start()))
+            .or_else(|| managed().next());
+        let Some(machine) = pick else {
+            return Err(Refusal::NoMachine);
+        };
+        self.stats.waited_for_start.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = machine.ensure_started().await {
+            self.stats.start_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(service = %self.service, error = %e, "no machine for a connection");
+            return Err(Refusal::StartFailed);
+        }
+        Ok(())
+    }
+
+    /// Starts a stopped or suspended machine in the background when the one just chosen is
+    /// past its soft limit (every running machine then is).
+    fn spare_if_busy(&self, chosen: usize) {
+        let Some(soft) = self.soft_limit else {
+            return;
+        };
+        if !self.demand.auto_start || self.machines[chosen].active.load(Ordering::Relaxed) <= soft {
+            return;
+        }
+        let spare = self
+            .machines
+            .iter()
+            .filter_map(|m| m.managed.as_ref())
+            .find(|m| {
+                matches!(m.state(), MachineState::Stopped | MachineState::Suspended)
+                    && m.can_start()
+            });
+        if let Some(m) = spare {
+            self.stats.spare_starts.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(service = %self.service, machine = %m.spec.id, soft_limit = soft, "every running machine is past its soft limit: starting another");
+            m.start_soon();
+        }
+    }
+
+    /// At start: the machines spliced runs that should be running. Without auto-stop, all of
+    /// them (nothing would ever stop them); with it, `min_machines_running` of them; the
+    /// others start on demand.
+    pub fn start_kept(&self) {
+        let keep = match self.demand.auto_stop {
+            AutoStop::Off => usize::MAX,
+            AutoStop::Stop | AutoStop::Suspend => self.demand.min_running as usize,
+        };
+        for m in self
+            .machines
+            .iter()
+            .filter_map(|m| m.managed.as_ref())
+            .take(keep)
+        {
+            m.start_soon();
+        }
+    }
+
+    /// One look of Fly's stop rule: while more than `min_machines_running` machines run and
+    /// the service's connections would stay within the soft limit (Fly's default 20 when none
+    /// is set) on one machine fewer, an idle machine spliced runs is stopped or suspended,
+    /// the last listed first. A machine also serving a service without auto-stop is kept.
+    pub fn stop_idle(&self, every: &[Arc<Pool>]) {
+        if self.demand.auto_stop == AutoStop::Off {
+            return;
+        }
+        let soft = self.soft_limit.unwrap_or(FLY_SOFT_LIMIT);
+        let running: Vec<&MachineStats> = self.machines.iter().filter(|m| m.running()).collect();
+        let mut n = running.len() as u64;
+        let load: u64 = running
+            .iter()
+            .map(|m| m.active.load(Ordering::Relaxed))
+            .sum();
+        for m in running.iter().rev() {
+            let Some(managed) = &m.managed else {
+                continue;
+            };
+            if n <= u64::from(self.demand.min_running) || load > soft * (n - 1) {
+                return;
+            }
+            let kept_elsewhere = every.iter().any(|p| {
+                p.demand.auto_stop == AutoStop::Off
+                    && p.machines
+                        .iter()
+                        .any(|o| o.managed.as_ref().is_some_and(|o| Arc::ptr_eq(o, managed)))
+            });
+            if !kept_elsewhere && managed.stop_if_idle(self.demand.auto_stop) {
+                tracing::info!(service = %self.service, machine = %m.id, running = n - 1, load, how = ?self.demand.auto_stop, "idle machine stopped");
+                n -= 1;
+            }
+        }
+    }
+
     /// Another machine, after those in `tried` could not be reached: no queueing, nothing
     /// tried twice.
     pub fn retry(self: &Arc<Self>, tried: &[usize]) -> Option<Lease> {
@@ -302,7 +490,11 @@ impl Pool {
     /// Frees a slot of machine `index` and hands the first live waiter a slot, if any.
     fn release(self: &Arc<Self>, index: usize) {
         let mut state = self.lock();
-        self.machines[index].active.fetch_sub(1, Ordering::Relaxed);
+        let m = &self.machines[index];
+        m.active.fetch_sub(1, Ordering::Relaxed);
+        if let Some(managed) = &m.managed {
+            managed.leave();
+        }
         self.serve_waiters(&mut state);
     }
 
@@ -331,6 +523,9 @@ impl Pool {
                 let m = &self.machines[slot];
                 m.active.fetch_sub(1, Ordering::Relaxed);
                 m.chosen.fetch_sub(1, Ordering::Relaxed);
+                if let Some(managed) = &m.managed {
+                    managed.leave();
+                }
             }
         }
     }

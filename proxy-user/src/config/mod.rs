@@ -269,6 +269,11 @@ pub struct Machine {
     /// Process groups it runs; empty means every group.
     pub processes: Vec<String>,
     pub region: Option<String>,
+    /// `command`: a machine spliced runs itself as a child process (program and arguments);
+    /// `None` for a machine spliced only routes to.
+    pub command: Option<Vec<String>>,
+    /// `dir`: the working directory of the command.
+    pub dir: Option<String>,
 }
 
 fn millis<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

@@ -154,6 +154,8 @@ fn assign_machines(r: &mut Reader<'_>, config: &mut Config, sites: &Sites) {
             address: IpAddr::V4(Ipv4Addr::LOCALHOST),
             processes: Vec::new(),
             region: None,
+            command: None,
+            dir: None,
         });
     }
     for (s, at) in config.services.iter_mut().zip(&sites.services) {

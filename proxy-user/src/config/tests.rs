@@ -147,3 +147,38 @@ fn edge_http_is_refused_with_what_to_use_instead() {
         ]
     );
 }
+
+#[test]
+fn machines_with_a_command_run_on_the_host_unless_told_otherwise() {
+    let c = parse(
+        "[[services]]\ninternal_port = 9000\nport = 10001\n\n[[machines]]\nid = \"a\"\ncommand = [\"./app\", \"--fast\"]\ndir = \"/srv/app\"\n\n[[machines]]\nid = \"b\"\naddress = \"10.0.0.2\"\n",
+    )
+    .expect("valid config");
+    assert_eq!(c.machines[0].address, IpAddr::from([127, 0, 0, 1]));
+    assert_eq!(
+        c.machines[0].command.as_deref(),
+        Some(&["./app".to_owned(), "--fast".to_owned()][..])
+    );
+    assert_eq!(c.machines[0].dir.as_deref(), Some("/srv/app"));
+    assert_eq!(c.machines[1].command, None);
+}
+
+#[test]
+fn bad_machine_commands_name_line_and_field() {
+    let err = parse("[[machines]]\nid = \"a\"\ncommand = []\n")
+        .expect_err("an empty command")
+        .to_string();
+    assert!(
+        err.contains("fly.toml:3:") && err.contains("machines[0].command"),
+        "{err}"
+    );
+    let err = parse("[[machines]]\nid = \"a\"\ncommand = [\"x\", 1]\n")
+        .expect_err("a number in a command")
+        .to_string();
+    assert!(err.contains("machines[0].command[1]"), "{err}");
+    // Without a command, the address stays required.
+    let err = parse("[[machines]]\nid = \"a\"\n")
+        .expect_err("no address")
+        .to_string();
+    assert!(err.contains("a machine needs an address"), "{err}");
+}

@@ -17,6 +17,8 @@ pub(super) struct Snapshot<'a> {
     http: &'a crate::http::HttpStats,
     /// Per service: its machines' load and its queue.
     services: Vec<PoolSnapshot<'a>>,
+    /// The machines spliced runs: state, process and counters.
+    machines: Vec<crate::machines::Snapshot<'a>>,
     kernel: Option<KernelSnapshot>,
 }
 
@@ -90,6 +92,7 @@ pub(super) fn snapshot(shared: &Shared) -> Snapshot<'_> {
                 queue: &p.stats,
             })
             .collect(),
+        machines: shared.managed.iter().map(|m| m.snapshot()).collect(),
         kernel,
     }
 }

@@ -23,9 +23,10 @@ use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
 use crate::{
-    balance::{Pool, QueuePolicy},
-    config::{Config, ProxyProtoVersion},
+    balance::{Demand, Pool, QueuePolicy},
+    config::{AutoStop, Config, ProxyProtoVersion},
     dataplane::{DataplaneChoice, Phase, Plane, kernel::LoadError, sockmap},
+    machines::Managed,
 };
 
 /// Everything `spliced run` takes besides the config.
@@ -61,6 +62,10 @@ pub struct RunOptions {
     pub http_response_timeout: Duration,
     /// Threads that accept and serve connections, each with listeners of its own.
     pub workers: usize,
+    /// Start and stop timings of the machines spliced runs.
+    pub machines: crate::machines::Timing,
+    /// How often the stop rule looks at idle machines.
+    pub autostop_interval: Duration,
 }
 
 /// Why the daemon could not start.
@@ -156,6 +161,8 @@ struct Shared {
     /// Signalled when the last live connection ends (`stats.active` falls to zero).
     none_live: Notify,
     http: Arc<crate::http::HttpStats>,
+    /// The machines spliced runs, in config order.
+    managed: Vec<Arc<Managed>>,
 }
 
 impl Shared {
@@ -194,6 +201,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     } else {
         opts.listen_addrs.clone()
     };
+    let managed = managed_machines(&config, opts.machines);
     let pools: Vec<Arc<Pool>> = config
         .services
         .iter()
@@ -207,16 +215,43 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
                     )
                 })
                 .collect();
+            let runs = machines
+                .iter()
+                .map(|(id, _)| managed.iter().find(|m| &m.spec.id == id).cloned())
+                .collect();
             let limits = service.concurrency;
-            Arc::new(Pool::new(
-                service.name.clone(),
-                machines,
-                limits.and_then(|c| c.soft_limit),
-                limits.and_then(|c| c.hard_limit),
-                opts.queue,
-            ))
+            let demand = Demand {
+                auto_start: service.auto_start_machines.unwrap_or(true),
+                auto_stop: service.auto_stop_machines.unwrap_or(AutoStop::Off),
+                min_running: service.min_machines_running.unwrap_or(0),
+            };
+            Arc::new(
+                Pool::new(
+                    service.name.clone(),
+                    machines,
+                    limits.and_then(|c| c.soft_limit),
+                    limits.and_then(|c| c.hard_limit),
+                    opts.queue,
+                )
+                .with_demand(demand, runs),
+            )
         })
         .collect();
+    for pool in &pools {
+        pool.start_kept();
+    }
+    let _autostop = (!managed.is_empty()).then(|| {
+        let (pools, every) = (pools.clone(), opts.autostop_interval);
+        AbortOnDrop(tokio::spawn(async move {
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                ticks.tick().await;
+                for pool in &pools {
+                    pool.stop_idle(&pools);
+                }
+            }
+        }))
+    });
     if let Plane::Sockmap(splicer) = &plane {
         let public = config.public_ports().map(|(_, port)| port.port);
         let backend = pools
@@ -275,6 +310,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         pools,
         none_live: Notify::new(),
         http: Arc::default(),
+        managed,
     });
     // Dropped (which stops every check) when the daemon returns.
     let _health = crate::health::start(&config.services, &shared.pools);
@@ -324,6 +360,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         }
     });
     joined.await.ok();
+    stop_machines(&shared.managed, shared.opts.machines.stop_grace).await;
     if let Some(admin) = admin {
         admin.abort();
     }
@@ -332,6 +369,57 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     }
     tracing::info!(stats = %serde_json::to_string(&admin::snapshot(&shared)).unwrap_or_default(), "stopped");
     Ok(())
+}
+
+/// The machines spliced runs: each `[[machines]]` entry with a `command`, given the config's
+/// `[env]` and `PORT`, the `internal_port` of the first service it serves, where it must
+/// accept to be started. A machine that serves no service is never started.
+fn managed_machines(config: &Config, timing: crate::machines::Timing) -> Vec<Arc<Managed>> {
+    let runtime = tokio::runtime::Handle::current();
+    let mut out = Vec::new();
+    for m in &config.machines {
+        let Some(command) = &m.command else {
+            continue;
+        };
+        let Some(service) = config.services.iter().find(|s| s.machines.contains(&m.id)) else {
+            tracing::warn!(machine = %m.id, "the machine serves no service: spliced never starts it");
+            continue;
+        };
+        let mut env: Vec<(String, String)> = config
+            .env
+            .iter()
+            .map(|v| (v.name.clone(), v.value.clone()))
+            .collect();
+        env.push(("PORT".to_owned(), service.internal_port.to_string()));
+        let spec = crate::machines::Spec {
+            id: m.id.clone(),
+            command: command.clone(),
+            dir: m.dir.as_ref().map(PathBuf::from),
+            env,
+            ready: SocketAddr::new(m.address, service.internal_port),
+        };
+        out.push(Managed::new(spec, timing, runtime.clone()));
+    }
+    out
+}
+
+/// Stops every machine spliced runs and waits for their processes to end (SIGKILL after
+/// the grace period, then a second more).
+async fn stop_machines(machines: &[Arc<Managed>], grace: Duration) {
+    for m in machines {
+        m.stop();
+    }
+    let all = async {
+        for m in machines {
+            m.stopped().await;
+        }
+    };
+    if tokio::time::timeout(grace + Duration::from_secs(1), all)
+        .await
+        .is_err()
+    {
+        tracing::error!("a machine's process outlived its SIGKILL");
+    }
 }
 
 /// A task that ends with its owner.

@@ -20,7 +20,14 @@ pub(super) fn read_machine(
             format!("machine id {id:?} is used twice"),
         );
     }
-    let address = machine_address(r, t);
+    let command = machine_command(r, t);
+    let dir = t.get("dir").and_then(|v| r.string(v, &t.field("dir")));
+    // A machine spliced runs listens on the host unless told otherwise.
+    let address = if command.is_some() && t.get("address").is_none() {
+        Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+    } else {
+        machine_address(r, t)
+    };
     let mut processes = Vec::new();
     let mut process_sites = Vec::new();
     if let Some(v) = t.get("processes")
@@ -40,6 +47,8 @@ pub(super) fn read_machine(
             address,
             processes,
             region,
+            command,
+            dir,
         });
         sites.machine_processes.push(process_sites);
     }
@@ -77,4 +86,20 @@ pub(super) fn machine_address(r: &mut Reader<'_>, t: Table<'_, '_>) -> Option<Ip
         );
     }
     parsed
+}
+
+/// `command`: a non-empty list of strings, the program first.
+fn machine_command(r: &mut Reader<'_>, t: Table<'_, '_>) -> Option<Vec<String>> {
+    let v = t.get("command")?;
+    let field = t.field("command");
+    let list = r.strings(v, &field)?;
+    if list.first().is_none_or(|p| p.as_ref().is_empty()) {
+        r.error(
+            v.span().start,
+            &field,
+            "a command needs a program: [\"program\", \"arg\", ...]".to_owned(),
+        );
+        return None;
+    }
+    Some(list.into_iter().map(toml::Spanned::into_inner).collect())
 }

@@ -111,7 +111,8 @@ pub(super) const HTTP_CHECK_KEYS: &[&str] = &[
     "headers",
 ];
 pub(super) const TLS_KEYS: &[&str] = &["alpn", "versions", "default_self_signed"];
-pub(super) const MACHINE_KEYS: &[&str] = &["id", "address", "processes", "region"];
+pub(super) const MACHINE_KEYS: &[&str] =
+    &["id", "address", "processes", "region", "command", "dir"];
 
 /// Where things were written, for the messages routing gives after reading.
 #[derive(Default)]
