@@ -385,3 +385,48 @@ fn a_start_that_times_out_resets_the_connection_and_is_counted() {
         "the process was killed: {s:#}"
     );
 }
+
+#[test]
+fn a_stream_through_a_machine_spliced_runs_is_exact_in_the_kernel() {
+    const BYTES: u64 = 256 << 20;
+    let net = Net::new(Topo::Loopback);
+    let echo = go_app("goecho");
+    // goecho echoes with splice(2); its process runs in spliced's cgroup.
+    let cfg = format!(
+        "app = \"echo\"\n\n[[services]]\n  internal_port = {BACKEND_PORT}\n  protocol = \"tcp\"\n  auto_stop_machines = \"stop\"\n  [[services.ports]]\n    port = {PUBLIC_PORT}\n\n[[machines]]\n  id = \"echo\"\n  command = [\"sh\", \"-c\", \"exec {} 127.0.0.1:$PORT\"]\n",
+        echo.display()
+    );
+    let daemon = Daemon::start_config(&net.proxy, &cfg, Plane::Sockmap, &[]);
+    let addr = net.public();
+    let got = net.client().run(move || {
+        // The first connection starts the machine; its early bytes wait in the socket and are
+        // moved by userspace at the splice.
+        let mut first = TcpStream::connect(addr).expect("connect");
+        first.write_all(b"ping").expect("write");
+        std::io::Read::read_exact(&mut first, &mut [0; 4]).expect("echo");
+        drop(first);
+        let c = TcpStream::connect(addr).expect("connect");
+        let mut w = c.try_clone().expect("clone");
+        let writer = std::thread::spawn(move || {
+            tests::send_pattern(&mut w, 7, BYTES).expect("send");
+        });
+        // Every byte comes back before the client's end of stream, then the echo's.
+        let mut p = tests::Pattern::new(7);
+        let got = tests::recv_exact_pattern(&mut &c, &mut p, BYTES);
+        writer.join().expect("writer");
+        c.shutdown(std::net::Shutdown::Write).expect("half-close");
+        let mut rest = Vec::new();
+        std::io::Read::read_to_end(&mut &c, &mut rest).expect("end of stream");
+        got.map(|()| rest.len())
+    });
+    assert_eq!(got, Ok(0), "{}", daemon.log());
+    let s = daemon.wait_idle();
+    let moved = s["kernel"]["userspace_moved_bytes"]
+        .as_u64()
+        .expect("counter");
+    assert!(
+        moved < BYTES / 1000,
+        "the bulk stream moved in the kernel: {s:#}"
+    );
+    assert_eq!(machine(&s, 0)["starts"], 1, "{s:#}");
+}
