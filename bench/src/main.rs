@@ -6,6 +6,7 @@
 //! a sample that fails is recorded with its error.
 
 mod charts;
+mod cold;
 mod load;
 mod machine;
 mod real;
@@ -221,6 +222,19 @@ fn main() -> Result<()> {
                 round + 1,
                 started.elapsed().as_secs_f64()
             );
+        }
+        // Machines on demand are spliced's alone, and local to the proxy: once, on loopback.
+        let wanted = plan.workloads.is_empty()
+            || plan
+                .workloads
+                .iter()
+                .any(|w| "cold start".starts_with(w.as_str()));
+        if topo.name == "loopback" && wanted && args.targets.contains(&"sockmap") {
+            drop(targets);
+            match cold::run(&topo, &args.spliced.bin, plan.rounds * 4, &dir) {
+                Ok(s) => samples.extend(s),
+                Err(e) => eprintln!("[bench] cold start: {e:#}"),
+            }
         }
     }
     let machine = machine::machine();

@@ -34,8 +34,9 @@ use crate::config::AutoStop;
 pub const CRASH_WINDOW: Duration = Duration::from_secs(10);
 /// The longest delay between starts of a crashing machine.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// How often a starting machine's port is tried.
-const READY_POLL: Duration = Duration::from_millis(10);
+/// How often a starting machine's port is tried: from every millisecond (a refused connect
+/// on the host costs microseconds), doubling to this.
+const READY_POLL: Duration = Duration::from_millis(16);
 
 /// Where a machine is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -477,11 +478,13 @@ fn describe(status: std::io::Result<ExitStatus>) -> String {
 
 /// Returns once `addr` accepts a connection.
 async fn accepts(addr: SocketAddr) {
+    let mut pause = Duration::from_millis(1);
     loop {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             return;
         }
-        tokio::time::sleep(READY_POLL).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(READY_POLL);
     }
 }
 
