@@ -42,39 +42,37 @@ struct Timing {
     grace: Duration,
 }
 
-/// Starts the checks of every service on every machine of it. The tasks stop when the
+/// Starts the checks of `service` on every machine of its `pool`. The tasks stop when the
 /// returned set is dropped.
-pub fn start(services: &[Service], pools: &[Arc<Pool>]) -> JoinSet<()> {
+pub fn start_pool(service: &Service, pool: &Arc<Pool>) -> JoinSet<()> {
     let mut tasks = JoinSet::new();
-    for (service, pool) in services.iter().zip(pools) {
-        let mut probes: Vec<(String, Probe, Timing)> = Vec::new();
-        for (i, c) in service.tcp_checks.iter().enumerate() {
-            let timing = Timing {
-                interval: c.interval,
-                timeout: c.timeout,
-                grace: c.grace_period.unwrap_or_default(),
-            };
-            probes.push((format!("tcp_checks[{i}]"), Probe::Tcp, timing));
-        }
-        for (i, c) in service.http_checks.iter().enumerate() {
-            let name = format!("http_checks[{i}]");
-            let timing = Timing {
-                interval: c.interval,
-                timeout: c.timeout,
-                grace: c.grace_period.unwrap_or_default(),
-            };
-            probes.push((name, Probe::Http(Arc::new(c.clone())), timing));
-        }
-        for (name, probe, timing) in probes {
-            for index in 0..pool.machines.len() {
-                tasks.spawn(run(
-                    Arc::clone(pool),
-                    index,
-                    name.clone(),
-                    probe.clone(),
-                    timing,
-                ));
-            }
+    let mut probes: Vec<(String, Probe, Timing)> = Vec::new();
+    for (i, c) in service.tcp_checks.iter().enumerate() {
+        let timing = Timing {
+            interval: c.interval,
+            timeout: c.timeout,
+            grace: c.grace_period.unwrap_or_default(),
+        };
+        probes.push((format!("tcp_checks[{i}]"), Probe::Tcp, timing));
+    }
+    for (i, c) in service.http_checks.iter().enumerate() {
+        let name = format!("http_checks[{i}]");
+        let timing = Timing {
+            interval: c.interval,
+            timeout: c.timeout,
+            grace: c.grace_period.unwrap_or_default(),
+        };
+        probes.push((name, Probe::Http(Arc::new(c.clone())), timing));
+    }
+    for (name, probe, timing) in probes {
+        for index in 0..pool.machines.len() {
+            tasks.spawn(run(
+                Arc::clone(pool),
+                index,
+                name.clone(),
+                probe.clone(),
+                timing,
+            ));
         }
     }
     tasks

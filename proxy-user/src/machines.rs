@@ -54,7 +54,7 @@ pub enum State {
 }
 
 /// How to run one machine.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Spec {
     pub id: String,
     /// The program, then its arguments.

@@ -199,6 +199,7 @@ impl TryFrom<&RunArgs> for RunOptions {
                 stop_grace: a.machine_stop_grace,
             },
             autostop_interval: a.autostop_interval,
+            config_path: Some(a.config.clone()),
         })
     }
 }

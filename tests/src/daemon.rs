@@ -121,6 +121,7 @@ pub struct Daemon {
     pub pid: u32,
     admin: PathBuf,
     log: PathBuf,
+    config: PathBuf,
     _dir: Scratch,
 }
 
@@ -172,6 +173,7 @@ impl Daemon {
             pid,
             admin,
             log,
+            config,
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -188,6 +190,32 @@ impl Daemon {
                 d.log()
             );
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Writes `config` over the daemon's config file, sends SIGHUP, and returns the snapshot
+    /// once the reload is counted, served or refused.
+    pub fn reload(&self, config: &str) -> serde_json::Value {
+        let before = self.stats();
+        let count = |s: &serde_json::Value| {
+            s["reloads"]["done"].as_u64().unwrap_or(0)
+                + s["reloads"]["failed"].as_u64().unwrap_or(0)
+        };
+        let want = count(&before) + 1;
+        std::fs::write(&self.config, config).expect("write the config");
+        self.signal(libc::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.stats();
+            if count(&s) >= want {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "reload not counted:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 

@@ -16,9 +16,11 @@ pub(super) struct Snapshot<'a> {
     connections: &'a ConnStats,
     http: &'a crate::http::HttpStats,
     /// Per service: its machines' load and its queue.
-    services: Vec<PoolSnapshot<'a>>,
+    services: serde_json::Value,
     /// The machines spliced runs: state, process and counters.
-    machines: Vec<crate::machines::Snapshot<'a>>,
+    machines: serde_json::Value,
+    /// SIGHUP reloads served and refused.
+    reloads: &'a super::ReloadStats,
     kernel: Option<KernelSnapshot>,
 }
 
@@ -79,20 +81,25 @@ pub(super) fn snapshot(shared: &Shared) -> Snapshot<'_> {
             })
         }
     };
+    // The config's reading of now: a reload may replace it while this is written.
+    let current = shared.current();
+    let services: Vec<PoolSnapshot<'_>> = current
+        .pools
+        .iter()
+        .map(|p| PoolSnapshot {
+            name: &p.service,
+            machines: &p.machines,
+            queue: &p.stats,
+        })
+        .collect();
+    let machines: Vec<_> = current.managed.iter().map(|m| m.snapshot()).collect();
     Snapshot {
         dataplane: shared.plane.name(),
         connections: &shared.stats,
         http: &shared.http,
-        services: shared
-            .pools
-            .iter()
-            .map(|p| PoolSnapshot {
-                name: &p.service,
-                machines: &p.machines,
-                queue: &p.stats,
-            })
-            .collect(),
-        machines: shared.managed.iter().map(|m| m.snapshot()).collect(),
+        services: serde_json::to_value(services).unwrap_or_default(),
+        machines: serde_json::to_value(machines).unwrap_or_default(),
+        reloads: &shared.reloads,
         kernel,
     }
 }

@@ -6,9 +6,12 @@ use std::{
     time::Duration,
 };
 
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch},
+};
 
-use super::{Route, Shared, connection};
+use super::{Route, Shared, connection, generation::NewListener};
 use crate::dataplane::Phase;
 
 /// Binds `addr` with `SO_REUSEADDR`, `SO_REUSEPORT` (each worker binds its own listener of
@@ -44,13 +47,14 @@ pub fn worker_index() -> usize {
 
 /// One worker thread: a single-threaded runtime that accepts on its own listeners and serves
 /// every connection it accepts to its end, so a connection's tasks (and an HTTP port's pool
-/// of connections to the machines) stay on one thread. It stops accepting when the daemon
-/// stops serving, and returns once no connection of the daemon is live.
+/// of connections to the machines) stay on one thread. Listeners arrive on `listeners`, at
+/// start and at each reload that adds a port. It stops accepting when the daemon stops
+/// serving, and returns once no connection of the daemon is live.
 pub(super) fn worker(
     index: usize,
-    listeners: Vec<(std::net::TcpListener, Arc<Route>)>,
+    mut listeners: mpsc::UnboundedReceiver<NewListener>,
     shared: &Arc<Shared>,
-    phase: watch::Receiver<Phase>,
+    phase: &watch::Receiver<Phase>,
 ) {
     WORKER.with(|w| w.set(index));
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -65,47 +69,65 @@ pub(super) fn worker(
     };
     runtime.block_on(async {
         let mut accepting = tokio::task::JoinSet::new();
-        for (listener, route) in listeners {
-            match TcpListener::from_std(listener) {
-                Ok(l) => {
-                    accepting.spawn(accept_loop(l, route, Arc::clone(shared), phase.clone()));
+        let mut serving = phase.clone();
+        loop {
+            tokio::select! {
+                next = listeners.recv() => {
+                    let Some((listener, route)) = next else { break };
+                    match TcpListener::from_std(listener) {
+                        Ok(l) => {
+                            accepting.spawn(accept_loop(l, route, Arc::clone(shared), phase.clone()));
+                        }
+                        Err(e) => tracing::error!(worker = index, error = %e, "a listener could not join its worker"),
+                    }
                 }
-                Err(e) => tracing::error!(worker = index, error = %e, "a listener could not join its worker"),
+                _ = serving.wait_for(|p| *p != Phase::Serve) => break,
+                // Accept loops of ports that are gone end on their own.
+                Some(_) = accepting.join_next() => {}
             }
         }
-        let mut serving = phase;
-        let _ = serving.wait_for(|p| *p != Phase::Serve).await;
         accepting.shutdown().await;
         shared.all_ended().await;
     });
 }
 
-/// Accepts on `listener` until the task is aborted, and serves each client in a task of its
-/// own, spawned here so that it starts on the accepting thread; `shared.stats.active` counts
-/// those tasks until each has ended.
+/// Accepts on `listener` until its port is gone from the config or the task is aborted,
+/// and serves each client in a task of its own, spawned here so that it starts on the
+/// accepting thread, with the port's route at the time it was accepted;
+/// `shared.stats.active` counts those tasks until each has ended.
 pub(super) async fn accept_loop(
     listener: TcpListener,
-    route: Arc<Route>,
+    mut route: watch::Receiver<Option<Arc<Route>>>,
     shared: Arc<Shared>,
     phase: watch::Receiver<Phase>,
 ) {
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                shared.stats.active.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(connection::serve(
-                    Arc::clone(&shared),
-                    stream,
-                    peer,
-                    Arc::clone(&route),
-                    phase.clone(),
-                ));
-            }
-            Err(e) => {
-                // EMFILE and friends: log, back off briefly, keep serving.
-                tracing::error!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let Some(current) = route.borrow().clone() else {
+                        return;
+                    };
+                    shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    shared.stats.active.fetch_add(1, Ordering::Relaxed);
+                    tokio::spawn(connection::serve(
+                        Arc::clone(&shared),
+                        stream,
+                        peer,
+                        current,
+                        phase.clone(),
+                    ));
+                }
+                Err(e) => {
+                    // EMFILE and friends: log, back off briefly, keep serving.
+                    tracing::error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            changed = route.changed() => {
+                if changed.is_err() || route.borrow().is_none() {
+                    return;
+                }
             }
         }
     }

@@ -4,6 +4,7 @@
 
 mod admin;
 mod connection;
+mod generation;
 mod listen;
 mod terminate;
 
@@ -13,21 +14,25 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, PoisonError, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
 
 use serde::Serialize;
-use tokio::sync::{Notify, watch};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{Notify, mpsc, watch},
+};
 
 use crate::{
-    balance::{Demand, Pool, QueuePolicy},
-    config::{AutoStop, Config, ProxyProtoVersion},
+    balance::{Pool, QueuePolicy},
+    config::{Config, ProxyProtoVersion},
     dataplane::{DataplaneChoice, Phase, Plane, kernel::LoadError, sockmap},
     machines::Managed,
 };
+use generation::{Generation, Ports};
 
 /// Everything `spliced run` takes besides the config.
 #[derive(Clone, Debug)]
@@ -66,6 +71,8 @@ pub struct RunOptions {
     pub machines: crate::machines::Timing,
     /// How often the stop rule looks at idle machines.
     pub autostop_interval: Duration,
+    /// The config file, read again on SIGHUP.
+    pub config_path: Option<PathBuf>,
 }
 
 /// Why the daemon could not start.
@@ -156,16 +163,26 @@ struct Shared {
     plane: Plane,
     stats: ConnStats,
     opts: RunOptions,
-    /// One per service, in service order.
-    pools: Vec<Arc<Pool>>,
     /// Signalled when the last live connection ends (`stats.active` falls to zero).
     none_live: Notify,
     http: Arc<crate::http::HttpStats>,
-    /// The machines spliced runs, in config order.
-    managed: Vec<Arc<Managed>>,
+    /// What the config last read serves; a reload replaces it whole.
+    current: RwLock<Arc<Generation>>,
+    reloads: ReloadStats,
+}
+
+/// SIGHUP reloads: served, and refused (invalid config, a port that cannot be bound).
+#[derive(Default, Debug, Serialize)]
+pub struct ReloadStats {
+    pub done: AtomicU64,
+    pub failed: AtomicU64,
 }
 
 impl Shared {
+    fn current(&self) -> Arc<Generation> {
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
     /// Waits until no connection is live.
     async fn all_ended(&self) {
         loop {
@@ -179,8 +196,8 @@ impl Shared {
     }
 }
 
-/// Runs the daemon until a stop signal and the end of the grace period.
-#[expect(clippy::too_many_lines, reason = "start, serve, drain: one sequence")]
+/// Runs the daemon until a stop signal and the end of the grace period; SIGHUP re-reads the
+/// config (see [`generation`]).
 pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     let settings = sockmap::Settings {
         max_buffer: opts.max_buffer,
@@ -201,104 +218,15 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     } else {
         opts.listen_addrs.clone()
     };
-    let managed = managed_machines(&config, opts.machines);
-    let pools: Vec<Arc<Pool>> = config
-        .services
-        .iter()
-        .map(|service| {
-            let machines: Vec<(String, SocketAddr)> = config
-                .machines_of(service)
-                .map(|m| {
-                    (
-                        m.id.clone(),
-                        SocketAddr::new(m.address, service.internal_port),
-                    )
-                })
-                .collect();
-            let runs = machines
-                .iter()
-                .map(|(id, _)| managed.iter().find(|m| &m.spec.id == id).cloned())
-                .collect();
-            let limits = service.concurrency;
-            let demand = Demand {
-                auto_start: service.auto_start_machines.unwrap_or(true),
-                auto_stop: service.auto_stop_machines.unwrap_or(AutoStop::Off),
-                min_running: service.min_machines_running.unwrap_or(0),
-            };
-            Arc::new(
-                Pool::new(
-                    service.name.clone(),
-                    machines,
-                    limits.and_then(|c| c.soft_limit),
-                    limits.and_then(|c| c.hard_limit),
-                    opts.queue,
-                )
-                .with_demand(demand, runs),
-            )
-        })
-        .collect();
-    for pool in &pools {
-        pool.start_kept();
-    }
-    let _autostop = (!managed.is_empty()).then(|| {
-        let (pools, every) = (pools.clone(), opts.autostop_interval);
-        AbortOnDrop(tokio::spawn(async move {
-            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            loop {
-                ticks.tick().await;
-                for pool in &pools {
-                    pool.stop_idle(&pools);
-                }
-            }
-        }))
-    });
-    if let Plane::Sockmap(splicer) = &plane {
-        let public = config.public_ports().map(|(_, port)| port.port);
-        let backend = pools
-            .iter()
-            .flat_map(|pool| pool.machines.iter().map(|m| m.addr.port()));
-        splicer
-            .kernel
-            .watch_ports(public, backend)
-            .map_err(StartError::HoldPorts)?;
-    }
     let mut certs = None;
+    let first = Generation::build(config, &opts, None, &mut certs)?;
+    watch_ports(&plane, &first)?;
     let workers = opts.workers.max(1);
-    // Per worker thread: its own listener of every public address (SO_REUSEPORT).
-    let mut listeners: Vec<Vec<(std::net::TcpListener, Arc<Route>)>> =
-        (0..workers).map(|_| Vec::new()).collect();
-    for (service, port) in config.public_ports() {
-        let pool = Arc::clone(&pools[service.id as usize]);
-        if pool.machines.is_empty() {
-            tracing::warn!(port = port.port, service = %service.name, "no machine serves this port: its connections will be refused");
-        }
-        let tls = tls_port(&config, port, &opts, &mut certs)?;
-        let http = http_port(&config, port, &opts, workers)?;
-        let route = Arc::new(Route {
-            service: service.id,
-            pool,
-            proxy_proto: port.proxy_proto,
-            tls,
-            http,
-        });
-        for ip in &listen_addrs {
-            let addr = SocketAddr::new(*ip, port.port);
-            for set in &mut listeners {
-                let listener =
-                    listen::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
-                set.push((listener, Arc::clone(&route)));
-            }
-            tracing::info!(
-                %addr,
-                service = %service.name,
-                internal_port = service.internal_port,
-                proxy_proto = ?port.proxy_proto,
-                workers,
-                "listening"
-            );
-        }
-    }
-    if listeners[0].is_empty() {
+    let (worker_tx, worker_rx): (Vec<_>, Vec<_>) =
+        (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
+    let mut ports = Ports::new(listen_addrs, worker_tx);
+    ports.apply(&first.routes)?;
+    if first.routes.is_empty() {
         // An app without services (a worker, a VPN node) is valid: Fly routes nothing to it.
         tracing::warn!("the config has no public port: spliced listens on nothing");
     }
@@ -307,23 +235,24 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         plane,
         stats: ConnStats::default(),
         opts,
-        pools,
         none_live: Notify::new(),
         http: Arc::default(),
-        managed,
+        current: RwLock::new(Arc::new(first)),
+        reloads: ReloadStats::default(),
     });
-    // Dropped (which stops every check) when the daemon returns.
-    let _health = crate::health::start(&config.services, &shared.pools);
+    shared.current().start(None);
+    let _autostop = autostop(Arc::clone(&shared));
     let _certs = certs
+        .clone()
         .filter(|c: &Arc<crate::tls::CertStore>| c.dir().is_some())
         .map(|c| AbortOnDrop(crate::tls::watch(c)));
     let (phase_tx, phase_rx) = watch::channel(Phase::Serve);
     let mut threads = Vec::new();
-    for (index, set) in listeners.into_iter().enumerate() {
+    for (index, rx) in worker_rx.into_iter().enumerate() {
         let (shared, phase) = (Arc::clone(&shared), phase_rx.clone());
         let thread = std::thread::Builder::new()
             .name(format!("spliced-w{index}"))
-            .spawn(move || listen::worker(index, set, &shared, phase))?;
+            .spawn(move || listen::worker(index, rx, &shared, &phase))?;
         threads.push(thread);
     }
 
@@ -333,10 +262,14 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     };
     tracing::info!("spliced is serving");
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = sigterm.recv() => {}
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+            _ = sighup.recv() => reload(&shared, &mut ports, &mut certs),
+        }
     }
 
     let live = shared.stats.active.load(Ordering::Acquire);
@@ -360,7 +293,8 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         }
     });
     joined.await.ok();
-    stop_machines(&shared.managed, shared.opts.machines.stop_grace).await;
+    drop(ports);
+    stop_machines(&shared.current().managed, shared.opts.machines.stop_grace).await;
     if let Some(admin) = admin {
         admin.abort();
     }
@@ -371,36 +305,75 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     Ok(())
 }
 
-/// The machines spliced runs: each `[[machines]]` entry with a `command`, given the config's
-/// `[env]` and `PORT`, the `internal_port` of the first service it serves, where it must
-/// accept to be started. A machine that serves no service is never started.
-fn managed_machines(config: &Config, timing: crate::machines::Timing) -> Vec<Arc<Managed>> {
-    let runtime = tokio::runtime::Handle::current();
-    let mut out = Vec::new();
-    for m in &config.machines {
-        let Some(command) = &m.command else {
-            continue;
-        };
-        let Some(service) = config.services.iter().find(|s| s.machines.contains(&m.id)) else {
-            tracing::warn!(machine = %m.id, "the machine serves no service: spliced never starts it");
-            continue;
-        };
-        let mut env: Vec<(String, String)> = config
-            .env
-            .iter()
-            .map(|v| (v.name.clone(), v.value.clone()))
-            .collect();
-        env.push(("PORT".to_owned(), service.internal_port.to_string()));
-        let spec = crate::machines::Spec {
-            id: m.id.clone(),
-            command: command.clone(),
-            dir: m.dir.as_ref().map(PathBuf::from),
-            env,
-            ready: SocketAddr::new(m.address, service.internal_port),
-        };
-        out.push(Managed::new(spec, timing, runtime.clone()));
+/// The stop rule, every `--autostop-interval`, on the services of the config of the moment.
+fn autostop(shared: Arc<Shared>) -> AbortOnDrop {
+    let every = shared.opts.autostop_interval;
+    AbortOnDrop(tokio::spawn(async move {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            ticks.tick().await;
+            let current = shared.current();
+            for pool in &current.pools {
+                pool.stop_idle(&current.pools);
+            }
+        }
+    }))
+}
+
+/// Tells the hold program the public and machine ports of `g` (added to those it knows).
+fn watch_ports(plane: &Plane, g: &Generation) -> Result<(), StartError> {
+    if let Plane::Sockmap(splicer) = plane {
+        splicer
+            .kernel
+            .watch_ports(g.routes.keys().copied(), g.backend_ports())
+            .map_err(StartError::HoldPorts)?;
     }
-    out
+    Ok(())
+}
+
+/// SIGHUP: reads the config file again and serves it, or, if it is invalid or cannot be
+/// served, logs why and keeps serving the one before. Counted either way.
+fn reload(shared: &Arc<Shared>, ports: &mut Ports, certs: &mut Option<Arc<crate::tls::CertStore>>) {
+    let Some(path) = &shared.opts.config_path else {
+        tracing::warn!("SIGHUP: no config file to read again");
+        return;
+    };
+    let outcome = Config::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|config| {
+            for w in &config.warnings {
+                tracing::warn!("{w}");
+            }
+            let old = shared.current();
+            let next = Generation::build(config, &shared.opts, Some(&old), certs)
+                .map_err(|e| e.to_string())?;
+            watch_ports(&shared.plane, &next).map_err(|e| e.to_string())?;
+            ports.apply(&next.routes).map_err(|e| e.to_string())?;
+            let next = Arc::new(next);
+            *shared
+                .current
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = Arc::clone(&next);
+            next.start(Some(&old));
+            Ok(next)
+        });
+    match outcome {
+        Ok(next) => {
+            shared.reloads.done.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                ports = next.routes.len(),
+                services = next.pools.len(),
+                machines = next.config.machines.len(),
+                "config reloaded"
+            );
+        }
+        Err(e) => {
+            shared.reloads.failed.fetch_add(1, Ordering::Relaxed);
+            for line in e.lines() {
+                tracing::error!("reload refused, still serving the config before: {line}");
+            }
+        }
+    }
 }
 
 /// Stops every machine spliced runs and waits for their processes to end (SIGKILL after

@@ -1,0 +1,274 @@
+//! What one reading of the config serves, and how a reload moves from one reading to the
+//! next: machines, pools with their health checks, and a route per public port. A service
+//! whose settings and machines are unchanged keeps its pool (its load, queue and health) and
+//! its checks; a machine spliced runs whose command is unchanged keeps its process.
+//! Established connections hold their own route and lease, so nothing a reload replaces
+//! ends them.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinSet,
+};
+
+use super::{Route, RunOptions, StartError, http_port, listen, tls_port};
+use crate::{
+    balance::{Demand, Pool},
+    config::{AutoStop, Config},
+    machines::{Managed, Spec, Timing},
+};
+
+/// The services, machines and routes of one reading of the config.
+pub(super) struct Generation {
+    pub config: Config,
+    /// The machines spliced runs, in config order.
+    pub managed: Vec<Arc<Managed>>,
+    /// One per service, in service order.
+    pub pools: Vec<Arc<Pool>>,
+    /// The health checks of each pool; dropping the last reference stops them.
+    health: Vec<Arc<JoinSet<()>>>,
+    /// Pools made by this reading rather than kept from the last one.
+    fresh: Vec<Arc<Pool>>,
+    pub routes: BTreeMap<u16, Arc<Route>>,
+}
+
+impl Generation {
+    /// Reads `config` into pools and routes, keeping from `prev` every machine process and
+    /// every pool that did not change. Starts nothing: see [`Generation::start`].
+    pub fn build(
+        config: Config,
+        opts: &RunOptions,
+        prev: Option<&Self>,
+        certs: &mut Option<Arc<crate::tls::CertStore>>,
+    ) -> Result<Self, StartError> {
+        let managed = managed_machines(&config, opts.machines, prev);
+        let mut pools = Vec::new();
+        let mut health = Vec::new();
+        let mut fresh = Vec::new();
+        for (i, service) in config.services.iter().enumerate() {
+            let machines: Vec<(String, SocketAddr)> = config
+                .machines_of(service)
+                .map(|m| {
+                    (
+                        m.id.clone(),
+                        SocketAddr::new(m.address, service.internal_port),
+                    )
+                })
+                .collect();
+            let runs: Vec<Option<Arc<Managed>>> = machines
+                .iter()
+                .map(|(id, _)| managed.iter().find(|m| &m.spec.id == id).cloned())
+                .collect();
+            let kept = prev.and_then(|p| {
+                let old = p.config.services.get(i)?;
+                let same = old == service
+                    && config.machines_of(service).eq(p.config.machines_of(old))
+                    && p.pools[i].machines.iter().zip(&runs).all(|(m, new)| {
+                        match (&m.managed, new) {
+                            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                            (None, None) => true,
+                            _ => false,
+                        }
+                    });
+                same.then(|| (Arc::clone(&p.pools[i]), Arc::clone(&p.health[i])))
+            });
+            if let Some((pool, checks)) = kept {
+                pools.push(pool);
+                health.push(checks);
+                continue;
+            }
+            let limits = service.concurrency;
+            let demand = Demand {
+                auto_start: service.auto_start_machines.unwrap_or(true),
+                auto_stop: service.auto_stop_machines.unwrap_or(AutoStop::Off),
+                min_running: service.min_machines_running.unwrap_or(0),
+            };
+            let pool = Arc::new(
+                Pool::new(
+                    service.name.clone(),
+                    machines,
+                    limits.and_then(|c| c.soft_limit),
+                    limits.and_then(|c| c.hard_limit),
+                    opts.queue,
+                )
+                .with_demand(demand, runs),
+            );
+            health.push(Arc::new(crate::health::start_pool(service, &pool)));
+            fresh.push(Arc::clone(&pool));
+            pools.push(pool);
+        }
+        let mut routes = BTreeMap::new();
+        for (service, port) in config.public_ports() {
+            let pool = Arc::clone(&pools[service.id as usize]);
+            if pool.machines.is_empty() {
+                tracing::warn!(port = port.port, service = %service.name, "no machine serves this port: its connections will be refused");
+            }
+            let route = Route {
+                service: service.id,
+                pool,
+                proxy_proto: port.proxy_proto,
+                tls: tls_port(&config, port, opts, certs)?,
+                http: http_port(&config, port, opts, opts.workers.max(1))?,
+            };
+            routes.insert(port.port, Arc::new(route));
+        }
+        Ok(Self {
+            config,
+            managed,
+            pools,
+            health,
+            fresh,
+            routes,
+        })
+    }
+
+    /// Once this reading serves: starts the machines its new pools keep running, and stops
+    /// each machine of `prev` it no longer has once that machine carries no connection.
+    pub fn start(&self, prev: Option<&Self>) {
+        for pool in &self.fresh {
+            pool.start_kept();
+        }
+        let Some(prev) = prev else {
+            return;
+        };
+        for old in &prev.managed {
+            if self.managed.iter().any(|m| Arc::ptr_eq(m, old)) {
+                continue;
+            }
+            let old = Arc::clone(old);
+            tokio::spawn(async move {
+                while old.live() > 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                tracing::info!(machine = %old.spec.id, "the machine is gone from the config: stopping it");
+                old.stop();
+            });
+        }
+    }
+
+    /// Every machine port this reading routes to.
+    pub fn backend_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.pools
+            .iter()
+            .flat_map(|pool| pool.machines.iter().map(|m| m.addr.port()))
+    }
+}
+
+/// A new listener for a worker, with the route of its port (`None` once the port is gone).
+pub(super) type NewListener = (std::net::TcpListener, watch::Receiver<Option<Arc<Route>>>);
+
+/// The public ports being served, and the workers that accept on them.
+pub(super) struct Ports {
+    listen_addrs: Vec<IpAddr>,
+    open: HashMap<u16, watch::Sender<Option<Arc<Route>>>>,
+    workers: Vec<mpsc::UnboundedSender<NewListener>>,
+}
+
+impl Ports {
+    pub fn new(
+        listen_addrs: Vec<IpAddr>,
+        workers: Vec<mpsc::UnboundedSender<NewListener>>,
+    ) -> Self {
+        Self {
+            listen_addrs,
+            open: HashMap::new(),
+            workers,
+        }
+    }
+
+    /// Serves `routes`: a port already open keeps its listeners and takes its new route for
+    /// the next connection it accepts; a new port is bound (all of them before anything
+    /// changes, so a port that cannot be bound changes nothing); a port no longer listed
+    /// stops accepting, while its connections go on.
+    pub fn apply(&mut self, routes: &BTreeMap<u16, Arc<Route>>) -> Result<(), StartError> {
+        let mut fresh = Vec::new();
+        for (&port, route) in routes {
+            if self.open.contains_key(&port) {
+                continue;
+            }
+            let mut bound = Vec::new();
+            for ip in &self.listen_addrs {
+                let addr = SocketAddr::new(*ip, port);
+                for _ in &self.workers {
+                    bound.push(
+                        listen::bind(addr).map_err(|source| StartError::Bind { addr, source })?,
+                    );
+                }
+                tracing::info!(%addr, service = %route.pool.service, proxy_proto = ?route.proxy_proto, workers = self.workers.len(), "listening");
+            }
+            fresh.push((port, Arc::clone(route), bound));
+        }
+        for (port, tx) in &self.open {
+            let next = routes.get(port).cloned();
+            if next.is_none() {
+                tracing::info!(
+                    port,
+                    "the port is gone from the config: no longer accepting"
+                );
+            }
+            tx.send_replace(next);
+        }
+        self.open.retain(|port, _| routes.contains_key(port));
+        for (port, route, bound) in fresh {
+            let (tx, rx) = watch::channel(Some(route));
+            for (i, listener) in bound.into_iter().enumerate() {
+                // One listener of each address per worker.
+                let worker = &self.workers[i % self.workers.len()];
+                if worker.send((listener, rx.clone())).is_err() {
+                    tracing::error!(port, "a worker is gone: the port is served by the others");
+                }
+            }
+            self.open.insert(port, tx);
+        }
+        Ok(())
+    }
+}
+
+/// The machines spliced runs: each `[[machines]]` entry with a `command`, given the config's
+/// `[env]` and `PORT`, the `internal_port` of the first service it serves, where it must
+/// accept to be started. One whose command, directory, environment and address are those of
+/// a machine of `prev` is that machine, process and all. A machine that serves no service is
+/// never started.
+fn managed_machines(
+    config: &Config,
+    timing: Timing,
+    prev: Option<&Generation>,
+) -> Vec<Arc<Managed>> {
+    let runtime = tokio::runtime::Handle::current();
+    let mut out = Vec::new();
+    for m in &config.machines {
+        let Some(command) = &m.command else {
+            continue;
+        };
+        let Some(service) = config.services.iter().find(|s| s.machines.contains(&m.id)) else {
+            tracing::warn!(machine = %m.id, "the machine serves no service: spliced never starts it");
+            continue;
+        };
+        let mut env: Vec<(String, String)> = config
+            .env
+            .iter()
+            .map(|v| (v.name.clone(), v.value.clone()))
+            .collect();
+        env.push(("PORT".to_owned(), service.internal_port.to_string()));
+        let spec = Spec {
+            id: m.id.clone(),
+            command: command.clone(),
+            dir: m.dir.as_ref().map(PathBuf::from),
+            env,
+            ready: SocketAddr::new(m.address, service.internal_port),
+        };
+        let kept = prev.and_then(|p| p.managed.iter().find(|old| old.spec == spec));
+        out.push(match kept {
+            Some(old) => Arc::clone(old),
+            None => Managed::new(spec, timing, runtime.clone()),
+        });
+    }
+    out
+}
