@@ -276,6 +276,7 @@ impl Managed {
             tracing::error!(machine = %self.spec.id, error = %e, "cannot resume the machine");
             return;
         }
+        inner.started_at = Some(Instant::now());
         self.counters.resumes.fetch_add(1, Ordering::Relaxed);
         self.set(State::Started);
     }
@@ -384,11 +385,15 @@ impl Managed {
         }
     }
 
-    /// Stops or suspends the machine if it is started and carries no connection; true if it
-    /// did.
-    pub fn stop_if_idle(self: &Arc<Self>, how: AutoStop) -> bool {
+    /// Stops or suspends the machine if it is started, carries no connection and has run
+    /// for at least `min_age` (a machine just started for a spare gets a look's time to take
+    /// connections); true if it did.
+    pub fn stop_if_idle(self: &Arc<Self>, how: AutoStop, min_age: Duration) -> bool {
         let mut inner = self.lock();
-        if self.state() != State::Started || inner.live > 0 {
+        if self.state() != State::Started
+            || inner.live > 0
+            || inner.started_at.is_some_and(|t| t.elapsed() < min_age)
+        {
             return false;
         }
         let Some(pgid) = inner.pgid else {

@@ -430,3 +430,78 @@ fn a_stream_through_a_machine_spliced_runs_is_exact_in_the_kernel() {
     );
     assert_eq!(machine(&s, 0)["starts"], 1, "{s:#}");
 }
+
+/// Running machines counted in a snapshot.
+fn running(s: &Value) -> usize {
+    s["machines"].as_array().map_or(0, |ms| {
+        ms.iter().filter(|m| m["state"] == "started").count()
+    })
+}
+
+#[test]
+fn machines_follow_a_load_that_rises_and_falls() {
+    const MACHINES: usize = 4;
+    const SOFT: usize = 2;
+    let (net, daemon) = start(
+        MACHINES,
+        &format!(
+            "  auto_stop_machines = \"stop\"\n  min_machines_running = 1\n  [services.concurrency]\n    type = \"connections\"\n    soft_limit = {SOFT}\n    hard_limit = 20\n"
+        ),
+        &["--autostop-interval", "300ms"],
+    );
+    until(&daemon, Duration::from_secs(10), "one kept", |s| {
+        running(s) == 1
+    });
+    let addr = net.public();
+    let open = |n: usize| -> Vec<TcpStream> {
+        (0..n)
+            .map(|i| {
+                let mut c = net
+                    .client()
+                    .run(move || TcpStream::connect(addr))
+                    .expect("connect");
+                c.set_read_timeout(Some(Duration::from_secs(10)))
+                    .expect("timeout");
+                writeln!(c, "c{i}").expect("write");
+                let mut line = String::new();
+                BufReader::new(c.try_clone().expect("clone"))
+                    .read_line(&mut line)
+                    .expect("answer");
+                assert_eq!(line, format!("C{i}\n"));
+                c
+            })
+            .collect()
+    };
+    let mut timeline = Vec::new();
+    let mut held: Vec<TcpStream> = Vec::new();
+    // Rise: 2, 4, 6, 8 connections held; each step waits for the machines to settle.
+    for _ in 0..MACHINES {
+        held.extend(open(SOFT));
+        std::thread::sleep(Duration::from_millis(700));
+        let s = daemon.stats();
+        timeline.push((held.len(), running(&s)));
+    }
+    // Fall: back to 6, 4, 2, 0.
+    while !held.is_empty() {
+        held.truncate(held.len() - SOFT);
+        std::thread::sleep(Duration::from_millis(1000));
+        let s = daemon.stats();
+        timeline.push((held.len(), running(&s)));
+    }
+    println!("(connections held, machines running): {timeline:?}");
+    // A spare starts when the machine chosen goes past the soft limit: at the top, every
+    // running machine is at or past it.
+    let (top, at_top) = timeline[MACHINES - 1];
+    assert!(
+        at_top >= top / (SOFT + 1) && at_top > 1,
+        "too few machines at the top: {timeline:?}"
+    );
+    // Falling, idle machines stop while the rest stay within the soft limit; one is kept.
+    for &(conns, run) in &timeline[MACHINES..] {
+        assert!(
+            run >= conns.div_ceil(SOFT).max(1),
+            "too few machines for {conns} connections: {timeline:?}"
+        );
+    }
+    assert_eq!(timeline.last(), Some(&(0, 1)), "{timeline:?}");
+}

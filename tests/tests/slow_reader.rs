@@ -22,8 +22,10 @@ checklist!(slow_reader);
 /// two socket buffers and one 64 KiB buffer, within the same. Fixed: it follows from
 /// `--max-buffer`, never from the host's `tcp_rmem`.
 const SLACK: u64 = MAX_BUFFER * 3 / 2 + 256 * 1024;
-/// Process memory the daemon may add for 100 connections beyond the bytes it holds.
-const BOOKKEEPING_KIB: u64 = 2048;
+/// Process memory the daemon may add for 100 connections beyond the bytes it holds: their
+/// state, and the allocator's step (mimalloc takes memory a segment of up to 4 MiB at a
+/// time; docs/design.md, Threads). Holding their payload would be 100 times `MAX_BUFFER`.
+const BOOKKEEPING_KIB: u64 = 6144;
 /// The copy plane's buffer per direction (`COPY_BUFFER` in the daemon).
 const COPY_BUFFER_KIB: u64 = 64;
 

@@ -410,14 +410,14 @@ impl Pool {
         if !self.demand.auto_start || self.machines[chosen].active.load(Ordering::Relaxed) <= soft {
             return;
         }
-        let spare = self
-            .machines
-            .iter()
-            .filter_map(|m| m.managed.as_ref())
-            .find(|m| {
-                matches!(m.state(), MachineState::Stopped | MachineState::Suspended)
-                    && m.can_start()
-            });
+        let mut managed = self.machines.iter().filter_map(|m| m.managed.as_ref());
+        // One spare at a time: connections arriving while it starts would each start another.
+        if managed.clone().any(|m| m.state() == MachineState::Starting) {
+            return;
+        }
+        let spare = managed.find(|m| {
+            matches!(m.state(), MachineState::Stopped | MachineState::Suspended) && m.can_start()
+        });
         if let Some(m) = spare {
             self.stats.spare_starts.fetch_add(1, Ordering::Relaxed);
             tracing::info!(service = %self.service, machine = %m.spec.id, soft_limit = soft, "every running machine is past its soft limit: starting another");
@@ -446,8 +446,9 @@ impl Pool {
     /// One look of Fly's stop rule: while more than `min_machines_running` machines run and
     /// the service's connections would stay within the soft limit (Fly's default 20 when none
     /// is set) on one machine fewer, an idle machine spliced runs is stopped or suspended,
-    /// the last listed first. A machine also serving a service without auto-stop is kept.
-    pub fn stop_idle(&self, every: &[Arc<Pool>]) {
+    /// the last listed first. A machine also serving a service without auto-stop is kept, and
+    /// so is one started or resumed less than `min_age` ago.
+    pub fn stop_idle(&self, every: &[Arc<Pool>], min_age: Duration) {
         if self.demand.auto_stop == AutoStop::Off {
             return;
         }
@@ -471,7 +472,7 @@ impl Pool {
                         .iter()
                         .any(|o| o.managed.as_ref().is_some_and(|o| Arc::ptr_eq(o, managed)))
             });
-            if !kept_elsewhere && managed.stop_if_idle(self.demand.auto_stop) {
+            if !kept_elsewhere && managed.stop_if_idle(self.demand.auto_stop, min_age) {
                 tracing::info!(service = %self.service, machine = %m.id, running = n - 1, load, how = ?self.demand.auto_stop, "idle machine stopped");
                 n -= 1;
             }

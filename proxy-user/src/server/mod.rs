@@ -314,7 +314,7 @@ fn autostop(shared: Arc<Shared>) -> AbortOnDrop {
             ticks.tick().await;
             let current = shared.current();
             for pool in &current.pools {
-                pool.stop_idle(&current.pools);
+                pool.stop_idle(&current.pools, every);
             }
         }
     }))
