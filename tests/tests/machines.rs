@@ -55,6 +55,24 @@ fn ask(net: &Net, line: &str) -> String {
     })
 }
 
+/// A connection that has had `line` answered and stays open.
+fn held(net: &Net, line: &str) -> TcpStream {
+    let addr = net.public();
+    let mut c = net
+        .client()
+        .run(move || TcpStream::connect(addr))
+        .expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    writeln!(c, "{line}").expect("write");
+    let mut answer = String::new();
+    BufReader::new(c.try_clone().expect("clone"))
+        .read_line(&mut answer)
+        .expect("answer");
+    assert_eq!(answer, format!("{}\n", line.to_uppercase()));
+    c
+}
+
 fn machine(s: &Value, n: usize) -> &Value {
     &s["machines"][n]
 }
@@ -294,24 +312,7 @@ fn min_machines_running_is_kept_and_a_spare_starts_past_the_soft_limit() {
     assert_eq!(machine(&s, 1)["state"], "stopped", "{s:#}");
 
     // Two live connections put m0 past its soft limit: m1 starts as a spare.
-    let addr = net.public();
-    let conns: Vec<TcpStream> = (0..2)
-        .map(|_| {
-            let mut c = net
-                .client()
-                .run(move || TcpStream::connect(addr))
-                .expect("connect");
-            c.set_read_timeout(Some(Duration::from_secs(10)))
-                .expect("timeout");
-            writeln!(c, "x").expect("write");
-            let mut line = String::new();
-            BufReader::new(c.try_clone().expect("clone"))
-                .read_line(&mut line)
-                .expect("answer");
-            assert_eq!(line, "X\n");
-            c
-        })
-        .collect();
+    let conns: Vec<TcpStream> = (0..2).map(|i| held(&net, &format!("x{i}"))).collect();
     until(&daemon, Duration::from_secs(10), "spare started", |s| {
         machine(s, 1)["state"] == "started"
     });
@@ -452,26 +453,8 @@ fn machines_follow_a_load_that_rises_and_falls() {
     until(&daemon, Duration::from_secs(10), "one kept", |s| {
         running(s) == 1
     });
-    let addr = net.public();
-    let open = |n: usize| -> Vec<TcpStream> {
-        (0..n)
-            .map(|i| {
-                let mut c = net
-                    .client()
-                    .run(move || TcpStream::connect(addr))
-                    .expect("connect");
-                c.set_read_timeout(Some(Duration::from_secs(10)))
-                    .expect("timeout");
-                writeln!(c, "c{i}").expect("write");
-                let mut line = String::new();
-                BufReader::new(c.try_clone().expect("clone"))
-                    .read_line(&mut line)
-                    .expect("answer");
-                assert_eq!(line, format!("C{i}\n"));
-                c
-            })
-            .collect()
-    };
+    let open =
+        |n: usize| -> Vec<TcpStream> { (0..n).map(|i| held(&net, &format!("c{i}"))).collect() };
     let mut timeline = Vec::new();
     let mut held: Vec<TcpStream> = Vec::new();
     // Rise: 2, 4, 6, 8 connections held; each step waits for the machines to settle.
