@@ -488,3 +488,24 @@ fn machines_follow_a_load_that_rises_and_falls() {
     }
     assert_eq!(timeline.last(), Some(&(0, 1)), "{timeline:?}");
 }
+
+#[test]
+fn a_machine_that_exits_after_running_a_while_is_stopped_not_crashed() {
+    let (net, daemon) = start(1, "  auto_stop_machines = \"stop\"\n", &[]);
+    assert_eq!(ask(&net, "one"), "ONE\n");
+    // Past the crash window (10 s after the start), an exit is an app shutting itself down.
+    std::thread::sleep(Duration::from_millis(10_300));
+    let mut c = held(&net, "bye");
+    writeln!(c, "exit").expect("write");
+    let _ = std::io::Read::read(&mut c, &mut [0; 16]);
+    until(&daemon, Duration::from_secs(5), "stopped on its own", |s| {
+        machine(s, 0)["state"] == "stopped"
+    });
+    let started = Instant::now();
+    assert_eq!(ask(&net, "again"), "AGAIN\n");
+    assert!(started.elapsed() < Duration::from_secs(1), "no back-off");
+    let s = daemon.stats();
+    assert_eq!(machine(&s, 0)["crashes"], 0, "{s:#}");
+    assert_eq!(machine(&s, 0)["exits"], 1, "{s:#}");
+    assert_eq!(machine(&s, 0)["starts"], 2, "{s:#}");
+}
