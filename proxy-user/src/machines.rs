@@ -1,7 +1,8 @@
 //! Machines spliced runs itself: a `[[machines]]` entry with a `command` is a child process,
-//! started when a connection finds no machine of its service running, stopped (SIGTERM, then
-//! SIGKILL) or suspended (SIGSTOP, resumed by SIGCONT) when idle, as Fly's proxy does with
-//! `auto_start_machines`, `auto_stop_machines` and `min_machines_running`.
+//! started when a connection finds no machine of its service running, stopped (fly.toml's
+//! `kill_signal`, SIGTERM by default, then SIGKILL after `kill_timeout`) or suspended
+//! (SIGSTOP, resumed by SIGCONT) when idle, as Fly's proxy does with `auto_start_machines`,
+//! `auto_stop_machines` and `min_machines_running`.
 //!
 //! Each machine leads its own process group and is killed if spliced dies. A machine is
 //! `started` once its port accepts; only then is it given connections. Its live connections
@@ -64,6 +65,10 @@ pub struct Spec {
     pub env: Vec<(String, String)>,
     /// The address that accepts once the machine is ready.
     pub ready: SocketAddr,
+    /// What stops it (fly.toml's `kill_signal`; SIGTERM by default), and how long it has
+    /// before SIGKILL (`kill_timeout`, else `--machine-stop-grace`).
+    pub stop_signal: i32,
+    pub stop_grace: Duration,
 }
 
 /// Timings shared by every machine.
@@ -71,8 +76,22 @@ pub struct Spec {
 pub struct Timing {
     /// Longest wait for a start (`--start-timeout`).
     pub start_timeout: Duration,
-    /// Between SIGTERM and SIGKILL on a stop.
+    /// Between the stop signal and SIGKILL, when the config gives no `kill_timeout`.
     pub stop_grace: Duration,
+}
+
+/// The number of a signal `kill_signal` may name; SIGTERM for any other.
+#[must_use]
+pub fn signal_number(name: &str) -> i32 {
+    match name {
+        "SIGINT" => libc::SIGINT,
+        "SIGQUIT" => libc::SIGQUIT,
+        "SIGUSR1" => libc::SIGUSR1,
+        "SIGUSR2" => libc::SIGUSR2,
+        "SIGKILL" => libc::SIGKILL,
+        "SIGSTOP" => libc::SIGSTOP,
+        _ => libc::SIGTERM,
+    }
 }
 
 /// Why a machine could not be started for a connection.
@@ -427,26 +446,26 @@ impl Managed {
         }
     }
 
-    /// SIGTERM to the group (after SIGCONT, so a suspended one can act on it), SIGKILL
-    /// after the grace period if the same process still runs.
+    /// The stop signal to the group (after SIGCONT, so a suspended one can act on it),
+    /// SIGKILL after the grace period if the same process still runs.
     fn terminate(self: &Arc<Self>, inner: &mut Inner, pgid: u32) {
         inner.stopping = true;
         self.counters.stops.fetch_add(1, Ordering::Relaxed);
         self.set(State::Stopping);
         crate::sys::signal_group(pgid, libc::SIGCONT).ok();
-        if let Err(e) = crate::sys::signal_group(pgid, libc::SIGTERM) {
+        if let Err(e) = crate::sys::signal_group(pgid, self.spec.stop_signal) {
             tracing::error!(machine = %self.spec.id, error = %e, "cannot stop the machine");
         }
         let this = Arc::clone(self);
         let generation = inner.generation;
         self.runtime.spawn(async move {
-            tokio::time::sleep(this.timing.stop_grace).await;
+            tokio::time::sleep(this.spec.stop_grace).await;
             let inner = this.lock();
             if inner.generation == generation
                 && inner.stopping
                 && let Some(pgid) = inner.pgid
             {
-                tracing::warn!(machine = %this.spec.id, grace = ?this.timing.stop_grace, "machine still runs after SIGTERM: killing it");
+                tracing::warn!(machine = %this.spec.id, grace = ?this.spec.stop_grace, "machine still runs after its stop signal: killing it");
                 crate::sys::signal_group(pgid, libc::SIGKILL).ok();
             }
         });

@@ -509,3 +509,59 @@ fn a_machine_that_exits_after_running_a_while_is_stopped_not_crashed() {
     assert_eq!(machine(&s, 0)["exits"], 1, "{s:#}");
     assert_eq!(machine(&s, 0)["starts"], 2, "{s:#}");
 }
+
+#[test]
+fn kill_signal_and_kill_timeout_stop_the_machine_as_fly_does() {
+    let net = Net::new(Topo::Loopback);
+    // SIGINT ends the app; SIGUSR1 is ignored by a shell waiting on `sleep`, so kill_timeout
+    // ends with SIGKILL.
+    let app = go_app("flyapp");
+    let base = |signal: &str, timeout: &str| {
+        format!(
+            "app = \"kill\"\nkill_signal = \"{signal}\"\nkill_timeout = {timeout}\n\n[[services]]\n  internal_port = {BACKEND_PORT}\n  protocol = \"tcp\"\n  auto_stop_machines = \"stop\"\n  [[services.ports]]\n    port = {PUBLIC_PORT}\n\n[[machines]]\n  id = \"m0\"\n  command = [\"{}\", \"127.0.0.1\"]\n",
+            app.display()
+        )
+    };
+    let daemon = Daemon::start_config(
+        &net.proxy,
+        &base("SIGINT", "3"),
+        Plane::Sockmap,
+        &["--autostop-interval", "300ms"],
+    );
+    assert_eq!(ask(&net, "one"), "ONE\n");
+    until(&daemon, Duration::from_secs(5), "stopped", |s| {
+        machine(s, 0)["state"] == "stopped"
+    });
+    let log = daemon.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("machine stopped") && l.contains("SIGINT")),
+        "{log}"
+    );
+    drop(daemon);
+
+    // A machine that ignores its stop signal is killed after kill_timeout.
+    let net = Net::new(Topo::Loopback);
+    let stubborn = format!(
+        "app = \"kill\"\nkill_signal = \"SIGUSR1\"\nkill_timeout = \"1s\"\n\n[[services]]\n  internal_port = {BACKEND_PORT}\n  protocol = \"tcp\"\n  auto_stop_machines = \"stop\"\n  [[services.ports]]\n    port = {PUBLIC_PORT}\n\n[[machines]]\n  id = \"m0\"\n  command = [\"sh\", \"-c\", \"trap '' USR1; {} 127.0.0.1 & wait; wait\"]\n",
+        go_app("flyapp").display()
+    );
+    let daemon = Daemon::start_config(
+        &net.proxy,
+        &stubborn,
+        Plane::Sockmap,
+        &["--autostop-interval", "300ms"],
+    );
+    assert_eq!(ask(&net, "two"), "TWO\n");
+    until(&daemon, Duration::from_secs(5), "stopping", |s| {
+        machine(s, 0)["state"] == "stopping"
+    });
+    let waited = until(&daemon, Duration::from_secs(5), "killed", |s| {
+        machine(s, 0)["state"] == "stopped"
+    });
+    assert!(
+        waited >= Duration::from_millis(800),
+        "killed only after kill_timeout: stopped {waited:?} after it was seen stopping"
+    );
+    assert!(daemon.log().contains("killing it"), "{}", daemon.log());
+}

@@ -17,6 +17,11 @@ pub use route::LOCAL_MACHINE;
 pub use source::Diagnostic;
 pub use words::parse_duration;
 
+/// The signals fly.toml's `kill_signal` may name, as Fly accepts them.
+pub const KILL_SIGNALS: [&str; 7] = [
+    "SIGINT", "SIGTERM", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGKILL", "SIGSTOP",
+];
+
 /// Ports given to the first service that declares no public port, as fly does.
 pub const DEFAULT_PUBLIC_PORTS: [u16; 2] = [80, 443];
 /// `internal_port` when a service does not give one, as fly's.
@@ -43,6 +48,13 @@ pub struct Config {
     pub services: Vec<Service>,
     /// The backends: `[[machines]]`, or one implicit local machine.
     pub machines: Vec<Machine>,
+    /// `kill_signal`: the signal that stops the machines spliced runs, as Fly stops a
+    /// machine (`SIGINT`, `SIGTERM`...); `None`: SIGTERM.
+    pub kill_signal: Option<String>,
+    /// `kill_timeout`: how long a stopping machine has before SIGKILL; `None`: the
+    /// `--machine-stop-grace` flag.
+    #[serde(serialize_with = "opt_millis")]
+    pub kill_timeout: Option<Duration>,
     /// Top-level sections accepted but not acted on, and owned keys spliced leaves alone.
     pub ignored: Vec<String>,
     /// Things worth fixing that do not stop the file from being served.

@@ -182,3 +182,26 @@ fn bad_machine_commands_name_line_and_field() {
         .to_string();
     assert!(err.contains("a machine needs an address"), "{err}");
 }
+
+#[test]
+fn kill_signal_and_timeout_as_fly_reads_them() {
+    let c = parse("kill_signal = \"SIGINT\"\nkill_timeout = 30\n").expect("valid");
+    assert_eq!(c.kill_signal.as_deref(), Some("SIGINT"));
+    assert_eq!(c.kill_timeout, Some(Duration::from_secs(30)));
+    assert!(
+        !c.ignored.iter().any(|k| k.starts_with("kill_")),
+        "{:?}",
+        c.ignored
+    );
+    let c = parse("kill_timeout = \"1m\"\n").expect("valid");
+    assert_eq!(c.kill_timeout, Some(Duration::from_secs(60)));
+    let err = parse("app = \"x\"\nkill_signal = \"SIGHUP\"\n")
+        .expect_err("not a signal fly takes")
+        .to_string();
+    assert!(
+        err.contains("fly.toml:2:15") && err.contains("kill_signal"),
+        "{err}"
+    );
+    let err = parse("kill_timeout = 0\n").expect_err("zero").to_string();
+    assert!(err.contains("kill_timeout"), "{err}");
+}

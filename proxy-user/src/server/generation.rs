@@ -263,6 +263,10 @@ fn managed_machines(
             dir: m.dir.as_ref().map(PathBuf::from),
             env,
             ready: SocketAddr::new(m.address, service.internal_port),
+            stop_signal: crate::machines::signal_number(
+                config.kill_signal.as_deref().unwrap_or("SIGTERM"),
+            ),
+            stop_grace: config.kill_timeout.unwrap_or(timing.stop_grace),
         };
         let kept = prev.and_then(|p| p.managed.iter().find(|old| old.spec == spec));
         out.push(match kept {

@@ -294,7 +294,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     });
     joined.await.ok();
     drop(ports);
-    stop_machines(&shared.current().managed, shared.opts.machines.stop_grace).await;
+    stop_machines(&shared.current().managed).await;
     if let Some(admin) = admin {
         admin.abort();
     }
@@ -377,8 +377,13 @@ fn reload(shared: &Arc<Shared>, ports: &mut Ports, certs: &mut Option<Arc<crate:
 }
 
 /// Stops every machine spliced runs and waits for their processes to end (SIGKILL after
-/// the grace period, then a second more).
-async fn stop_machines(machines: &[Arc<Managed>], grace: Duration) {
+/// each one's grace period, then a second more).
+async fn stop_machines(machines: &[Arc<Managed>]) {
+    let grace = machines
+        .iter()
+        .map(|m| m.spec.stop_grace)
+        .max()
+        .unwrap_or_default();
     for m in machines {
         m.stop();
     }

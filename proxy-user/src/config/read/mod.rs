@@ -1,7 +1,7 @@
 //! Reads each section of a fly.toml into the checked model, keeping the positions that
 //! routing needs for its own messages.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, time::Duration};
 
 use toml::de::DeValue;
 
@@ -19,8 +19,8 @@ use self::{
 use super::{
     AutoStop, Concurrency, ConcurrencyKind, Config, ConfigError, DEFAULT_CHECK_INTERVAL,
     DEFAULT_CHECK_TIMEOUT, DEFAULT_INTERNAL_PORT, DEFAULT_PROCESS_GROUP, EnvVar, Exposure, Handler,
-    Header, HttpCheck, Machine, Protocol, ProxyProtoVersion, PublicPort, Service, TcpCheck,
-    TlsOptions,
+    Header, HttpCheck, KILL_SIGNALS, Machine, Protocol, ProxyProtoVersion, PublicPort, Service,
+    TcpCheck, TlsOptions,
     source::{Reader, Table, Value, scalar_text, show},
     words::did_you_mean,
 };
@@ -34,11 +34,11 @@ const OWNED: &[&str] = &[
     "services",
     "http_service",
     "machines",
+    "kill_signal",
+    "kill_timeout",
 ];
 /// Top-level keys of fly.toml that an L4 edge proxy has no use for: accepted and listed.
 pub(super) const FLY_SECTIONS: &[&str] = &[
-    "kill_signal",
-    "kill_timeout",
     "swap_size_mb",
     "console_command",
     "host_dedication_id",
@@ -151,6 +151,8 @@ pub(super) fn read(r: &mut Reader<'_>, text: &str) -> Result<(Config, Sites), Co
         process_groups: Vec::new(),
         services: Vec::new(),
         machines: Vec::new(),
+        kill_signal: None,
+        kill_timeout: None,
         ignored: Vec::new(),
         warnings: Vec::new(),
     };
@@ -180,6 +182,7 @@ pub(super) fn read(r: &mut Reader<'_>, text: &str) -> Result<(Config, Sites), Co
     if let Some(v) = top.get("env") {
         config.env = read_env(r, v);
     }
+    read_kill(r, top, &mut config);
     if let Some(v) = top.get("processes") {
         // `[[processes]]` (an array) is what fly's API returns for "none": ignored, as fly does.
         if let DeValue::Table(t) = v.get_ref() {
@@ -248,4 +251,43 @@ fn read_env(r: &mut Reader<'_>, v: &Value<'_>) -> Vec<EnvVar> {
         }
     }
     env
+}
+
+/// `kill_signal` (one of [`KILL_SIGNALS`]) and `kill_timeout` (whole seconds, as Fly reads an
+/// integer, or a duration such as "30s").
+fn read_kill(r: &mut Reader<'_>, top: Table<'_, '_>, config: &mut Config) {
+    if let Some(v) = top.get("kill_signal")
+        && let Some(name) = r.string(v, "kill_signal")
+    {
+        let upper = name.trim().to_ascii_uppercase();
+        if KILL_SIGNALS.contains(&upper.as_str()) {
+            config.kill_signal = Some(upper);
+        } else {
+            r.error(
+                v.span().start,
+                "kill_signal",
+                format!(
+                    "{name:?} is not a signal fly stops machines with; use one of {}",
+                    KILL_SIGNALS.join(", ")
+                ),
+            );
+        }
+    }
+    if let Some(v) = top.get("kill_timeout") {
+        config.kill_timeout = match v.get_ref() {
+            DeValue::Integer(i) => {
+                if let Ok(secs @ 1..) = i64::from_str_radix(i.as_str(), i.radix()) {
+                    Some(Duration::from_secs(secs.unsigned_abs()))
+                } else {
+                    r.error(
+                        v.span().start,
+                        "kill_timeout",
+                        format!("{} is not a positive number of seconds", i.as_str()),
+                    );
+                    None
+                }
+            }
+            _ => r.duration(v, "kill_timeout"),
+        };
+    }
 }
