@@ -166,18 +166,28 @@ fn concurrent_first_connections_start_one_machine() {
     assert_eq!(machine(&s, 0)["start_failures"], 0, "{s:#}");
 }
 
-#[test]
-fn an_idle_machine_stops_and_the_next_connection_starts_it_again() {
+/// One machine under `auto_stop_machines = how`, served once and then left idle until the
+/// stop rule has put it in `idle`; returns the pid it had.
+fn served_then_idle(how: &str, idle: &str) -> (Net, Daemon, u32) {
     let (net, daemon) = start(
         1,
-        "  auto_stop_machines = \"stop\"\n",
+        &format!("  auto_stop_machines = \"{how}\"\n"),
         &["--autostop-interval", "500ms"],
     );
     assert_eq!(ask(&net, "one"), "ONE\n");
-    let first = pid(&daemon.stats(), 0);
-    until(&daemon, Duration::from_secs(5), "stopped when idle", |s| {
-        machine(s, 0)["state"] == "stopped"
-    });
+    let p = pid(&daemon.stats(), 0);
+    until(
+        &daemon,
+        Duration::from_secs(5),
+        &format!("{idle} when idle"),
+        |s| machine(s, 0)["state"] == idle,
+    );
+    (net, daemon, p)
+}
+
+#[test]
+fn an_idle_machine_stops_and_the_next_connection_starts_it_again() {
+    let (net, daemon, first) = served_then_idle("stop", "stopped");
     assert!(
         gone_within(first, Duration::from_secs(2)),
         "its process ended"
@@ -225,19 +235,7 @@ fn a_machine_with_a_live_connection_is_not_stopped() {
 
 #[test]
 fn a_suspended_machine_resumes_for_the_next_connection() {
-    let (net, daemon) = start(
-        1,
-        "  auto_stop_machines = \"suspend\"\n",
-        &["--autostop-interval", "500ms"],
-    );
-    assert_eq!(ask(&net, "one"), "ONE\n");
-    let p = pid(&daemon.stats(), 0);
-    until(
-        &daemon,
-        Duration::from_secs(5),
-        "suspended when idle",
-        |s| machine(s, 0)["state"] == "suspended",
-    );
+    let (net, daemon, p) = served_then_idle("suspend", "suspended");
     assert_eq!(
         proc_state(p),
         Some('T'),
