@@ -124,6 +124,8 @@ struct Inner {
     stopping: bool,
     /// When the current process became `started`.
     started_at: Option<Instant>,
+    /// When it last began to take connections: its start, or its last resume.
+    serving_since: Option<Instant>,
     /// Crashes and failed starts in a row.
     failures: u32,
     retry_at: Option<Instant>,
@@ -174,6 +176,7 @@ impl Managed {
                 live: 0,
                 stopping: false,
                 started_at: None,
+                serving_since: None,
                 failures: 0,
                 retry_at: None,
                 generation: 0,
@@ -295,7 +298,7 @@ impl Managed {
             tracing::error!(machine = %self.spec.id, error = %e, "cannot resume the machine");
             return;
         }
-        inner.started_at = Some(Instant::now());
+        inner.serving_since = Some(Instant::now());
         self.counters.resumes.fetch_add(1, Ordering::Relaxed);
         self.set(State::Started);
     }
@@ -364,6 +367,7 @@ impl Managed {
                 // Stopped while starting: the exit below is expected.
             } else {
                 inner.started_at = Some(Instant::now());
+                inner.serving_since = inner.started_at;
                 self.set(State::Started);
             }
         }
@@ -411,7 +415,7 @@ impl Managed {
         let mut inner = self.lock();
         if self.state() != State::Started
             || inner.live > 0
-            || inner.started_at.is_some_and(|t| t.elapsed() < min_age)
+            || inner.serving_since.is_some_and(|t| t.elapsed() < min_age)
         {
             return false;
         }
