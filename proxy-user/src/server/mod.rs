@@ -1,6 +1,7 @@
 //! The daemon: binds the public ports, accepts, connects each client to its service's
-//! backend, hands the pair to the data plane, and on SIGINT/SIGTERM stops accepting, lets
-//! live connections finish for the grace period, then closes the rest.
+//! backend, hands the pair to the data plane; on SIGHUP serves the config read again
+//! ([`generation`]); on SIGINT/SIGTERM stops accepting, lets live connections finish for the
+//! grace period, then closes the rest and stops the machines it runs.
 
 mod admin;
 mod connection;
