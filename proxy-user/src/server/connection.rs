@@ -35,9 +35,8 @@ pub(super) async fn serve(
         (None, None) => connect_and_splice(&shared, client, peer, &route, phase, &[]).await,
     };
     let stats = &shared.stats;
-    if stats.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-        shared.none_live.notify_waiters();
-    }
+    // The outcome is counted before the connection stops counting as active, so that a
+    // snapshot that sees none active sees every outcome.
     match result {
         Ok(Outcome::Completed) => {
             stats.completed.fetch_add(1, Ordering::Relaxed);
@@ -55,6 +54,9 @@ pub(super) async fn serve(
             stats.failed.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
+    }
+    if stats.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+        shared.none_live.notify_waiters();
     }
 }
 
