@@ -30,7 +30,8 @@ struct Cli {
 enum Command {
     /// Serve the services of a fly.toml.
     Run(Box<RunArgs>),
-    /// Validate a fly.toml and print what spliced would serve.
+    /// Validate a fly.toml and print what spliced would serve; with --kernel, print what this
+    /// host's kernel supports of what the sockmap data plane needs.
     Check(CheckArgs),
 }
 
@@ -124,8 +125,13 @@ struct RunArgs {
 #[derive(clap::Args)]
 struct CheckArgs {
     /// Path of the fly.toml.
-    #[arg(long)]
-    config: PathBuf,
+    #[arg(long, required_unless_present = "kernel")]
+    config: Option<PathBuf>,
+    /// Probe this host's kernel instead (root): every map type, program type and helper the
+    /// BPF programs use, cgroup v2, and a trial load and attach. Exits 1 when the sockmap data
+    /// plane cannot run here.
+    #[arg(long, conflicts_with = "config")]
+    kernel: bool,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
@@ -215,7 +221,10 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
-        Command::Check(a) => check(&a.config, a.format),
+        Command::Check(a) => match &a.config {
+            Some(config) => check(config, a.format),
+            None => check_kernel(a.format),
+        },
         Command::Run(a) => run(&a),
     }
 }
@@ -282,6 +291,30 @@ fn raise_fd_limit() {
                 tracing::warn!("cannot raise the open-file limit to {}", lim.rlim_max);
             }
         }
+    }
+}
+
+/// `spliced check --kernel`: 0 when the sockmap data plane can run on this kernel, else 1.
+fn check_kernel(format: Format) -> ExitCode {
+    let support = proxy_user::dataplane::probe::Support::probe(true);
+    match format {
+        Format::Text => print!("{}", support.render_text()),
+        Format::Json => println!(
+            "{}",
+            serde_json::json!({
+                "kernel": support.kernel,
+                "checks": support.checks,
+                "sockmap": support.sockmap_ready().err().map_or_else(
+                    || serde_json::json!({ "available": true }),
+                    |why| serde_json::json!({ "available": false, "why": why }),
+                ),
+            })
+        ),
+    }
+    if support.sockmap_ready().is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

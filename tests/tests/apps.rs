@@ -2,9 +2,9 @@
 //! `io.Copy` (splice(2) both ways), `HAProxy` in `mode tcp` with splicing forced, and servers of
 //! our own that read with splice(2) into a pipe, readv, recvmsg, `MSG_PEEK`, or from two
 //! threads at once, and write with splice(2) from a pipe or sendfile(2), on blocking and
-//! non-blocking sockets. Every stream is checked byte by byte, 1 GiB each (sendfile: 256 MiB),
-//! on both data planes. The application runs on the proxy's host, as a machine on an edge
-//! host does.
+//! non-blocking sockets. Every stream is checked byte by byte, the bulk size each (1 GiB,
+//! `tests::bulk`; sendfile: 256 MiB), on both data planes. The application runs on the
+//! proxy's host, as a machine on an edge host does.
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
@@ -16,11 +16,11 @@ use std::{
 };
 
 use tests::{
-    BACKEND_PORT, Daemon, GIB, Net, Pattern, Plane, Scratch, Server, Topo,
+    BACKEND_PORT, Daemon, Net, Pattern, Plane, Scratch, Server, Topo,
     apps::{
         PIPE, Process, STALL, go_app, iovec, pipe, read_checked, splice, splice_echo_app, wait_for,
     },
-    recv_exact_pattern, recv_pattern, send_pattern, set_reset_on_close,
+    bulk, recv_exact_pattern, recv_pattern, send_pattern, set_reset_on_close,
 };
 
 /// How long a whole 1 GiB transfer may take on the slowest plane.
@@ -101,16 +101,16 @@ fn echo_then_close(c: TcpStream, seed: u64, size: u64) -> Result<u64, String> {
     }
 }
 
-/// Full duplex, 1 GiB each way, through the echo application on the proxy's host.
+/// Full duplex, the bulk size each way, through the echo application on the proxy's host.
 fn duplex_through_echo(plane: Plane, handler: impl Fn(TcpStream) + Send + Sync + 'static) {
     let (net, daemon) = setup(plane);
     let _app = Server::start(&net.proxy, net.backend(), handler);
-    assert_eq!(echo_through(client(&net), 31, GIB), Ok(GIB));
+    assert_eq!(echo_through(client(&net), 31, bulk()), Ok(bulk()));
     let s = daemon.wait_idle();
     assert_eq!(s["connections"]["completed"], 1, "{s:#}");
 }
 
-/// Client -> application, 1 GiB, read by `reader` (which checks it and returns the count).
+/// Client -> application, the bulk size, read by `reader` (which checks it and returns the count).
 fn one_way_to_app(
     plane: Plane,
     reader: impl Fn(&mut TcpStream) -> Result<u64, String> + Send + Sync + 'static,
@@ -125,10 +125,10 @@ fn one_way_to_app(
         tx.lock().expect("lock").send(r).expect("test waits");
     });
     let mut c = client(&net);
-    let sent = send_pattern(&mut c, 32, GIB).and_then(|()| c.shutdown(Shutdown::Write));
+    let sent = send_pattern(&mut c, 32, bulk()).and_then(|()| c.shutdown(Shutdown::Write));
     let got = rx.recv_timeout(TRANSFER).expect("application finished");
-    assert_eq!(got, Ok(GIB), "the client's send: {sent:?}");
-    sent.expect("client sends 1 GiB and half-closes");
+    assert_eq!(got, Ok(bulk()), "the client's send: {sent:?}");
+    sent.expect("client sends the bulk size and half-closes");
     let mut rest = Vec::new();
     c.read_to_end(&mut rest).expect("end of stream");
     assert_eq!(rest, b"");
@@ -173,7 +173,7 @@ fn go_io_copy_echo(plane: Plane) {
         Command::new(go_app("goecho")).arg(net.backend().to_string()),
         net.backend(),
     );
-    assert_eq!(echo_through(client(&net), 34, GIB), Ok(GIB));
+    assert_eq!(echo_through(client(&net), 34, bulk()), Ok(bulk()));
     let s = daemon.wait_idle();
     assert_eq!(s["connections"]["completed"], 1, "{s:#}");
 }
@@ -201,7 +201,7 @@ fn haproxy_splicing(plane: Plane) {
         Command::new("haproxy").arg("-db").arg("-f").arg(&cfg),
         net.backend(),
     );
-    assert_eq!(echo_then_close(client(&net), 35, GIB), Ok(GIB));
+    assert_eq!(echo_then_close(client(&net), 35, bulk()), Ok(bulk()));
     let s = daemon.wait_idle();
     assert_eq!(s["connections"]["completed"], 1, "{s:#}");
 }
@@ -233,7 +233,7 @@ fn splice_reader(plane: Plane) {
 }
 
 fn splice_writer(plane: Plane) {
-    one_way_to_client(plane, GIB, |s, size| {
+    one_way_to_client(plane, bulk(), |s, size| {
         let (r, w) = pipe();
         let mut pipe_w = std::fs::File::from(w);
         let mut p = Pattern::new(33);

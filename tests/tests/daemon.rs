@@ -49,10 +49,15 @@ fn auto_falls_back_to_copy_when_bpf_cannot_load() {
     let daemon = Daemon::start_with(&net.proxy, NO_BPF, Plane::Auto, &[]);
     assert_eq!(daemon.stats()["dataplane"], "copy");
     let log = daemon.log();
-    assert!(
-        log.contains("WARN") && log.contains("copy"),
-        "no warning about the fallback:\n{log}"
-    );
+    for why in [
+        "WARN",
+        "FALLING BACK TO THE COPY DATA PLANE",
+        "lacks what the sockmap plane needs: bpf() system call",
+        "CAP_BPF",
+        "spliced check --kernel",
+    ] {
+        assert!(log.contains(why), "the fallback should say {why:?}:\n{log}");
+    }
     let _backend = Server::start(&net.proxy, net.backend(), echo);
     let mut c = net.connect();
     c.write_all(b"still served").expect("write");
@@ -94,10 +99,73 @@ fn sockmap_refuses_to_start_without_bpf() {
     let ns = Netns::new("nobpf");
     let (code, err) = refused_start(&ns, NO_BPF, &["--dataplane", "sockmap"]);
     assert_ne!(code, Some(0), "spliced started without BPF");
-    assert!(
-        err.contains("sockmap"),
-        "the error should name the data plane: {err}"
-    );
+    for why in ["--dataplane sockmap", "bpf() system call", "CAP_BPF"] {
+        assert!(err.contains(why), "the error should say {why:?}: {err}");
+    }
+}
+
+/// `spliced check --kernel --format json` and its exit code, run with `wrapper`.
+fn check_kernel(wrapper: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let mut cmd = Command::new(wrapper.first().copied().unwrap_or("env"));
+    let out = cmd
+        .args(wrapper.iter().skip(1))
+        .arg(tests::spliced_bin())
+        .args(["check", "--kernel", "--format", "json"])
+        .output()
+        .expect("run spliced check --kernel");
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code(), report)
+}
+
+/// On a kernel that runs the sockmap plane, every probe answers yes, and the probes cover what
+/// the programs use: their map types, program types and helpers, read from the object.
+#[test]
+fn check_kernel_probes_what_the_programs_use() {
+    let (code, report) = check_kernel(&[]);
+    assert_eq!(code, Some(0), "{report:#}");
+    assert_eq!(report["sockmap"]["available"], true, "{report:#}");
+    let checks = report["checks"].as_array().expect("checks");
+    for c in checks {
+        assert!(
+            c["found"] == true || c["required"] == false,
+            "a required feature is missing: {c}"
+        );
+    }
+    for feature in [
+        "bpf() system call",
+        "BPF_MAP_TYPE_SOCKHASH",
+        "BPF_MAP_TYPE_RINGBUF",
+        "BPF_PROG_TYPE_SK_SKB",
+        "BPF_PROG_TYPE_SK_MSG",
+        "BPF_PROG_TYPE_SOCK_OPS",
+        "bpf_sk_redirect_hash in BPF_PROG_TYPE_SK_SKB",
+        "bpf_skb_adjust_room in BPF_PROG_TYPE_SK_SKB",
+        "bpf_sock_ops_cb_flags_set in BPF_PROG_TYPE_SOCK_OPS",
+        "cgroup v2",
+        "load and attach",
+    ] {
+        assert!(
+            checks.iter().any(|c| c["feature"] == feature),
+            "no probe of {feature}: {report:#}"
+        );
+    }
+}
+
+/// Without the privilege `bpf()` needs, the report says so and exits 1.
+#[test]
+fn check_kernel_names_what_is_missing() {
+    let (code, report) = check_kernel(NO_BPF);
+    assert_eq!(code, Some(1), "{report:#}");
+    assert_eq!(report["sockmap"]["available"], false, "{report:#}");
+    let why = report["sockmap"]["why"].as_str().expect("why");
+    assert!(why.contains("bpf() system call"), "{why}");
+    assert!(why.contains("CAP_BPF"), "{why}");
 }
 
 fn redis_through_proxy(plane: Plane) {

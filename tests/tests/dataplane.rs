@@ -11,7 +11,7 @@ use std::{
 };
 
 use tests::{
-    GIB, Pattern, Plane, Server, Topo, checklist, echo_server, recv_exact_pattern, recv_pattern,
+    Pattern, Plane, Server, Topo, bulk, checklist, echo_server, recv_exact_pattern, recv_pattern,
     send_pattern, setup,
 };
 
@@ -44,7 +44,7 @@ fn small_transfer(plane: Plane, topo: Topo) {
     assert_eq!(s["connections"]["completed"], 1, "{s:#}");
 }
 
-/// Client -> backend, 1 GiB, checked byte by byte; on the sockmap plane the daemon's own
+/// Client -> backend, the bulk size (1 GiB, `tests::bulk`), checked byte by byte; on the sockmap plane the daemon's own
 /// reads and writes stay under a few KiB meanwhile.
 fn bulk_to_backend(plane: Plane, topo: Topo) {
     let (net, daemon) = setup(plane, topo);
@@ -57,12 +57,12 @@ fn bulk_to_backend(plane: Plane, topo: Topo) {
     });
     let mut c = net.connect();
     let io_before = daemon.io_bytes();
-    send_pattern(&mut c, 1, GIB).expect("send 1 GiB");
+    send_pattern(&mut c, 1, bulk()).expect("send the bulk transfer");
     c.shutdown(Shutdown::Write).expect("half-close");
     let got = rx
         .recv_timeout(Duration::from_secs(120))
         .expect("backend finished");
-    assert_eq!(got, Ok(GIB));
+    assert_eq!(got, Ok(bulk()));
     // The backend sends nothing back: the client's end of stream follows at once.
     let mut rest = Vec::new();
     c.read_to_end(&mut rest).expect("end of stream");
@@ -77,7 +77,7 @@ fn bulk_to_backend(plane: Plane, topo: Topo) {
             .expect("moved");
         assert_eq!(
             svc["bytes_to_backend"].as_u64().expect("counter") + moved,
-            GIB,
+            bulk(),
             "{s:#}"
         );
         assert_eq!(svc["redirect_failures"], 0, "{s:#}");
@@ -86,18 +86,18 @@ fn bulk_to_backend(plane: Plane, topo: Topo) {
     }
 }
 
-/// Backend -> client, 1 GiB, checked byte by byte.
+/// Backend -> client, the bulk size, checked byte by byte.
 fn bulk_to_client(plane: Plane, topo: Topo) {
     let (net, daemon) = setup(plane, topo);
     let _backend = Server::start(&net.proxy, net.backend(), |mut s| {
-        if send_pattern(&mut s, 2, GIB).is_ok() {
+        if send_pattern(&mut s, 2, bulk()).is_ok() {
             let _ = s.shutdown(Shutdown::Write);
             let _ = s.read(&mut [0; 1]);
         }
     });
     let mut c = net.connect();
     let io_before = daemon.io_bytes();
-    assert_eq!(recv_pattern(&mut c, 2), Ok(GIB));
+    assert_eq!(recv_pattern(&mut c, 2), Ok(bulk()));
     let io = daemon.io_bytes() - io_before;
     drop(c);
     let s = daemon.wait_idle();
@@ -106,18 +106,18 @@ fn bulk_to_client(plane: Plane, topo: Topo) {
     }
 }
 
-/// 1 GiB each way at once through an echo backend.
+/// The bulk size each way at once through an echo backend.
 fn full_duplex(plane: Plane, topo: Topo) {
     let (net, daemon) = setup(plane, topo);
     let _backend = echo_server(&net);
     let c = net.connect();
     let mut w = c.try_clone().expect("clone");
     let writer = std::thread::spawn(move || {
-        send_pattern(&mut w, 3, GIB).expect("send");
+        send_pattern(&mut w, 3, bulk()).expect("send");
         w.shutdown(Shutdown::Write).expect("half-close");
     });
     let mut r = c;
-    assert_eq!(recv_pattern(&mut r, 3), Ok(GIB));
+    assert_eq!(recv_pattern(&mut r, 3), Ok(bulk()));
     writer.join().expect("writer");
     let s = daemon.wait_idle();
     if plane.in_kernel() {

@@ -4,6 +4,7 @@
 mod bench;
 mod faults;
 mod fuzz;
+mod kernels;
 mod run;
 mod setup;
 mod test;
@@ -65,6 +66,26 @@ enum Cmd {
         /// should catch it, and fail unless every fault made one of them fail.
         #[arg(long)]
         faults: bool,
+        /// Instead of on this host: inside this Debian kernel series (6.1, 6.12) or `all`,
+        /// booted under QEMU.
+        #[arg(long)]
+        kernel: Option<String>,
+        /// With --kernel: divide the 1 GiB bulk transfers by this (the guest's CPU is
+        /// emulated); they never shrink below 64 MiB.
+        #[arg(long, default_value_t = 16)]
+        shrink: u64,
+        /// With --kernel: only this integration test binary (dataplane, ends...); repeatable.
+        #[arg(long = "test")]
+        tests: Vec<String>,
+        /// With --kernel: not the tests whose name contains this; repeatable.
+        #[arg(long)]
+        skip: Vec<String>,
+        /// With --kernel: the longest one guest may run, in minutes.
+        #[arg(long, default_value_t = 240)]
+        guest_minutes: u64,
+        /// With --kernel: try KVM (it hangs on this machine kind).
+        #[arg(long)]
+        kvm: bool,
     },
 }
 
@@ -76,6 +97,27 @@ fn main() -> Result<()> {
         Cmd::Setup => setup::setup(),
         Cmd::Run { args } => run::run(&root, &args),
         Cmd::Test { faults: true, .. } => faults::faults(&root),
+        Cmd::Test {
+            kernel: Some(kernel),
+            filter,
+            shrink,
+            tests,
+            skip,
+            guest_minutes,
+            kvm,
+            ..
+        } => kernels::test(
+            &root,
+            &kernels::Options {
+                kernel,
+                shrink,
+                tests,
+                filter,
+                skip,
+                kvm,
+                timeout: std::time::Duration::from_secs(guest_minutes * 60),
+            },
+        ),
         Cmd::Test {
             filter, no_lint, ..
         } => test::test(&root, filter.as_deref(), no_lint),

@@ -21,13 +21,16 @@ use super::{cgroup, events};
 use crate::{sys, watch::Registry};
 
 /// The object built by build.rs (empty when built with `AYA_BUILD_SKIP=1`).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/spliced-ebpf"));
+pub(super) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/spliced-ebpf"));
 
 /// Why the kernel programs could not be put in place.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("this build carries no BPF object (it was built with AYA_BUILD_SKIP=1)")]
     NoObject,
+    #[error("{0}")]
+    Unsupported(String),
     #[error("loading the BPF object failed: {0}")]
     Object(#[source] Box<aya::EbpfError>),
     #[error("the BPF object has no {0}")]
@@ -121,18 +124,71 @@ where
         .map_err(|source| LoadError::Program { name, source })
 }
 
+/// Loads the programs of `ebpf` and attaches them: the verdict to `recv`, the `sk_msg` program
+/// to `socks` (only for an egress audit), the hold program to the daemon's cgroup. Dropping
+/// `ebpf` detaches them.
+fn attach(
+    ebpf: &mut Ebpf,
+    recv: &SockHash<MapData, u64>,
+    socks: &SockHash<MapData, u64>,
+    egress_audit: bool,
+) -> Result<(), LoadError> {
+    let name = names::VERDICT_PROG;
+    let verdict: &mut SkSkb = program(ebpf, name)?;
+    verdict
+        .load()
+        .and_then(|()| verdict.attach(recv.fd()))
+        .map_err(|source| LoadError::Program { name, source })?;
+    if egress_audit {
+        let name = names::MSG_PROG;
+        let msg: &mut SkMsg = program(ebpf, name)?;
+        msg.load()
+            .and_then(|()| msg.attach(socks.fd()))
+            .map_err(|source| LoadError::Program { name, source })?;
+    }
+    let name = names::HOLD_PROG;
+    let path = cgroup::own_cgroup_path().map_err(|reason| LoadError::Cgroup {
+        prog: name,
+        path: "of the daemon".to_owned(),
+        reason,
+    })?;
+    let cgroup = cgroup::open_cgroup(name, &path)?;
+    let hold: &mut SockOps = program(ebpf, name)?;
+    hold.load()
+        // aya attaches with a BPF link on this kernel, and links to a cgroup always coexist
+        // with other programs; the kernel refuses the multi flag on a link (EINVAL).
+        .and_then(|()| hold.attach(&cgroup, CgroupAttachMode::Single))
+        .map_err(|source| LoadError::Program { name, source })?;
+    tracing::debug!(cgroup = ?cgroup, "hold program attached");
+    Ok(())
+}
+
+/// The object, parsed, its maps created: nothing is loaded or attached yet.
+fn open() -> Result<Ebpf, LoadError> {
+    if OBJECT.is_empty() {
+        return Err(LoadError::NoObject);
+    }
+    EbpfLoader::new()
+        .load(OBJECT)
+        .map_err(|e| LoadError::Object(Box::new(e)))
+}
+
+/// Loads every program of the object and attaches it as [`Kernel::load`] does, then detaches
+/// it: whether this kernel runs the sockmap plane.
+pub(super) fn trial_attach() -> Result<(), LoadError> {
+    let mut ebpf = open()?;
+    let socks: SockHash<MapData, u64> = take(&mut ebpf, names::SOCKS)?;
+    let recv: SockHash<MapData, u64> = take(&mut ebpf, names::RECV)?;
+    attach(&mut ebpf, &recv, &socks, true)
+}
+
 impl Kernel {
     /// Loads the programs into the kernel, attaches them to their maps, and starts the event
     /// pump (ring buffer -> `registry`) and the kernel log pump on the current runtime. The
     /// `sk_msg` program is attached only for an `egress_audit`: a socket with one sends every
     /// redirected batch through `tcp_bpf_sendmsg`, which copies it once more.
     pub fn load(registry: Arc<Registry>, egress_audit: bool) -> Result<Self, LoadError> {
-        if OBJECT.is_empty() {
-            return Err(LoadError::NoObject);
-        }
-        let mut ebpf = EbpfLoader::new()
-            .load(OBJECT)
-            .map_err(|e| LoadError::Object(Box::new(e)))?;
+        let mut ebpf = open()?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => events::spawn_log_pump(logger)?,
             Err(e) => tracing::warn!(error = %e, "kernel program logs are not available"),
@@ -151,33 +207,7 @@ impl Kernel {
         };
         let events: RingBuf<MapData> = take(&mut ebpf, names::EVENTS)?;
 
-        let name = names::VERDICT_PROG;
-        let verdict: &mut SkSkb = program(&mut ebpf, name)?;
-        verdict
-            .load()
-            .and_then(|()| verdict.attach(recv.fd()))
-            .map_err(|source| LoadError::Program { name, source })?;
-        if egress_audit {
-            let name = names::MSG_PROG;
-            let msg: &mut SkMsg = program(&mut ebpf, name)?;
-            msg.load()
-                .and_then(|()| msg.attach(socks.fd()))
-                .map_err(|source| LoadError::Program { name, source })?;
-        }
-        let name = names::HOLD_PROG;
-        let path = cgroup::own_cgroup_path().map_err(|reason| LoadError::Cgroup {
-            prog: name,
-            path: "of the daemon".to_owned(),
-            reason,
-        })?;
-        let cgroup = cgroup::open_cgroup(name, &path)?;
-        let hold: &mut SockOps = program(&mut ebpf, name)?;
-        hold.load()
-            // aya attaches with a BPF link on this kernel, and links to a cgroup always coexist
-            // with other programs; the kernel refuses the multi flag on a link (EINVAL).
-            .and_then(|()| hold.attach(&cgroup, CgroupAttachMode::Single))
-            .map_err(|source| LoadError::Program { name, source })?;
-        tracing::debug!(cgroup = ?cgroup, "hold program attached");
+        attach(&mut ebpf, &recv, &socks, egress_audit)?;
         events::spawn_event_pump(events, registry)?;
         Ok(Self {
             maps: Maps {

@@ -5,6 +5,7 @@ mod cgroup;
 pub mod copy;
 mod events;
 pub mod kernel;
+pub mod probe;
 pub mod sockmap;
 
 use crate::watch::Side;
@@ -18,13 +19,21 @@ pub enum Plane {
 }
 
 impl Plane {
-    /// Puts the data plane `choice` in place. `Auto` falls back to copy, with a warning, when
-    /// the kernel programs cannot load; `Sockmap` fails then.
+    /// Puts the data plane `choice` in place. The kernel is probed first ([`probe::Support`]):
+    /// a missing feature is named in one message. `Auto` then falls back to copy, with a
+    /// warning, as it does when the programs cannot load; `Sockmap` fails.
     pub fn start(
         choice: DataplaneChoice,
         settings: sockmap::Settings,
     ) -> Result<Self, kernel::LoadError> {
-        let load = || sockmap::Splicer::load(settings);
+        let load = || {
+            let support = probe::Support::probe(false);
+            tracing::debug!(?support, "kernel probed");
+            support
+                .sockmap_ready()
+                .map_err(kernel::LoadError::Unsupported)?;
+            sockmap::Splicer::load(settings)
+        };
         match choice {
             DataplaneChoice::Copy => {
                 tracing::info!("copy data plane chosen: userspace moves every byte");
@@ -36,9 +45,9 @@ impl Plane {
                 Err(e) => {
                     tracing::warn!(
                         error = %e,
-                        "!!! BPF programs could not be loaded: FALLING BACK TO THE COPY DATA \
-                         PLANE. Userspace will move every byte; use --dataplane sockmap to fail \
-                         instead !!!"
+                        "!!! the sockmap data plane cannot run here: FALLING BACK TO THE COPY \
+                         DATA PLANE. Userspace will move every byte; use --dataplane sockmap to \
+                         fail instead, `spliced check --kernel` for what this kernel supports !!!"
                     );
                     Ok(Self::Copy)
                 }
