@@ -62,6 +62,9 @@ struct RunArgs {
     /// Unix socket that answers each connection with a JSON snapshot of the counters.
     #[arg(long, value_name = "PATH")]
     admin_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics on ADDR, at `/metrics` (the text format).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Connections that may wait, per service, while every machine is at its hard limit; one
     /// more is closed at once.
     #[arg(long, value_name = "N", default_value_t = 1024)]
@@ -185,6 +188,7 @@ impl TryFrom<&RunArgs> for RunOptions {
             max_buffer: a.max_buffer,
             connect_timeout: a.connect_timeout,
             admin_socket: a.admin_socket.clone(),
+            metrics_addr: a.metrics_addr,
             queue: QueuePolicy {
                 limit: a.queue_limit,
                 max_wait: a.queue_timeout,

@@ -13,7 +13,8 @@ use crate::{EBPF_TOOLCHAIN, check, is_root, note, succeeds};
 /// backend driven by its own client, nginx as a real PROXY protocol consumer, Go and `HAProxy`
 /// for applications that move their bytes with splice(2), iproute2 for network namespaces,
 /// netcat for the demo `cargo xtask run` suggests, curl, openssl and h2load (nghttp2-client)
-/// as the clients of the TLS and HTTP handlers.
+/// as the clients of the TLS and HTTP handlers, Prometheus (and its promtool) to scrape and
+/// check the metrics.
 pub const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -30,6 +31,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "haproxy",
     "iproute2",
     "netcat-openbsd",
+    "prometheus",
 ];
 /// Installs, idempotently, everything the build and the tests need.
 /// While alive, Debian's maintainer scripts may not start services (`policy-rc.d` exiting

@@ -7,6 +7,7 @@ mod admin;
 mod connection;
 mod generation;
 mod listen;
+mod metrics;
 mod terminate;
 
 pub use listen::worker_index;
@@ -49,6 +50,8 @@ pub struct RunOptions {
     pub connect_timeout: Duration,
     /// Where to serve a JSON snapshot of counters, one per connection.
     pub admin_socket: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (`/metrics`).
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Connections that may wait, per service, for a machine under its hard limit, and for
     /// how long.
     pub queue: QueuePolicy,
@@ -84,6 +87,12 @@ pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--metrics-addr {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
         #[source]
         source: std::io::Error,
     },
@@ -257,10 +266,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         threads.push(thread);
     }
 
-    let admin = match &shared.opts.admin_socket {
-        Some(path) => Some(admin::start_admin(path, Arc::clone(&shared))?),
-        None => None,
-    };
+    let endpoints = endpoints(&shared).await?;
     tracing::info!("spliced is serving");
 
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -296,14 +302,26 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     joined.await.ok();
     drop(ports);
     stop_machines(&shared.current().managed).await;
-    if let Some(admin) = admin {
-        admin.abort();
+    for task in endpoints {
+        task.abort();
     }
     if let Some(path) = &shared.opts.admin_socket {
         std::fs::remove_file(path).ok();
     }
     tracing::info!(stats = %serde_json::to_string(&admin::snapshot(&shared)).unwrap_or_default(), "stopped");
     Ok(())
+}
+
+/// The admin socket and the metrics endpoint, those asked for, serving.
+async fn endpoints(shared: &Arc<Shared>) -> Result<Vec<tokio::task::JoinHandle<()>>, StartError> {
+    let mut tasks = Vec::new();
+    if let Some(path) = &shared.opts.admin_socket {
+        tasks.push(admin::start_admin(path, Arc::clone(shared))?);
+    }
+    if let Some(addr) = shared.opts.metrics_addr {
+        tasks.push(metrics::start_metrics(addr, Arc::clone(shared)).await?);
+    }
+    Ok(tasks)
 }
 
 /// The stop rule, every `--autostop-interval`, on the services of the config of the moment.
