@@ -320,6 +320,8 @@ impl Managed {
         let mut cmd = tokio::process::Command::new(&spec.command[0]);
         cmd.args(&spec.command[1..])
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            // Its readiness is spliced's to tell, not the machine's.
+            .env_remove(crate::sys::NOTIFY_SOCKET)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

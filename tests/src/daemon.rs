@@ -149,6 +149,9 @@ impl Daemon {
         extra: &[&str],
     ) -> Self {
         let dir = Scratch::new();
+        // Writable by a daemon that runs as another user (under a `setpriv` wrapper), as /tmp is.
+        std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o1777))
+            .expect("scratch permissions");
         let config = dir.0.join("fly.toml");
         std::fs::write(&config, config_text).expect("write the config");
         let admin = dir.0.join("admin.sock");

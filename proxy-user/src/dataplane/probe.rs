@@ -183,7 +183,7 @@ impl Support {
             Ok(())
         } else {
             Err(format!(
-                "kernel {} lacks what the sockmap plane needs: {}",
+                "this host (kernel {}) lacks what the sockmap plane needs: {}",
                 self.kernel,
                 missing.join("; ")
             ))

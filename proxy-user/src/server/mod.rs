@@ -267,10 +267,11 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     }
 
     let endpoints = endpoints(&shared).await?;
-    tracing::info!("spliced is serving");
-
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
+    tracing::info!("spliced is serving");
+    // The programs are loaded and every port is bound.
+    crate::sys::notify(&format!("READY=1\nMAINPID={}", std::process::id()));
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
@@ -279,6 +280,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         }
     }
 
+    crate::sys::notify("STOPPING=1");
     let live = shared.stats.active.load(Ordering::Acquire);
     tracing::info!(live, grace = ?shared.opts.grace, "stopping: no longer accepting");
     // Each worker closes its listeners at once and serves its connections to their end.
@@ -351,8 +353,19 @@ fn watch_ports(plane: &Plane, g: &Generation) -> Result<(), StartError> {
 }
 
 /// SIGHUP: reads the config file again and serves it, or, if it is invalid or cannot be
-/// served, logs why and keeps serving the one before. Counted either way.
+/// served, logs why and keeps serving the one before. Counted either way; the service manager
+/// hears `RELOADING=1` before and `READY=1` after.
 fn reload(shared: &Arc<Shared>, ports: &mut Ports, certs: &mut Option<Arc<crate::tls::CertStore>>) {
+    crate::sys::notify("RELOADING=1");
+    reload_config(shared, ports, certs);
+    crate::sys::notify("READY=1");
+}
+
+fn reload_config(
+    shared: &Arc<Shared>,
+    ports: &mut Ports,
+    certs: &mut Option<Arc<crate::tls::CertStore>>,
+) {
     let Some(path) = &shared.opts.config_path else {
         tracing::warn!("SIGHUP: no config file to read again");
         return;

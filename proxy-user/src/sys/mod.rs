@@ -1,17 +1,19 @@
 //! The few system calls the standard library and socket2 do not offer, by subject: TCP
 //! sockets ([`tcp`]), BPF maps ([`bpf`]), epoll and tokio registration ([`epoll`]), cgroup
-//! mounts ([`mount`]), machines' processes ([`process`]).
+//! mounts ([`mount`]), machines' processes ([`process`]), the service manager ([`notify`]).
 //! Every `unsafe` block of the daemon lives here.
 
 mod bpf;
 mod epoll;
 mod mount;
+mod notify;
 mod process;
 mod tcp;
 
 pub use bpf::{map_delete, map_delete_all, map_lookup, map_update, map_update_batch};
 pub use epoll::{Epoll, async_readable, ev, read_pod};
 pub use mount::{detach_mount, mount_cgroup2};
+pub use notify::{NOTIFY_SOCKET, notify};
 pub use process::{die_with_parent, signal_group};
 pub use tcp::{
     ReceiveMemory, TcpCounters, TcpState, bytes_read, bytes_written, offer_window, poke_receive,

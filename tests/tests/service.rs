@@ -1,0 +1,231 @@
+//! spliced as a service: the readiness protocol against a real Unix datagram socket (these
+//! machines do not boot systemd), the shipped unit checked and scored by systemd's own tools,
+//! and the daemon serving on the sockmap plane as an unprivileged user with only the
+//! capabilities the unit grants.
+
+use std::{
+    io::{Read, Write},
+    net::Shutdown,
+    os::unix::net::UnixDatagram,
+    path::Path,
+    process::Command,
+    time::Duration,
+};
+
+use tests::{Daemon, Net, Plane, Scratch, Topo, echo_server};
+
+/// The capabilities `dist/spliced.service` grants, by number: `CAP_NET_ADMIN` (12),
+/// `CAP_NET_BIND_SERVICE` (10), `CAP_PERFMON` (38), `CAP_BPF` (39).
+const UNIT_CAPS: u64 = (1 << 12) | (1 << 10) | (1 << 38) | (1 << 39);
+const UNIT_CAP_NAMES: &str = "+net_admin,+net_bind_service,+perfmon,+bpf";
+
+fn unit_file() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/spliced.service");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The next message the daemon sends to `socket`.
+fn next_message(socket: &UnixDatagram) -> String {
+    let mut buf = [0; 4096];
+    let n = socket.recv(&mut buf).expect("a notification within 20 s");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+fn notifies(net: &Net, socket: &UnixDatagram, env: &str) {
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut daemon = Daemon::start_with(&net.proxy, &["env", env], Plane::Sockmap, &[]);
+    let ready = next_message(socket);
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    assert!(
+        ready
+            .lines()
+            .any(|l| l == format!("MAINPID={}", daemon.pid)),
+        "{ready:?} (pid {})",
+        daemon.pid
+    );
+    daemon.signal(libc::SIGHUP);
+    assert_eq!(next_message(socket), "RELOADING=1");
+    assert_eq!(next_message(socket), "READY=1");
+    assert_eq!(daemon.stats()["reloads"]["done"], 1);
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(next_message(socket), "STOPPING=1");
+    assert!(daemon.wait(Duration::from_secs(20)).success());
+}
+
+#[test]
+fn notify_ready_reloading_stopping_on_a_path() {
+    let dir = Scratch::new();
+    let path = dir.0.join("notify.sock");
+    let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
+    notifies(
+        &Net::new(Topo::Loopback),
+        &socket,
+        &format!("NOTIFY_SOCKET={}", path.display()),
+    );
+}
+
+/// An abstract name (`@name`) is per network namespace: the socket is bound in the proxy's,
+/// where the daemon runs.
+#[test]
+fn notify_on_an_abstract_socket() {
+    use std::os::linux::net::SocketAddrExt as _;
+    let net = Net::new(Topo::Loopback);
+    let name = format!("spliced-test-notify-{}", std::process::id());
+    let socket = net.proxy.run({
+        let name = name.clone();
+        move || {
+            let addr =
+                std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("name");
+            UnixDatagram::bind_addr(&addr).expect("bind the notify socket")
+        }
+    });
+    notifies(&net, &socket, &format!("NOTIFY_SOCKET=@{name}"));
+}
+
+/// `systemd-analyze verify` finds nothing to say about the unit, and `systemd-analyze
+/// security` rates its exposure 3.0 or lower ("OK" on its scale of 0 to 10).
+#[test]
+fn unit_verifies_and_scores() {
+    let dir = Scratch::new();
+    let unit = dir.0.join("spliced.service");
+    // verify checks that ExecStart's program exists: point it at the binary under test.
+    let bin = tests::spliced_bin();
+    std::fs::write(
+        &unit,
+        unit_file().replace("/usr/local/bin/spliced", &bin.display().to_string()),
+    )
+    .expect("unit");
+    let verify = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze (Debian's systemd)");
+    let said = String::from_utf8_lossy(&verify.stderr);
+    assert!(verify.status.success() && said.trim().is_empty(), "{said}");
+    let security = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze security");
+    let text = String::from_utf8_lossy(&security.stdout);
+    let exposure: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for spliced.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level: {text}"));
+    assert!(exposure <= 3.0, "exposure {exposure}:\n{text}");
+    for line in [
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "DynamicUser=yes",
+        "AmbientCapabilities=CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_NET_BIND_SERVICE",
+        "CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_NET_BIND_SERVICE",
+    ] {
+        assert!(
+            unit_file().lines().any(|l| l == line),
+            "the unit lacks {line}"
+        );
+    }
+}
+
+/// The field `name` of /proc/PID/status.
+fn status_field(pid: u32, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {name} in {status}"))
+        .trim()
+        .to_owned()
+}
+
+/// A command that runs the rest as user 65534 with only the capabilities `caps` (setpriv's
+/// `+name,...`). `ip netns exec` gives the daemon a fresh /sys without cgroup2, which spliced
+/// then mounts itself, as only root may; a service manager has it mounted: so it is here,
+/// before the privileges go.
+fn unprivileged(caps: &str) -> Vec<String> {
+    [
+        "sh",
+        "-c",
+        "mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec \"$@\"",
+        "sh",
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        &format!("--inh-caps=-all,{caps}"),
+        &format!("--ambient-caps=-all,{caps}"),
+        &format!("--bounding-set=-all,{caps}"),
+        "--",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// Each capability the unit grants for the sockmap plane is needed: without any one of them,
+/// `--dataplane sockmap` refuses to start.
+#[test]
+fn each_capability_is_needed() {
+    let net = Net::new(Topo::Loopback);
+    let dir = Scratch::new();
+    let config = dir.0.join("fly.toml");
+    std::fs::write(&config, tests::test_config()).expect("config");
+    for dropped in ["+bpf", "+perfmon", "+net_admin"] {
+        let caps: Vec<&str> = UNIT_CAP_NAMES
+            .split(',')
+            .filter(|c| *c != dropped)
+            .collect();
+        let out = Command::new("timeout")
+            .args(["10", "ip", "netns", "exec", &net.proxy.name])
+            .args(unprivileged(&caps.join(",")))
+            .arg(tests::spliced_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .args(["--dataplane", "sockmap"])
+            .output()
+            .expect("run spliced");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "without {dropped} the sockmap plane still started (124: it served):\n{err}"
+        );
+        assert!(err.contains("--dataplane sockmap"), "{err}");
+    }
+}
+
+/// As the unit runs it: an unprivileged user whose only capabilities are the unit's. The
+/// sockmap plane loads, attaches and moves bytes; /proc shows the user and the capabilities.
+#[test]
+fn serves_unprivileged_with_the_units_capabilities() {
+    let net = Net::new(Topo::Loopback);
+    let wrapper = unprivileged(UNIT_CAP_NAMES);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let daemon = Daemon::start_with(&net.proxy, &wrapper, Plane::Sockmap, &[]);
+    assert_eq!(daemon.stats()["dataplane"], "sockmap");
+    let uids = status_field(daemon.pid, "Uid");
+    assert!(uids.split_whitespace().all(|u| u == "65534"), "Uid: {uids}");
+    let effective = u64::from_str_radix(&status_field(daemon.pid, "CapEff"), 16).expect("hex");
+    assert_eq!(effective, UNIT_CAPS, "CapEff {effective:#x}");
+    let _backend = echo_server(&net);
+    let mut c = net.connect();
+    c.write_all(b"unprivileged").expect("write");
+    let mut got = [0; 12];
+    c.read_exact(&mut got).expect("echo");
+    assert_eq!(&got, b"unprivileged");
+    c.shutdown(Shutdown::Write).expect("half-close");
+    let s = daemon.wait_idle();
+    assert_eq!(s["connections"]["completed"], 1, "{s:#}");
+    assert!(
+        s["kernel"]["services"][0]["bytes_to_backend"]
+            .as_u64()
+            .is_some_and(|b| b >= 12),
+        "the kernel moved the bytes: {s:#}"
+    );
+}
