@@ -62,6 +62,9 @@ struct RunArgs {
     /// Unix socket that answers each connection with a JSON snapshot of the counters.
     #[arg(long, value_name = "PATH")]
     admin_socket: Option<PathBuf>,
+    /// Log lines as text, or as one JSON object each (for a log pipeline).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    log_format: Format,
     /// Serve Prometheus metrics on ADDR, at `/metrics` (the text format).
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
@@ -215,16 +218,22 @@ impl TryFrom<&RunArgs> for RunOptions {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let json = matches!(&cli.command, Command::Run(a) if matches!(a.log_format, Format::Json));
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    if json {
+        logs.json().init();
+    } else {
         // Colours for a terminal only: a log file or journal gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match Cli::parse().command {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
+    match cli.command {
         Command::Check(a) => match &a.config {
             Some(config) => check(config, a.format),
             None => check_kernel(a.format),

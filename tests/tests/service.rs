@@ -229,3 +229,30 @@ fn serves_unprivileged_with_the_units_capabilities() {
         "the kernel moved the bytes: {s:#}"
     );
 }
+
+/// `--log-format json`: every line the daemon logs is one JSON object with a level and a
+/// message, for a log pipeline.
+#[test]
+fn logs_as_json() {
+    let net = Net::new(Topo::Loopback);
+    let daemon = Daemon::start(&net.proxy, Plane::Sockmap, &["--log-format", "json"]);
+    let log = daemon.stop();
+    let mut messages = Vec::new();
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string(), "{line}");
+        messages.push(
+            v["fields"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        );
+    }
+    for want in ["spliced is serving", "stopped"] {
+        assert!(
+            messages.iter().any(|m| m == want),
+            "no {want:?} in {messages:?}"
+        );
+    }
+}
