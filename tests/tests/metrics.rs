@@ -109,6 +109,14 @@ fn counts_traffic(plane: Plane) {
         ),
         (&format!("spliced_service_queued{{{svc}}}"), 0.0),
         (
+            &format!("spliced_machine_connect_seconds_count{{{svc},machine=\"m\"}}"),
+            1.0,
+        ),
+        (
+            &format!("spliced_machine_connect_seconds_bucket{{{svc},machine=\"m\",le=\"+Inf\"}}"),
+            1.0,
+        ),
+        (
             &format!("spliced_dataplane{{dataplane=\"{}\"}}", plane.name()),
             1.0,
         ),

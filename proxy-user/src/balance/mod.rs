@@ -23,6 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
@@ -79,6 +80,9 @@ pub struct MachineStats {
     pub failing_checks: AtomicU32,
     /// Health check runs it has failed in all.
     pub check_failures: AtomicU64,
+    /// How long its connects that succeeded took, in seconds (for the metrics).
+    #[serde(skip)]
+    pub connect_seconds: Histogram,
     /// The process spliced runs as this machine, if it does.
     #[serde(skip)]
     pub managed: Option<Arc<Managed>>,
@@ -180,6 +184,15 @@ impl Lease {
         self.index
     }
 
+    /// Records how long a connect to its machine took that succeeded.
+    pub fn connected(&self, took: Duration) {
+        if let Some(pool) = &self.pool {
+            pool.machines[self.index]
+                .connect_seconds
+                .observe(took.as_secs_f64());
+        }
+    }
+
     /// Counts a connect to its machine that was refused or timed out.
     pub fn connect_failed(&self) {
         if let Some(pool) = &self.pool {
@@ -223,6 +236,8 @@ impl Pool {
                     healthy: AtomicBool::new(true),
                     failing_checks: AtomicU32::new(0),
                     check_failures: AtomicU64::new(0),
+                    // 25 us doubling to about 0.8 s: loopback to a machine across the world.
+                    connect_seconds: Histogram::new(exponential_buckets(25e-6, 2.0, 16)),
                     managed: None,
                 })
                 .collect::<Vec<_>>(),

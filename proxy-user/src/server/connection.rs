@@ -155,8 +155,12 @@ async fn connect_backend(shared: &Shared, route: &Route) -> Result<(TcpStream, L
     loop {
         let addr = lease.addr();
         let connect = connect(addr, shared.opts.backend_congestion.as_deref());
+        let started = std::time::Instant::now();
         let error = match tokio::time::timeout(shared.opts.connect_timeout, connect).await {
-            Ok(Ok(b)) => return Ok((b, lease)),
+            Ok(Ok(b)) => {
+                lease.connected(started.elapsed());
+                return Ok((b, lease));
+            }
             Ok(Err(e)) => e,
             Err(_) => std::io::ErrorKind::TimedOut.into(),
         };

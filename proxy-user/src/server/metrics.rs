@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _, prometheus_text},
-    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -42,6 +42,21 @@ impl Family<'_, '_> {
             .encode_descriptor(name, help, None, MetricType::Counter)?;
         for (labels, value) in samples {
             ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
+    fn histogram<'h>(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (Labels, &'h Histogram)>,
+    ) -> std::fmt::Result {
+        let mut metric = self
+            .encoder
+            .encode_descriptor(name, help, None, MetricType::Histogram)?;
+        for (labels, histogram) in samples {
+            histogram.encode(metric.encode_family(&labels)?)?;
         }
         Ok(())
     }
@@ -252,6 +267,11 @@ fn services(f: &mut Family<'_, '_>, shared: &Shared) -> std::fmt::Result {
         "spliced_machine_check_failures",
         "Health checks of the machine that failed.",
         machines().map(|(l, m)| (l, load(&m.check_failures))),
+    )?;
+    f.histogram(
+        "spliced_machine_connect_seconds",
+        "How long connects to the machine took that succeeded.",
+        machines().map(|(l, m)| (l, &m.connect_seconds)),
     )?;
     f.gauge(
         "spliced_machine_running",
