@@ -13,27 +13,28 @@ use tests::{Net, Plane, Scratch, Topo, echo_server, eventually, setup_with};
 /// Where the daemon serves its metrics, in the proxy's namespace.
 const METRICS: &str = "127.0.0.1:9464";
 
-/// One scrape of `/metrics`, from the proxy's namespace.
-fn scrape(net: &Net) -> String {
+/// The body curl gets from `url` in the proxy's namespace, and whether it got one.
+fn get(net: &Net, url: &str) -> (bool, String) {
     let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &net.proxy.name,
-            "curl",
-            "-sS",
-            "--max-time",
-            "10",
-        ])
-        .arg(format!("http://{METRICS}/metrics"))
+        .args(["netns", "exec", &net.proxy.name])
+        .args(["curl", "-sS", "--max-time", "10", url])
         .output()
         .expect("curl");
-    assert!(
+    (
         out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("UTF-8")
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// One scrape of `/metrics`, from the proxy's namespace.
+fn scrape(net: &Net) -> String {
+    let (ok, text) = get(net, &format!("http://{METRICS}/metrics"));
+    assert!(ok, "{text}");
+    text
 }
 
 /// The value of the sample whose name and labels are `series`, as written in the text.
@@ -189,20 +190,11 @@ fn prometheus_scrapes_the_daemon() {
         .spawn()
         .expect("prometheus (cargo xtask setup installs it)");
     let query = || {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &net.proxy.name,
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-            ])
-            .arg("http://127.0.0.1:9090/api/v1/query?query=spliced_connections_accepted_total")
-            .output()
-            .expect("curl");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        get(
+            &net,
+            "http://127.0.0.1:9090/api/v1/query?query=spliced_connections_accepted_total",
+        )
+        .1
     };
     let mut last = String::new();
     let scraped = eventually(Duration::from_secs(60), || {
