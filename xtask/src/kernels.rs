@@ -273,6 +273,8 @@ fn run_guest(
     let mut script = format!(
         "#!/bin/sh\nexec >{log} 2>&1\ncd {root}\nexport SPLICED_BIN={daemon} SPLICED_TEST_SHRINK={shrink}\n\
          echo \"guest: kernel $(uname -r), $(nproc) CPUs\"\nstatus=0\n\
+         # As on the host: some tests hold tens of thousands of sockets.\n\
+         ulimit -n 1048576\n\
          \"$SPLICED_BIN\" check --kernel || status=1\n",
         log = quote(&log),
         root = quote(root),
