@@ -282,6 +282,8 @@ fn run_guest(
         shrink = opts.shrink,
     );
     for b in binaries {
+        let name = b.file_name().map(|n| n.to_string_lossy().into_owned());
+        let _ = writeln!(script, "echo '== {}'", name.unwrap_or_default());
         let _ = write!(script, "{} --test-threads=1", quote(b));
         if let Some(f) = &opts.filter {
             let _ = write!(script, " '{f}'");
