@@ -96,6 +96,7 @@ async fn run(pool: Arc<Pool>, index: usize, name: String, probe: Probe, timing: 
             Err(_) => Err(format!("no answer within {:?}", timing.timeout)),
         };
         let machine = &pool.machines[index];
+        machine.checks.fetch_add(1, Ordering::Relaxed);
         match outcome {
             Ok(()) => {
                 if !passing {

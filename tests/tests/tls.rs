@@ -505,7 +505,7 @@ fn https_machine(net: &Net, ca: &TestCa, dir: &Scratch) -> tests::Nginx {
     )
 }
 
-/// The machine's health after its checks have run a few times.
+/// The machine's health once its checks have run three times.
 fn checked_health(net: &Net, check: &str) -> serde_json::Value {
     let config = format!(
         "{}  [[services.http_checks]]\n    interval = 200\n    timeout = 1000\n{check}\n",
@@ -515,8 +515,13 @@ fn checked_health(net: &Net, check: &str) -> serde_json::Value {
         net.backend().ip()
     );
     let d = start(net, Plane::Sockmap, &config, &[]);
-    std::thread::sleep(Duration::from_millis(1200));
-    d.stats()["services"][0]["machines"][0].clone()
+    let machine = || d.stats()["services"][0]["machines"][0].clone();
+    // Three runs: enough for a failing check to take the machine out of rotation.
+    let ran = tests::eventually(Duration::from_secs(30), || {
+        machine()["checks"].as_u64().is_some_and(|n| n >= 3)
+    });
+    assert!(ran, "the checks did not run: {:#}", machine());
+    machine()
 }
 
 #[test]

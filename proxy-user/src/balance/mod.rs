@@ -78,6 +78,8 @@ pub struct MachineStats {
     pub healthy: AtomicBool,
     /// Health checks it fails now.
     pub failing_checks: AtomicU32,
+    /// Health check runs it has had in all, passed or failed.
+    pub checks: AtomicU64,
     /// Health check runs it has failed in all.
     pub check_failures: AtomicU64,
     /// How long its connects that succeeded took, in seconds (for the metrics).
@@ -235,6 +237,7 @@ impl Pool {
                     connect_failures: AtomicU64::new(0),
                     healthy: AtomicBool::new(true),
                     failing_checks: AtomicU32::new(0),
+                    checks: AtomicU64::new(0),
                     check_failures: AtomicU64::new(0),
                     // 25 us doubling to about 0.8 s: loopback to a machine across the world.
                     connect_seconds: Histogram::new(exponential_buckets(25e-6, 2.0, 16)),

@@ -264,6 +264,11 @@ fn services(f: &mut Family<'_, '_>, shared: &Shared) -> std::fmt::Result {
         machines().map(|(l, m)| (l, i64::from(m.healthy.load(Ordering::Relaxed)))),
     )?;
     f.counter(
+        "spliced_machine_checks",
+        "Health checks of the machine that ran, passed or failed.",
+        machines().map(|(l, m)| (l, load(&m.checks))),
+    )?;
+    f.counter(
         "spliced_machine_check_failures",
         "Health checks of the machine that failed.",
         machines().map(|(l, m)| (l, load(&m.check_failures))),
