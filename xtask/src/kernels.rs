@@ -275,6 +275,8 @@ fn run_guest(
          echo \"guest: kernel $(uname -r), $(nproc) CPUs\"\nstatus=0\n\
          # As on the host: some tests hold tens of thousands of sockets.\n\
          ulimit -n 1048576\n\
+         # The guest has no udev: /dev/net/tun appears once its module is loaded.\n\
+         modprobe tun\n\
          \"$SPLICED_BIN\" check --kernel || status=1\n",
         log = quote(&log),
         root = quote(root),
