@@ -310,6 +310,7 @@ fn raise_fd_limit() {
 /// `spliced check --kernel`: 0 when the sockmap data plane can run on this kernel, else 1.
 fn check_kernel(format: Format) -> ExitCode {
     let support = proxy_user::dataplane::probe::Support::probe(true);
+    let ready = support.sockmap_ready();
     match format {
         Format::Text => print!("{}", support.render_text()),
         Format::Json => println!(
@@ -317,14 +318,14 @@ fn check_kernel(format: Format) -> ExitCode {
             serde_json::json!({
                 "kernel": support.kernel,
                 "checks": support.checks,
-                "sockmap": support.sockmap_ready().err().map_or_else(
-                    || serde_json::json!({ "available": true }),
-                    |why| serde_json::json!({ "available": false, "why": why }),
-                ),
+                "sockmap": match &ready {
+                    Ok(()) => serde_json::json!({ "available": true }),
+                    Err(why) => serde_json::json!({ "available": false, "why": why }),
+                },
             })
         ),
     }
-    if support.sockmap_ready().is_ok() {
+    if ready.is_ok() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

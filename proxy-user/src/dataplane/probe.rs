@@ -141,24 +141,15 @@ impl Support {
             required: false,
         });
         if attach && checks.iter().all(|c| c.found || !c.required) {
-            checks.push(match kernel::trial_attach() {
-                Ok(()) => Check {
-                    feature: "load and attach".to_owned(),
-                    used_by: "the sockmap plane: every program verified and attached (verdict \
-                              to a SOCKHASH, sk_msg to a SOCKHASH, sock_ops to the daemon's \
-                              cgroup)"
-                        .to_owned(),
-                    found: true,
-                    detail: None,
-                    required: true,
-                },
-                Err(e) => Check {
-                    feature: "load and attach".to_owned(),
-                    used_by: "the sockmap plane".to_owned(),
-                    found: false,
-                    detail: Some(e.to_string()),
-                    required: true,
-                },
+            let trial = kernel::trial_attach();
+            checks.push(Check {
+                feature: "load and attach".to_owned(),
+                used_by: "the sockmap plane: every program verified and attached (verdict to a \
+                          SOCKHASH, sk_msg to a SOCKHASH, sock_ops to the daemon's cgroup)"
+                    .to_owned(),
+                found: trial.is_ok(),
+                detail: trial.err().map(|e| e.to_string()),
+                required: true,
             });
         }
         Self {

@@ -21,7 +21,7 @@ use prometheus_client::{
 };
 
 use super::{Shared, StartError};
-use crate::dataplane::Plane;
+use crate::{balance::Pool, dataplane::Plane};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -175,19 +175,19 @@ impl Collector for Scrape {
             ]
             .map(|(r, n)| (vec![("result", r.to_owned())], load(n))),
         )?;
-        services(&mut f, shared)?;
+        // One reading of the config for the whole scrape: a reload may replace it meanwhile.
+        let current = shared.current();
+        services(&mut f, &current.pools)?;
         if let Plane::Sockmap(s) = &shared.plane {
-            kernel(&mut f, shared, s)?;
+            kernel(&mut f, &current.pools, s)?;
         }
         process(&mut f)
     }
 }
 
-fn services(f: &mut Family<'_, '_>, shared: &Shared) -> std::fmt::Result {
-    let current = shared.current();
+fn services(f: &mut Family<'_, '_>, pools: &[Arc<Pool>]) -> std::fmt::Result {
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let svc = |p: &crate::balance::Pool| vec![("service", p.service.clone())];
-    let pools = &current.pools;
+    let svc = |p: &Pool| vec![("service", p.service.clone())];
     f.gauge(
         "spliced_service_queued",
         "Connections waiting for a machine's slot now.",
@@ -287,12 +287,10 @@ fn services(f: &mut Family<'_, '_>, shared: &Shared) -> std::fmt::Result {
 
 fn kernel(
     f: &mut Family<'_, '_>,
-    shared: &Shared,
+    pools: &[Arc<Pool>],
     s: &crate::dataplane::sockmap::Splicer,
 ) -> std::fmt::Result {
-    let current = shared.current();
-    let totals: Vec<(String, proxy_common::ServiceCounters)> = current
-        .pools
+    let totals: Vec<(String, proxy_common::ServiceCounters)> = pools
         .iter()
         .enumerate()
         .filter_map(|(i, p)| {
