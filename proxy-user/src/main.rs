@@ -107,6 +107,11 @@ struct RunArgs {
     /// How long a client may take over its TLS handshake.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
     tls_handshake_timeout: Duration,
+    /// After the handshake, hand each TLS session of a port that forwards plaintext (`tls`,
+    /// `pg_tls` without `http`) to the kernel, which then encrypts and decrypts its records:
+    /// `auto` where the kernel has TLS (`CONFIG_TLS`), `off` to keep TLS in userspace.
+    #[arg(long, value_enum, default_value_t = Auto::Auto)]
+    kernel_tls: Auto,
     /// How long a machine may take to send the head of its response to an HTTP request before
     /// the client is answered 504.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration)]
@@ -141,6 +146,12 @@ struct CheckArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Auto {
+    Auto,
+    Off,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -202,6 +213,7 @@ impl TryFrom<&RunArgs> for RunOptions {
             backend_congestion: a.backend_congestion.clone(),
             certs: a.certs.clone(),
             tls_handshake_timeout: a.tls_handshake_timeout,
+            kernel_tls: a.kernel_tls == Auto::Auto,
             http_response_timeout: a.http_response_timeout,
             workers: a.workers.map_or_else(
                 || std::thread::available_parallelism().map_or(1, std::num::NonZero::get),

@@ -129,6 +129,18 @@ impl Drop for Netns {
     }
 }
 
+/// The TCP sockets of every named network namespace as `ss` shows them (queues, memory,
+/// TCP and ULP state), for the message of a test that found a stream stalled.
+pub fn socket_states() -> String {
+    match Command::new("ip")
+        .args(["-all", "netns", "exec", "ss", "-tnmoi"])
+        .output()
+    {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),
+        Err(e) => format!("(no socket states: {e})"),
+    }
+}
+
 /// How long a client's read waits for a byte before it fails (see [`Net::connect`]).
 pub const CLIENT_STALL: Duration = Duration::from_secs(30);
 

@@ -134,20 +134,64 @@ pub fn s_client(ns: &Netns, addr: SocketAddr, ca: &Path, args: &[&str]) -> Hands
 
 /// A rustls client configuration that trusts `ca_pem` only.
 pub fn client_config(ca_pem: &str) -> Arc<rustls::ClientConfig> {
+    client_config_for(ca_pem, rustls::ALL_VERSIONS, None)
+}
+
+/// A rustls client configuration that trusts `ca_pem` only and offers `versions` and, if
+/// given, one cipher suite only.
+pub fn client_config_for(
+    ca_pem: &str,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    suite: Option<rustls::SupportedCipherSuite>,
+) -> Arc<rustls::ClientConfig> {
     use rustls::pki_types::{CertificateDer, pem::PemObject as _};
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(cert.expect("CA PEM")).expect("CA certificate");
     }
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    if let Some(suite) = suite {
+        provider.cipher_suites = vec![suite];
+    }
     Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth(),
+        rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(versions)
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
     )
+}
+
+/// Whether this kernel has TLS, asked as the kernel documents it: the `tls` upper-layer
+/// protocol on a TCP socket that is not connected is refused with `ENOTCONN` where the kernel
+/// has it, `ENOENT` where it has not. Where `SPLICED_TEST_KERNEL_TLS` is set (a guest on
+/// Debian's kernels), a kernel without it fails the test instead of being tested as one.
+pub fn kernel_has_tls() -> bool {
+    let s = std::net::TcpListener::bind("127.0.0.1:0").expect("a TCP socket");
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
+    // A listening socket answers as an unconnected one does: ENOTCONN, or ENOENT.
+    // SAFETY: the option value is three bytes that live across the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_ULP,
+            b"tls".as_ptr().cast(),
+            3,
+        )
+    };
+    let err = std::io::Error::last_os_error().raw_os_error();
+    assert!(rc != 0, "TCP_ULP tls set on a listening socket");
+    let has = match err {
+        Some(libc::ENOTCONN) => true,
+        Some(libc::ENOENT) => false,
+        e => panic!("TCP_ULP tls: unexpected errno {e:?}"),
+    };
+    assert!(
+        has || std::env::var_os("SPLICED_TEST_KERNEL_TLS").is_none(),
+        "SPLICED_TEST_KERNEL_TLS is set, but this kernel has no TLS (TCP_ULP tls: ENOENT)"
+    );
+    has
 }
 
 /// Over TLS to `name` through `conn` (already connected; `clear`: bytes written in the clear
@@ -211,7 +255,13 @@ pub fn echo_through_tls(
             loop {
                 let read = tokio::time::timeout(crate::CLIENT_STALL, reader.read(&mut buf)).await;
                 match read {
-                    Err(_) => return Err(format!("stalled at {} of {total}", p.pos())),
+                    Err(_) => {
+                        let states = crate::netns::socket_states();
+                        return Err(format!(
+                            "stalled at {} of {total}; sockets:\n{states}",
+                            p.pos()
+                        ));
+                    }
                     Ok(Ok(0)) => break,
                     Ok(Ok(n)) => p.check(&buf[..n])?,
                     Ok(Err(e)) => return Err(format!("read at {}: {e}", p.pos())),
@@ -225,4 +275,54 @@ pub fn echo_through_tls(
         };
         tokio::try_join!(sending, receiving).map(|_| ())
     })
+}
+
+/// Over TLS 1.3 to `name` through `conn`, with an echo behind: one message echoed, then the
+/// client updates its keys (RFC 8446, 4.6.3) and sends another. The second echo, or why there
+/// was none.
+pub fn echo_across_key_update(
+    conn: std::net::TcpStream,
+    config: Arc<rustls::ClientConfig>,
+    name: &str,
+) -> Result<(), String> {
+    let name =
+        rustls::pki_types::ServerName::try_from(name.to_owned()).map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        conn.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let tcp = tokio::net::TcpStream::from_std(conn).map_err(|e| e.to_string())?;
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let mut tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
+            .await
+            .map_err(|_| "handshake timed out".to_owned())?
+            .map_err(|e| format!("handshake: {e}"))?;
+        echo(&mut tls, b"before the key update").await?;
+        tls.get_mut()
+            .1
+            .refresh_traffic_keys()
+            .map_err(|e| format!("key update: {e}"))?;
+        echo(&mut tls, b"after the key update").await
+    })
+}
+
+/// Writes `msg` and reads its echo, within 10 s.
+async fn echo(
+    tls: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin),
+    msg: &[u8],
+) -> Result<(), String> {
+    tls.write_all(msg)
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    tls.flush().await.map_err(|e| format!("flush: {e}"))?;
+    let mut got = vec![0; msg.len()];
+    let read = tokio::time::timeout(Duration::from_secs(10), tls.read_exact(&mut got));
+    match read.await {
+        Err(_) => Err("no echo in 10 s".to_owned()),
+        Ok(Err(e)) => Err(format!("read: {e}")),
+        Ok(Ok(_)) if got == msg => Ok(()),
+        Ok(Ok(_)) => Err(format!("echoed {got:?}")),
+    }
 }

@@ -13,7 +13,10 @@ use std::{
 
 use tests::{
     Daemon, Net, Plane, Scratch, Server, Topo, echo, eventually,
-    tls::{TestCa, client_config, echo_through_tls, s_client, tls_config},
+    tls::{
+        TestCa, client_config, client_config_for, echo_across_key_update, echo_through_tls,
+        kernel_has_tls, s_client, tls_config,
+    },
 };
 
 /// A directory of certificates: `a.example.com` (common name `exact`, key in the file),
@@ -159,6 +162,88 @@ fn tls_stream_is_exact_sockmap() {
 #[test]
 fn tls_stream_is_exact_copy() {
     tls_stream_is_exact(Plane::Copy);
+}
+
+/// Where the kernel has TLS, every session of a port that forwards plaintext goes to it after
+/// the handshake, whatever the version and cipher suite; checked streams pass both ways and
+/// both ends see `close_notify`. Where it has not, or with `--kernel-tls off`, rustls carries
+/// them all the same.
+#[test]
+fn sessions_go_to_kernel_tls_where_the_kernel_has_it() {
+    use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+    let kernel = kernel_has_tls();
+    let sessions = [
+        (&rustls::version::TLS13, cs::TLS13_AES_128_GCM_SHA256),
+        (&rustls::version::TLS13, cs::TLS13_AES_256_GCM_SHA384),
+        (&rustls::version::TLS13, cs::TLS13_CHACHA20_POLY1305_SHA256),
+        (
+            &rustls::version::TLS12,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        ),
+        (
+            &rustls::version::TLS12,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        ),
+        (
+            &rustls::version::TLS12,
+            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        ),
+    ];
+    for (extra, handed) in [(&[][..], kernel), (&["--kernel-tls", "off"][..], false)] {
+        let setup = serve_tls(Topo::Veth, Plane::Sockmap, &["tls"], "", extra);
+        let (net, ca, d) = (&setup.net, &setup.ca, &setup.d);
+        for (i, (version, suite)) in sessions.iter().enumerate() {
+            let config = client_config_for(&ca.pem, &[*version], Some(*suite));
+            echo_through_tls(
+                net.connect(),
+                config,
+                "a.example.com",
+                None,
+                i as u64,
+                8 << 20,
+            )
+            .unwrap_or_else(|e| panic!("{:?}: {e}\n{}", suite.suite(), d.log()));
+        }
+        let s = d.wait_idle();
+        let n = sessions.len() as u64;
+        assert_eq!(s["connections"]["tls_handshakes"], n, "{s:#}");
+        assert_eq!(s["connections"]["completed"], n, "{s:#}");
+        let expected = if handed { n } else { 0 };
+        assert_eq!(s["connections"]["tls_kernel"], expected, "{extra:?}: {s:#}");
+        let said = if handed {
+            "then kernel TLS encrypts and decrypts"
+        } else {
+            "no kernel TLS"
+        };
+        assert!(d.log().contains(said), "{extra:?}: {}", d.log());
+    }
+}
+
+/// A client's TLS 1.3 key update: rustls in userspace takes it and the stream goes on. Kernel
+/// TLS here is not re-keyed, so a session handed to it ends with a reset, counted as failed:
+/// never a byte decrypted with the old keys or lost.
+#[test]
+fn a_key_update_goes_on_in_userspace_and_resets_a_kernel_tls_session() {
+    let kernel = kernel_has_tls();
+    for (extra, handed) in [(&[][..], kernel), (&["--kernel-tls", "off"][..], false)] {
+        let setup = serve_tls(Topo::Loopback, Plane::Sockmap, &["tls"], "", extra);
+        let (net, ca, d) = (&setup.net, &setup.ca, &setup.d);
+        let config = client_config_for(&ca.pem, &[&rustls::version::TLS13], None);
+        let echoed = echo_across_key_update(net.connect(), config, "a.example.com");
+        let s = d.wait_idle();
+        if handed {
+            let e = echoed.expect_err("an echo after the key update through kernel TLS");
+            assert!(
+                e.contains("reset") || e.contains("no echo") || e.contains("eof"),
+                "{e}"
+            );
+            assert_eq!(s["connections"]["failed"], 1, "{s:#}");
+            assert!(d.log().contains("key update"), "{}", d.log());
+        } else {
+            echoed.unwrap_or_else(|e| panic!("{extra:?}: {e}\n{}", d.log()));
+            assert_eq!(s["connections"]["completed"], 1, "{s:#}");
+        }
+    }
 }
 
 #[test]
@@ -505,10 +590,11 @@ fn https_machine(net: &Net, ca: &TestCa, dir: &Scratch) -> tests::Nginx {
     )
 }
 
-/// The machine's health once its checks have run three times.
+/// The machine's health once its checks have run three times. Each check may take 5 s: a
+/// handshake under an emulated CPU (the kernel matrix) has taken more than one.
 fn checked_health(net: &Net, check: &str) -> serde_json::Value {
     let config = format!(
-        "{}  [[services.http_checks]]\n    interval = 200\n    timeout = 1000\n{check}\n",
+        "{}  [[services.http_checks]]\n    interval = 200\n    timeout = 5000\n{check}\n",
         tests::test_config()
     ) + &format!(
         "[[machines]]\n  id = \"m\"\n  address = \"{}\"\n",

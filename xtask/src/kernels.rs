@@ -272,6 +272,8 @@ fn run_guest(
     let quote = |p: &Path| format!("'{}'", p.display());
     let mut script = format!(
         "#!/bin/sh\nexec >{log} 2>&1\ncd {root}\nexport SPLICED_BIN={daemon} SPLICED_TEST_SHRINK={shrink}\n\
+         # Debian's kernels build TLS as a module: the TLS tests must find it.\n\
+         export SPLICED_TEST_KERNEL_TLS=1\n\
          echo \"guest: kernel $(uname -r), $(nproc) CPUs\"\nstatus=0\n\
          # As on the host: some tests hold tens of thousands of sockets.\n\
          ulimit -n 1048576\n\

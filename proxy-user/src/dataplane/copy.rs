@@ -7,19 +7,23 @@
 
 use std::{
     io,
+    os::fd::AsFd as _,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, Interest},
     net::TcpStream,
     sync::watch,
     time::Instant,
 };
 
 use super::{Outcome, Phase, SpliceError};
-use crate::faults::{self, Fault};
+use crate::{
+    faults::{self, Fault},
+    sys::ktls,
+};
 
 /// Bytes buffered in the daemon per direction.
 pub const COPY_BUFFER: usize = 64 * 1024;
@@ -35,19 +39,100 @@ pub async fn run(
     phase: watch::Receiver<Phase>,
     idle_timeout: Option<Duration>,
 ) -> Result<Outcome, SpliceError> {
+    run_framed((client, Framing::Bytes), backend, phase, idle_timeout).await
+}
+
+/// [`run`] for a client whose socket carries kernel TLS: its plaintext is read and written
+/// as on a bare socket; TLS's `close_notify` (or a FIN) ends its stream, and the end of the
+/// backend's is `close_notify` then FIN. Any other alert, or a record of the handshake (a key
+/// update, which the kernel cannot take), fails the connection.
+pub async fn run_kernel_tls(
+    client: TcpStream,
+    backend: TcpStream,
+    phase: watch::Receiver<Phase>,
+    idle_timeout: Option<Duration>,
+) -> Result<Outcome, SpliceError> {
+    run_framed((client, Framing::KernelTls), backend, phase, idle_timeout).await
+}
+
+/// [`run`] with the client's stream read and ended as `framing` says.
+async fn run_framed(
+    (client, framing): (TcpStream, Framing),
+    backend: TcpStream,
+    phase: watch::Receiver<Phase>,
+    idle_timeout: Option<Duration>,
+) -> Result<Outcome, SpliceError> {
     let start = Instant::now();
     // Milliseconds after `start` of the last byte read from either side.
     let last_read = AtomicU64::new(0);
+    let (client_side, backend_side) = ((&client, framing), (&backend, Framing::Bytes));
     let copy = async {
         tokio::try_join!(
-            one_way(&client, &backend, start, &last_read),
-            one_way(&backend, &client, start, &last_read)
+            one_way(client_side, backend_side, start, &last_read),
+            one_way(backend_side, client_side, start, &last_read)
         )
         .map(|_| ())
     };
     let result = supervise(copy, phase, idle_timeout, start, &last_read).await;
     reset_unless_ended(&result, [&client, &backend]);
     result
+}
+
+/// How a socket's stream is read and ended: as bytes, or as kernel TLS's records.
+#[derive(Clone, Copy)]
+enum Framing {
+    Bytes,
+    KernelTls,
+}
+
+impl Framing {
+    /// Reads what is there without waiting: `Ok(0)` at the end of the stream.
+    fn try_read(self, s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Bytes => s.try_read(buf),
+            Self::KernelTls => s.try_io(Interest::READABLE, || read_records(s, buf)),
+        }
+    }
+
+    /// Ends the stream written to `s`.
+    async fn end(self, s: &TcpStream) -> io::Result<()> {
+        if let Self::KernelTls = self {
+            // close_notify: a warning alert (level 1), description 0.
+            loop {
+                s.writable().await?;
+                let sent = s.try_io(Interest::WRITABLE, || {
+                    ktls::send_record(s.as_fd(), ktls::RECORD_ALERT, &[1, 0])
+                });
+                match sent {
+                    Ok(_) => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        socket2::SockRef::from(s).shutdown(std::net::Shutdown::Write)
+    }
+}
+
+/// Reads application data from a kernel TLS socket: `Ok(0)` at `close_notify` or FIN; a
+/// `user_canceled` warning is passed over.
+fn read_records(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        let (n, kind) = ktls::recv(s.as_fd(), buf)?;
+        let alert = match (kind, &buf[..n]) {
+            (ktls::RECORD_DATA, _) => return Ok(n),
+            // close_notify
+            (ktls::RECORD_ALERT, [_, 0]) => return Ok(0),
+            // user_canceled, a warning
+            (ktls::RECORD_ALERT, [_, 90]) => continue,
+            (ktls::RECORD_ALERT, alert) => format!("the client sent TLS alert {alert:?}"),
+            (kind, _) => format!(
+                "the client sent a TLS record of type {kind} after the handshake (a key update \
+                 or renegotiation), which kernel TLS does not take"
+            ),
+        };
+        return Err(io::Error::new(io::ErrorKind::ConnectionReset, alert));
+    }
 }
 
 /// [`run`] for a client whose bytes are not the socket's own (TLS): the same ends, bound and
@@ -83,9 +168,9 @@ pub trait OverTcp: AsyncRead + AsyncWrite + Unpin {
     fn tcp(&self) -> &TcpStream;
 }
 
-impl OverTcp for tokio_rustls::server::TlsStream<TcpStream> {
+impl OverTcp for tokio_rustls::server::TlsStream<crate::tls::Records<TcpStream>> {
     fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
+        self.get_ref().0.get_ref()
     }
 }
 
@@ -158,11 +243,11 @@ async fn stream_one_way(
     to.shutdown().await
 }
 
-/// Moves bytes from `from` to `to` until `from` ends its stream, then shuts `to`'s writing
-/// half. Notes in `last_read` (milliseconds after `start`) when it last read bytes.
+/// Moves bytes from `from` to `to` until `from` ends its stream, then ends `to`'s (each
+/// side read and ended as its framing says). Notes in `last_read` (milliseconds after `start`) when it last read bytes.
 async fn one_way(
-    from: &TcpStream,
-    to: &TcpStream,
+    (from, from_framing): (&TcpStream, Framing),
+    (to, to_framing): (&TcpStream, Framing),
     start: Instant,
     last_read: &AtomicU64,
 ) -> io::Result<()> {
@@ -171,11 +256,8 @@ async fn one_way(
     loop {
         from.readable().await?;
         let b = buf.get_or_insert_with(|| vec![0; COPY_BUFFER]);
-        let n = match from.try_read(b) {
-            Ok(0) => {
-                socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
-                return Ok(());
-            }
+        let n = match from_framing.try_read(from, b) {
+            Ok(0) => return to_framing.end(to).await,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // Drained: give the buffer back until there is more to read.

@@ -1,7 +1,8 @@
 //! What this kernel offers the sockmap plane, found by asking it, never from its version: each
 //! map type, program type and helper the BPF object uses (read from the object itself, so the
 //! list cannot drift from the programs), cgroup v2, and, when asked, a trial load and attach of
-//! every program. `spliced check --kernel` prints it; `spliced run` consults it before loading.
+//! every program; and kernel TLS, which the `tls` handler uses where it finds it. `spliced check
+//! --kernel` prints it; `spliced run` consults it before loading.
 
 use aya::{
     maps::MapType,
@@ -138,6 +139,16 @@ impl Support {
                 .to_owned(),
             found: is_btf_supported().unwrap_or(false),
             detail: None,
+            required: false,
+        });
+        let tls = crate::tls::kernel::unavailable();
+        checks.push(Check {
+            feature: "kernel TLS (TCP_ULP tls)".to_owned(),
+            used_by: "tls and pg_tls ports that forward plaintext: the kernel encrypts and \
+                      decrypts after the handshake (without it, rustls does, in userspace)"
+                .to_owned(),
+            found: tls.is_none(),
+            detail: tls.map(str::to_owned),
             required: false,
         });
         if attach && checks.iter().all(|c| c.found || !c.required) {

@@ -149,6 +149,11 @@ impl Collector for Scrape {
             [("ok", &c.tls_handshakes), ("failed", &c.tls_failed)]
                 .map(|(r, n)| (vec![("result", r.to_owned())], load(n))),
         )?;
+        f.counter(
+            "spliced_tls_kernel_sessions",
+            "TLS sessions handed to kernel TLS after their handshake.",
+            one(load(&c.tls_kernel)),
+        )?;
         let h = &shared.http;
         f.counter(
             "spliced_http_requests",

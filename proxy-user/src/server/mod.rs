@@ -67,6 +67,9 @@ pub struct RunOptions {
     pub certs: Option<PathBuf>,
     /// How long a client may take over its TLS handshake.
     pub tls_handshake_timeout: Duration,
+    /// Whether TLS ports that forward plaintext hand their sessions to kernel TLS where the
+    /// kernel has it.
+    pub kernel_tls: bool,
     /// How long a machine may take to send the head of its response to an HTTP request.
     pub http_response_timeout: Duration,
     /// Threads that accept and serve connections, each with listeners of its own.
@@ -151,6 +154,8 @@ pub struct ConnStats {
     pub tls_handshakes: AtomicU64,
     /// TLS handshakes that failed or timed out; the client is closed.
     pub tls_failed: AtomicU64,
+    /// TLS sessions handed to the kernel after their handshake.
+    pub tls_kernel: AtomicU64,
     /// Clients of `pg_tls` ports that did not ask for TLS, passed on in plain text.
     pub pg_plaintext: AtomicU64,
 }
@@ -488,21 +493,44 @@ fn tls_port(
     } else {
         None
     };
-    let tls =
-        tls::TlsPort::new(&options, postgres, store, fallback, provider).map_err(|source| {
-            StartError::Tls {
-                port: port.port,
-                source,
-            }
-        })?;
-    tracing::info!(
-        port = port.port,
-        alpn = ?options.alpn,
-        versions = ?options.versions,
-        self_signed,
+    // Kernel TLS carries a stream of plaintext; the `http` handler reads through rustls.
+    let kernel = if port.handlers.contains(&Handler::Http) {
+        Err("the http handler reads requests through rustls")
+    } else if !opts.kernel_tls {
+        Err("--kernel-tls off")
+    } else {
+        tls::kernel::unavailable().map_or(Ok(()), Err)
+    };
+    let tls = tls::TlsPort::new(
+        &options,
         postgres,
-        "TLS terminates here, in userspace: this kernel path does not carry TLS"
-    );
+        kernel.is_ok(),
+        store,
+        fallback,
+        provider,
+    )
+    .map_err(|source| StartError::Tls {
+        port: port.port,
+        source,
+    })?;
+    match kernel {
+        Ok(()) => tracing::info!(
+            port = port.port,
+            alpn = ?options.alpn,
+            versions = ?options.versions,
+            self_signed,
+            postgres,
+            "TLS handshakes here, in userspace; then kernel TLS encrypts and decrypts"
+        ),
+        Err(why) => tracing::info!(
+            port = port.port,
+            alpn = ?options.alpn,
+            versions = ?options.versions,
+            self_signed,
+            postgres,
+            "TLS terminates here, in userspace: no kernel TLS ({why})"
+        ),
+    }
     Ok(Some(tls))
 }
 

@@ -1,16 +1,17 @@
 //! A connection to a `tls` or `pg_tls` port: the TLS handshake (after PostgreSQL's
 //! `SSLRequest` on `pg_tls`), then a machine, the PROXY protocol header, and the plaintext
-//! copied both ways. The handshake comes first, so a client that never completes one takes
-//! no machine's slot.
+//! copied both ways: by the daemon through rustls, or, where the port hands its sessions to
+//! kernel TLS, between the client's socket, which the kernel encrypts, and the machine's. The
+//! handshake comes first, so a client that never completes one takes no machine's slot.
 
-use std::{net::SocketAddr, sync::atomic::Ordering};
+use std::{net::SocketAddr, os::fd::AsFd as _, sync::atomic::Ordering, time::Duration};
 
 use tokio::{net::TcpStream, sync::watch};
 
 use super::{Route, Shared, connection};
 use crate::{
     dataplane::{self, Outcome, Phase, Plane, SpliceError, copy},
-    tls::{TlsPort, postgres},
+    tls::{Records, TlsPort, kernel, postgres},
 };
 
 /// Serves one client of a TLS port from accept to close.
@@ -32,7 +33,8 @@ pub(super) async fn serve(
                 postgres::Start::Plain(early) => return Ok(Err((client, early))),
             }
         }
-        tls.acceptor.accept(client).await.map(Ok)
+        let records = Records::new(client, tls.kernel);
+        tls.acceptor.accept(records).await.map(Ok)
     };
     let done = tokio::select! {
         r = tokio::time::timeout(timeout, handshake) => r,
@@ -60,7 +62,7 @@ pub(super) async fn serve(
     if let Some(http) = &route.http {
         let max_buffer = shared.opts.max_buffer;
         dataplane::tune_socket(
-            stream.get_ref().0,
+            stream.get_ref().0.get_ref(),
             max_buffer,
             Plane::Copy.send_buffer(max_buffer),
         )
@@ -77,7 +79,10 @@ pub(super) async fn serve(
         };
         return connection::serve_http(shared, stream, protocol, route, http, side, phase).await;
     }
-    let tcp = stream.get_ref().0;
+    if tls.kernel {
+        return serve_kernel_tls(shared, stream, peer, route, phase).await;
+    }
+    let tcp = stream.get_ref().0.get_ref();
     let Some((mut backend, _lease)) =
         connection::backend_or_reset(shared, route, tcp, &phase).await?
     else {
@@ -91,4 +96,45 @@ pub(super) async fn serve(
     let header = connection::proxy_header(route, tcp, peer)?;
     connection::write_preface(tcp, &mut backend, &header).await?;
     copy::run_stream(stream, backend, phase, shared.opts.idle_timeout).await
+}
+
+/// Hands the session to kernel TLS, then moves the plaintext between the client's socket and
+/// a machine's; a session the kernel refuses is reset.
+async fn serve_kernel_tls(
+    shared: &Shared,
+    stream: tokio_rustls::server::TlsStream<Records<TcpStream>>,
+    peer: SocketAddr,
+    route: &Route,
+    phase: watch::Receiver<Phase>,
+) -> Result<Outcome, SpliceError> {
+    let raw = stream.get_ref().0.get_ref().as_fd().try_clone_to_owned();
+    let (client, early) = match kernel::hand_over(stream).await {
+        Ok(handed) => handed,
+        Err(e) => {
+            shared.stats.tls_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, error = %e, "TLS session not handed to the kernel; reset");
+            if let Ok(fd) = raw {
+                socket2::SockRef::from(&fd)
+                    .set_linger(Some(Duration::ZERO))
+                    .ok();
+            }
+            return Err(SpliceError::Internal(std::io::Error::other(e)));
+        }
+    };
+    drop(raw);
+    shared.stats.tls_kernel.fetch_add(1, Ordering::Relaxed);
+    let Some((mut backend, _lease)) =
+        connection::backend_or_reset(shared, route, &client, &phase).await?
+    else {
+        return Ok(Outcome::Aborted);
+    };
+    let max_buffer = shared.opts.max_buffer;
+    for s in [&client, &backend] {
+        dataplane::tune_socket(s, max_buffer, Plane::Copy.send_buffer(max_buffer))
+            .map_err(SpliceError::Internal)?;
+    }
+    let mut header = connection::proxy_header(route, &client, peer)?;
+    header.extend_from_slice(&early);
+    connection::write_preface(&client, &mut backend, &header).await?;
+    copy::run_kernel_tls(client, backend, phase, shared.opts.idle_timeout).await
 }

@@ -1,10 +1,12 @@
 //! The few system calls the standard library and socket2 do not offer, by subject: TCP
 //! sockets ([`tcp`]), BPF maps ([`bpf`]), epoll and tokio registration ([`epoll`]), cgroup
-//! mounts ([`mount`]), machines' processes ([`process`]), the service manager ([`notify`]).
+//! mounts ([`mount`]), machines' processes ([`process`]), the service manager ([`notify`]),
+//! kernel TLS ([`ktls`]).
 //! Every `unsafe` block of the daemon lives here.
 
 mod bpf;
 mod epoll;
+pub mod ktls;
 mod mount;
 mod notify;
 mod process;

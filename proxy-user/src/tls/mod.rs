@@ -1,9 +1,12 @@
 //! TLS termination for the `tls` and `pg_tls` handlers: one rustls server configuration per
 //! public port (its `tls_options`), certificates from [`certs::CertStore`] chosen by SNI, and
-//! a self-signed certificate where the port asks for one or no certificate is configured.
+//! a self-signed certificate where the port asks for one or no certificate is configured;
+//! where the kernel has TLS, the sessions of ports that forward plaintext go to it
+//! ([`kernel`]).
 
 pub mod certs;
 mod client;
+pub mod kernel;
 pub mod postgres;
 
 use std::{fmt, sync::Arc, time::Duration};
@@ -19,6 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::TlsOptions;
 pub use certs::{CertError, CertStore};
 pub use client::client_config;
+pub use kernel::Records;
 
 /// How often `--certs` is looked at for changes.
 pub const CERTS_POLL: Duration = Duration::from_secs(1);
@@ -33,6 +37,8 @@ pub struct TlsPort {
     pub acceptor: TlsAcceptor,
     /// `pg_tls`: the client asks for TLS with PostgreSQL's `SSLRequest` first.
     pub postgres: bool,
+    /// Whether each session goes to kernel TLS after its handshake ([`kernel::hand_over`]).
+    pub kernel: bool,
 }
 
 /// Why a port's TLS configuration could not be built.
@@ -44,9 +50,11 @@ impl TlsPort {
     /// The server side of a port with `options`: its ALPN protocols in order, its versions
     /// (both when none are named), the store's certificates and, when no certificate matches,
     /// `fallback`. Sessions resume with tickets (TLS 1.3 and 1.2) and the session cache.
+    /// `kernel`: sessions are handed to kernel TLS after their handshake.
     pub fn new(
         options: &TlsOptions,
         postgres: bool,
+        kernel: bool,
         store: Arc<CertStore>,
         fallback: Option<Arc<CertifiedKey>>,
         provider: Arc<CryptoProvider>,
@@ -72,9 +80,11 @@ impl TlsPort {
             .with_cert_resolver(Arc::new(Resolver { store, fallback }));
         config.alpn_protocols = options.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
         config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+        config.enable_secret_extraction = kernel;
         Ok(Self {
             acceptor: TlsAcceptor::from(Arc::new(config)),
             postgres,
+            kernel,
         })
     }
 }
