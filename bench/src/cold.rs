@@ -64,6 +64,7 @@ fn config(bench: &Path) -> String {
 
 fn state(admin: &Path, machine: &str) -> Option<String> {
     let mut s = std::os::unix::net::UnixStream::connect(admin).ok()?;
+    std::io::Write::write_all(&mut s, b"snapshot\n").ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;

@@ -12,6 +12,7 @@ pub mod http;
 pub mod machines;
 pub mod proxy_proto;
 pub mod server;
+pub mod status;
 pub mod sys;
 pub mod tls;
 pub mod watch;

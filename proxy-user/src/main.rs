@@ -33,6 +33,20 @@ enum Command {
     /// Validate a fly.toml and print what spliced would serve; with --kernel, print what this
     /// host's kernel supports of what the sockmap data plane needs.
     Check(CheckArgs),
+    /// Print a running daemon's live connections (client, service, machine, data plane, state,
+    /// age, bytes each way) and per-service totals, from its admin socket.
+    Status(StatusArgs),
+}
+
+/// `spliced status`.
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// The daemon's `--admin-socket`.
+    #[arg(long, value_name = "PATH", default_value = "/run/spliced/admin.sock")]
+    admin_socket: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
 }
 
 /// `spliced run`. Durations are written as in fly.toml (`"500ms"`, `"5s"`, `"1m30s"`); a bare
@@ -251,6 +265,24 @@ fn main() -> ExitCode {
             None => check_kernel(a.format),
         },
         Command::Run(a) => run(&a),
+        Command::Status(a) => status(&a),
+    }
+}
+
+/// `spliced status`: the daemon's `connections` answer, as a table or as it came.
+fn status(args: &StatusArgs) -> ExitCode {
+    match proxy_user::status::ask(&args.admin_socket, "connections") {
+        Ok(report) => {
+            match args.format {
+                Format::Text => print!("{}", proxy_user::status::render(&report)),
+                Format::Json => println!("{report}"),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("spliced: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -387,7 +419,7 @@ mod tests {
         let argv = [&["spliced", "run", "--config", "fly.toml"], extra].concat();
         Cli::try_parse_from(argv).map(|c| match c.command {
             Command::Run(a) => *a,
-            Command::Check(_) => unreachable!("run was parsed"),
+            Command::Check(_) | Command::Status(_) => unreachable!("run was parsed"),
         })
     }
 

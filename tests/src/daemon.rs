@@ -226,11 +226,22 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn try_stats(&self) -> Option<serde_json::Value> {
+    /// The admin socket's answer to `request` (`snapshot`, `connections`).
+    pub fn ask(&self, request: &str) -> Option<serde_json::Value> {
         let mut s = std::os::unix::net::UnixStream::connect(&self.admin).ok()?;
+        std::io::Write::write_all(&mut s, format!("{request}\n").as_bytes()).ok()?;
         let mut text = String::new();
         s.read_to_string(&mut text).ok()?;
         serde_json::from_str(&text).ok()
+    }
+
+    /// The admin socket's path.
+    pub fn admin_socket(&self) -> &std::path::Path {
+        &self.admin
+    }
+
+    fn try_stats(&self) -> Option<serde_json::Value> {
+        self.ask("snapshot")
     }
 
     /// The daemon's counters, from its admin socket.

@@ -200,81 +200,139 @@ pub fn kernel_has_tls() -> bool {
 /// then ends the stream (`close_notify`) and expects the echo's end. Returns an error naming
 /// where the stream went wrong.
 pub fn echo_through_tls(
-    conn: std::net::TcpStream,
+    mut conn: std::net::TcpStream,
     config: Arc<rustls::ClientConfig>,
     name: &str,
     clear: Option<(&[u8], u8)>,
     seed: u64,
     total: u64,
 ) -> Result<(), String> {
+    use std::io::{Read as _, Write as _};
     let name =
         rustls::pki_types::ServerName::try_from(name.to_owned()).map_err(|e| e.to_string())?;
-    let clear = clear.map(|(bytes, answer)| (bytes.to_vec(), answer));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    conn.set_read_timeout(Some(crate::CLIENT_STALL))
+        .and_then(|()| conn.set_write_timeout(Some(crate::CLIENT_STALL)))
         .map_err(|e| e.to_string())?;
-    rt.block_on(async move {
-        conn.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let mut tcp = tokio::net::TcpStream::from_std(conn).map_err(|e| e.to_string())?;
-        if let Some((bytes, answer)) = clear {
-            tcp.write_all(&bytes).await.map_err(|e| e.to_string())?;
-            let got = tcp
-                .read_u8()
-                .await
-                .map_err(|e| format!("preface answer: {e}"))?;
-            if got != answer {
-                return Err(format!("preface answered {got:?}, not {answer:?}"));
-            }
+    if let Some((bytes, answer)) = clear {
+        conn.write_all(bytes).map_err(|e| e.to_string())?;
+        let mut got = [0u8];
+        conn.read_exact(&mut got)
+            .map_err(|e| format!("preface answer: {e}"))?;
+        if got[0] != answer {
+            return Err(format!("preface answered {:?}, not {answer:?}", got[0]));
         }
-        let connector = tokio_rustls::TlsConnector::from(config);
-        let tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
-            .await
-            .map_err(|_| "handshake timed out".to_owned())?
-            .map_err(|e| format!("handshake: {e}"))?;
-        let (mut reader, mut writer) = tokio::io::split(tls);
-        let sending = async move {
-            let mut p = Pattern::new(seed);
-            let mut buf = vec![0; 100_000];
-            while p.pos() < total {
+    }
+    let mut tls = rustls::ClientConnection::new(config, name).map_err(|e| e.to_string())?;
+    tls.complete_io(&mut conn)
+        .map_err(|e| format!("handshake: {e}"))?;
+    // Each chunk is encrypted whole, then written out before the next.
+    tls.set_buffer_limit(None);
+    // One thread each way; the session is shared, never locked across a socket call.
+    let tls = Arc::new(std::sync::Mutex::new(tls));
+    let sender = {
+        let (tls, conn) = (
+            Arc::clone(&tls),
+            conn.try_clone().map_err(|e| e.to_string())?,
+        );
+        std::thread::spawn(move || send_through_tls(conn, &tls, seed, total))
+    };
+    let received = receive_through_tls(&mut conn, &tls, seed);
+    if received.is_err() {
+        // Unblocks the sender.
+        conn.shutdown(std::net::Shutdown::Both).ok();
+    }
+    let sent = sender
+        .join()
+        .map_err(|_| "the sending thread panicked".to_owned())?;
+    let got = received?;
+    sent?;
+    if got == total {
+        Ok(())
+    } else {
+        Err(format!("end of stream at {got} of {total}"))
+    }
+}
+
+/// Sends `total` bytes of stream `seed` through the session `tls` on `conn`, then
+/// `close_notify` and FIN.
+fn send_through_tls(
+    mut conn: std::net::TcpStream,
+    tls: &std::sync::Mutex<rustls::ClientConnection>,
+    seed: u64,
+    total: u64,
+) -> Result<(), String> {
+    use std::io::Write as _;
+    let mut p = Pattern::new(seed);
+    let mut buf = vec![0; 100_000];
+    let mut out = Vec::new();
+    loop {
+        let end = p.pos() == total;
+        {
+            let mut tls = tls.lock().map_err(|e| e.to_string())?;
+            if end {
+                tls.send_close_notify();
+            } else {
                 let n = (total - p.pos()).min(buf.len() as u64) as usize;
                 p.fill(&mut buf[..n]);
-                writer
+                tls.writer()
                     .write_all(&buf[..n])
-                    .await
-                    .map_err(|e| format!("write at {}: {e}", p.pos()))?;
+                    .map_err(|e| e.to_string())?;
             }
-            writer
-                .shutdown()
-                .await
-                .map_err(|e| format!("close_notify: {e}"))
+            while tls.wants_write() {
+                tls.write_tls(&mut out).map_err(|e| e.to_string())?;
+            }
+        }
+        conn.write_all(&out)
+            .map_err(|e| format!("write at {}: {e}", p.pos()))?;
+        out.clear();
+        if end {
+            return conn
+                .shutdown(std::net::Shutdown::Write)
+                .map_err(|e| format!("shutdown: {e}"));
+        }
+    }
+}
+
+/// Reads stream `seed` through the session `tls` on `conn`, checking every byte, until
+/// `close_notify`; how many bytes came. A FIN without `close_notify` is an error.
+fn receive_through_tls(
+    conn: &mut std::net::TcpStream,
+    tls: &std::sync::Mutex<rustls::ClientConnection>,
+    seed: u64,
+) -> Result<u64, String> {
+    use std::io::Read as _;
+    let mut p = Pattern::new(seed);
+    let mut wire = vec![0; 64 * 1024];
+    let mut plain = vec![0; 64 * 1024];
+    loop {
+        let n = match conn.read(&mut wire) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let states = crate::netns::socket_states();
+                return Err(format!("stalled at {}; sockets:\n{states}", p.pos()));
+            }
+            Err(e) => return Err(format!("read at {}: {e}", p.pos())),
         };
-        let receiving = async move {
-            let mut p = Pattern::new(seed);
-            let mut buf = vec![0; 64 * 1024];
+        let mut tls = tls.lock().map_err(|e| e.to_string())?;
+        let mut fed = &wire[..n];
+        loop {
+            // An empty read tells rustls of the FIN.
+            tls.read_tls(&mut fed).map_err(|e| e.to_string())?;
+            tls.process_new_packets()
+                .map_err(|e| format!("read at {}: {e}", p.pos()))?;
             loop {
-                let read = tokio::time::timeout(crate::CLIENT_STALL, reader.read(&mut buf)).await;
-                match read {
-                    Err(_) => {
-                        let states = crate::netns::socket_states();
-                        return Err(format!(
-                            "stalled at {} of {total}; sockets:\n{states}",
-                            p.pos()
-                        ));
-                    }
-                    Ok(Ok(0)) => break,
-                    Ok(Ok(n)) => p.check(&buf[..n])?,
-                    Ok(Err(e)) => return Err(format!("read at {}: {e}", p.pos())),
+                match tls.reader().read(&mut plain) {
+                    Ok(0) => return Ok(p.pos()),
+                    Ok(k) => p.check(&plain[..k])?,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(format!("read at {}: {e}", p.pos())),
                 }
             }
-            if p.pos() == total {
-                Ok(())
-            } else {
-                Err(format!("end of stream at {} of {total}", p.pos()))
+            if fed.is_empty() {
+                break;
             }
-        };
-        tokio::try_join!(sending, receiving).map(|_| ())
-    })
+        }
+    }
 }
 
 /// Over TLS 1.3 to `name` through `conn`, with an echo behind: one message echoed, then the
@@ -325,4 +383,70 @@ async fn echo(
         Ok(Ok(_)) if got == msg => Ok(()),
         Ok(Ok(_)) => Err(format!("echoed {got:?}")),
     }
+}
+
+/// Over TLS to `name` through `conn` (blocking): the client's Finished and the first part of
+/// its first record of data go out in one write, the rest of that record `pause` later, so
+/// the server's handshake ends inside that record. Returns what the echo sent back.
+pub fn echo_first_record_split(
+    mut conn: std::net::TcpStream,
+    config: Arc<rustls::ClientConfig>,
+    name: &str,
+    msg: &[u8],
+    pause: Duration,
+) -> Result<Vec<u8>, String> {
+    use std::io::{Read as _, Write as _};
+    let name =
+        rustls::pki_types::ServerName::try_from(name.to_owned()).map_err(|e| e.to_string())?;
+    let mut tls = rustls::ClientConnection::new(config, name).map_err(|e| e.to_string())?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    // The handshake, writing nothing of the client's last flight.
+    let mut flight = Vec::new();
+    while tls.is_handshaking() {
+        while tls.wants_write() {
+            tls.write_tls(&mut flight).map_err(|e| e.to_string())?;
+        }
+        if !tls.is_handshaking() {
+            break;
+        }
+        conn.write_all(&flight)
+            .map_err(|e| format!("handshake write: {e}"))?;
+        flight.clear();
+        if tls
+            .read_tls(&mut conn)
+            .map_err(|e| format!("handshake read: {e}"))?
+            == 0
+        {
+            return Err("the server closed during the handshake".to_owned());
+        }
+        tls.process_new_packets()
+            .map_err(|e| format!("handshake: {e}"))?;
+    }
+    tls.writer().write_all(msg).map_err(|e| e.to_string())?;
+    while tls.wants_write() {
+        tls.write_tls(&mut flight).map_err(|e| e.to_string())?;
+    }
+    // Finished, and the record's header with a few bytes of its body.
+    let cut = flight.len() - msg.len() / 2;
+    conn.write_all(&flight[..cut]).map_err(|e| e.to_string())?;
+    std::thread::sleep(pause);
+    conn.write_all(&flight[cut..]).map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    while got.len() < msg.len() {
+        let mut buf = [0u8; 4096];
+        match tls.reader().read(&mut buf) {
+            Ok(0) => return Err(format!("end of stream after {} bytes", got.len())),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if tls.read_tls(&mut conn).map_err(|e| format!("read: {e}"))? == 0 {
+                    return Err(format!("closed after {} bytes", got.len()));
+                }
+                tls.process_new_packets()
+                    .map_err(|e| format!("read: {e}"))?;
+            }
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+    Ok(got)
 }

@@ -340,3 +340,172 @@ fn proxied_sockets_carry_their_options() {
         daemon.stop();
     }
 }
+
+/// `spliced status --format json`, parsed, and the text table.
+fn status(daemon: &Daemon) -> (serde_json::Value, String) {
+    let run = |format: &str| {
+        let out = Command::new(tests::spliced_bin())
+            .args(["status", "--format", format, "--admin-socket"])
+            .arg(daemon.admin_socket())
+            .output()
+            .expect("spliced status");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let json = serde_json::from_str(&run("json")).expect("status --format json");
+    (json, run("text"))
+}
+
+/// Writes to `c`, which never reads, until the whole path to it stays full for half a second.
+fn fill(c: &mut std::net::TcpStream) -> u64 {
+    c.set_nonblocking(true).expect("nonblocking");
+    let chunk = vec![5u8; 64 * 1024];
+    let (mut sent, mut blocked_since) = (0u64, None::<std::time::Instant>);
+    loop {
+        match c.write(&chunk) {
+            Ok(n) => {
+                sent += n as u64;
+                blocked_since = None;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let since = *blocked_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > Duration::from_millis(500) {
+                    return sent;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+}
+
+/// `spliced status` lists each live connection: its client and machine, plane and state, the
+/// bytes the daemon's sockets received from each side (exact, from the kernel's socket
+/// table), and both TCP states; a connection whose client stopped reading shows as held on
+/// the sockmap plane; the per-service totals add up; a closed connection leaves the list.
+/// The admin socket still answers the snapshot to a client that sends nothing.
+#[test]
+fn status_lists_live_connections() {
+    for plane in [Plane::Sockmap, Plane::Copy] {
+        let (net, daemon) = setup(plane, Topo::Veth);
+        let _backend = Server::start(&net.proxy, net.backend(), echo);
+        let mut clients = Vec::new();
+        for n in [10_000usize, 20_000, 30_000] {
+            let mut c = net.connect();
+            c.write_all(&vec![7u8; n]).expect("write");
+            let mut got = vec![0; n];
+            c.read_exact(&mut got).expect("echo");
+            clients.push((c, n as u64));
+        }
+        let mut slow = net.connect();
+        let slow_sent = fill(&mut slow);
+        let service = daemon.stats()["services"][0]["name"].clone();
+
+        let (json, text) = status(&daemon);
+        let conns = json["connections"].as_array().expect("connections");
+        assert_eq!(conns.len(), 4, "{plane}: {json:#}");
+        let find = |c: &std::net::TcpStream| {
+            let addr = c.local_addr().expect("address").to_string();
+            conns
+                .iter()
+                .find(|e| e["client"] == addr.as_str())
+                .unwrap_or_else(|| panic!("{plane}: {addr} not listed: {json:#}"))
+                .clone()
+        };
+        for (c, n) in &clients {
+            let e = find(c);
+            assert_eq!(e["service"], service, "{e:#}");
+            assert_eq!(
+                e["machine_addr"],
+                net.backend().to_string().as_str(),
+                "{e:#}"
+            );
+            assert_eq!(e["plane"], plane.name(), "{e:#}");
+            let state = if plane == Plane::Sockmap {
+                "spliced"
+            } else {
+                "copied"
+            };
+            assert_eq!(e["state"], state, "{e:#}");
+            assert_eq!(e["bytes_from_client"], *n, "{e:#}");
+            assert_eq!(e["bytes_from_machine"], *n, "{e:#}");
+            assert_eq!(e["client_tcp"], "ESTAB", "{e:#}");
+            assert_eq!(e["machine_tcp"], "ESTAB", "{e:#}");
+            let addr = c.local_addr().expect("address").to_string();
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(&addr) && l.contains(state)),
+                "{plane}: {addr} not in the table:\n{text}"
+            );
+        }
+        let e = find(&slow);
+        let want = if plane == Plane::Sockmap {
+            "held"
+        } else {
+            "copied"
+        };
+        assert_eq!(
+            e["state"], want,
+            "{plane}: a client that does not read: {e:#}"
+        );
+        let from_client = e["bytes_from_client"].as_u64().expect("bytes");
+        assert!(
+            from_client > 0 && from_client <= slow_sent,
+            "{plane}: {from_client} of {slow_sent} sent: {e:#}"
+        );
+        let total = &json["services"][service.as_str().expect("service name")];
+        assert_eq!(total["connections"], 4, "{json:#}");
+        assert_eq!(
+            total["bytes_from_client"].as_u64(),
+            Some(60_000 + from_client),
+            "{json:#}"
+        );
+
+        admin_requests(&daemon, plane);
+
+        drop(clients);
+        drop(slow);
+        let emptied = tests::eventually(Duration::from_secs(10), || {
+            daemon.ask("connections").expect("connections")["connections"]
+                .as_array()
+                .is_some_and(Vec::is_empty)
+        });
+        assert!(
+            emptied,
+            "{plane}: {:#}",
+            daemon.ask("connections").unwrap_or_default()
+        );
+        daemon.wait_idle();
+        daemon.stop();
+    }
+}
+
+/// The admin socket answers the snapshot to a client that sends nothing (after its wait for a
+/// request), and an error to an unknown request.
+fn admin_requests(daemon: &Daemon, plane: Plane) {
+    // Nothing sent: the snapshot after the wait for a request.
+    let mut raw = std::os::unix::net::UnixStream::connect(daemon.admin_socket()).expect("admin");
+    let mut body = String::new();
+    raw.read_to_string(&mut body).expect("snapshot");
+    let snapshot: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(snapshot["dataplane"], plane.name(), "{snapshot:#}");
+    let unknown = daemon.ask("show everything").expect("an answer");
+    assert!(
+        unknown["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unknown request")),
+        "{unknown:#}"
+    );
+}
+
+/// Without a daemon, `spliced status` fails naming the socket it tried.
+#[test]
+fn status_names_the_socket_it_cannot_reach() {
+    let out = Command::new(tests::spliced_bin())
+        .args(["status", "--admin-socket", "/nonexistent/admin.sock"])
+        .output()
+        .expect("spliced status");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/admin.sock"), "{err}");
+}

@@ -219,6 +219,33 @@ fn sessions_go_to_kernel_tls_where_the_kernel_has_it() {
     }
 }
 
+/// A client whose first record of data arrives in two parts, the first with its Finished:
+/// the handshake ends inside that record, and the session goes to kernel TLS (where there is
+/// one) once rustls has read the record to its end, its plaintext first.
+#[test]
+fn a_first_record_cut_by_the_end_of_the_handshake_goes_first() {
+    let kernel = kernel_has_tls();
+    let setup = serve_tls(Topo::Loopback, Plane::Sockmap, &["tls"], "", &[]);
+    let (net, ca, d) = (&setup.net, &setup.ca, &setup.d);
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let config = client_config_for(&ca.pem, &[version], None);
+        let msg: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        let got = tests::tls::echo_first_record_split(
+            net.connect(),
+            config,
+            "a.example.com",
+            &msg,
+            Duration::from_millis(300),
+        )
+        .unwrap_or_else(|e| panic!("{version:?}: {e}\n{}", d.log()));
+        assert!(got == msg, "{version:?}: the echo differs");
+    }
+    let s = d.wait_idle();
+    assert_eq!(s["connections"]["tls_failed"], 0, "{s:#}\n{}", d.log());
+    let handed = if kernel { 2 } else { 0 };
+    assert_eq!(s["connections"]["tls_kernel"], handed, "{s:#}");
+}
+
 /// A client's TLS 1.3 key update: rustls in userspace takes it and the stream goes on. Kernel
 /// TLS here is not re-keyed, so a session handed to it ends with a reset, counted as failed:
 /// never a byte decrypted with the old keys or lost.

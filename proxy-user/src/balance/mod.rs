@@ -181,6 +181,14 @@ impl Lease {
         self.machine
     }
 
+    /// Its machine's id (its address where the config names none).
+    pub fn id(&self) -> String {
+        self.pool.as_ref().map_or_else(
+            || self.machine.to_string(),
+            |p| p.machines[self.index].id.clone(),
+        )
+    }
+
     /// Position of its machine in the pool, for [`Pool::retry`].
     pub fn index(&self) -> usize {
         self.index

@@ -320,6 +320,11 @@ impl Kernel {
         ]
     }
 
+    /// Cookies of the sockets whose input the verdict takes now (in `RECV`).
+    pub fn receiving(&self) -> std::collections::HashSet<u64> {
+        self.maps.recv.keys().filter_map(Result::ok).collect()
+    }
+
     /// The kernel counters of a service, summed over CPUs.
     pub fn service_totals(&self, service: u32) -> ServiceCounters {
         let mut sum = ServiceCounters::default();

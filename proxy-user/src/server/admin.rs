@@ -1,5 +1,7 @@
-//! The admin endpoint: a JSON snapshot of the counters on a Unix socket, one per connection
-//! (also logged when the daemon stops).
+//! The admin endpoint, a Unix socket: each connection may send one request line, and gets one
+//! JSON answer. `snapshot` (or nothing: an empty line, the end of its input, or no request
+//! within [`REQUEST_WAIT`]) answers the counters (also logged when the daemon stops);
+//! `connections` answers the live connections (`spliced status`).
 
 use std::{path::Path, sync::Arc, sync::atomic::Ordering};
 
@@ -104,7 +106,46 @@ pub(super) fn snapshot(shared: &Shared) -> Snapshot<'_> {
     }
 }
 
-/// Serves a [`snapshot`] to each connection on the Unix socket at `path`.
+/// How long a connection that sends nothing is waited for before it gets the snapshot.
+const REQUEST_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The answer to one request line.
+fn answer(shared: &Shared, request: &str) -> Vec<u8> {
+    match request.trim() {
+        "" | "snapshot" => serde_json::to_vec(&snapshot(shared)),
+        "connections" => {
+            let sockets = crate::sys::diag::tcp_sockets();
+            let receiving = match &shared.plane {
+                Plane::Sockmap(s) => Some(s.kernel.receiving()),
+                Plane::Copy => None,
+            };
+            match sockets {
+                Ok(sockets) => {
+                    serde_json::to_vec(&shared.live.report(&sockets, receiving.as_ref()))
+                }
+                Err(e) => serde_json::to_vec(&serde_json::json!({
+                    "error": format!("the kernel's socket table (sock_diag): {e}")
+                })),
+            }
+        }
+        other => serde_json::to_vec(&serde_json::json!({
+            "error": format!("unknown request {other:?}: snapshot or connections")
+        })),
+    }
+    .unwrap_or_default()
+}
+
+/// Reads one request line (at most 256 bytes), or what came before the end of input or
+/// [`REQUEST_WAIT`].
+async fn request(stream: &mut tokio::net::UnixStream) -> String {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut line = Vec::new();
+    let mut reader = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(stream, 256));
+    let _ = tokio::time::timeout(REQUEST_WAIT, reader.read_until(b'\n', &mut line)).await;
+    String::from_utf8_lossy(&line).into_owned()
+}
+
+/// Answers each connection on the Unix socket at `path` (see the module's comment).
 pub(super) fn start_admin(
     path: &Path,
     shared: Arc<Shared>,
@@ -116,8 +157,10 @@ pub(super) fn start_admin(
     })?;
     Ok(tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
-            let body = serde_json::to_vec(&snapshot(&shared)).unwrap_or_default();
+            let shared = Arc::clone(&shared);
             tokio::spawn(async move {
+                let request = request(&mut stream).await;
+                let body = answer(&shared, &request);
                 let _ = stream.write_all(&body).await;
                 let _ = stream.shutdown().await;
             });

@@ -15,7 +15,7 @@ use tokio::{
     sync::watch,
 };
 
-use super::{Route, Shared};
+use super::{Route, Shared, live::Carrier};
 use crate::{
     balance::{Lease, Refusal},
     dataplane::{self, Outcome, Phase, Plane, SpliceError, copy, sockmap::Spliced},
@@ -29,6 +29,7 @@ pub(super) async fn serve(
     route: Arc<Route>,
     phase: watch::Receiver<Phase>,
 ) {
+    let tracked = shared.live.track(&client, peer, &route.pool.service);
     let result = match (&route.tls, &route.http) {
         (Some(tls), _) => super::terminate::serve(&shared, client, peer, &route, tls, phase).await,
         (None, Some(http)) => serve_plain_http(&shared, client, peer, &route, http, phase).await,
@@ -55,6 +56,7 @@ pub(super) async fn serve(
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
     }
+    drop(tracked);
     if stats.active.fetch_sub(1, Ordering::AcqRel) == 1 {
         shared.none_live.notify_waiters();
     }
@@ -82,6 +84,7 @@ async fn serve_plain_http(
         tls: false,
         join: Some(join),
     };
+    shared.live.carried(&client, Carrier::Http);
     let sniffed = match http.idle_timeout() {
         Some(idle) => tokio::time::timeout(idle, crate::http::sniff(&client)).await,
         None => Ok(crate::http::sniff(&client).await),
@@ -134,6 +137,12 @@ impl crate::http::Join for PlaneJoin {
         phase: watch::Receiver<Phase>,
     ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
         let (shared, service) = (Arc::clone(&self.shared), self.service);
+        // The HTTP exchange chose the machine; its id is not known here, its address is.
+        if let Ok(addr) = machine.peer_addr() {
+            shared
+                .live
+                .connected(&client, &addr.to_string(), addr, &machine);
+        }
         Box::pin(async move {
             let ended = splice_pair(&shared, client, machine, service, &to_machine, phase).await;
             tracing::debug!(?ended, "upgraded connection ended");
@@ -208,7 +217,12 @@ pub(super) async fn backend_or_reset(
         }
     };
     match connected {
-        Ok(b) => Ok(Some(b)),
+        Ok((backend, lease)) => {
+            shared
+                .live
+                .connected(client, &lease.id(), lease.addr(), &backend);
+            Ok(Some((backend, lease)))
+        }
         Err(NoBackend::Unreachable(e)) => {
             shared
                 .stats
@@ -276,6 +290,11 @@ pub(super) async fn splice_pair(
             .map_err(SpliceError::Internal)?;
     }
     let idle = shared.opts.idle_timeout;
+    let carrier = match &shared.plane {
+        Plane::Copy => Carrier::Copy,
+        Plane::Sockmap(_) => Carrier::Sockmap,
+    };
+    shared.live.carried(&client, carrier);
     match &shared.plane {
         Plane::Copy => {
             write_preface(&client, &mut backend, header).await?;
@@ -309,6 +328,7 @@ pub(super) async fn splice_pair(
                         crate::sys::set_send_buffer(s.as_fd(), send_buffer)
                             .map_err(SpliceError::Internal)?;
                     }
+                    shared.live.carried(&client, Carrier::Copy);
                     let client = TcpStream::from_std(client).map_err(SpliceError::Internal)?;
                     let mut backend =
                         TcpStream::from_std(backend).map_err(SpliceError::Internal)?;

@@ -7,6 +7,7 @@ mod admin;
 mod connection;
 mod generation;
 mod listen;
+mod live;
 mod metrics;
 mod terminate;
 
@@ -184,6 +185,8 @@ struct Shared {
     /// What the config last read serves; a reload replaces it whole.
     current: RwLock<Arc<Generation>>,
     reloads: ReloadStats,
+    /// The live connections, for `spliced status`.
+    live: live::Live,
 }
 
 /// SIGHUP reloads: served, and refused (invalid config, a port that cannot be bound).
@@ -254,6 +257,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         http: Arc::default(),
         current: RwLock::new(Arc::new(first)),
         reloads: ReloadStats::default(),
+        live: live::Live::default(),
     });
     shared.current().start(None);
     let _autostop = autostop(Arc::clone(&shared));
@@ -290,6 +294,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     tracing::info!(live, grace = ?shared.opts.grace, "stopping: no longer accepting");
     // Each worker closes its listeners at once and serves its connections to their end.
     phase_tx.send_replace(Phase::Drain);
+    shared.live.set_draining();
     let drained = tokio::time::timeout(shared.opts.grace, shared.all_ended()).await;
     if drained.is_err() {
         tracing::warn!(

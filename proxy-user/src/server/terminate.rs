@@ -8,7 +8,7 @@ use std::{net::SocketAddr, os::fd::AsFd as _, sync::atomic::Ordering, time::Dura
 
 use tokio::{net::TcpStream, sync::watch};
 
-use super::{Route, Shared, connection};
+use super::{Route, Shared, connection, live::Carrier};
 use crate::{
     dataplane::{self, Outcome, Phase, Plane, SpliceError, copy},
     tls::{Records, TlsPort, kernel, postgres},
@@ -72,6 +72,9 @@ pub(super) async fn serve(
             tls: true,
             join: None,
         };
+        shared
+            .live
+            .carried(stream.get_ref().0.get_ref(), Carrier::Http);
         let protocol = match stream.get_ref().1.alpn_protocol() {
             Some(b"h2") => crate::http::Protocol::Http2,
             Some(_) => crate::http::Protocol::Http1,
@@ -95,6 +98,7 @@ pub(super) async fn serve(
     }
     let header = connection::proxy_header(route, tcp, peer)?;
     connection::write_preface(tcp, &mut backend, &header).await?;
+    shared.live.carried(tcp, Carrier::Tls);
     copy::run_stream(stream, backend, phase, shared.opts.idle_timeout).await
 }
 
@@ -108,7 +112,12 @@ async fn serve_kernel_tls(
     phase: watch::Receiver<Phase>,
 ) -> Result<Outcome, SpliceError> {
     let raw = stream.get_ref().0.get_ref().as_fd().try_clone_to_owned();
-    let (client, early) = match kernel::hand_over(stream).await {
+    // The rest of a record the handshake began to read comes within the handshake's time.
+    let timeout = shared.opts.tls_handshake_timeout;
+    let handed = tokio::time::timeout(timeout, kernel::hand_over(stream))
+        .await
+        .unwrap_or(Err(kernel::HandoverError::TimedOut));
+    let (client, early) = match handed {
         Ok(handed) => handed,
         Err(e) => {
             shared.stats.tls_failed.fetch_add(1, Ordering::Relaxed);
@@ -136,5 +145,6 @@ async fn serve_kernel_tls(
     let mut header = connection::proxy_header(route, &client, peer)?;
     header.extend_from_slice(&early);
     connection::write_preface(&client, &mut backend, &header).await?;
+    shared.live.carried(&client, Carrier::KernelTls);
     copy::run_kernel_tls(client, backend, phase, shared.opts.idle_timeout).await
 }

@@ -1,10 +1,11 @@
 //! The few system calls the standard library and socket2 do not offer, by subject: TCP
 //! sockets ([`tcp`]), BPF maps ([`bpf`]), epoll and tokio registration ([`epoll`]), cgroup
 //! mounts ([`mount`]), machines' processes ([`process`]), the service manager ([`notify`]),
-//! kernel TLS ([`ktls`]).
+//! kernel TLS ([`ktls`]), the kernel's table of TCP sockets ([`diag`]).
 //! Every `unsafe` block of the daemon lives here.
 
 mod bpf;
+pub mod diag;
 mod epoll;
 pub mod ktls;
 mod mount;

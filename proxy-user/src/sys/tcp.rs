@@ -94,6 +94,26 @@ pub enum TcpState {
     Other(u8),
 }
 
+impl TcpState {
+    /// The state as `ss` names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Established => "ESTAB",
+            Self::SynSent => "SYN-SENT",
+            Self::SynRecv | Self::NewSynRecv => "SYN-RECV",
+            Self::FinWait1 => "FIN-WAIT-1",
+            Self::FinWait2 => "FIN-WAIT-2",
+            Self::TimeWait => "TIME-WAIT",
+            Self::Close => "CLOSE",
+            Self::CloseWait => "CLOSE-WAIT",
+            Self::LastAck => "LAST-ACK",
+            Self::Listen => "LISTEN",
+            Self::Closing => "CLOSING",
+            Self::BoundInactive | Self::Other(_) => "UNKNOWN",
+        }
+    }
+}
+
 impl From<u8> for TcpState {
     fn from(v: u8) -> Self {
         match v {
@@ -140,6 +160,20 @@ pub fn tcp_counters(fd: BorrowedFd<'_>) -> io::Result<TcpCounters> {
         state: TcpState::from(info.state),
         bytes_acked: info.bytes_acked,
         bytes_received: info.bytes_received,
+    })
+}
+
+/// [`TcpCounters`] from a `struct tcp_info` as the kernel wrote it (`sock_diag`'s
+/// `INET_DIAG_INFO`); `None` when it is too short to hold them.
+pub fn counters_from_info(info: &[u8]) -> Option<TcpCounters> {
+    let at = std::mem::offset_of!(RawTcpInfo, bytes_acked);
+    let u64_at = |at: usize| -> Option<u64> {
+        Some(u64::from_ne_bytes(info.get(at..at + 8)?.try_into().ok()?))
+    };
+    Some(TcpCounters {
+        state: TcpState::from(*info.first()?),
+        bytes_acked: u64_at(at)?,
+        bytes_received: u64_at(at + 8)?,
     })
 }
 

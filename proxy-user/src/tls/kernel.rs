@@ -16,7 +16,7 @@ use std::{
 
 use rustls::{ConnectionTrafficSecrets, ProtocolVersion};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf},
     net::TcpStream,
 };
 use tokio_rustls::server::TlsStream;
@@ -51,8 +51,10 @@ fn probe() -> Option<String> {
 pub enum HandoverError {
     #[error("TLS records still to be sent: {0}")]
     Flush(#[source] io::Error),
-    #[error("the handshake read past its last record")]
+    #[error("the client ended its stream inside a TLS record")]
     ReadPast,
+    #[error("the client left a TLS record unfinished for the handshake's time")]
+    TimedOut,
     #[error("kernel TLS has no {0}")]
     Unsupported(String),
     #[error("the session's secrets: {0}")]
@@ -68,8 +70,17 @@ pub async fn hand_over(
 ) -> Result<(TcpStream, Vec<u8>), HandoverError> {
     // Records rustls still holds (TLS 1.3's session tickets) go out under its keys first.
     stream.flush().await.map_err(HandoverError::Flush)?;
-    if !stream.get_ref().0.at_boundary() {
-        return Err(HandoverError::ReadPast);
+    // The handshake reads on after the client's Finished until a read would block, so it may
+    // have stopped inside the client's first record of data: rustls reads that record to its
+    // end, and its plaintext goes first, before what it holds of earlier records.
+    let mut early = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !stream.get_ref().0.at_boundary() {
+        match stream.read(&mut buf).await {
+            Ok(0) => return Err(HandoverError::ReadPast),
+            Ok(n) => early.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(HandoverError::Kernel(e)),
+        }
     }
     let (records, mut conn) = stream.into_inner();
     let version = match conn.protocol_version() {
@@ -77,8 +88,6 @@ pub async fn hand_over(
         Some(ProtocolVersion::TLSv1_3) => 0x0304,
         v => return Err(HandoverError::Unsupported(format!("{v:?}"))),
     };
-    let mut early = Vec::new();
-    let mut buf = [0u8; 4096];
     loop {
         match io::Read::read(&mut conn.reader(), &mut buf) {
             Ok(0) => break,
