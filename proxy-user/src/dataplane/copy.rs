@@ -244,7 +244,8 @@ async fn stream_one_way(
 }
 
 /// Moves bytes from `from` to `to` until `from` ends its stream, then ends `to`'s (each
-/// side read and ended as its framing says). Notes in `last_read` (milliseconds after `start`) when it last read bytes.
+/// side read and ended as its framing says). Notes in `last_read` (milliseconds after
+/// `start`) when it last read bytes.
 async fn one_way(
     (from, from_framing): (&TcpStream, Framing),
     (to, to_framing): (&TcpStream, Framing),

@@ -518,24 +518,18 @@ fn tls_port(
         port: port.port,
         source,
     })?;
-    match kernel {
-        Ok(()) => tracing::info!(
-            port = port.port,
-            alpn = ?options.alpn,
-            versions = ?options.versions,
-            self_signed,
-            postgres,
-            "TLS handshakes here, in userspace; then kernel TLS encrypts and decrypts"
-        ),
-        Err(why) => tracing::info!(
-            port = port.port,
-            alpn = ?options.alpn,
-            versions = ?options.versions,
-            self_signed,
-            postgres,
-            "TLS terminates here, in userspace: no kernel TLS ({why})"
-        ),
-    }
+    let said = match kernel {
+        Ok(()) => "TLS handshakes here, in userspace; then kernel TLS encrypts and decrypts".into(),
+        Err(why) => format!("TLS terminates here, in userspace: no kernel TLS ({why})"),
+    };
+    tracing::info!(
+        port = port.port,
+        alpn = ?options.alpn,
+        versions = ?options.versions,
+        self_signed,
+        postgres,
+        "{said}"
+    );
     Ok(Some(tls))
 }
 
