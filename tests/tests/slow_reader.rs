@@ -18,12 +18,12 @@ checklist!(slow_reader);
 
 /// What the proxy may hold of one direction beyond the `--max-buffer` in flight toward a slow
 /// reader (docs/design.md): the held socket's queue (its receive buffer, which spliced fixes
-/// at `--max-buffer` of kernel memory, raised by at most half while held), and what passes
-/// the bound before the hold takes: the kernel checks the bound at every packet the socket
-/// sends, so a few segments (256 KiB covers four of the largest). The copy plane holds its
-/// two socket buffers and one 64 KiB buffer, within the same. Fixed: it follows from
-/// `--max-buffer`, never from the host's `tcp_rmem`.
-const SLACK: u64 = MAX_BUFFER * 3 / 2 + 256 * 1024;
+/// at one and a half times `--max-buffer` of kernel memory, raised to at most twice it while
+/// held), and what passes the bound before the hold takes: the kernel checks the bound at
+/// every packet the socket sends, so a few segments (256 KiB covers four of the largest). The
+/// copy plane holds its two socket buffers and one 64 KiB buffer, within the same. Fixed: it
+/// follows from `--max-buffer`, never from the host's `tcp_rmem`.
+const SLACK: u64 = MAX_BUFFER * 2 + 256 * 1024;
 /// Process memory the daemon may add for 100 connections beyond the bytes it holds: their
 /// state, and the allocator's step (mimalloc takes memory a segment of up to 4 MiB at a
 /// time; docs/design.md, Threads). Holding their payload would be 100 times `MAX_BUFFER`.

@@ -80,9 +80,10 @@ impl Plane {
 /// Sets what every proxied socket needs once established, on both planes:
 /// - no Nagle delay: bytes are forwarded as they come;
 /// - the send buffer fixed at `send_buffer` bytes of payload ([`Plane::send_buffer`]);
-/// - the receive buffer fixed at `max_buffer` bytes of kernel memory (`SO_RCVBUF`, which also
-///   stops the kernel's autotuning of it): bytes a sender pushes while their reader is slow
-///   wait there, so the host's `tcp_rmem` must not set how many (up to 32 MiB on some hosts).
+/// - the receive buffer fixed at [`receive_buffer`] bytes of kernel memory (`SO_RCVBUF`,
+///   which also stops the kernel's autotuning of it): bytes a sender pushes while their
+///   reader is slow wait there, so the host's `tcp_rmem` must not set how many (up to 32 MiB
+///   on some hosts).
 ///
 /// Called once the socket is established, never on a listener or before `connect`
 /// (docs/design.md says why).
@@ -94,7 +95,17 @@ pub fn tune_socket(
     let fd = s.as_fd();
     crate::sys::set_no_delay(fd)?;
     crate::sys::set_send_buffer(fd, send_buffer)?;
-    crate::sys::set_receive_buffer(fd, max_buffer / 2)
+    // The kernel doubles the value for its overhead.
+    crate::sys::set_receive_buffer(fd, receive_buffer(max_buffer) / 2)
+}
+
+/// Kernel memory of every proxied socket's receive buffer: half as much again as the bound.
+/// TCP offers a window of what the buffer holds at the payload-to-memory ratio it last
+/// measured; segments that carry more overhead than that (merged segments on veth, a mix of
+/// sizes) fill the buffer before the window, and the last ones are dropped for memory, which
+/// costs the sender a retransmission timeout. The extra half takes that difference.
+pub fn receive_buffer(max_buffer: u64) -> u64 {
+    max_buffer + max_buffer / 2
 }
 
 /// Which data plane the operator asked for.

@@ -217,8 +217,16 @@ pub fn bytes_read(fd: BorrowedFd<'_>) -> io::Result<u64> {
 /// Sets `SO_RCVLOWAT` to 1. Beyond its meaning, the kernel runs the socket's data-ready
 /// callback when it is set, which makes the verdict program take bytes that were queued
 /// before the socket entered the map.
+///
+/// Then sends the acknowledgement TCP has pending, if any (`TCP_QUICKACK`): while the call
+/// owned the socket, segments that arrived waited in its backlog, and TCP acknowledged them
+/// against a window reduced by that backlog, or left the acknowledgement to its delayed-ACK
+/// timer (up to 200 ms). A sender that filled that window then waited for the timer or for
+/// its own window probe. The acknowledgement sent here carries the window as it is once the
+/// backlog is processed; nothing is sent when nothing is pending.
 pub fn poke_receive(fd: BorrowedFd<'_>) -> io::Result<()> {
-    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)?;
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 1)
 }
 
 /// Turns Nagle's algorithm off (`TCP_NODELAY`).

@@ -135,9 +135,8 @@ impl Pair<'_> {
     /// the buffer to an eighth above what the queue holds (the kernel offers no window while
     /// less than a sixteenth of the buffer is free) and makes the socket offer the window
     /// that opens, which the peer's next retransmission, carrying its acknowledgement, fits
-    /// in. A hold raises it to at most half as much again as it was; past that the
-    /// connection waits for its idle timeout, so a peer that sends and never reads cannot
-    /// make it grow further.
+    /// in. A hold raises it to at most twice the bound; past that the connection waits for
+    /// its idle timeout, so a peer that sends and never reads cannot make it grow further.
     pub(super) fn relieve_squeeze(&mut self, side: Side) -> Result<(), SpliceError> {
         const MARGIN: u64 = 256 * 1024;
         let i = side.index();
@@ -155,7 +154,7 @@ impl Pair<'_> {
         }
         let dir = &mut self.sides[i];
         let from = *dir.buffer_before_squeeze.get_or_insert(memory.buffer);
-        let limit = from + from / 2;
+        let limit = (2 * self.splicer.max_buffer).max(from);
         let buffer = (memory.held + memory.held / 8 + MARGIN).min(limit);
         if buffer <= memory.buffer {
             if !dir.squeeze_refused {
