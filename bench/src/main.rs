@@ -163,15 +163,19 @@ fn parse_args() -> Result<Args> {
                 let list = it.next().context("--workloads a,b")?;
                 args.workloads = list.split(',').map(str::to_owned).collect();
             }
-            other => anyhow::bail!(
-                "unknown argument {other}; usage: spliced-bench [--quick] [--congestion ALGO] [--out DIR] \
-                 [--spliced PATH] [--spliced-arg ARG]... [--targets a,b] \
-                 [--topologies loopback,veth,edge] [--workloads bulk,connect,...]"
-            ),
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => anyhow::bail!("unknown argument {other}; {USAGE}"),
         }
     }
     Ok(args)
 }
+
+const USAGE: &str = "usage: spliced-bench [--quick] [--congestion ALGO] [--out DIR] \
+    [--spliced PATH] [--spliced-arg ARG]... [--targets a,b] [--topologies loopback,veth,edge] \
+    [--workloads bulk,connect,...]";
 
 fn main() -> Result<()> {
     let mut raw = std::env::args().skip(1);
