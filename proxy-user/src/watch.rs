@@ -4,9 +4,13 @@
 //! from the verdict program's ring buffer. Both are keyed by socket cookie.
 
 use std::{
+    cell::RefCell,
     collections::HashMap,
     os::fd::BorrowedFd,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use tokio::{io::unix::AsyncFd, sync::mpsc};
@@ -97,14 +101,49 @@ impl Registry {
     }
 }
 
-/// The epoll half: registration, and a task that drains the epoll instance.
+/// The epoll half: an epoll instance per thread that splices, each drained by a task on that
+/// thread's runtime, so that an event wakes the thread that serves the connection, not
+/// another that would then have to wake it.
 pub struct Watcher {
-    epoll: Arc<AsyncFd<Epoll>>,
+    registry: Arc<Registry>,
+    /// Tells this watcher's instances from another's in a thread's list.
+    id: u64,
+}
+
+/// One thread's epoll instance of a [`Watcher`].
+#[derive(Clone)]
+pub struct LocalWatch(Arc<AsyncFd<Epoll>>);
+
+thread_local! {
+    /// This thread's instances, by watcher id.
+    static LOCAL: RefCell<Vec<(u64, LocalWatch)>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Watcher {
-    /// Starts the watcher on the current tokio runtime.
-    pub fn start(registry: Arc<Registry>) -> std::io::Result<Self> {
+    pub fn new(registry: Arc<Registry>) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Self {
+            registry,
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// This thread's instance, started on the current tokio runtime at its first use. A
+    /// socket is deleted from the instance it was added to, so a caller keeps it.
+    pub fn local(&self) -> std::io::Result<LocalWatch> {
+        LOCAL.with_borrow_mut(|list| {
+            if let Some((_, watch)) = list.iter().find(|(id, _)| *id == self.id) {
+                return Ok(watch.clone());
+            }
+            let watch = LocalWatch::start(Arc::clone(&self.registry))?;
+            list.push((self.id, watch.clone()));
+            Ok(watch)
+        })
+    }
+}
+
+impl LocalWatch {
+    fn start(registry: Arc<Registry>) -> std::io::Result<Self> {
         let epoll = Arc::new(crate::sys::async_readable(Epoll::new()?)?);
         let pump = Arc::clone(&epoll);
         tokio::spawn(async move {
@@ -124,14 +163,14 @@ impl Watcher {
                 }
             }
         });
-        Ok(Self { epoll })
+        Ok(Self(epoll))
     }
 
     pub fn add(&self, fd: BorrowedFd<'_>, cookie: u64) -> std::io::Result<()> {
-        self.epoll.get_ref().add(fd, cookie)
+        self.0.get_ref().add(fd, cookie)
     }
 
     pub fn delete(&self, fd: BorrowedFd<'_>) -> std::io::Result<()> {
-        self.epoll.get_ref().delete(fd)
+        self.0.get_ref().delete(fd)
     }
 }

@@ -18,22 +18,46 @@ use tokio::{
 use super::{Route, Shared, live::Carrier};
 use crate::{
     balance::{Lease, Refusal},
-    dataplane::{self, Outcome, Phase, Plane, SpliceError, copy, sockmap::Spliced},
+    dataplane::{
+        self, Outcome, Phase, Plane, SpliceError, copy,
+        sockmap::{Sockets, Spliced},
+    },
 };
+
+/// Where a client connects from, and its socket's cookie: the key of its entry among the
+/// live connections and, once spliced, in every per-socket map.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Peer {
+    pub addr: SocketAddr,
+    pub cookie: u64,
+}
 
 /// One client's connection from accept to close, counted in the daemon's stats.
 pub(super) async fn serve(
     shared: Arc<Shared>,
     client: TcpStream,
-    peer: SocketAddr,
+    addr: SocketAddr,
     route: Arc<Route>,
     phase: watch::Receiver<Phase>,
 ) {
-    let tracked = shared.live.track(&client, peer, &route.pool.service);
-    let result = match (&route.tls, &route.http) {
-        (Some(tls), _) => super::terminate::serve(&shared, client, peer, &route, tls, phase).await,
-        (None, Some(http)) => serve_plain_http(&shared, client, peer, &route, http, phase).await,
-        (None, None) => connect_and_splice(&shared, client, peer, &route, phase, &[]).await,
+    let (result, tracked) = match crate::sys::socket_cookie(client.as_fd()) {
+        Ok(cookie) => {
+            let tracked = shared.live.track(cookie, addr, &route.pool.service);
+            let peer = Peer { addr, cookie };
+            let result = match (&route.tls, &route.http) {
+                (Some(tls), _) => {
+                    super::terminate::serve(&shared, client, peer, &route, tls, phase).await
+                }
+                (None, Some(http)) => {
+                    serve_plain_http(&shared, client, peer, &route, http, phase).await
+                }
+                (None, None) => {
+                    connect_and_splice(&shared, client, peer, &route, phase, None).await
+                }
+            };
+            (result, Some(tracked))
+        }
+        Err(e) => (Err(SpliceError::Internal(e)), None),
     };
     let stats = &shared.stats;
     // The outcome is counted before the connection stops counting as active, so that a
@@ -41,19 +65,19 @@ pub(super) async fn serve(
     match result {
         Ok(Outcome::Completed) => {
             stats.completed.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(%peer, "connection completed");
+            tracing::debug!(peer = %addr, "connection completed");
         }
         Ok(Outcome::Aborted) => {
             stats.aborted.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(%peer, "connection closed at end of grace period");
+            tracing::debug!(peer = %addr, "connection closed at end of grace period");
         }
         Ok(Outcome::Idle) => {
             stats.idle_closed.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(%peer, "idle connection closed");
+            tracing::debug!(peer = %addr, "idle connection closed");
         }
         Err(e) => {
             stats.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(%peer, error = %e, "connection ended with an error");
+            tracing::debug!(peer = %addr, error = %e, "connection ended with an error");
         }
     }
     drop(tracked);
@@ -67,7 +91,7 @@ pub(super) async fn serve(
 async fn serve_plain_http(
     shared: &Arc<Shared>,
     client: TcpStream,
-    peer: SocketAddr,
+    peer: Peer,
     route: &Route,
     http: &Arc<crate::http::HttpPort>,
     phase: watch::Receiver<Phase>,
@@ -78,13 +102,14 @@ async fn serve_plain_http(
     let join = Arc::new(PlaneJoin {
         shared: Arc::clone(shared),
         service: route.service,
+        client_cookie: peer.cookie,
     });
     let side = crate::http::ClientSide {
-        peer,
+        peer: peer.addr,
         tls: false,
         join: Some(join),
     };
-    shared.live.carried(&client, Carrier::Http);
+    shared.live.carried(peer.cookie, Carrier::Http);
     let sniffed = match http.idle_timeout() {
         Some(idle) => tokio::time::timeout(idle, crate::http::sniff(&client)).await,
         None => Ok(crate::http::sniff(&client).await),
@@ -126,6 +151,7 @@ where
 struct PlaneJoin {
     shared: Arc<Shared>,
     service: u32,
+    client_cookie: u64,
 }
 
 impl crate::http::Join for PlaneJoin {
@@ -137,14 +163,28 @@ impl crate::http::Join for PlaneJoin {
         phase: watch::Receiver<Phase>,
     ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
         let (shared, service) = (Arc::clone(&self.shared), self.service);
-        // The HTTP exchange chose the machine; its id is not known here, its address is.
-        if let Ok(addr) = machine.peer_addr() {
-            shared
-                .live
-                .connected(&client, &addr.to_string(), addr, &machine);
-        }
+        let client_cookie = self.client_cookie;
         Box::pin(async move {
-            let ended = splice_pair(&shared, client, machine, service, &to_machine, phase).await;
+            let machine_cookie = match crate::sys::socket_cookie(machine.as_fd()) {
+                Ok(cookie) => cookie,
+                Err(e) => {
+                    tracing::debug!(error = %e, "upgraded connection not joined");
+                    return;
+                }
+            };
+            // The HTTP exchange chose the machine; its id is not known here, its address is.
+            if let Ok(addr) = machine.peer_addr() {
+                shared
+                    .live
+                    .connected(client_cookie, &addr.to_string(), addr, machine_cookie);
+            }
+            let joined = Joined {
+                client,
+                backend: machine,
+                cookies: [client_cookie, machine_cookie],
+                fresh: false,
+            };
+            let ended = splice_pair(&shared, joined, service, &to_machine, phase).await;
             tracing::debug!(?ended, "upgraded connection ended");
         })
     }
@@ -199,14 +239,23 @@ async fn connect(addr: SocketAddr, congestion: Option<&str>) -> std::io::Result<
     socket.connect(addr).await
 }
 
-/// A slot and a connection for `client`, which is reset when there is none; `None` when the
-/// grace period ended while it waited.
+/// A connection to a machine, its socket's cookie, and the slot it holds on the machine.
+pub(super) struct Machine {
+    pub stream: TcpStream,
+    pub cookie: u64,
+    /// Held until the connection ends: it is the machine's count of live connections.
+    pub lease: Lease,
+}
+
+/// A slot and a connection for `client` (whose socket has `peer.cookie`), which is reset when
+/// there is none; `None` when the grace period ended while it waited.
 pub(super) async fn backend_or_reset(
     shared: &Shared,
     route: &Route,
     client: &TcpStream,
+    peer: Peer,
     phase: &watch::Receiver<Phase>,
-) -> Result<Option<(TcpStream, Lease)>, SpliceError> {
+) -> Result<Option<Machine>, SpliceError> {
     let mut abort = phase.clone();
     let connected = tokio::select! {
         c = connect_backend(shared, route) => c,
@@ -217,11 +266,22 @@ pub(super) async fn backend_or_reset(
         }
     };
     match connected {
-        Ok((backend, lease)) => {
+        Ok((stream, lease)) => {
+            let cookie = match crate::sys::socket_cookie(stream.as_fd()) {
+                Ok(cookie) => cookie,
+                Err(e) => {
+                    reset(client);
+                    return Err(SpliceError::Internal(e));
+                }
+            };
             shared
                 .live
-                .connected(client, &lease.id(), lease.addr(), &backend);
-            Ok(Some((backend, lease)))
+                .connected(peer.cookie, &lease.id(), lease.addr(), cookie);
+            Ok(Some(Machine {
+                stream,
+                cookie,
+                lease,
+            }))
         }
         Err(NoBackend::Unreachable(e)) => {
             shared
@@ -255,35 +315,59 @@ pub(super) fn proxy_header(
 }
 
 /// Connects `client` to a machine and moves its bytes on the daemon's data plane. `early`:
-/// bytes already read from the client, passed on first (after the PROXY header).
+/// when the daemon read from the client before (PostgreSQL's start), the bytes it read that
+/// are the client's stream, passed on first (after the PROXY header); `None` when nothing
+/// was read.
 pub(super) async fn connect_and_splice(
     shared: &Shared,
     client: TcpStream,
-    peer: SocketAddr,
+    peer: Peer,
     route: &Route,
     phase: watch::Receiver<Phase>,
-    early: &[u8],
+    early: Option<&[u8]>,
 ) -> Result<Outcome, SpliceError> {
-    // Held until the connection ends: it is the machine's count of live connections.
-    let Some((backend, _lease)) = backend_or_reset(shared, route, &client, &phase).await? else {
+    let Some(machine) = backend_or_reset(shared, route, &client, peer, &phase).await? else {
         return Ok(Outcome::Aborted);
     };
     // Written before any byte of the client, so it is the first thing the backend reads, once.
-    let mut header = proxy_header(route, &client, peer)?;
-    header.extend_from_slice(early);
-    splice_pair(shared, client, backend, route.service, &header, phase).await
+    let mut header = proxy_header(route, &client, peer.addr)?;
+    header.extend_from_slice(early.unwrap_or_default());
+    let joined = Joined {
+        client,
+        backend: machine.stream,
+        cookies: [peer.cookie, machine.cookie],
+        fresh: early.is_none(),
+    };
+    let ended = splice_pair(shared, joined, route.service, &header, phase).await;
+    drop(machine.lease);
+    ended
 }
 
-/// Moves the bytes of `client` and `backend`, connected, on the daemon's data plane until
-/// both directions end; `header` goes to the backend before any byte of the client.
+/// A client's connection and its machine's, connected, for the data plane.
+pub(super) struct Joined {
+    pub client: TcpStream,
+    pub backend: TcpStream,
+    /// The sockets' cookies, client first.
+    pub cookies: [u64; 2],
+    /// Neither socket was read from or written to before.
+    pub fresh: bool,
+}
+
+/// Moves the bytes of a joined pair on the daemon's data plane until both directions end;
+/// `header` goes to the backend before any byte of the client.
 pub(super) async fn splice_pair(
     shared: &Shared,
-    client: TcpStream,
-    mut backend: TcpStream,
+    joined: Joined,
     service: u32,
     header: &[u8],
     phase: watch::Receiver<Phase>,
 ) -> Result<Outcome, SpliceError> {
+    let Joined {
+        client,
+        mut backend,
+        cookies,
+        fresh,
+    } = joined;
     let max_buffer = shared.opts.max_buffer;
     for s in [&client, &backend] {
         dataplane::tune_socket(s, max_buffer, shared.plane.send_buffer(max_buffer))
@@ -294,7 +378,7 @@ pub(super) async fn splice_pair(
         Plane::Copy => Carrier::Copy,
         Plane::Sockmap(_) => Carrier::Sockmap,
     };
-    shared.live.carried(&client, carrier);
+    shared.live.carried(cookies[0], carrier);
     match &shared.plane {
         Plane::Copy => {
             write_preface(&client, &mut backend, header).await?;
@@ -305,17 +389,23 @@ pub(super) async fn splice_pair(
             // (the kernel's tcp_read_skb ignores it): a socket already read from (an upgraded
             // connection, the bytes pg_tls reads) has its queue taken here, passed on ahead.
             let mut client = client;
-            let to_client = take_queued_if_read(&backend).map_err(SpliceError::Internal)?;
-            if let Err(e) = client.write_all(&to_client).await {
-                reset(&backend);
-                return Err(SpliceError::Peer(e));
-            }
             let mut header = header.to_vec();
-            header.extend(take_queued_if_read(&client).map_err(SpliceError::Internal)?);
+            if !fresh {
+                let to_client = take_queued_if_read(&backend).map_err(SpliceError::Internal)?;
+                if let Err(e) = client.write_all(&to_client).await {
+                    reset(&backend);
+                    return Err(SpliceError::Peer(e));
+                }
+                header.extend(take_queued_if_read(&client).map_err(SpliceError::Internal)?);
+            }
             let header = &header[..];
-            let client = client.into_std().map_err(SpliceError::Internal)?;
-            let backend = backend.into_std().map_err(SpliceError::Internal)?;
-            let splicing = splicer.run(client, backend, service, header, phase.clone());
+            let sockets = Sockets {
+                client: client.into_std().map_err(SpliceError::Internal)?,
+                backend: backend.into_std().map_err(SpliceError::Internal)?,
+                cookies,
+                fresh,
+            };
+            let splicing = splicer.run(sockets, service, header, phase.clone());
             match splicing.await {
                 Spliced::Done(result) => result,
                 Spliced::Refused(client, backend) => {
@@ -328,7 +418,7 @@ pub(super) async fn splice_pair(
                         crate::sys::set_send_buffer(s.as_fd(), send_buffer)
                             .map_err(SpliceError::Internal)?;
                     }
-                    shared.live.carried(&client, Carrier::Copy);
+                    shared.live.carried(cookies[0], Carrier::Copy);
                     let client = TcpStream::from_std(client).map_err(SpliceError::Internal)?;
                     let mut backend =
                         TcpStream::from_std(backend).map_err(SpliceError::Internal)?;

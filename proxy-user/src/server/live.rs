@@ -5,7 +5,6 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::SocketAddr,
-    os::fd::AsFd,
     sync::{
         Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
@@ -15,7 +14,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::sys::{self, TcpCounters};
+use crate::sys::TcpCounters;
 
 /// How a connection's bytes move.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -83,15 +82,9 @@ impl Live {
         self.conns.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Enters a connection accepted from `peer` for `service`; `None` (and no entry) when its
-    /// socket has no cookie.
-    pub fn track(
-        &self,
-        client: &impl AsFd,
-        peer: SocketAddr,
-        service: &str,
-    ) -> Option<Tracked<'_>> {
-        let cookie = sys::socket_cookie(client.as_fd()).ok()?;
+    /// Enters a connection accepted from `peer` for `service`, keyed by its client socket's
+    /// cookie.
+    pub fn track(&self, cookie: u64, peer: SocketAddr, service: &str) -> Tracked<'_> {
         let conn = Conn {
             client: peer,
             service: service.to_owned(),
@@ -101,28 +94,20 @@ impl Live {
             since: SystemTime::now(),
         };
         self.lock().insert(cookie, conn);
-        Some(Tracked { live: self, cookie })
+        Tracked { live: self, cookie }
     }
 
-    /// Notes the machine the connection of `client` was connected to.
-    pub fn connected(&self, client: &impl AsFd, id: &str, addr: SocketAddr, machine: &impl AsFd) {
-        let (Ok(cookie), Ok(machine_cookie)) = (
-            sys::socket_cookie(client.as_fd()),
-            sys::socket_cookie(machine.as_fd()),
-        ) else {
-            return;
-        };
+    /// Notes the machine (its id, address and socket cookie) the connection whose client
+    /// socket has `cookie` was connected to.
+    pub fn connected(&self, cookie: u64, id: &str, addr: SocketAddr, machine_cookie: u64) {
         if let Some(c) = self.lock().get_mut(&cookie) {
             c.machine = Some((id.to_owned(), addr));
             c.machine_cookie = machine_cookie;
         }
     }
 
-    /// Notes how the bytes of the connection of `client` move.
-    pub fn carried(&self, client: &impl AsFd, carrier: Carrier) {
-        let Ok(cookie) = sys::socket_cookie(client.as_fd()) else {
-            return;
-        };
+    /// Notes how the bytes of the connection whose client socket has `cookie` move.
+    pub fn carried(&self, cookie: u64, carrier: Carrier) {
         if let Some(c) = self.lock().get_mut(&cookie) {
             c.carrier = carrier;
         }
@@ -134,7 +119,7 @@ impl Live {
     }
 
     /// Every live connection with what the kernel says of its sockets: `sockets`, the TCP
-    /// sockets by cookie ([`sys::diag::tcp_sockets`]); `receiving`, the cookies of sockets
+    /// sockets by cookie ([`crate::sys::diag::tcp_sockets`]); `receiving`, the cookies of sockets
     /// whose input the kernel moves now (sockmap plane), for which a spliced socket not in it
     /// is held.
     pub fn report(

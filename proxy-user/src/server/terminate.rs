@@ -4,11 +4,15 @@
 //! kernel TLS, between the client's socket, which the kernel encrypts, and the machine's. The
 //! handshake comes first, so a client that never completes one takes no machine's slot.
 
-use std::{net::SocketAddr, os::fd::AsFd as _, sync::atomic::Ordering, time::Duration};
+use std::{os::fd::AsFd as _, sync::atomic::Ordering, time::Duration};
 
 use tokio::{net::TcpStream, sync::watch};
 
-use super::{Route, Shared, connection, live::Carrier};
+use super::{
+    Route, Shared,
+    connection::{self, Machine, Peer},
+    live::Carrier,
+};
 use crate::{
     dataplane::{self, Outcome, Phase, Plane, SpliceError, copy},
     tls::{Records, TlsPort, kernel, postgres},
@@ -18,7 +22,7 @@ use crate::{
 pub(super) async fn serve(
     shared: &Shared,
     mut client: TcpStream,
-    peer: SocketAddr,
+    peer: Peer,
     route: &Route,
     tls: &TlsPort,
     phase: watch::Receiver<Phase>,
@@ -44,17 +48,24 @@ pub(super) async fn serve(
         Ok(Ok(Ok(stream))) => stream,
         Ok(Ok(Err((client, early)))) => {
             stats.pg_plaintext.fetch_add(1, Ordering::Relaxed);
-            return connection::connect_and_splice(shared, client, peer, route, phase, &early)
-                .await;
+            return connection::connect_and_splice(
+                shared,
+                client,
+                peer,
+                route,
+                phase,
+                Some(&early),
+            )
+            .await;
         }
         Ok(Err(e)) => {
             stats.tls_failed.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            tracing::debug!(peer = %peer.addr, error = %e, "TLS handshake failed");
             return Err(SpliceError::Peer(e));
         }
         Err(_) => {
             stats.tls_failed.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(%peer, ?timeout, "TLS handshake timed out");
+            tracing::debug!(peer = %peer.addr, ?timeout, "TLS handshake timed out");
             return Err(SpliceError::Peer(std::io::ErrorKind::TimedOut.into()));
         }
     };
@@ -68,13 +79,11 @@ pub(super) async fn serve(
         )
         .map_err(SpliceError::Internal)?;
         let side = crate::http::ClientSide {
-            peer,
+            peer: peer.addr,
             tls: true,
             join: None,
         };
-        shared
-            .live
-            .carried(stream.get_ref().0.get_ref(), Carrier::Http);
+        shared.live.carried(peer.cookie, Carrier::Http);
         let protocol = match stream.get_ref().1.alpn_protocol() {
             Some(b"h2") => crate::http::Protocol::Http2,
             Some(_) => crate::http::Protocol::Http1,
@@ -86,8 +95,11 @@ pub(super) async fn serve(
         return serve_kernel_tls(shared, stream, peer, route, phase).await;
     }
     let tcp = stream.get_ref().0.get_ref();
-    let Some((mut backend, _lease)) =
-        connection::backend_or_reset(shared, route, tcp, &phase).await?
+    let Some(Machine {
+        stream: mut backend,
+        lease: _lease,
+        ..
+    }) = connection::backend_or_reset(shared, route, tcp, peer, &phase).await?
     else {
         return Ok(Outcome::Aborted);
     };
@@ -96,9 +108,9 @@ pub(super) async fn serve(
         dataplane::tune_socket(s, max_buffer, Plane::Copy.send_buffer(max_buffer))
             .map_err(SpliceError::Internal)?;
     }
-    let header = connection::proxy_header(route, tcp, peer)?;
+    let header = connection::proxy_header(route, tcp, peer.addr)?;
     connection::write_preface(tcp, &mut backend, &header).await?;
-    shared.live.carried(tcp, Carrier::Tls);
+    shared.live.carried(peer.cookie, Carrier::Tls);
     copy::run_stream(stream, backend, phase, shared.opts.idle_timeout).await
 }
 
@@ -107,7 +119,7 @@ pub(super) async fn serve(
 async fn serve_kernel_tls(
     shared: &Shared,
     stream: tokio_rustls::server::TlsStream<Records<TcpStream>>,
-    peer: SocketAddr,
+    peer: Peer,
     route: &Route,
     phase: watch::Receiver<Phase>,
 ) -> Result<Outcome, SpliceError> {
@@ -121,7 +133,7 @@ async fn serve_kernel_tls(
         Ok(handed) => handed,
         Err(e) => {
             shared.stats.tls_failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, error = %e, "TLS session not handed to the kernel; reset");
+            tracing::warn!(peer = %peer.addr, error = %e, "TLS session not handed to the kernel; reset");
             if let Ok(fd) = raw {
                 socket2::SockRef::from(&fd)
                     .set_linger(Some(Duration::ZERO))
@@ -132,8 +144,11 @@ async fn serve_kernel_tls(
     };
     drop(raw);
     shared.stats.tls_kernel.fetch_add(1, Ordering::Relaxed);
-    let Some((mut backend, _lease)) =
-        connection::backend_or_reset(shared, route, &client, &phase).await?
+    let Some(Machine {
+        stream: mut backend,
+        lease: _lease,
+        ..
+    }) = connection::backend_or_reset(shared, route, &client, peer, &phase).await?
     else {
         return Ok(Outcome::Aborted);
     };
@@ -142,9 +157,9 @@ async fn serve_kernel_tls(
         dataplane::tune_socket(s, max_buffer, Plane::Copy.send_buffer(max_buffer))
             .map_err(SpliceError::Internal)?;
     }
-    let mut header = connection::proxy_header(route, &client, peer)?;
+    let mut header = connection::proxy_header(route, &client, peer.addr)?;
     header.extend_from_slice(&early);
     connection::write_preface(&client, &mut backend, &header).await?;
-    shared.live.carried(&client, Carrier::KernelTls);
+    shared.live.carried(peer.cookie, Carrier::KernelTls);
     copy::run_kernel_tls(client, backend, phase, shared.opts.idle_timeout).await
 }

@@ -30,6 +30,9 @@ impl Pair<'_> {
     /// the socket's queue; taking that for the end cut streams short.
     pub(super) fn carry(&mut self, side: Side, total: u64) -> Result<bool, SpliceError> {
         let i = side.index();
+        if self.sides[i].moved >= total && self.sides[i].pending.is_empty() {
+            return Ok(true);
+        }
         let flow = self.flow(side)?;
         let clear = self.backlog(side, &flow)? == 0;
         let cap = self.splicer.max_buffer as usize;
@@ -124,8 +127,9 @@ impl Pair<'_> {
         }
         // Whichever way the bytes went, every byte the kernel redirected must be in the
         // peer's send queue before the FIN: the shutdown fails what still waits in the
-        // peer's backlog.
-        let flow = self.flow(side)?;
+        // peer's backlog. Without a carry the flow is as read above: every byte before the
+        // FIN had been taken by the verdict, and none comes after it.
+        let flow = if carried { self.flow(side)? } else { flow };
         if self.backlog(side, &flow)? > 0 {
             return Ok(false);
         }

@@ -39,7 +39,7 @@ use super::{
 use crate::{
     faults::{self, Fault},
     sys,
-    watch::{Registry, Side, SockEvent, Watcher},
+    watch::{LocalWatch, Registry, Side, SockEvent, Watcher},
 };
 
 /// Shared by every spliced connection.
@@ -74,7 +74,8 @@ pub struct Settings {
 }
 
 impl Splicer {
-    /// Loads the kernel programs and starts the watchers of kernel and socket events.
+    /// Loads the kernel programs and starts the reader of kernel events; each thread that
+    /// splices starts its watcher of socket events at its first connection.
     pub fn load(settings: Settings) -> Result<Self, super::kernel::LoadError> {
         let Settings {
             max_buffer,
@@ -83,7 +84,7 @@ impl Splicer {
         } = settings;
         let registry = Arc::new(Registry::default());
         let kernel = Kernel::load(Arc::clone(&registry), egress_audit)?;
-        let watcher = Watcher::start(Arc::clone(&registry))?;
+        let watcher = Watcher::new(Arc::clone(&registry));
         Ok(Self {
             kernel,
             registry,
@@ -96,6 +97,17 @@ impl Splicer {
             idle_timeout,
         })
     }
+}
+
+/// A client's socket and its machine's, connected, handed to [`Splicer::run`].
+pub struct Sockets {
+    pub client: TcpStream,
+    pub backend: TcpStream,
+    /// Their cookies, client first.
+    pub cookies: [u64; 2],
+    /// Neither was read from or written to before: what each carried before the splice is
+    /// nothing, and the kernel is not asked.
+    pub fresh: bool,
 }
 
 /// What became of a pair handed to [`Splicer::run`].
@@ -118,30 +130,86 @@ impl Splicer {
     /// daemon's grace period runs out.
     pub async fn run(
         &self,
-        client: TcpStream,
-        backend: TcpStream,
+        sockets: Sockets,
         service: u32,
         preface: &[u8],
         mut phase: watch::Receiver<Phase>,
     ) -> Spliced {
-        let cookies = match (
-            sys::socket_cookie(client.as_fd()),
-            sys::socket_cookie(backend.as_fd()),
-        ) {
-            (Ok(c), Ok(b)) => [c, b],
-            (Err(e), _) | (_, Err(e)) => return Spliced::Done(Err(SpliceError::Internal(e))),
+        let cookies = sockets.cookies;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut pair = match self.pair(&sockets, service, preface.len() as u64) {
+            Ok(pair) => pair,
+            Err(e) => return Spliced::Done(Err(SpliceError::Internal(e))),
         };
-        // What each socket carried before the splice: nothing on a fresh connection; on an
-        // upgraded one, the HTTP exchange that precedes the stream the kernel moves.
+        let watch = match self.watcher.local() {
+            Ok(watch) => watch,
+            Err(e) => return Spliced::Done(Err(SpliceError::Internal(e))),
+        };
+        let mut refused = false;
+        let result = async {
+            if !self.enter(&mut pair, &watch, preface, &tx).await? {
+                refused = true;
+                return Ok(Outcome::Completed);
+            }
+            drive::drive(&mut pair, &mut rx, &mut phase).await
+        }
+        .await;
+
+        if !refused
+            && !matches!(result, Ok(Outcome::Completed | Outcome::Idle))
+            && !faults::active(Fault::FinNotReset)
+        {
+            // Abortive close: the peers see a reset, not a clean end of a truncated stream.
+            for s in [&sockets.client, &sockets.backend] {
+                socket2::SockRef::from(s)
+                    .set_linger(Some(Duration::ZERO))
+                    .ok();
+            }
+        }
+        drop(pair);
+        for cookie in cookies {
+            self.registry.remove(cookie);
+        }
+        let Sockets {
+            client, backend, ..
+        } = sockets;
+        if refused {
+            for s in [&client, &backend] {
+                watch.delete(s.as_fd()).ok();
+            }
+            self.kernel.forget(&cookies);
+            return Spliced::Refused(client, backend);
+        }
+        // Closing a socket takes it out of the socket maps and the watcher's epoll.
+        drop((client, backend));
+        let forget = if faults::active(Fault::LeakEntry) {
+            &cookies[1..]
+        } else {
+            &cookies[..]
+        };
+        self.kernel.forget_closed(forget);
+        Spliced::Done(result)
+    }
+
+    /// The state of a pair about to enter the maps; `preface`: the length of what is written
+    /// into the backend's socket before the client's bytes.
+    fn pair<'a>(
+        &'a self,
+        sockets: &'a Sockets,
+        service: u32,
+        preface: u64,
+    ) -> std::io::Result<Pair<'a>> {
+        // Bytes each socket had written and read before the splice: nothing on a fresh
+        // connection; on an upgraded one, the HTTP exchange that precedes the stream the
+        // kernel moves.
         let before = |s: &TcpStream| -> std::io::Result<(u64, u64)> {
+            if sockets.fresh {
+                return Ok((0, 0));
+            }
             Ok((sys::bytes_written(s.as_fd())?, sys::bytes_read(s.as_fd())?))
         };
-        let (client_before, backend_before) = match (before(&client), before(&backend)) {
-            (Ok(c), Ok(b)) => (c, b),
-            (Err(e), _) | (_, Err(e)) => return Spliced::Done(Err(SpliceError::Internal(e))),
-        };
-        let backend_written = backend_before.0 + preface.len() as u64;
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (client_before, backend_before) = (before(&sockets.client)?, before(&sockets.backend)?);
+        let backend_written = backend_before.0 + preface;
         let link = |peer, side: Side| Link {
             peer_cookie: peer,
             check_at: self.max_buffer,
@@ -162,18 +230,19 @@ impl Splicer {
             },
             ..Link::default()
         };
-        let mut pair = Pair {
+        let cookies = sockets.cookies;
+        Ok(Pair {
             splicer: self,
             sides: [
                 SideState::new(
-                    &client,
+                    &sockets.client,
                     cookies[0],
                     link(cookies[1], Side::Client),
                     client_before.0,
                     client_before.1,
                 ),
                 SideState::new(
-                    &backend,
+                    &sockets.backend,
                     cookies[1],
                     link(cookies[0], Side::Backend),
                     backend_written,
@@ -182,49 +251,7 @@ impl Splicer {
             ],
             started_ns: sys::monotonic_coarse_ns(),
             draining: false,
-        };
-
-        let mut refused = false;
-        let result = async {
-            if !self.enter(&mut pair, preface, &tx).await? {
-                refused = true;
-                return Ok(Outcome::Completed);
-            }
-            drive::drive(&mut pair, &mut rx, &mut phase).await
-        }
-        .await;
-
-        if !refused
-            && !matches!(result, Ok(Outcome::Completed | Outcome::Idle))
-            && !faults::active(Fault::FinNotReset)
-        {
-            // Abortive close: the peers see a reset, not a clean end of a truncated stream.
-            for s in [&client, &backend] {
-                socket2::SockRef::from(s)
-                    .set_linger(Some(Duration::ZERO))
-                    .ok();
-            }
-        }
-        drop(pair);
-        for cookie in cookies {
-            self.registry.remove(cookie);
-        }
-        if refused {
-            for s in [&client, &backend] {
-                self.watcher.delete(s.as_fd()).ok();
-            }
-            self.kernel.forget(&cookies);
-            return Spliced::Refused(client, backend);
-        }
-        // Closing a socket takes it out of the socket maps and the watcher's epoll.
-        drop((client, backend));
-        let forget = if faults::active(Fault::LeakEntry) {
-            &cookies[1..]
-        } else {
-            &cookies[..]
-        };
-        self.kernel.forget_closed(forget);
-        Spliced::Done(result)
+        })
     }
 
     /// Puts a pair's sockets in the maps and lets their bytes flow, the PROXY protocol header
@@ -233,6 +260,7 @@ impl Splicer {
     async fn enter(
         &self,
         pair: &mut Pair<'_>,
+        watch: &LocalWatch,
         preface: &[u8],
         tx: &mpsc::UnboundedSender<SockEvent>,
     ) -> Result<bool, SpliceError> {
@@ -240,7 +268,7 @@ impl Splicer {
         for side in [Side::Client, Side::Backend] {
             let cookie = cookies[side.index()];
             self.registry.add(cookie, side, tx.clone());
-            self.watcher
+            watch
                 .add(pair.fd(side), cookie)
                 .map_err(SpliceError::Internal)?;
         }
