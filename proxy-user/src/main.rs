@@ -134,6 +134,12 @@ struct RunArgs {
     /// public address (`SO_REUSEPORT`); default: one per CPU.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     workers: Option<u16>,
+    /// Once the programs are loaded and the ports bound, run as this user (and its groups),
+    /// keeping only `CAP_NET_ADMIN` (socket buffers past the host's caps, a congestion control
+    /// the host does not allow everyone) and `CAP_NET_BIND_SERVICE` (ports below 1024 that a
+    /// reload adds). Machines spliced starts run as this user too.
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
     /// How long a connection that finds no machine running waits for one of the machines
     /// spliced runs (`[[machines]]` with `command`) to start and accept.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
@@ -239,6 +245,15 @@ impl TryFrom<&RunArgs> for RunOptions {
             },
             autostop_interval: a.autostop_interval,
             config_path: Some(a.config.clone()),
+            user: a
+                .user
+                .as_ref()
+                .map(|name| {
+                    proxy_user::sys::lookup_user(name)
+                        .map(|id| (name.clone(), id))
+                        .map_err(|e| anyhow::anyhow!("--user {name}: {e}"))
+                })
+                .transpose()?,
         })
     }
 }

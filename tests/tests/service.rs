@@ -256,3 +256,153 @@ fn logs_as_json() {
         );
     }
 }
+
+/// What `--user` keeps: `CAP_NET_ADMIN` (12) and `CAP_NET_BIND_SERVICE` (10).
+const USER_CAPS: u64 = (1 << 12) | (1 << 10);
+
+/// The children of process `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(child) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let parent = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .map(str::trim);
+        if parent == Some(&pid.to_string()) {
+            found.push(child);
+        }
+    }
+    found
+}
+
+/// The credentials of one thread or process, as /proc shows them, checked against the user
+/// (65534) with `caps` kept, and `bounding` the most it or its children may ever have.
+fn assert_switched(status_path: &Path, caps: u64, bounding: u64) {
+    let status = std::fs::read_to_string(status_path)
+        .unwrap_or_else(|e| panic!("{}: {e}", status_path.display()));
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+            .trim()
+            .to_owned()
+    };
+    for ids in ["Uid", "Gid"] {
+        let v = field(ids);
+        assert!(
+            v.split_whitespace().all(|u| u == "65534"),
+            "{}: {ids} {v}",
+            status_path.display()
+        );
+    }
+    for (set, want) in [
+        ("CapEff", caps),
+        ("CapPrm", caps),
+        ("CapBnd", bounding),
+        ("CapInh", 0),
+        ("CapAmb", 0),
+    ] {
+        let got = u64::from_str_radix(&field(set), 16).expect("hex");
+        assert_eq!(got, want, "{}: {set} {got:#x}", status_path.display());
+    }
+}
+
+/// `--user`: started as root, the daemon loads its programs and binds its ports, then every
+/// one of its threads runs as the user with only the two capabilities it keeps, each shown
+/// to be in use: the kernel moves the bytes, the proxied sockets get receive buffers past
+/// `net.core.rmem_max` (`CAP_NET_ADMIN`), a reload binds port 80 (`CAP_NET_BIND_SERVICE`),
+/// and a machine the daemon starts runs as the user with no capability at all.
+#[test]
+fn switches_every_thread_to_the_user_keeping_two_capabilities() {
+    let net = Net::new(Topo::Loopback);
+    let echo = tests::apps::go_app("goecho");
+    let config = |ports: &str| {
+        format!(
+            "app = \"as-user\"\n\n[[services]]\n  internal_port = {}\n  protocol = \"tcp\"\n  auto_stop_machines = \"off\"\n{ports}\n[[machines]]\n  id = \"echo\"\n  command = [\"sh\", \"-c\", \"exec {} 127.0.0.1:$PORT\"]\n",
+            tests::BACKEND_PORT,
+            echo.display()
+        )
+    };
+    let public = format!("  [[services.ports]]\n    port = {}\n", tests::PUBLIC_PORT);
+    // A bound whose receive buffers (1.5 times it, half of that asked for) pass the host's cap.
+    let rmem_max: u64 = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .expect("rmem_max")
+        .trim()
+        .parse()
+        .expect("number");
+    let max_buffer = (rmem_max * 2).next_multiple_of(1 << 16);
+    let daemon = Daemon::start_config(
+        &net.proxy,
+        &config(&public),
+        Plane::Sockmap,
+        &["--user", "nobody", "--max-buffer", &max_buffer.to_string()],
+    );
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{}/task", daemon.pid))
+        .expect("tasks")
+        .map(|t| t.expect("task").path().join("status"))
+        .collect();
+    assert!(tasks.len() >= 3, "threads: {tasks:?}");
+    for status in &tasks {
+        assert_switched(status, USER_CAPS, USER_CAPS);
+    }
+
+    // The first connection starts the machine.
+    let mut c = net.connect();
+    c.write_all(b"as a user").expect("write");
+    let mut got = [0; 9];
+    c.read_exact(&mut got).expect("echo");
+    assert_eq!(&got, b"as a user");
+    let buffers: Vec<i32> = daemon
+        .tcp_sockets()
+        .iter()
+        .filter(|s| tests::sockopt(*s, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) == 0)
+        .map(|s| tests::sockopt(s, libc::SOL_SOCKET, libc::SO_RCVBUF))
+        .collect();
+    assert_eq!(buffers.len(), 2, "the daemon's connected sockets");
+    assert!(
+        buffers
+            .iter()
+            .all(|&b| u64::try_from(b) == Ok(max_buffer * 3 / 2) && b as u64 / 2 > rmem_max),
+        "receive buffers {buffers:?} past rmem_max {rmem_max}"
+    );
+    let machines = children(daemon.pid);
+    assert_eq!(machines.len(), 1, "the machine's process: {machines:?}");
+    assert_switched(
+        Path::new(&format!("/proc/{}/status", machines[0])),
+        0,
+        USER_CAPS,
+    );
+    c.shutdown(Shutdown::Write).expect("half-close");
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).expect("end of stream");
+    let s = daemon.wait_idle();
+    assert_eq!(s["connections"]["completed"], 1, "{s:#}");
+    assert!(
+        s["kernel"]["services"][0]["bytes_to_backend"]
+            .as_u64()
+            .is_some_and(|b| b >= 9),
+        "the kernel moved the bytes: {s:#}"
+    );
+
+    let low = format!("{public}  [[services.ports]]\n    port = 80\n");
+    let s = daemon.reload(&config(&low));
+    assert_eq!(s["reloads"]["done"], 1, "{s:#}\n{}", daemon.log());
+    let addr = std::net::SocketAddr::new(net.public().ip(), 80);
+    let mut c = net
+        .client()
+        .connect(addr)
+        .expect("port 80 after the reload");
+    c.write_all(b"low port").expect("write");
+    let mut got = [0; 8];
+    c.read_exact(&mut got).expect("echo");
+    assert_eq!(&got, b"low port");
+    drop(c);
+    daemon.stop();
+}

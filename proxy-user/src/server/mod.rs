@@ -81,7 +81,17 @@ pub struct RunOptions {
     pub autostop_interval: Duration,
     /// The config file, read again on SIGHUP.
     pub config_path: Option<PathBuf>,
+    /// The user the daemon becomes once its programs are loaded and its ports bound.
+    pub user: Option<(String, crate::sys::Identity)>,
 }
+
+/// The capabilities a daemon that changed user keeps, found by running the integration
+/// checks as that user: `CAP_NET_ADMIN` (12) for socket buffers past `net.core.rmem_max` and
+/// `wmem_max` (`SO_RCVBUFFORCE`, `SO_SNDBUFFORCE`) and for a congestion control the host
+/// does not allow everyone; `CAP_NET_BIND_SERVICE` (10) for a port below 1024 that a reload
+/// adds. The maps need none once loaded (the kernel checks capabilities when a map is made
+/// or a program loaded, not when an open map is read or written).
+pub const KEPT_CAPABILITIES: u64 = (1 << 12) | (1 << 10);
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +122,12 @@ pub enum StartError {
     Congestion {
         name: String,
         available: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--user {name}: cannot switch to it: {source}")]
+    User {
+        name: String,
         #[source]
         source: std::io::Error,
     },
@@ -259,6 +275,9 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         reloads: ReloadStats::default(),
         live: live::Live::default(),
     });
+    let endpoints = endpoints(&shared).await?;
+    // Before the workers and the machines start, which then begin as the user.
+    become_user(&shared.opts)?;
     shared.current().start(None);
     let _autostop = autostop(Arc::clone(&shared));
     let _certs = certs
@@ -275,7 +294,6 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         threads.push(thread);
     }
 
-    let endpoints = endpoints(&shared).await?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
     tracing::info!("spliced is serving");
@@ -289,21 +307,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         }
     }
 
-    crate::sys::notify("STOPPING=1");
-    let live = shared.stats.active.load(Ordering::Acquire);
-    tracing::info!(live, grace = ?shared.opts.grace, "stopping: no longer accepting");
-    // Each worker closes its listeners at once and serves its connections to their end.
-    phase_tx.send_replace(Phase::Drain);
-    shared.live.set_draining();
-    let drained = tokio::time::timeout(shared.opts.grace, shared.all_ended()).await;
-    if drained.is_err() {
-        tracing::warn!(
-            left = shared.stats.active.load(Ordering::Acquire),
-            "grace period over: closing live connections"
-        );
-        phase_tx.send_replace(Phase::Abort);
-        shared.all_ended().await;
-    }
+    drain(&shared, &phase_tx).await;
     let joined = tokio::task::spawn_blocking(move || {
         for t in threads {
             if t.join().is_err() {
@@ -321,6 +325,39 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         std::fs::remove_file(path).ok();
     }
     tracing::info!(stats = %serde_json::to_string(&admin::snapshot(&shared)).unwrap_or_default(), "stopped");
+    Ok(())
+}
+
+/// Stops accepting, lets live connections finish for the grace period, then closes the
+/// rest and waits until none is left.
+async fn drain(shared: &Shared, phase_tx: &watch::Sender<Phase>) {
+    crate::sys::notify("STOPPING=1");
+    let live = shared.stats.active.load(Ordering::Acquire);
+    tracing::info!(live, grace = ?shared.opts.grace, "stopping: no longer accepting");
+    // Each worker closes its listeners at once and serves its connections to their end.
+    phase_tx.send_replace(Phase::Drain);
+    shared.live.set_draining();
+    let drained = tokio::time::timeout(shared.opts.grace, shared.all_ended()).await;
+    if drained.is_err() {
+        tracing::warn!(
+            left = shared.stats.active.load(Ordering::Acquire),
+            "grace period over: closing live connections"
+        );
+        phase_tx.send_replace(Phase::Abort);
+        shared.all_ended().await;
+    }
+}
+
+/// Switches the daemon to `--user`, if given, keeping [`KEPT_CAPABILITIES`].
+fn become_user(opts: &RunOptions) -> Result<(), StartError> {
+    let Some((name, who)) = &opts.user else {
+        return Ok(());
+    };
+    crate::sys::become_user(who, KEPT_CAPABILITIES).map_err(|source| StartError::User {
+        name: name.clone(),
+        source,
+    })?;
+    tracing::info!(user = %name, uid = who.uid, "running as an unprivileged user, with CAP_NET_ADMIN and CAP_NET_BIND_SERVICE");
     Ok(())
 }
 

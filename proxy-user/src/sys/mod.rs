@@ -1,7 +1,8 @@
 //! The few system calls the standard library and socket2 do not offer, by subject: TCP
 //! sockets ([`tcp`]), BPF maps ([`bpf`]), epoll and tokio registration ([`epoll`]), cgroup
 //! mounts ([`mount`]), machines' processes ([`process`]), the service manager ([`notify`]),
-//! kernel TLS ([`ktls`]), the kernel's table of TCP sockets ([`diag`]).
+//! kernel TLS ([`ktls`]), the kernel's table of TCP sockets ([`diag`]), the daemon's user and
+//! capabilities (`user`).
 //! Every `unsafe` block of the daemon lives here.
 
 mod bpf;
@@ -12,6 +13,7 @@ mod mount;
 mod notify;
 mod process;
 mod tcp;
+mod user;
 
 pub use bpf::{map_delete, map_delete_all, map_lookup, map_update, map_update_batch};
 pub use epoll::{Epoll, async_readable, ev, read_pod};
@@ -23,6 +25,7 @@ pub use tcp::{
     receive_memory, send_queue, set_congestion, set_no_delay, set_receive_buffer, set_send_buffer,
     socket_cookie, tcp_counters,
 };
+pub use user::{Identity, become_user, lookup_user};
 
 use std::{
     io,
