@@ -14,6 +14,8 @@ use crate::{balance::PoolStats, dataplane::Plane};
 /// The counters served on the admin socket and logged at exit.
 #[derive(Serialize)]
 pub(super) struct Snapshot<'a> {
+    /// The daemon's process id (after an upgrade, the new process's).
+    pid: u32,
     dataplane: &'static str,
     connections: &'a ConnStats,
     http: &'a crate::http::HttpStats,
@@ -21,7 +23,7 @@ pub(super) struct Snapshot<'a> {
     services: serde_json::Value,
     /// The machines spliced runs: state, process and counters.
     machines: serde_json::Value,
-    /// SIGHUP reloads served and refused.
+    /// SIGHUP reloads served and refused, and SIGUSR2 upgrades that did not happen.
     reloads: &'a super::ReloadStats,
     kernel: Option<KernelSnapshot>,
 }
@@ -96,6 +98,7 @@ pub(super) fn snapshot(shared: &Shared) -> Snapshot<'_> {
         .collect();
     let machines: Vec<_> = current.managed.iter().map(|m| m.snapshot()).collect();
     Snapshot {
+        pid: std::process::id(),
         dataplane: shared.plane.name(),
         connections: &shared.stats,
         http: &shared.http,
@@ -149,13 +152,24 @@ async fn request(stream: &mut tokio::net::UnixStream) -> String {
 pub(super) fn start_admin(
     path: &Path,
     shared: Arc<Shared>,
-) -> Result<tokio::task::JoinHandle<()>, StartError> {
-    std::fs::remove_file(path).ok();
-    let listener = tokio::net::UnixListener::bind(path).map_err(|source| StartError::Admin {
+    inherited: Option<std::os::unix::net::UnixListener>,
+) -> Result<(tokio::task::JoinHandle<()>, std::os::fd::OwnedFd), StartError> {
+    let error = |source| StartError::Admin {
         path: path.to_path_buf(),
         source,
-    })?;
-    Ok(tokio::spawn(async move {
+    };
+    // Handed over by the process this one upgraded, the path already leads to it.
+    let listener = if let Some(l) = inherited {
+        l.set_nonblocking(true).map_err(error)?;
+        tokio::net::UnixListener::from_std(l).map_err(error)?
+    } else {
+        std::fs::remove_file(path).ok();
+        tokio::net::UnixListener::bind(path).map_err(error)?
+    };
+    let copy = std::os::fd::AsFd::as_fd(&listener)
+        .try_clone_to_owned()
+        .map_err(error)?;
+    let task = tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             let shared = Arc::clone(&shared);
             tokio::spawn(async move {
@@ -165,5 +179,6 @@ pub(super) fn start_admin(
                 let _ = stream.shutdown().await;
             });
         }
-    }))
+    });
+    Ok((task, copy))
 }

@@ -169,18 +169,36 @@ pub(super) struct Ports {
     listen_addrs: Vec<IpAddr>,
     open: HashMap<u16, watch::Sender<Option<Arc<Route>>>>,
     workers: Vec<mpsc::UnboundedSender<NewListener>>,
+    /// A copy of each open port's listeners, for an upgrade to hand over; dropped with the
+    /// port, so that a port gone from the config is closed once its workers let go.
+    copies: HashMap<u16, Vec<(SocketAddr, std::os::fd::OwnedFd)>>,
+    /// Listeners handed over by the process this one upgraded, taken before binding anew;
+    /// those the first config does not use are closed after it.
+    inherited: HashMap<SocketAddr, Vec<std::net::TcpListener>>,
 }
 
 impl Ports {
     pub fn new(
         listen_addrs: Vec<IpAddr>,
         workers: Vec<mpsc::UnboundedSender<NewListener>>,
+        inherited: HashMap<SocketAddr, Vec<std::net::TcpListener>>,
     ) -> Self {
         Self {
             listen_addrs,
             open: HashMap::new(),
             workers,
+            copies: HashMap::new(),
+            inherited,
         }
+    }
+
+    /// Copies of every open listener, with its address.
+    pub fn listener_copies(&self) -> std::io::Result<Vec<(SocketAddr, std::os::fd::OwnedFd)>> {
+        let mut out = Vec::new();
+        for (addr, fd) in self.copies.values().flatten() {
+            out.push((*addr, fd.try_clone()?));
+        }
+        Ok(out)
     }
 
     /// Serves `routes`: a port already open keeps its listeners and takes its new route for
@@ -196,15 +214,20 @@ impl Ports {
             let mut bound = Vec::new();
             for ip in &self.listen_addrs {
                 let addr = SocketAddr::new(*ip, port);
-                for _ in &self.workers {
-                    bound.push(
+                // Every listener handed over stays in service, so that no connection queued
+                // on one is lost; a worker may then accept on several of an address.
+                let mut taken = self.inherited.remove(&addr).unwrap_or_default();
+                while taken.len() < self.workers.len() {
+                    taken.push(
                         listen::bind(addr).map_err(|source| StartError::Bind { addr, source })?,
                     );
                 }
+                bound.extend(taken.into_iter().map(|l| (addr, l)));
                 tracing::info!(%addr, service = %route.pool.service, proxy_proto = ?route.proxy_proto, workers = self.workers.len(), "listening");
             }
             fresh.push((port, Arc::clone(route), bound));
         }
+        self.inherited.clear();
         for (port, tx) in &self.open {
             let next = routes.get(port).cloned();
             if next.is_none() {
@@ -216,9 +239,20 @@ impl Ports {
             tx.send_replace(next);
         }
         self.open.retain(|port, _| routes.contains_key(port));
+        self.copies.retain(|port, _| routes.contains_key(port));
         for (port, route, bound) in fresh {
             let (tx, rx) = watch::channel(Some(route));
-            for (i, listener) in bound.into_iter().enumerate() {
+            let mut copies = Vec::new();
+            for (addr, listener) in &bound {
+                match std::os::fd::AsFd::as_fd(listener).try_clone_to_owned() {
+                    Ok(fd) => copies.push((*addr, fd)),
+                    Err(e) => {
+                        tracing::warn!(%addr, error = %e, "a listener cannot be copied: an upgrade will not hand it over");
+                    }
+                }
+            }
+            self.copies.insert(port, copies);
+            for (i, (_, listener)) in bound.into_iter().enumerate() {
                 // One listener of each address per worker.
                 let worker = &self.workers[i % self.workers.len()];
                 if worker.send((listener, rx.clone())).is_err() {

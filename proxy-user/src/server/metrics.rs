@@ -392,12 +392,22 @@ fn render(shared: &Arc<Shared>) -> String {
 pub(super) async fn start_metrics(
     addr: SocketAddr,
     shared: Arc<Shared>,
-) -> Result<tokio::task::JoinHandle<()>, StartError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Metrics { addr, source })?;
+    inherited: Option<std::net::TcpListener>,
+) -> Result<(tokio::task::JoinHandle<()>, std::os::fd::OwnedFd), StartError> {
+    let error = |source| StartError::Metrics { addr, source };
+    let listener = match inherited {
+        // Handed over by the process this one upgraded.
+        Some(l) => {
+            l.set_nonblocking(true).map_err(error)?;
+            tokio::net::TcpListener::from_std(l).map_err(error)?
+        }
+        None => tokio::net::TcpListener::bind(addr).await.map_err(error)?,
+    };
+    let copy = std::os::fd::AsFd::as_fd(&listener)
+        .try_clone_to_owned()
+        .map_err(error)?;
     tracing::info!(%addr, "metrics served at /metrics");
-    Ok(tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let shared = Arc::clone(&shared);
             tokio::spawn(async move {
@@ -421,5 +431,6 @@ pub(super) async fn start_metrics(
                     .await;
             });
         }
-    }))
+    });
+    Ok((task, copy))
 }

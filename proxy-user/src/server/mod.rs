@@ -10,6 +10,7 @@ mod listen;
 mod live;
 mod metrics;
 mod terminate;
+mod upgrade;
 
 pub use listen::worker_index;
 
@@ -125,6 +126,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("upgrade: receiving the sockets of the process before: {0}")]
+    Upgrade(#[source] std::io::Error),
     #[error("--user {name}: cannot switch to it: {source}")]
     User {
         name: String,
@@ -210,6 +213,8 @@ struct Shared {
 pub struct ReloadStats {
     pub done: AtomicU64,
     pub failed: AtomicU64,
+    /// SIGUSR2s that left this process serving (refused, or the new process did not serve).
+    pub upgrades_failed: AtomicU64,
 }
 
 impl Shared {
@@ -233,6 +238,7 @@ impl Shared {
 /// Runs the daemon until a stop signal and the end of the grace period; SIGHUP re-reads the
 /// config (see [`generation`]).
 pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
+    let mut inherited = upgrade::Inherited::receive().map_err(StartError::Upgrade)?;
     let settings = sockmap::Settings {
         max_buffer: opts.max_buffer,
         idle_timeout: opts.idle_timeout,
@@ -258,7 +264,11 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     let workers = opts.workers.max(1);
     let (worker_tx, worker_rx): (Vec<_>, Vec<_>) =
         (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
-    let mut ports = Ports::new(listen_addrs, worker_tx);
+    let mut ports = Ports::new(
+        listen_addrs,
+        worker_tx,
+        std::mem::take(&mut inherited.listeners),
+    );
     ports.apply(&first.routes)?;
     if first.routes.is_empty() {
         // An app without services (a worker, a VPN node) is valid: Fly routes nothing to it.
@@ -275,7 +285,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         reloads: ReloadStats::default(),
         live: live::Live::default(),
     });
-    let endpoints = endpoints(&shared).await?;
+    let endpoints = endpoints(&shared, &mut inherited).await?;
     // Before the workers and the machines start, which then begin as the user.
     become_user(&shared.opts)?;
     shared.current().start(None);
@@ -294,44 +304,145 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         threads.push(thread);
     }
 
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
     tracing::info!("spliced is serving");
     // The programs are loaded and every port is bound.
     crate::sys::notify(&format!("READY=1\nMAINPID={}", std::process::id()));
+    inherited.serving();
+    let successor = serve_signals(&shared, &mut ports, &mut certs, &endpoints).await?;
+    let stopping = Stopping {
+        phase: phase_tx,
+        threads,
+        ports,
+        endpoints,
+        successor,
+    };
+    stopping.finish(&shared).await;
+    Ok(())
+}
+
+/// Handles signals until one stops the daemon: SIGINT or SIGTERM, or SIGUSR2 once a new
+/// process serves in this one's place (its pid).
+async fn serve_signals(
+    shared: &Arc<Shared>,
+    ports: &mut Ports,
+    certs: &mut Option<Arc<crate::tls::CertStore>>,
+    endpoints: &Endpoints,
+) -> Result<Option<u32>, StartError> {
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut sigusr2 = signal(SignalKind::user_defined2())?;
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
-            _ = sighup.recv() => reload(&shared, &mut ports, &mut certs),
-        }
-    }
-
-    drain(&shared, &phase_tx).await;
-    let joined = tokio::task::spawn_blocking(move || {
-        for t in threads {
-            if t.join().is_err() {
-                tracing::error!("a worker thread panicked");
+            _ = tokio::signal::ctrl_c() => return Ok(None),
+            _ = sigterm.recv() => return Ok(None),
+            _ = sighup.recv() => reload(shared, ports, certs),
+            _ = sigusr2.recv() => {
+                if let Some(pid) = upgrade(shared, ports, endpoints).await {
+                    return Ok(Some(pid));
+                }
             }
         }
-    });
-    joined.await.ok();
-    drop(ports);
-    stop_machines(&shared.current().managed).await;
-    for task in endpoints {
-        task.abort();
     }
-    if let Some(path) = &shared.opts.admin_socket {
-        std::fs::remove_file(path).ok();
+}
+
+/// SIGUSR2: starts the new process and hands it the listening sockets; its pid once it
+/// serves, `None` (logged) when it did not, and this one serves on.
+async fn upgrade(shared: &Shared, ports: &Ports, endpoints: &Endpoints) -> Option<u32> {
+    let refused = if !shared.current().managed.is_empty() {
+        Some(upgrade::UpgradeError::Machines)
+    } else if shared.opts.user.is_some() {
+        Some(upgrade::UpgradeError::User)
+    } else {
+        None
+    };
+    let copies = || -> std::io::Result<upgrade::Handover> {
+        let copy = |fd: &Option<std::os::fd::OwnedFd>| {
+            fd.as_ref().map(std::os::fd::OwnedFd::try_clone).transpose()
+        };
+        Ok(upgrade::Handover {
+            listeners: ports.listener_copies()?,
+            admin: copy(&endpoints.admin)?,
+            metrics: copy(&endpoints.metrics)?,
+        })
+    };
+    let started = match refused {
+        Some(e) => Err(e),
+        None => match copies() {
+            Ok(handover) => {
+                tokio::task::spawn_blocking(move || upgrade::start_successor(&handover))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e).into()))
+            }
+            Err(e) => Err(e.into()),
+        },
+    };
+    match started {
+        Ok(pid) => Some(pid),
+        Err(e) => {
+            shared
+                .reloads
+                .upgrades_failed
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!("SIGUSR2: no upgrade, still serving: {e}");
+            None
+        }
     }
-    tracing::info!(stats = %serde_json::to_string(&admin::snapshot(&shared)).unwrap_or_default(), "stopped");
-    Ok(())
+}
+
+/// What is left to stop once the daemon stops accepting.
+struct Stopping {
+    phase: watch::Sender<Phase>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    ports: Ports,
+    endpoints: Endpoints,
+    /// The process that took over, after an upgrade.
+    successor: Option<u32>,
+}
+
+impl Stopping {
+    async fn finish(self, shared: &Arc<Shared>) {
+        match self.successor {
+            Some(pid) => {
+                // The service manager follows the new process; this one is no longer it.
+                crate::sys::notify(&format!("MAINPID={pid}"));
+                for task in &self.endpoints.tasks {
+                    task.abort();
+                }
+                tracing::info!(
+                    successor = pid,
+                    "upgraded: no longer accepting, serving the connections left"
+                );
+            }
+            None => crate::sys::notify("STOPPING=1"),
+        }
+        drain(shared, &self.phase).await;
+        let threads = self.threads;
+        let joined = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                if t.join().is_err() {
+                    tracing::error!("a worker thread panicked");
+                }
+            }
+        });
+        joined.await.ok();
+        drop(self.ports);
+        stop_machines(&shared.current().managed).await;
+        for task in self.endpoints.tasks {
+            task.abort();
+        }
+        // After an upgrade the path leads to the new process's socket.
+        if self.successor.is_none()
+            && let Some(path) = &shared.opts.admin_socket
+        {
+            std::fs::remove_file(path).ok();
+        }
+        tracing::info!(stats = %serde_json::to_string(&admin::snapshot(shared)).unwrap_or_default(), "stopped");
+    }
 }
 
 /// Stops accepting, lets live connections finish for the grace period, then closes the
 /// rest and waits until none is left.
 async fn drain(shared: &Shared, phase_tx: &watch::Sender<Phase>) {
-    crate::sys::notify("STOPPING=1");
     let live = shared.stats.active.load(Ordering::Acquire);
     tracing::info!(live, grace = ?shared.opts.grace, "stopping: no longer accepting");
     // Each worker closes its listeners at once and serves its connections to their end.
@@ -361,16 +472,37 @@ fn become_user(opts: &RunOptions) -> Result<(), StartError> {
     Ok(())
 }
 
-/// The admin socket and the metrics endpoint, those asked for, serving.
-async fn endpoints(shared: &Arc<Shared>) -> Result<Vec<tokio::task::JoinHandle<()>>, StartError> {
-    let mut tasks = Vec::new();
+/// The admin socket and the metrics endpoint serving, and a copy of each one's listener for
+/// an upgrade to hand over.
+struct Endpoints {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    admin: Option<std::os::fd::OwnedFd>,
+    metrics: Option<std::os::fd::OwnedFd>,
+}
+
+/// The admin socket and the metrics endpoint, those asked for, serving: on the listeners
+/// handed over by an upgrade when there are.
+async fn endpoints(
+    shared: &Arc<Shared>,
+    inherited: &mut upgrade::Inherited,
+) -> Result<Endpoints, StartError> {
+    let mut out = Endpoints {
+        tasks: Vec::new(),
+        admin: None,
+        metrics: None,
+    };
     if let Some(path) = &shared.opts.admin_socket {
-        tasks.push(admin::start_admin(path, Arc::clone(shared))?);
+        let (task, copy) = admin::start_admin(path, Arc::clone(shared), inherited.admin.take())?;
+        out.tasks.push(task);
+        out.admin = Some(copy);
     }
     if let Some(addr) = shared.opts.metrics_addr {
-        tasks.push(metrics::start_metrics(addr, Arc::clone(shared)).await?);
+        let (task, copy) =
+            metrics::start_metrics(addr, Arc::clone(shared), inherited.metrics.take()).await?;
+        out.tasks.push(task);
+        out.metrics = Some(copy);
     }
-    Ok(tasks)
+    Ok(out)
 }
 
 /// The stop rule, every `--autostop-interval`, on the services of the config of the moment.

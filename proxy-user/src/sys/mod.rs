@@ -2,12 +2,13 @@
 //! sockets ([`tcp`]), BPF maps ([`bpf`]), epoll and tokio registration ([`epoll`]), cgroup
 //! mounts ([`mount`]), machines' processes ([`process`]), the service manager ([`notify`]),
 //! kernel TLS ([`ktls`]), the kernel's table of TCP sockets ([`diag`]), the daemon's user and
-//! capabilities (`user`).
+//! capabilities (`user`), descriptors passed to the next process on an upgrade (`handover`).
 //! Every `unsafe` block of the daemon lives here.
 
 mod bpf;
 pub mod diag;
 mod epoll;
+mod handover;
 pub mod ktls;
 mod mount;
 mod notify;
@@ -17,6 +18,7 @@ mod user;
 
 pub use bpf::{map_delete, map_delete_all, map_lookup, map_update, map_update_batch};
 pub use epoll::{Epoll, async_readable, ev, read_pod};
+pub use handover::{inherit_fd, recv_record, send_record, seqpacket_pair, take_env_fd};
 pub use mount::{detach_mount, mount_cgroup2};
 pub use notify::{NOTIFY_SOCKET, notify};
 pub use process::{die_with_parent, signal_group};

@@ -1,0 +1,138 @@
+//! Passing descriptors to another process: a Unix `SOCK_SEQPACKET` pair, whose records keep
+//! their bounds, each record a short message with at most one descriptor (`SCM_RIGHTS`).
+
+use std::{
+    io,
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+};
+
+/// A connected pair of `SOCK_SEQPACKET` Unix sockets, both close-on-exec.
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: socketpair writes two descriptors into the array passed.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just made and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Space for one descriptor's control message.
+const CMSG_SPACE: usize = 32;
+
+/// Sends one record: `payload`, and `fd` with it if given.
+pub fn send_record(
+    sock: BorrowedFd<'_>,
+    payload: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr().cast_mut().cast(),
+        iov_len: payload.len(),
+    };
+    let mut control = [0u8; CMSG_SPACE];
+    // SAFETY: a plain C struct, all zeroes is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    if let Some(fd) = fd {
+        let raw: RawFd = fd.as_raw_fd();
+        msg.msg_control = control.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE and CMSG_LEN only compute sizes.
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
+        // SAFETY: the control buffer is large enough for one header and one descriptor, and
+        // the header pointer is within it.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), raw);
+        }
+    }
+    // SAFETY: every pointer in `msg` refers to a live local for the call.
+    let sent = unsafe { libc::sendmsg(sock.as_raw_fd(), &raw const msg, libc::MSG_NOSIGNAL) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Receives one record into `buf`: its length (0 at the peer's end) and the descriptor that
+/// came with it, made close-on-exec.
+pub fn recv_record(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut control = [0u8; CMSG_SPACE];
+    // SAFETY: a plain C struct, all zeroes is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len();
+    // SAFETY: every pointer in `msg` refers to a live local for the call.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &raw mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+        return Err(io::Error::other("a handover record was cut short"));
+    }
+    let mut fd = None;
+    // SAFETY: the kernel filled the control buffer; the macros walk it within its length.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let raw = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>());
+                fd = Some(OwnedFd::from_raw_fd(raw));
+            }
+            cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
+        }
+    }
+    Ok((usize::try_from(n).unwrap_or(0), fd))
+}
+
+/// Makes `cmd`'s child keep `fd` open across exec (it is close-on-exec here).
+pub fn inherit_fd(cmd: &mut std::process::Command, fd: RawFd) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: the closure runs between fork and exec and calls only fcntl, which is
+    // async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The descriptor named by the environment variable `name`, now owned here, and the variable
+/// removed so that no process started from here inherits it; `None` when it is not set.
+pub fn take_env_fd(name: &str) -> io::Result<Option<OwnedFd>> {
+    let Some(raw) = std::env::var_os(name) else {
+        return Ok(None);
+    };
+    // SAFETY: called once, early in the daemon's start, before any thread it starts reads
+    // or writes the environment.
+    unsafe { std::env::remove_var(name) };
+    let fd: RawFd = raw
+        .to_str()
+        .and_then(|s| s.parse().ok())
+        .filter(|fd| *fd >= 0)
+        .ok_or_else(|| io::Error::other(format!("{name}: not a descriptor number")))?;
+    // SAFETY: the process that started this one passed this descriptor, open, for this one
+    // to own; a descriptor that is not open makes the first read fail.
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
