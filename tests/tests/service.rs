@@ -136,6 +136,11 @@ fn unit_verifies_and_scores() {
 /// The field `name` of /proc/PID/status.
 fn status_field(pid: u32, name: &str) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    field(&status, name)
+}
+
+/// The field `name` of a /proc status text.
+fn field(status: &str, name: &str) -> String {
     status
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
@@ -221,11 +226,17 @@ fn serves_unprivileged_with_the_units_capabilities() {
     assert_eq!(&got, b"unprivileged");
     c.shutdown(Shutdown::Write).expect("half-close");
     let s = daemon.wait_idle();
+    assert_kernel_moved(&s, 12);
+}
+
+/// The snapshot `s` shows the kernel moved at least `bytes` to the backend, with one
+/// connection completed.
+fn assert_kernel_moved(s: &serde_json::Value, bytes: u64) {
     assert_eq!(s["connections"]["completed"], 1, "{s:#}");
     assert!(
         s["kernel"]["services"][0]["bytes_to_backend"]
             .as_u64()
-            .is_some_and(|b| b >= 12),
+            .is_some_and(|b| b >= bytes),
         "the kernel moved the bytes: {s:#}"
     );
 }
@@ -286,16 +297,8 @@ fn children(pid: u32) -> Vec<u32> {
 fn assert_switched(status_path: &Path, caps: u64, bounding: u64) {
     let status = std::fs::read_to_string(status_path)
         .unwrap_or_else(|e| panic!("{}: {e}", status_path.display()));
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .unwrap_or_else(|| panic!("no {name} in {status}"))
-            .trim()
-            .to_owned()
-    };
     for ids in ["Uid", "Gid"] {
-        let v = field(ids);
+        let v = field(&status, ids);
         assert!(
             v.split_whitespace().all(|u| u == "65534"),
             "{}: {ids} {v}",
@@ -309,7 +312,7 @@ fn assert_switched(status_path: &Path, caps: u64, bounding: u64) {
         ("CapInh", 0),
         ("CapAmb", 0),
     ] {
-        let got = u64::from_str_radix(&field(set), 16).expect("hex");
+        let got = u64::from_str_radix(&field(&status, set), 16).expect("hex");
         assert_eq!(got, want, "{}: {set} {got:#x}", status_path.display());
     }
 }
@@ -383,13 +386,7 @@ fn switches_every_thread_to_the_user_keeping_two_capabilities() {
     let mut rest = Vec::new();
     c.read_to_end(&mut rest).expect("end of stream");
     let s = daemon.wait_idle();
-    assert_eq!(s["connections"]["completed"], 1, "{s:#}");
-    assert!(
-        s["kernel"]["services"][0]["bytes_to_backend"]
-            .as_u64()
-            .is_some_and(|b| b >= 9),
-        "the kernel moved the bytes: {s:#}"
-    );
+    assert_kernel_moved(&s, 9);
 
     let low = format!("{public}  [[services.ports]]\n    port = 80\n");
     let s = daemon.reload(&config(&low));

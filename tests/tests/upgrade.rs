@@ -44,6 +44,28 @@ fn signal(pid: u64, signal: i32) {
     );
 }
 
+/// Sends SIGUSR2 and waits until the daemon counts it as an upgrade that did not happen,
+/// logged with `why`; the same process serves on.
+fn upgrade_fails(daemon: &Daemon, why: &str) {
+    let pid = serving_pid(daemon);
+    signal(pid, libc::SIGUSR2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while daemon.stats()["reloads"]["upgrades_failed"] != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "no failed upgrade counted:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(serving_pid(daemon), pid);
+    assert!(
+        daemon.log().contains(why),
+        "no {why:?} in:\n{}",
+        daemon.log()
+    );
+}
+
 /// The pid the admin socket answers with.
 fn serving_pid(daemon: &Daemon) -> u64 {
     daemon.stats()["pid"].as_u64().expect("pid in the snapshot")
@@ -205,23 +227,7 @@ fn an_upgrade_with_machines_spliced_runs_is_refused() {
         tests::PUBLIC_PORT
     );
     let daemon = Daemon::start_config(&net.proxy, &config, Plane::Sockmap, &[]);
-    let pid = serving_pid(&daemon);
-    signal(pid, libc::SIGUSR2);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while daemon.stats()["reloads"]["upgrades_failed"] != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "no refusal counted:\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(serving_pid(&daemon), pid);
-    assert!(
-        daemon.log().contains("restart spliced instead"),
-        "{}",
-        daemon.log()
-    );
+    upgrade_fails(&daemon, "restart spliced instead");
     daemon.stop();
 }
 
@@ -242,27 +248,11 @@ fn a_failed_upgrade_leaves_the_daemon_serving() {
         Plane::Sockmap,
         &[],
     );
-    let pid = serving_pid(&daemon);
     std::fs::remove_file(&copy).expect("remove the copy");
     std::fs::write(&copy, "#!/bin/sh\nexit 3\n").expect("a binary that fails");
     std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .expect("executable");
-    signal(pid, libc::SIGUSR2);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while daemon.stats()["reloads"]["upgrades_failed"] != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "no failed upgrade counted:\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(serving_pid(&daemon), pid);
-    assert!(
-        daemon.log().contains("exited before it served"),
-        "{}",
-        daemon.log()
-    );
+    upgrade_fails(&daemon, "exited before it served");
     let mut c = net.connect();
     c.write_all(b"still").expect("write");
     let mut got = [0; 5];
