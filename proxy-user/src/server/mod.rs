@@ -337,54 +337,10 @@ async fn serve_signals(
             _ = sigterm.recv() => return Ok(None),
             _ = sighup.recv() => reload(shared, ports, certs),
             _ = sigusr2.recv() => {
-                if let Some(pid) = upgrade(shared, ports, endpoints).await {
+                if let Some(pid) = upgrade::on_signal(shared, ports, endpoints).await {
                     return Ok(Some(pid));
                 }
             }
-        }
-    }
-}
-
-/// SIGUSR2: starts the new process and hands it the listening sockets; its pid once it
-/// serves, `None` (logged) when it did not, and this one serves on.
-async fn upgrade(shared: &Shared, ports: &Ports, endpoints: &Endpoints) -> Option<u32> {
-    let refused = if !shared.current().managed.is_empty() {
-        Some(upgrade::UpgradeError::Machines)
-    } else if shared.opts.user.is_some() {
-        Some(upgrade::UpgradeError::User)
-    } else {
-        None
-    };
-    let copies = || -> std::io::Result<upgrade::Handover> {
-        let copy = |fd: &Option<std::os::fd::OwnedFd>| {
-            fd.as_ref().map(std::os::fd::OwnedFd::try_clone).transpose()
-        };
-        Ok(upgrade::Handover {
-            listeners: ports.listener_copies()?,
-            admin: copy(&endpoints.admin)?,
-            metrics: copy(&endpoints.metrics)?,
-        })
-    };
-    let started = match refused {
-        Some(e) => Err(e),
-        None => match copies() {
-            Ok(handover) => {
-                tokio::task::spawn_blocking(move || upgrade::start_successor(&handover))
-                    .await
-                    .unwrap_or_else(|e| Err(std::io::Error::other(e).into()))
-            }
-            Err(e) => Err(e.into()),
-        },
-    };
-    match started {
-        Ok(pid) => Some(pid),
-        Err(e) => {
-            shared
-                .reloads
-                .upgrades_failed
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::error!("SIGUSR2: no upgrade, still serving: {e}");
-            None
         }
     }
 }

@@ -11,9 +11,11 @@ use std::{
     io,
     net::SocketAddr,
     os::fd::{AsFd, AsRawFd, OwnedFd},
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
+use super::{Endpoints, Shared, generation::Ports};
 use crate::sys;
 
 /// The environment variable that gives the new process its end of the socket pair.
@@ -211,6 +213,52 @@ fn wait_ready(ours: &OwnedFd, child: &mut std::process::Child) -> Result<(), Upg
         }
         if started.elapsed() > START_LIMIT {
             return Err(UpgradeError::TimedOut(START_LIMIT));
+        }
+    }
+}
+
+/// SIGUSR2: starts the new process and hands it the listening sockets; its pid once it
+/// serves, `None` (logged) when it did not, and this one serves on.
+pub(super) async fn on_signal(
+    shared: &Shared,
+    ports: &Ports,
+    endpoints: &Endpoints,
+) -> Option<u32> {
+    let refused = if !shared.current().managed.is_empty() {
+        Some(UpgradeError::Machines)
+    } else if shared.opts.user.is_some() {
+        Some(UpgradeError::User)
+    } else {
+        None
+    };
+    let copies = || -> std::io::Result<Handover> {
+        let copy = |fd: &Option<std::os::fd::OwnedFd>| {
+            fd.as_ref().map(std::os::fd::OwnedFd::try_clone).transpose()
+        };
+        Ok(Handover {
+            listeners: ports.listener_copies()?,
+            admin: copy(&endpoints.admin)?,
+            metrics: copy(&endpoints.metrics)?,
+        })
+    };
+    let started = match refused {
+        Some(e) => Err(e),
+        None => match copies() {
+            Ok(handover) => tokio::task::spawn_blocking(move || start_successor(&handover))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e).into())),
+            Err(e) => Err(e.into()),
+        },
+    };
+    match started {
+        Ok(pid) => Some(pid),
+        Err(e) => {
+            shared
+                .reloads
+                .upgrades_failed
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!("SIGUSR2: no upgrade, still serving: {e}");
+            None
         }
     }
 }
