@@ -66,6 +66,56 @@ fn notify_ready_reloading_stopping_on_a_path() {
     );
 }
 
+/// SIGUSR2: the new process says it is ready, the old one hands the service manager the new
+/// main pid and never says it stops; the new one says so when it is stopped.
+#[test]
+fn notify_follows_an_upgrade() {
+    let dir = Scratch::new();
+    let path = dir.0.join("notify.sock");
+    let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let net = Net::new(Topo::Loopback);
+    let env = format!("NOTIFY_SOCKET={}", path.display());
+    let mut daemon = Daemon::start_with(&net.proxy, &["env", &env], Plane::Sockmap, &[]);
+    assert!(next_message(&socket).lines().any(|l| l == "READY=1"));
+    daemon.signal(libc::SIGUSR2);
+    let mut seen = Vec::new();
+    let new = loop {
+        let m = next_message(&socket);
+        assert_ne!(m, "STOPPING=1", "the old process said it stops: {seen:?}");
+        if let Some(pid) = m
+            .strip_prefix("MAINPID=")
+            .and_then(|p| p.parse::<u32>().ok())
+        {
+            break pid;
+        }
+        seen.push(m);
+    };
+    assert_ne!(new, daemon.pid);
+    assert!(
+        seen.iter().any(|m| m.lines().any(|l| l == "READY=1")),
+        "the new process said it is ready: {seen:?}"
+    );
+    assert_eq!(daemon.stats()["pid"], new);
+    assert!(daemon.wait(Duration::from_secs(20)).success());
+    // SAFETY: kill with plain integers.
+    assert_eq!(unsafe { libc::kill(new as i32, libc::SIGTERM) }, 0);
+    assert_eq!(next_message(&socket), "STOPPING=1");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(format!("/proc/{new}/stat")).is_ok_and(|s| {
+        !s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new process still runs"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// An abstract name (`@name`) is per network namespace: the socket is bound in the proxy's,
 /// where the daemon runs.
 #[test]
