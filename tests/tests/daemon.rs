@@ -509,3 +509,54 @@ fn status_names_the_socket_it_cannot_reach() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/admin.sock"), "{err}");
 }
+
+/// A second spliced on the ports of a running one refuses to start, naming the port, rather
+/// than join them (`SO_REUSEPORT`) and take part of their connections; the first serves on.
+/// After SIGKILL, the first leaves no BPF object behind, and a new one serves at once.
+#[test]
+fn a_second_daemon_on_the_same_ports_is_refused_and_a_killed_one_restarts() {
+    let (net, mut first) = setup(Plane::Sockmap, Topo::Loopback);
+    let _backend = Server::start(&net.proxy, net.backend(), echo);
+    let objects = first.bpf_objects();
+    assert!(
+        !objects.is_empty(),
+        "the daemon holds its programs and maps"
+    );
+    let config = tests::Scratch::new();
+    let path = config.0.join("fly.toml");
+    std::fs::write(&path, tests::test_config()).expect("config");
+    let out = Command::new("timeout")
+        .args(["20", "ip", "netns", "exec", &net.proxy.name])
+        .arg(tests::spliced_bin())
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .args(["--dataplane", "sockmap"])
+        .output()
+        .expect("run a second spliced");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "the second one started:\n{err}");
+    assert!(
+        err.contains(&format!("port {}", tests::PUBLIC_PORT)) && err.contains("another process"),
+        "{err}"
+    );
+    let echoes = |net: &Net| {
+        let mut c = net.connect();
+        c.write_all(b"one").expect("write");
+        let mut got = [0; 3];
+        c.read_exact(&mut got).expect("echo");
+        assert_eq!(&got, b"one");
+    };
+    echoes(&net);
+
+    first.signal(libc::SIGKILL);
+    assert!(!first.wait(Duration::from_secs(10)).success());
+    assert_eq!(
+        tests::still_loaded(&objects),
+        vec![],
+        "left behind after SIGKILL"
+    );
+    let second = Daemon::start(&net.proxy, Plane::Sockmap, &[]);
+    echoes(&net);
+    second.stop();
+}

@@ -175,6 +175,9 @@ pub(super) struct Ports {
     /// Listeners handed over by the process this one upgraded, taken before binding anew;
     /// those the first config does not use are closed after it.
     inherited: HashMap<SocketAddr, Vec<std::net::TcpListener>>,
+    /// The cookie of every listener this process ever bound or was handed: a listener on one
+    /// of its ports with another cookie is another process's.
+    own: std::collections::HashSet<u64>,
 }
 
 impl Ports {
@@ -189,7 +192,35 @@ impl Ports {
             workers,
             copies: HashMap::new(),
             inherited,
+            own: std::collections::HashSet::new(),
         }
+    }
+
+    /// Fails when a process other than this one listens on `port` (`handed`: the listeners an
+    /// upgrade handed over, this process's now): with `SO_REUSEPORT` on both sides, a second
+    /// spliced would join the port and take part of its connections.
+    fn check_alone(
+        &mut self,
+        port: u16,
+        handed: &[(SocketAddr, std::net::TcpListener)],
+    ) -> Result<(), StartError> {
+        let error = |source| StartError::PortCheck { port, source };
+        for (_, l) in handed {
+            let cookie = crate::sys::socket_cookie(std::os::fd::AsFd::as_fd(l)).map_err(error)?;
+            self.own.insert(cookie);
+        }
+        let listening = crate::sys::diag::listeners_on(port).map_err(error)?;
+        let others = listening
+            .iter()
+            .filter(|(cookie, ip)| {
+                !self.own.contains(cookie)
+                    && self.listen_addrs.iter().any(|ours| overlap(*ours, *ip))
+            })
+            .count();
+        if others > 0 {
+            return Err(StartError::Shared { port, others });
+        }
+        Ok(())
     }
 
     /// Copies of every open listener, with its address.
@@ -211,18 +242,27 @@ impl Ports {
             if self.open.contains_key(&port) {
                 continue;
             }
+            // Every listener handed over stays in service, so that no connection queued on
+            // one is lost; a worker may then accept on several of an address.
             let mut bound = Vec::new();
             for ip in &self.listen_addrs {
                 let addr = SocketAddr::new(*ip, port);
-                // Every listener handed over stays in service, so that no connection queued
-                // on one is lost; a worker may then accept on several of an address.
-                let mut taken = self.inherited.remove(&addr).unwrap_or_default();
-                while taken.len() < self.workers.len() {
-                    taken.push(
-                        listen::bind(addr).map_err(|source| StartError::Bind { addr, source })?,
-                    );
-                }
+                let taken = self.inherited.remove(&addr).unwrap_or_default();
                 bound.extend(taken.into_iter().map(|l| (addr, l)));
+            }
+            // Checked before this process joins the port, so that a refused start takes no
+            // connection with it.
+            self.check_alone(port, &bound)?;
+            for ip in &self.listen_addrs {
+                let addr = SocketAddr::new(*ip, port);
+                while bound.iter().filter(|(a, _)| *a == addr).count() < self.workers.len() {
+                    let l =
+                        listen::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
+                    let cookie = crate::sys::socket_cookie(std::os::fd::AsFd::as_fd(&l))
+                        .map_err(|source| StartError::PortCheck { port, source })?;
+                    self.own.insert(cookie);
+                    bound.push((addr, l));
+                }
                 tracing::info!(%addr, service = %route.pool.service, proxy_proto = ?route.proxy_proto, workers = self.workers.len(), "listening");
             }
             fresh.push((port, Arc::clone(route), bound));
@@ -263,6 +303,14 @@ impl Ports {
         }
         Ok(())
     }
+}
+
+/// Whether a listener on `theirs` takes connections that one on `ours` (of the same port)
+/// would: the same address, or a wildcard of the family (an IPv6 wildcard may take IPv4 too).
+fn overlap(ours: IpAddr, theirs: IpAddr) -> bool {
+    ours == theirs
+        || (ours.is_unspecified() && ours.is_ipv4() == theirs.is_ipv4())
+        || (theirs.is_unspecified() && (theirs.is_ipv6() || ours.is_ipv4()))
 }
 
 /// The machines spliced runs: each `[[machines]]` entry with a `command`, given the config's
@@ -309,4 +357,31 @@ fn managed_machines(
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::overlap;
+
+    #[test]
+    fn listeners_overlap_by_address_and_wildcard() {
+        let ip = |s: &str| s.parse().expect("address");
+        for (ours, theirs, want) in [
+            ("0.0.0.0", "127.0.0.1", true),
+            ("127.0.0.1", "127.0.0.1", true),
+            ("127.0.0.1", "0.0.0.0", true),
+            ("127.0.0.1", "::", true),
+            ("127.0.0.1", "127.0.0.2", false),
+            ("::", "127.0.0.1", false),
+            ("::1", "0.0.0.0", false),
+            ("::", "::1", true),
+            ("::1", "::2", false),
+        ] {
+            assert_eq!(
+                overlap(ip(ours), ip(theirs)),
+                want,
+                "{ours} against {theirs}"
+            );
+        }
+    }
 }

@@ -126,6 +126,16 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "port {port}: {others} listening socket(s) of another process on it already (another spliced?); refusing to share the port"
+    )]
+    Shared { port: u16, others: usize },
+    #[error("port {port}: cannot list the sockets listening on it: {source}")]
+    PortCheck {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("upgrade: receiving the sockets of the process before: {0}")]
     Upgrade(#[source] std::io::Error),
     #[error("--user {name}: cannot switch to it: {source}")]

@@ -19,11 +19,49 @@ const INET_DIAG_INFO: u16 = 2;
 const HEADER: usize = 16;
 const REQUEST: usize = 56;
 const MESSAGE: usize = 72;
-/// Offset of `id.idiag_cookie` in `struct inet_diag_msg`.
+/// Offsets in `struct inet_diag_msg`: `id.idiag_cookie`, `id.idiag_sport` (network order).
 const COOKIE_AT: usize = 44;
+const SPORT_AT: usize = 4;
+/// Offset of `id.idiag_src` (4 bytes of it for IPv4).
+const SRC_AT: usize = 8;
+/// `TCP_LISTEN` in the kernel's numbering of TCP states.
+const TCP_LISTEN: u32 = 10;
 
 /// Every TCP socket of this namespace (IPv4 and IPv6, in any state) by cookie.
 pub fn tcp_sockets() -> io::Result<HashMap<u64, TcpCounters>> {
+    let mut found = HashMap::new();
+    each_socket(u32::MAX, |msg| {
+        if let Some((cookie, counters)) = socket(msg) {
+            found.insert(cookie, counters);
+        }
+    })?;
+    Ok(found)
+}
+
+/// This namespace's listening TCP sockets (IPv4 and IPv6) on local `port`: each one's
+/// cookie and local address.
+pub fn listeners_on(port: u16) -> io::Result<Vec<(u64, std::net::IpAddr)>> {
+    let mut found = Vec::new();
+    each_socket(1 << TCP_LISTEN, |msg| {
+        if msg.len() < MESSAGE || u16::from_be_bytes([msg[SPORT_AT], msg[SPORT_AT + 1]]) != port {
+            return;
+        }
+        let src = &msg[SRC_AT..SRC_AT + 16];
+        let ip = if i32::from(msg[0]) == libc::AF_INET {
+            std::net::IpAddr::from([src[0], src[1], src[2], src[3]])
+        } else {
+            let mut v6 = [0u8; 16];
+            v6.copy_from_slice(src);
+            std::net::IpAddr::from(v6)
+        };
+        found.push((cookie(msg), ip));
+    })?;
+    Ok(found)
+}
+
+/// Calls `each` with every `inet_diag_msg` (and its attributes) of the TCP sockets of this
+/// namespace in the states of the mask `states`.
+fn each_socket(states: u32, mut each: impl FnMut(&[u8])) -> io::Result<()> {
     // SAFETY: plain socket creation; the descriptor is owned below.
     let fd = unsafe {
         libc::socket(
@@ -37,15 +75,15 @@ pub fn tcp_sockets() -> io::Result<HashMap<u64, TcpCounters>> {
     }
     // SAFETY: `fd` was just created and is owned by nothing else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut found = HashMap::new();
     for family in [libc::AF_INET, libc::AF_INET6] {
-        dump(&fd, family as u8, &mut found)?;
+        dump(&fd, family as u8, states, &mut each)?;
     }
-    Ok(found)
+    Ok(())
 }
 
-/// Asks for every TCP socket of `family` with its `tcp_info` and adds them to `found`.
-fn dump(fd: &OwnedFd, family: u8, found: &mut HashMap<u64, TcpCounters>) -> io::Result<()> {
+/// Asks for every TCP socket of `family` in `states` with its `tcp_info`, and passes each
+/// message to `each`.
+fn dump(fd: &OwnedFd, family: u8, states: u32, each: &mut impl FnMut(&[u8])) -> io::Result<()> {
     let mut req = [0u8; HEADER + REQUEST];
     let len = req.len() as u32;
     req[0..4].copy_from_slice(&len.to_ne_bytes());
@@ -55,8 +93,7 @@ fn dump(fd: &OwnedFd, family: u8, found: &mut HashMap<u64, TcpCounters>) -> io::
     req[HEADER] = family;
     req[HEADER + 1] = libc::IPPROTO_TCP as u8;
     req[HEADER + 2] = 1 << (INET_DIAG_INFO - 1);
-    // Every state.
-    req[HEADER + 4..HEADER + 8].copy_from_slice(&u32::MAX.to_ne_bytes());
+    req[HEADER + 4..HEADER + 8].copy_from_slice(&states.to_ne_bytes());
     // SAFETY: `req` is a complete request of its length; the kernel only reads it.
     let sent = unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
     if sent < 0 {
@@ -83,11 +120,7 @@ fn dump(fd: &OwnedFd, family: u8, found: &mut HashMap<u64, TcpCounters>) -> io::
                     let errno = i32::from_ne_bytes(read_array(&buf, at + HEADER));
                     return Err(io::Error::from_raw_os_error(-errno));
                 }
-                _ => {
-                    if let Some((cookie, counters)) = socket(&buf[at + HEADER..at + msg_len]) {
-                        found.insert(cookie, counters);
-                    }
-                }
+                _ => each(&buf[at + HEADER..at + msg_len]),
             }
             at += align(msg_len);
         }
@@ -102,8 +135,7 @@ fn socket(msg: &[u8]) -> Option<(u64, TcpCounters)> {
     if msg.len() < MESSAGE {
         return None;
     }
-    let cookie =
-        u64::from(read_u32(msg, COOKIE_AT)) | (u64::from(read_u32(msg, COOKIE_AT + 4)) << 32);
+    let cookie = cookie(msg);
     let mut at = align(MESSAGE);
     while at + 4 <= msg.len() {
         let len = usize::from(u16::from_ne_bytes([msg[at], msg[at + 1]]));
@@ -117,6 +149,11 @@ fn socket(msg: &[u8]) -> Option<(u64, TcpCounters)> {
         at += align(len);
     }
     None
+}
+
+/// The socket cookie of an `inet_diag_msg` at least [`MESSAGE`] long.
+fn cookie(msg: &[u8]) -> u64 {
+    u64::from(read_u32(msg, COOKIE_AT)) | (u64::from(read_u32(msg, COOKIE_AT + 4)) << 32)
 }
 
 fn align(len: usize) -> usize {
