@@ -381,6 +381,9 @@ impl Stopping {
             }
             None => crate::sys::notify("STOPPING=1"),
         }
+        // The copies of the listeners go first: a listener stays open, and takes connections
+        // nobody accepts, while any descriptor of it is.
+        drop(self.ports);
         drain(shared, &self.phase).await;
         let threads = self.threads;
         let joined = tokio::task::spawn_blocking(move || {
@@ -391,7 +394,6 @@ impl Stopping {
             }
         });
         joined.await.ok();
-        drop(self.ports);
         stop_machines(&shared.current().managed).await;
         for task in self.endpoints.tasks {
             task.abort();
