@@ -127,14 +127,16 @@ fn an_invalid_config_changes_nothing_and_is_counted() {
         "the error names file, line and column:\n{log}"
     );
     assert_eq!(ask(&mut connect(&net, A).expect("still served")), b'1');
-    // A port that cannot be bound refuses the whole reload too.
+    // A port another process listens on refuses the whole reload too.
     let blocker = net
         .proxy
         .run(|| std::net::TcpListener::bind("127.0.0.1:10090"));
     let s = daemon.reload(&config(&[(A, 18001), (10090, 18001)]));
     assert_eq!(s["reloads"]["failed"], 2, "{s:#}");
     assert!(
-        daemon.log().contains("cannot listen on"),
+        daemon
+            .log()
+            .contains("port 10090: 1 listening socket(s) of another process"),
         "{}",
         daemon.log()
     );

@@ -132,7 +132,24 @@ pub fn take_env_fd(name: &str) -> io::Result<Option<OwnedFd>> {
         .and_then(|s| s.parse().ok())
         .filter(|fd| *fd >= 0)
         .ok_or_else(|| io::Error::other(format!("{name}: not a descriptor number")))?;
-    // SAFETY: the process that started this one passed this descriptor, open, for this one
-    // to own; a descriptor that is not open makes the first read fail.
+    let mut kind: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one int into `kind`; a descriptor that is not a socket fails.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&raw mut kind).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 || kind != libc::SOCK_SEQPACKET {
+        return Err(io::Error::other(format!(
+            "{name}={fd}: not the socket an upgrading spliced passes"
+        )));
+    }
+    // SAFETY: the process that started this one passed this descriptor, a socket of the
+    // handover's kind, for this one to own; nothing else here refers to it.
     Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
