@@ -158,6 +158,14 @@ pub fn echo(mut s: TcpStream) {
     let _ = s.shutdown(Shutdown::Write);
 }
 
+/// Sends `msg` on `c` and asserts that it comes back, whole, through an [`echo`].
+pub fn assert_echoes(c: &mut TcpStream, msg: &[u8]) {
+    c.write_all(msg).expect("write");
+    let mut got = vec![0; msg.len()];
+    c.read_exact(&mut got).expect("echo");
+    assert_eq!(got, msg);
+}
+
 /// An [`echo`] server at the topology's backend address.
 pub fn echo_server(net: &crate::Net) -> Server {
     Server::start(&net.proxy, net.backend(), echo)

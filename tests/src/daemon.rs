@@ -420,6 +420,40 @@ fn proc_field(path: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("{path} has no {key}"))
 }
 
+/// Whether process `pid` has ended (gone, or a zombie nobody reaped yet).
+pub fn ended(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// Waits up to `limit` for process `pid` to end; panics if it does not.
+pub fn wait_ended(pid: u64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !ended(pid) {
+        assert!(Instant::now() < deadline, "process {pid} still runs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `spliced run --config CONFIG --dataplane sockmap` in `ns` under `wrapper`, for a
+/// start that should fail, killed after `secs` if it serves instead (exit status 124).
+pub fn run_to_exit(ns: &Netns, wrapper: &[&str], config: &Path, secs: u32) -> std::process::Output {
+    Command::new("timeout")
+        .args([&secs.to_string(), "ip", "netns", "exec", &ns.name])
+        .args(wrapper)
+        .arg(spliced_bin())
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .args(["--dataplane", "sockmap"])
+        .output()
+        .expect("run spliced")
+}
+
 /// A BPF program or map, by its kernel id: `("prog", 12)`, `("map", 40)`.
 pub type BpfObject = (&'static str, u64);
 

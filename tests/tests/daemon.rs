@@ -525,29 +525,14 @@ fn a_second_daemon_on_the_same_ports_is_refused_and_a_killed_one_restarts() {
     let config = tests::Scratch::new();
     let path = config.0.join("fly.toml");
     std::fs::write(&path, tests::test_config()).expect("config");
-    let out = Command::new("timeout")
-        .args(["20", "ip", "netns", "exec", &net.proxy.name])
-        .arg(tests::spliced_bin())
-        .arg("run")
-        .arg("--config")
-        .arg(&path)
-        .args(["--dataplane", "sockmap"])
-        .output()
-        .expect("run a second spliced");
+    let out = tests::run_to_exit(&net.proxy, &[], &path, 20);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "the second one started:\n{err}");
     assert!(
         err.contains(&format!("port {}", tests::PUBLIC_PORT)) && err.contains("another process"),
         "{err}"
     );
-    let echoes = |net: &Net| {
-        let mut c = net.connect();
-        c.write_all(b"one").expect("write");
-        let mut got = [0; 3];
-        c.read_exact(&mut got).expect("echo");
-        assert_eq!(&got, b"one");
-    };
-    echoes(&net);
+    tests::assert_echoes(&mut net.connect(), b"one");
 
     first.signal(libc::SIGKILL);
     assert!(!first.wait(Duration::from_secs(10)).success());
@@ -557,6 +542,6 @@ fn a_second_daemon_on_the_same_ports_is_refused_and_a_killed_one_restarts() {
         "left behind after SIGKILL"
     );
     let second = Daemon::start(&net.proxy, Plane::Sockmap, &[]);
-    echoes(&net);
+    tests::assert_echoes(&mut net.connect(), b"one");
     second.stop();
 }

@@ -4,11 +4,7 @@
 //! capabilities the unit grants.
 
 use std::{
-    io::{Read, Write},
-    net::Shutdown,
-    os::unix::net::UnixDatagram,
-    path::Path,
-    process::Command,
+    io::Read, net::Shutdown, os::unix::net::UnixDatagram, path::Path, process::Command,
     time::Duration,
 };
 
@@ -103,17 +99,7 @@ fn notify_follows_an_upgrade() {
     // SAFETY: kill with plain integers.
     assert_eq!(unsafe { libc::kill(new as i32, libc::SIGTERM) }, 0);
     assert_eq!(next_message(&socket), "STOPPING=1");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while std::fs::read_to_string(format!("/proc/{new}/stat")).is_ok_and(|s| {
-        !s.rsplit_once(')')
-            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-    }) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the new process still runs"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    tests::wait_ended(u64::from(new), Duration::from_secs(20));
 }
 
 /// An abstract name (`@name`) is per network namespace: the socket is bound in the proxy's,
@@ -235,16 +221,9 @@ fn each_capability_is_needed() {
             .split(',')
             .filter(|c| *c != dropped)
             .collect();
-        let out = Command::new("timeout")
-            .args(["10", "ip", "netns", "exec", &net.proxy.name])
-            .args(unprivileged(&caps.join(",")))
-            .arg(tests::spliced_bin())
-            .arg("run")
-            .arg("--config")
-            .arg(&config)
-            .args(["--dataplane", "sockmap"])
-            .output()
-            .expect("run spliced");
+        let wrapper = unprivileged(&caps.join(","));
+        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+        let out = tests::run_to_exit(&net.proxy, &wrapper, &config, 10);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(
             out.status.code(),
@@ -270,10 +249,7 @@ fn serves_unprivileged_with_the_units_capabilities() {
     assert_eq!(effective, UNIT_CAPS, "CapEff {effective:#x}");
     let _backend = echo_server(&net);
     let mut c = net.connect();
-    c.write_all(b"unprivileged").expect("write");
-    let mut got = [0; 12];
-    c.read_exact(&mut got).expect("echo");
-    assert_eq!(&got, b"unprivileged");
+    tests::assert_echoes(&mut c, b"unprivileged");
     c.shutdown(Shutdown::Write).expect("half-close");
     let s = daemon.wait_idle();
     assert_kernel_moved(&s, 12);
@@ -408,10 +384,7 @@ fn switches_every_thread_to_the_user_keeping_two_capabilities() {
 
     // The first connection starts the machine.
     let mut c = net.connect();
-    c.write_all(b"as a user").expect("write");
-    let mut got = [0; 9];
-    c.read_exact(&mut got).expect("echo");
-    assert_eq!(&got, b"as a user");
+    tests::assert_echoes(&mut c, b"as a user");
     let buffers: Vec<i32> = daemon
         .tcp_sockets()
         .iter()
@@ -446,10 +419,7 @@ fn switches_every_thread_to_the_user_keeping_two_capabilities() {
         .client()
         .connect(addr)
         .expect("port 80 after the reload");
-    c.write_all(b"low port").expect("write");
-    let mut got = [0; 8];
-    c.read_exact(&mut got).expect("echo");
-    assert_eq!(&got, b"low port");
+    tests::assert_echoes(&mut c, b"low port");
     drop(c);
     daemon.stop();
 }

@@ -11,28 +11,10 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use tests::{Daemon, Net, Plane, Scratch, Topo, echo_server};
-
-/// Whether process `pid` has ended (gone, or a zombie nobody reaped yet).
-fn ended(pid: u64) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-    }
-}
-
-fn wait_ended(pid: u64, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while !ended(pid) {
-        assert!(Instant::now() < deadline, "process {pid} still runs");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use tests::{Daemon, Net, Plane, Scratch, Topo, echo_server, wait_ended};
 
 fn signal(pid: u64, signal: i32) {
     let pid = i32::try_from(pid).expect("pid");
@@ -49,15 +31,12 @@ fn signal(pid: u64, signal: i32) {
 fn upgrade_fails(daemon: &Daemon, why: &str) {
     let pid = serving_pid(daemon);
     signal(pid, libc::SIGUSR2);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while daemon.stats()["reloads"]["upgrades_failed"] != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "no failed upgrade counted:\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    tests::until(
+        daemon,
+        Duration::from_secs(20),
+        "a failed upgrade counted",
+        |s| s["reloads"]["upgrades_failed"] == 1,
+    );
     assert_eq!(serving_pid(daemon), pid);
     assert!(
         daemon.log().contains(why),
@@ -144,20 +123,10 @@ fn upgrades_in_a_row(plane: Plane, topo: Topo) {
         std::thread::sleep(Duration::from_millis(150));
         let old = *pids.last().expect("a pid");
         signal(old, libc::SIGUSR2);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let new = loop {
-            let pid = serving_pid(&daemon);
-            if pid != old {
-                break pid;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no new process:\n{}",
-                daemon.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        pids.push(new);
+        tests::until(&daemon, Duration::from_secs(20), "a new process", |s| {
+            s["pid"] != old
+        });
+        pids.push(serving_pid(&daemon));
         // An old process without live connections exits at once.
         if old != first {
             wait_ended(old, Duration::from_secs(20));
@@ -253,11 +222,6 @@ fn a_failed_upgrade_leaves_the_daemon_serving() {
     std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .expect("executable");
     upgrade_fails(&daemon, "exited before it served");
-    let mut c = net.connect();
-    c.write_all(b"still").expect("write");
-    let mut got = [0; 5];
-    c.read_exact(&mut got).expect("echo");
-    assert_eq!(&got, b"still");
-    drop(c);
+    tests::assert_echoes(&mut net.connect(), b"still");
     daemon.stop();
 }

@@ -204,12 +204,11 @@ impl Ports {
         port: u16,
         handed: &[(SocketAddr, std::net::TcpListener)],
     ) -> Result<(), StartError> {
-        let error = |source| StartError::PortCheck { port, source };
         for (_, l) in handed {
-            let cookie = crate::sys::socket_cookie(std::os::fd::AsFd::as_fd(l)).map_err(error)?;
-            self.own.insert(cookie);
+            own_listener(&mut self.own, port, l)?;
         }
-        let listening = crate::sys::diag::listeners_on(port).map_err(error)?;
+        let listening = crate::sys::diag::listeners_on(port)
+            .map_err(|source| StartError::PortCheck { port, source })?;
         let others = listening
             .iter()
             .filter(|(cookie, ip)| {
@@ -258,9 +257,7 @@ impl Ports {
                 while bound.iter().filter(|(a, _)| *a == addr).count() < self.workers.len() {
                     let l =
                         listen::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
-                    let cookie = crate::sys::socket_cookie(std::os::fd::AsFd::as_fd(&l))
-                        .map_err(|source| StartError::PortCheck { port, source })?;
-                    self.own.insert(cookie);
+                    own_listener(&mut self.own, port, &l)?;
                     bound.push((addr, l));
                 }
                 tracing::info!(%addr, service = %route.pool.service, proxy_proto = ?route.proxy_proto, workers = self.workers.len(), "listening");
@@ -303,6 +300,18 @@ impl Ports {
         }
         Ok(())
     }
+}
+
+/// Notes `l`, a listener of `port`, in `own`, the cookies of this process's listeners.
+fn own_listener(
+    own: &mut std::collections::HashSet<u64>,
+    port: u16,
+    l: &std::net::TcpListener,
+) -> Result<(), StartError> {
+    let cookie = crate::sys::socket_cookie(std::os::fd::AsFd::as_fd(l))
+        .map_err(|source| StartError::PortCheck { port, source })?;
+    own.insert(cookie);
+    Ok(())
 }
 
 /// Whether a listener on `theirs` takes connections that one on `ours` (of the same port)

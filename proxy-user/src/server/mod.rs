@@ -130,7 +130,7 @@ pub enum StartError {
         "port {port}: {others} listening socket(s) of another process on it already (another spliced?); refusing to share the port"
     )]
     Shared { port: u16, others: usize },
-    #[error("port {port}: cannot list the sockets listening on it: {source}")]
+    #[error("port {port}: cannot tell which sockets listen on it: {source}")]
     PortCheck {
         port: u16,
         #[source]
