@@ -369,11 +369,13 @@ impl Stopping {
     async fn finish(self, shared: &Arc<Shared>) {
         match self.successor {
             Some(pid) => {
-                // The service manager follows the new process; this one is no longer it.
-                crate::sys::notify(&format!("MAINPID={pid}"));
+                // The admin socket and the metrics listener are the new process's alone
+                // before anyone is told it is the service.
                 for task in &self.endpoints.tasks {
                     task.abort();
                 }
+                // The service manager follows the new process; this one is no longer it.
+                crate::sys::notify(&format!("MAINPID={pid}"));
                 tracing::info!(
                     successor = pid,
                     "upgraded: no longer accepting, serving the connections left"
