@@ -351,7 +351,14 @@ fn assert_switched(status_path: &Path, caps: u64, bounding: u64) {
 #[test]
 fn switches_every_thread_to_the_user_keeping_two_capabilities() {
     let net = Net::new(Topo::Loopback);
-    let echo = tests::apps::go_app("goecho");
+    // The machine runs as the user, who may not reach into the checkout (a private temporary
+    // directory, say): it runs from a copy the user can read.
+    let reachable = Scratch::new();
+    let mode = |m| std::os::unix::fs::PermissionsExt::from_mode(m);
+    std::fs::set_permissions(&reachable.0, mode(0o755)).expect("scratch permissions");
+    let echo = reachable.0.join("goecho");
+    std::fs::copy(tests::apps::go_app("goecho"), &echo).expect("copy goecho");
+    std::fs::set_permissions(&echo, mode(0o755)).expect("goecho permissions");
     let config = |ports: &str| {
         format!(
             "app = \"as-user\"\n\n[[services]]\n  internal_port = {}\n  protocol = \"tcp\"\n  auto_stop_machines = \"off\"\n{ports}\n[[machines]]\n  id = \"echo\"\n  command = [\"sh\", \"-c\", \"exec {} 127.0.0.1:$PORT\"]\n",
