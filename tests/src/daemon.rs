@@ -439,6 +439,24 @@ pub fn wait_ended(pid: u64, limit: Duration) {
     }
 }
 
+/// Processes a test started indirectly (an upgrade's new daemon is not the test's child),
+/// killed when this is dropped, so that a failed test leaves none running.
+#[derive(Default)]
+pub struct Reaper(pub Vec<u64>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            if !ended(pid)
+                && let Ok(raw) = i32::try_from(pid)
+            {
+                // SAFETY: kill with plain integers.
+                unsafe { libc::kill(raw, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
 /// Runs `spliced run --config CONFIG --dataplane sockmap` in `ns` under `wrapper`, for a
 /// start that should fail, killed after `secs` if it serves instead (exit status 124).
 pub fn run_to_exit(ns: &Netns, wrapper: &[&str], config: &Path, secs: u32) -> std::process::Output {

@@ -89,6 +89,7 @@ fn notify_follows_an_upgrade() {
         }
         seen.push(m);
     };
+    let _reaper = tests::Reaper(vec![u64::from(new)]);
     assert_ne!(new, daemon.pid);
     assert!(
         seen.iter().any(|m| m.lines().any(|l| l == "READY=1")),

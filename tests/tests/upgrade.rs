@@ -119,6 +119,7 @@ fn upgrades_in_a_row(plane: Plane, topo: Topo) {
     let stop = Arc::new(AtomicBool::new(false));
     let looping = connect_loop(&net, Arc::clone(&stop));
     let mut pids = vec![first];
+    let mut reaper = tests::Reaper::default();
     for _ in 0..UPGRADES {
         std::thread::sleep(Duration::from_millis(150));
         let old = *pids.last().expect("a pid");
@@ -139,6 +140,7 @@ fn upgrades_in_a_row(plane: Plane, topo: Topo) {
             std::thread::sleep(Duration::from_millis(10));
         };
         pids.push(new);
+        reaper.0.push(new);
         // An old process without live connections exits at once.
         if old != first {
             wait_ended(old, Duration::from_secs(20));
