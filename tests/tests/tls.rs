@@ -273,6 +273,35 @@ fn a_key_update_goes_on_in_userspace_and_resets_a_kernel_tls_session() {
     }
 }
 
+/// Kernel TLS and socket maps exclude each other on the kernels spliced is tested on: a
+/// socket with TLS cannot join a socket map, and a socket in one takes the TLS upper layer but
+/// not its keys. `spliced check --kernel` says so; the daemon therefore moves a kernel TLS
+/// session's plaintext itself (docs/kernels.md). A kernel that takes the keys fails this: the
+/// machine's bytes could then be redirected into the client's socket.
+#[test]
+fn check_kernel_says_a_socket_in_a_map_takes_no_tls_keys() {
+    let out = std::process::Command::new(tests::spliced_bin())
+        .args(["check", "--kernel", "--format", "json"])
+        .output()
+        .expect("run spliced check --kernel");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+    let checks = report["checks"].as_array().expect("checks");
+    let check = checks
+        .iter()
+        .find(|c| c["feature"] == "kernel TLS on a socket in a socket map")
+        .unwrap_or_else(|| panic!("no such check: {report:#}"));
+    assert_eq!(check["found"], false, "{check}");
+    assert_eq!(check["required"], false, "{check}");
+    let detail = check["detail"].as_str().expect("a reason");
+    let expected = if kernel_has_tls() {
+        "then the keys: TLS_TX: Invalid argument"
+    } else {
+        "the kernel has no TLS"
+    };
+    assert!(detail.contains(expected), "{detail}");
+}
+
 #[test]
 fn curl_fetches_from_nginx_through_tls() {
     let net = Net::new(Topo::Veth);

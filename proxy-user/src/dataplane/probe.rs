@@ -151,6 +151,16 @@ impl Support {
             detail: tls.map(str::to_owned),
             required: false,
         });
+        let with_maps = crate::tls::kernel::with_socket_maps();
+        checks.push(Check {
+            feature: "kernel TLS on a socket in a socket map".to_owned(),
+            used_by: "nothing: where the kernel allows it, a kernel TLS session's machine bytes \
+                      could be redirected into its client's socket; the daemon moves them"
+                .to_owned(),
+            found: with_maps.is_ok(),
+            detail: with_maps.err(),
+            required: false,
+        });
         if attach && checks.iter().all(|c| c.found || !c.required) {
             let trial = kernel::trial_attach();
             checks.push(Check {

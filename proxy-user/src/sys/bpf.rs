@@ -4,9 +4,10 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd, BorrowedFd},
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd as _, OwnedFd},
 };
 
+const MAP_CREATE: libc::c_long = 0;
 const MAP_LOOKUP_ELEM: libc::c_long = 1;
 const MAP_UPDATE_ELEM: libc::c_long = 2;
 const MAP_DELETE_ELEM: libc::c_long = 3;
@@ -36,6 +37,45 @@ struct BatchAttr {
     map_fd: u32,
     elem_flags: u64,
     flags: u64,
+}
+
+/// `union bpf_attr` as `BPF_MAP_CREATE` reads it (the fields a plain map needs).
+#[repr(C)]
+#[derive(Default)]
+struct CreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+/// A `SOCKHASH` of `max_entries` sockets keyed by `u64`, outside the daemon's object (for
+/// probes).
+pub fn sockhash(max_entries: u32) -> io::Result<OwnedFd> {
+    const SOCKHASH: u32 = 18;
+    let mut attr = CreateAttr {
+        map_type: SOCKHASH,
+        key_size: 8,
+        value_size: 4,
+        max_entries,
+        ..CreateAttr::default()
+    };
+    // SAFETY: as in `bpf`; the command returns a new descriptor, which nothing else owns.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            MAP_CREATE,
+            (&raw mut attr).cast::<libc::c_void>(),
+            size_of::<CreateAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(rc).map_err(|_| io::Error::other("bpf() returned no descriptor"))?;
+    // SAFETY: `fd` was just returned by the kernel and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn fd_u32(fd: BorrowedFd<'_>) -> u32 {

@@ -64,11 +64,11 @@ pub fn set_ulp(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// Hands the keys of both directions to the kernel: from here on the socket reads and writes
 /// plaintext, and the kernel encrypts and decrypts the records.
 pub fn set_keys(fd: BorrowedFd<'_>, tx: &CryptoInfo, rx: &CryptoInfo) -> io::Result<()> {
-    for (name, info) in [(TLS_TX, tx), (TLS_RX, rx)] {
+    for (name, option, info) in [("TLS_TX", TLS_TX, tx), ("TLS_RX", TLS_RX, rx)] {
         let mut bytes = info.bytes();
-        let set = setsockopt_bytes(fd, SOL_TLS, name, &bytes);
+        let set = setsockopt_bytes(fd, SOL_TLS, option, &bytes);
         bytes.fill(0);
-        set?;
+        set.map_err(|e| io::Error::new(e.kind(), format!("{name}: {e}")))?;
     }
     Ok(())
 }

@@ -46,6 +46,36 @@ fn probe() -> Option<String> {
     }
 }
 
+/// Whether a socket in a socket map can take kernel TLS keys, which the sockmap plane would
+/// need to redirect a machine's bytes into a session's client socket (a socket that has TLS
+/// cannot join a map). `Err` says which step the kernel refused. Tried on a loopback pair
+/// with throwaway keys.
+pub fn with_socket_maps() -> Result<(), String> {
+    fn step(what: &'static str) -> impl Fn(io::Error) -> String {
+        move |e| format!("{what}: {e}")
+    }
+    if let Some(why) = unavailable() {
+        return Err(why.to_owned());
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(step("loopback"))?;
+    let addr = listener.local_addr().map_err(step("loopback"))?;
+    let _client = std::net::TcpStream::connect(addr).map_err(step("loopback"))?;
+    let (server, _) = listener.accept().map_err(step("loopback"))?;
+    let map = crate::sys::sockhash(1).map_err(step("a SOCKHASH"))?;
+    let fd = u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&server)).unwrap_or(u32::MAX);
+    crate::sys::map_update(map.as_fd(), &0u64, &fd, 0).map_err(step("joining the map"))?;
+    let keys = CryptoInfo {
+        version: 0x0304,
+        cipher: 51,
+        iv: vec![0; 8],
+        key: vec![0; 16],
+        salt: vec![0; 4],
+        seq: 0,
+    };
+    ktls::set_ulp(server.as_fd()).map_err(step("TCP_ULP"))?;
+    ktls::set_keys(server.as_fd(), &keys, &keys).map_err(step("then the keys"))
+}
+
 /// Why a session could not be handed to the kernel; the client is reset.
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
@@ -105,7 +135,8 @@ pub async fn hand_over(
     let tx = crypto_info(version, &suite, secrets.tx)?;
     let rx = crypto_info(version, &suite, secrets.rx)?;
     let socket = records.into_inner();
-    ktls::set_ulp(socket.as_fd()).map_err(HandoverError::Kernel)?;
+    ktls::set_ulp(socket.as_fd())
+        .map_err(|e| HandoverError::Kernel(io::Error::new(e.kind(), format!("TCP_ULP: {e}"))))?;
     ktls::set_keys(socket.as_fd(), &tx, &rx).map_err(HandoverError::Kernel)?;
     Ok((socket, early))
 }
