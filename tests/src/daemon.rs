@@ -165,7 +165,12 @@ impl Daemon {
             .args(["--dataplane", plane.name(), "--admin-socket"])
             .arg(&admin)
             .args(extra)
-            .env("RUST_LOG", "info,proxy_user=debug")
+            // SPLICED_TEST_LOG replaces the filter (trace, when a test is being looked into).
+            .env(
+                "RUST_LOG",
+                std::env::var("SPLICED_TEST_LOG")
+                    .unwrap_or_else(|_| "info,proxy_user=debug".to_owned()),
+            )
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(dir.0.join("stdout.log")).expect("log file"))
             .stderr(std::fs::File::create(&log).expect("log file"));

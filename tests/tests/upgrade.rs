@@ -1,8 +1,10 @@
-//! `kill -USR2`: the binary starts again and takes over the listening sockets; the old
-//! process stops accepting and serves its connections to their end. A client connecting in a
-//! loop sees no refusal across upgrades in a row, streams that began before are exact, and
-//! every old process exits, its BPF objects with it. A new process that fails leaves the old
-//! one serving.
+//! `kill -USR2`: the binary starts again and takes over the listening sockets; on the sockmap
+//! plane it also takes over the established connections and the kernel objects they run on,
+//! and the old process exits at once; on the copy plane the old process serves its
+//! connections to their end. A client connecting in a loop sees no refusal across upgrades
+//! in a row, connections that began before go on echoing after every upgrade, streams are
+//! exact, and the BPF objects go once their last connection ends. A new process that fails
+//! leaves the old one serving.
 
 use std::{
     io::{Read, Write},
@@ -108,13 +110,72 @@ fn streams(
         .collect()
 }
 
+/// Sends SIGUSR2 to `old` and waits for the new process: its pid. Both processes answer on the
+/// admin socket until the old one has stopped: the new pid is taken from the same answer that
+/// shows it.
+fn upgrade(daemon: &Daemon, old: u64) -> u64 {
+    signal(old, libc::SIGUSR2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let pid = serving_pid(daemon);
+        if pid != old {
+            return pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new process:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Ends each connection's stream and expects the end of the echo's, with nothing after.
+fn end_cleanly(plane: Plane, open: &[TcpStream]) {
+    for (i, c) in open.iter().enumerate() {
+        c.shutdown(Shutdown::Write).expect("shutdown");
+        let mut rest = Vec::new();
+        (&*c)
+            .read_to_end(&mut rest)
+            .unwrap_or_else(|e| panic!("{plane}: conn {i}: {e}"));
+        assert!(
+            rest.is_empty(),
+            "{plane}: conn {i}: {} bytes after the end",
+            rest.len()
+        );
+    }
+}
+
+/// Echoes 1 KiB of stream `round` on each connection, checking every byte.
+fn echo_round(conns: &mut [TcpStream], round: u64) -> Result<(), String> {
+    for (i, c) in conns.iter_mut().enumerate() {
+        let seed = 1000 * round + i as u64;
+        tests::send_pattern(c, seed, 1024).map_err(|e| format!("conn {i}: {e}"))?;
+        let mut p = tests::Pattern::new(seed);
+        tests::recv_exact_pattern(&mut &*c, &mut p, 1024).map_err(|e| format!("conn {i}: {e}"))?;
+    }
+    Ok(())
+}
+
 fn upgrades_in_a_row(plane: Plane, topo: Topo) {
-    const UPGRADES: usize = 10;
+    const UPGRADES: usize = 20;
+    const OPEN: usize = 1000;
+    tests::raise_fd_limit();
     let net = Net::new(topo);
     let _backend = echo_server(&net);
-    let mut daemon = Daemon::start(&net.proxy, plane, &[]);
+    // On the copy plane each old process keeps its connections until they end: longer than
+    // the default grace under an emulated CPU.
+    let mut daemon = Daemon::start(&net.proxy, plane, &["--grace", "600s"]);
     let first = u64::from(daemon.pid);
     let objects = daemon.bpf_objects();
+    let mut open: Vec<TcpStream> = (0..OPEN)
+        .map(|_| {
+            let c = net.connect();
+            c.set_read_timeout(Some(Duration::from_secs(10))).ok();
+            c
+        })
+        .collect();
+    echo_round(&mut open, 0).unwrap_or_else(|e| panic!("{plane}: before: {e}"));
     let long = streams(&net, 20, 16 << 20);
     let stop = Arc::new(AtomicBool::new(false));
     let looping = connect_loop(&net, Arc::clone(&stop));
@@ -123,29 +184,20 @@ fn upgrades_in_a_row(plane: Plane, topo: Topo) {
     for _ in 0..UPGRADES {
         std::thread::sleep(Duration::from_millis(150));
         let old = *pids.last().expect("a pid");
-        signal(old, libc::SIGUSR2);
-        // Both processes answer on the admin socket until the old one has stopped: the new
-        // pid is taken from the same answer that shows it.
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        let new = loop {
-            let pid = serving_pid(&daemon);
-            if pid != old {
-                break pid;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no new process:\n{}",
-                daemon.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let new = upgrade(&daemon, old);
         pids.push(new);
         reaper.0.push(new);
-        // An old process without live connections exits at once.
-        if old != first {
+        // An old process without live connections exits at once; on the sockmap plane every
+        // old process does, having handed its connections over.
+        if old != first || plane == Plane::Sockmap {
             wait_ended(old, Duration::from_secs(20));
         }
+        let round = pids.len() as u64;
+        echo_round(&mut open, round)
+            .unwrap_or_else(|e| panic!("{plane}: after upgrade {round}: {e}\n{}", daemon.log()));
     }
+    end_cleanly(plane, &open);
+    drop(open);
     std::thread::sleep(Duration::from_millis(150));
     stop.store(true, Ordering::Relaxed);
     let (done, failures) = looping.join().expect("loop");
@@ -162,20 +214,33 @@ fn upgrades_in_a_row(plane: Plane, topo: Topo) {
         let outcome = s.join().expect("stream thread");
         assert_eq!(outcome, Ok(()), "{plane}: stream {i} across the upgrades");
     }
-    // The first process served the streams to their end, then exited cleanly, and its
-    // programs and maps went with it.
+    // The first process exited cleanly, having served or handed over its connections, and
+    // its programs and maps went once the last connection on them ended.
     let status = daemon.wait(Duration::from_secs(40));
     assert!(
         status.success(),
         "{plane}: the first process exited {status}"
     );
-    assert_eq!(tests::still_loaded(&objects), vec![], "{plane}");
+    let gone = tests::eventually(Duration::from_secs(10), || {
+        tests::still_loaded(&objects).is_empty()
+    });
+    assert!(
+        gone,
+        "{plane}: still loaded: {:?}",
+        tests::still_loaded(&objects)
+    );
     let last = *pids.last().expect("a pid");
     let s = daemon.stats();
     assert!(
         s["connections"]["completed"].as_u64() > Some(0),
         "{plane}: the last process serves: {s:#}"
     );
+    if plane == Plane::Sockmap {
+        assert!(
+            s["connections"]["taken_over"].as_u64() >= Some(OPEN as u64),
+            "{plane}: the last process took the connections over: {s:#}"
+        );
+    }
     signal(last, libc::SIGTERM);
     wait_ended(last, Duration::from_secs(40));
     let mut distinct = pids.clone();
@@ -238,4 +303,57 @@ fn a_failed_upgrade_leaves_the_daemon_serving() {
     upgrade_fails(&daemon, "exited before it served");
     tests::assert_echoes(&mut net.connect(), b"still");
     daemon.stop();
+}
+
+/// A connection held back at the bound when the upgrade comes (its machine reads nothing):
+/// the old process hands it over held and exits, and the new one lets it flow once the
+/// machine reads; every byte arrives, exact, then the end of the stream.
+#[test]
+fn a_held_connection_flows_again_in_the_new_process() {
+    const TOTAL: u64 = 64 << 20;
+    let net = Net::new(Topo::Loopback);
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let (done, received) = std::sync::mpsc::channel::<Result<(), String>>();
+    let (wait, done) = (std::sync::Mutex::new(wait), std::sync::Mutex::new(done));
+    let _backend = tests::Server::start(&net.proxy, net.backend(), move |mut s| {
+        wait.lock().expect("lock").recv().ok();
+        let mut p = tests::Pattern::new(7);
+        let mut result = tests::recv_exact_pattern(&mut s, &mut p, TOTAL);
+        let mut rest = Vec::new();
+        if result.is_ok() && s.read_to_end(&mut rest).is_ok() && !rest.is_empty() {
+            result = Err(format!("{} bytes after the stream", rest.len()));
+        }
+        done.lock().expect("lock").send(result).ok();
+    });
+    let mut daemon = Daemon::start(&net.proxy, Plane::Sockmap, &[]);
+    let first = u64::from(daemon.pid);
+    let mut c = net.connect();
+    let writer = std::thread::spawn(move || {
+        tests::send_pattern(&mut c, 7, TOTAL).map_err(|e| e.to_string())?;
+        c.shutdown(Shutdown::Write).map_err(|e| e.to_string())
+    });
+    tests::until(&daemon, Duration::from_secs(20), "a hold", |s| {
+        s["kernel"]["holds"].as_u64() > Some(0)
+    });
+    let new = upgrade(&daemon, first);
+    let mut reaper = tests::Reaper::default();
+    reaper.0.push(new);
+    let status = daemon.wait(Duration::from_secs(20));
+    assert!(status.success(), "the old process exited {status}");
+    go.send(()).expect("the machine reads");
+    let result = received
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the machine's verdict");
+    assert_eq!(result, Ok(()), "{}", daemon.log());
+    writer.join().expect("writer").expect("the client's stream");
+    tests::until(
+        &daemon,
+        Duration::from_secs(20),
+        "the connection completed",
+        |s| s["connections"]["completed"] == 1,
+    );
+    let s = daemon.stats();
+    assert_eq!(s["connections"]["taken_over"], 1, "{s:#}");
+    signal(new, libc::SIGTERM);
+    wait_ended(new, Duration::from_secs(40));
 }

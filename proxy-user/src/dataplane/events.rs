@@ -9,9 +9,14 @@ use proxy_common::FlowEvent;
 use crate::watch::{Registry, SockEvent};
 
 /// Reads [`FlowEvent`]s and hands each to the connection that owns the socket.
-pub fn spawn_event_pump(events: RingBuf<MapData>, registry: Arc<Registry>) -> std::io::Result<()> {
+pub fn spawn_event_pump(
+    events: RingBuf<MapData>,
+    registry: Arc<Registry>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let mut events = crate::sys::async_readable(events)?;
-    tokio::spawn(async move {
+    // Each batch is delivered whole between two waits, so aborting the task at a wait
+    // leaves no event taken from the ring and not delivered.
+    Ok(tokio::spawn(async move {
         loop {
             let Ok(mut guard) = events.readable_mut().await else {
                 return;
@@ -19,13 +24,13 @@ pub fn spawn_event_pump(events: RingBuf<MapData>, registry: Arc<Registry>) -> st
             let ring = guard.get_inner_mut();
             while let Some(item) = ring.next() {
                 if let Some(event) = crate::sys::read_pod::<FlowEvent>(&item) {
+                    tracing::trace!(cookie = event.cookie, "kernel event");
                     registry.deliver(event.cookie, SockEvent::Pressure);
                 }
             }
             guard.clear_ready();
         }
-    });
-    Ok(())
+    }))
 }
 
 /// Forwards aya-log records from the kernel programs into the `log` facade, which the

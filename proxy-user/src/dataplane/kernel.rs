@@ -4,7 +4,7 @@
 
 use std::{
     io,
-    os::fd::{AsFd as _, AsRawFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     sync::Arc,
 };
 
@@ -102,9 +102,45 @@ pub struct Kernel {
     stats: PerCpuArray<MapData, ServiceCounters>,
     /// Present for an egress audit only.
     sent: Option<PerCpuArray<MapData, SentBytes>>,
-    // Owns the programs; dropping it detaches them. Kept last so maps close first.
-    _ebpf: Ebpf,
+    /// The ring buffer's descriptor, for a handover (the event pump reads the map).
+    events: OwnedFd,
+    /// The programs' BPF links (the hold program's to the daemon's cgroup; on kernels that
+    /// link a program to a socket map, the verdict's too): each stays attached while any
+    /// descriptor of it is open.
+    links: Vec<OwnedFd>,
+    /// Owns the programs this process loaded (none when it adopted another's); dropping it
+    /// detaches them, unless [`Kernel::leave_attached`] was called.
+    ebpf: Option<Ebpf>,
+    leave_attached: std::sync::atomic::AtomicBool,
+    /// The task that reads the ring buffer ([`events::spawn_event_pump`]).
+    pump: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
+
+impl Drop for Kernel {
+    fn drop(&mut self) {
+        // The reader holds the ring buffer's map open.
+        if let Some(pump) = self
+            .pump
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            pump.abort();
+        }
+        if self
+            .leave_attached
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            // aya detaches a program attached to a map when its handle is dropped; the
+            // process that adopted the maps needs them attached.
+            std::mem::forget(self.ebpf.take());
+        }
+    }
+}
+
+/// Descriptors of a loaded kernel's maps and hold link, handed to the process that adopts
+/// them ([`Kernel::adopt`]), in [`Kernel::HANDOVER_ORDER`].
+pub struct KernelFds(pub Vec<OwnedFd>);
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
 where
@@ -132,18 +168,23 @@ fn attach(
     recv: &SockHash<MapData, u64>,
     socks: &SockHash<MapData, u64>,
     egress_audit: bool,
-) -> Result<(), LoadError> {
+) -> Result<Vec<OwnedFd>, LoadError> {
+    let mut ids = Vec::new();
     let name = names::VERDICT_PROG;
     let verdict: &mut SkSkb = program(ebpf, name)?;
     verdict
         .load()
         .and_then(|()| verdict.attach(recv.fd()))
+        .and_then(|_| verdict.info())
+        .map(|info| ids.push(info.id()))
         .map_err(|source| LoadError::Program { name, source })?;
     if egress_audit {
         let name = names::MSG_PROG;
         let msg: &mut SkMsg = program(ebpf, name)?;
         msg.load()
             .and_then(|()| msg.attach(socks.fd()))
+            .and_then(|_| msg.info())
+            .map(|info| ids.push(info.id()))
             .map_err(|source| LoadError::Program { name, source })?;
     }
     let name = names::HOLD_PROG;
@@ -160,7 +201,25 @@ fn attach(
         .and_then(|()| hold.attach(&cgroup, CgroupAttachMode::Single))
         .map_err(|source| LoadError::Program { name, source })?;
     tracing::debug!(cgroup = ?cgroup, "hold program attached");
-    Ok(())
+    ids.push(
+        hold.info()
+            .map_err(|source| LoadError::Program { name, source })?
+            .id(),
+    );
+    Ok(program_links(&ids))
+}
+
+/// Copies of this process's descriptors of the BPF links of the programs `ids` (aya keeps its
+/// own private), found in `/proc/self/fdinfo`, which needs no privilege (listing the kernel's
+/// links does).
+fn program_links(ids: &[u32]) -> Vec<OwnedFd> {
+    match sys::own_bpf_links(ids) {
+        Ok(links) => links,
+        Err(e) => {
+            tracing::warn!(error = %e, "the programs' links were not found: an upgrade will not hand connections over");
+            Vec::new()
+        }
+    }
 }
 
 /// The object, parsed, its maps created: nothing is loaded or attached yet.
@@ -179,7 +238,7 @@ pub(super) fn trial_attach() -> Result<(), LoadError> {
     let mut ebpf = open()?;
     let socks: SockHash<MapData, u64> = take(&mut ebpf, names::SOCKS)?;
     let recv: SockHash<MapData, u64> = take(&mut ebpf, names::RECV)?;
-    attach(&mut ebpf, &recv, &socks, true)
+    attach(&mut ebpf, &recv, &socks, true).map(drop)
 }
 
 impl Kernel {
@@ -206,9 +265,10 @@ impl Kernel {
             None
         };
         let events: RingBuf<MapData> = take(&mut ebpf, names::EVENTS)?;
+        let events_fd = events.as_fd().try_clone_to_owned()?;
 
-        attach(&mut ebpf, &recv, &socks, egress_audit)?;
-        events::spawn_event_pump(events, registry)?;
+        let prog_links = attach(&mut ebpf, &recv, &socks, egress_audit)?;
+        let pump = events::spawn_event_pump(events, registry)?;
         Ok(Self {
             maps: Maps {
                 hold_ports,
@@ -219,8 +279,117 @@ impl Kernel {
             },
             stats,
             sent,
-            _ebpf: ebpf,
+            events: events_fd,
+            links: prog_links,
+            ebpf: Some(ebpf),
+            leave_attached: std::sync::atomic::AtomicBool::new(false),
+            pump: std::sync::Mutex::new(Some(pump)),
         })
+    }
+
+    /// Stops reading the ring buffer (a ring buffer has one consumer: the process that
+    /// adopts this kernel reads it next). Returns once the reader has stopped.
+    pub async fn stop_events(&self) {
+        let pump = self
+            .pump
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(pump) = pump {
+            pump.abort();
+            pump.await.ok();
+        }
+    }
+
+    /// The order of [`KernelFds`]: these maps, then the programs' links.
+    pub const HANDOVER_ORDER: [&'static str; 7] = [
+        names::HOLD_PORTS,
+        names::SOCKS,
+        names::RECV,
+        names::LINKS,
+        names::FLOWS,
+        names::SERVICE_STATS,
+        names::EVENTS,
+    ];
+
+    /// Copies of the descriptors another process needs to take this kernel over
+    /// ([`Self::adopt`]). After sending them, this process stops reading the ring buffer
+    /// and calls [`Self::leave_attached`].
+    pub fn handover_fds(&self) -> io::Result<KernelFds> {
+        if !self.can_hand_over() {
+            return Err(io::Error::other("no descriptor of the programs' links"));
+        }
+        let m = &self.maps;
+        let fds = [
+            map_fd(&m.hold_ports),
+            m.socks.fd().as_fd(),
+            m.recv.fd().as_fd(),
+            map_fd(&m.links),
+            map_fd(&m.flows),
+            self.stats.map().fd().as_fd(),
+            self.events.as_fd(),
+        ];
+        Ok(KernelFds(
+            fds.into_iter()
+                .chain(self.links.iter().map(AsFd::as_fd))
+                .map(|fd| fd.try_clone_to_owned())
+                .collect::<io::Result<_>>()?,
+        ))
+    }
+
+    /// Whether another process can take this kernel over: it needs the programs' links.
+    pub fn can_hand_over(&self) -> bool {
+        !self.links.is_empty()
+    }
+
+    /// Leaves the programs attached when this is dropped: another process adopted them.
+    pub fn leave_attached(&self) {
+        self.leave_attached
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Takes over the maps and the programs' links another process loaded
+    /// ([`Self::handover_fds`]), and reads its ring buffer into `registry`. The programs
+    /// stay attached as they are; they are detached when the last descriptor of their maps
+    /// and link closes. Without an egress audit's counter and the programs' log.
+    pub fn adopt(fds: KernelFds, registry: Arc<Registry>) -> Result<Self, LoadError> {
+        let KernelFds(mut fds) = fds;
+        if fds.len() <= Self::HANDOVER_ORDER.len() {
+            return Err(LoadError::Unsupported(format!(
+                "a kernel handover of {} descriptors, fewer than its maps and a link",
+                fds.len()
+            )));
+        }
+        let prog_links = fds.split_off(Self::HANDOVER_ORDER.len());
+        let [hold_ports, socks, recv, links, flows, stats, events]: [OwnedFd; 7] =
+            fds.try_into()
+                .map_err(|_| LoadError::Unsupported("a kernel handover's maps".to_owned()))?;
+        let events_copy = events.try_clone()?;
+        let ring: RingBuf<MapData> = adopted_map(names::EVENTS, events)?;
+        let pump = events::spawn_event_pump(ring, registry)?;
+        let kernel = Self {
+            maps: Maps {
+                hold_ports: adopted_map(names::HOLD_PORTS, hold_ports)?,
+                socks: adopted_map(names::SOCKS, socks)?,
+                recv: adopted_map(names::RECV, recv)?,
+                links: adopted_map(names::LINKS, links)?,
+                flows: adopted_map(names::FLOWS, flows)?,
+            },
+            stats: adopted_map(names::SERVICE_STATS, stats)?,
+            sent: None,
+            events: events_copy,
+            links: prog_links,
+            ebpf: None,
+            leave_attached: std::sync::atomic::AtomicBool::new(false),
+            pump: std::sync::Mutex::new(Some(pump)),
+        };
+        Ok(kernel)
+    }
+
+    /// A socket's link as last written.
+    pub fn link(&self, cookie: u64) -> Result<Link, MapOpError> {
+        sys::map_lookup(map_fd(&self.maps.links), &cookie)
+            .map_err(|source| op_err("lookup", names::LINKS, cookie, source))
     }
 
     /// Tells the hold program which connections to watch: those accepted on `public` ports
@@ -347,6 +516,21 @@ impl Kernel {
         }
         Some(sum)
     }
+}
+
+/// The map of another process's descriptor `fd`, as the type its name has in the object.
+fn adopted_map<T>(name: &'static str, fd: OwnedFd) -> Result<T, LoadError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let data = MapData::from_fd(fd).map_err(|source| LoadError::Map { name, source })?;
+    let map = match name {
+        names::SOCKS | names::RECV => aya::maps::Map::SockHash(data),
+        names::SERVICE_STATS => aya::maps::Map::PerCpuArray(data),
+        names::EVENTS => aya::maps::Map::RingBuf(data),
+        _ => aya::maps::Map::HashMap(data),
+    };
+    T::try_from(map).map_err(|source| LoadError::Map { name, source })
 }
 
 /// A socket's descriptor as a socket map's value.

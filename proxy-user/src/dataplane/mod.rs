@@ -125,6 +125,9 @@ pub enum DataplaneChoice {
 pub enum Phase {
     /// Normal operation.
     Serve,
+    /// Not accepting: an upgrade's new process serves. Each connection on the sockmap plane
+    /// stops where it is and is handed to it; the others may finish here.
+    HandOver,
     /// Not accepting; live connections may finish.
     Drain,
     /// The grace period is over: close what is left.
@@ -140,6 +143,8 @@ pub enum Outcome {
     Aborted,
     /// Closed by the daemon after no byte moved either way for the idle timeout.
     Idle,
+    /// Handed, open, to the process that took over at an upgrade.
+    HandedOver,
 }
 
 /// Why a connection ended with an error, by where the error came from.

@@ -59,9 +59,19 @@ pub(super) async fn serve(
         }
         Err(e) => (Err(SpliceError::Internal(e)), None),
     };
+    count_outcome(&shared, addr, &result);
+    drop(tracked);
+    ended(&shared);
+}
+
+/// Counts how a connection ended. Called before it stops counting as active
+/// ([`ended`]), so that a snapshot that sees none active sees every outcome.
+pub(super) fn count_outcome(
+    shared: &Shared,
+    addr: SocketAddr,
+    result: &Result<Outcome, SpliceError>,
+) {
     let stats = &shared.stats;
-    // The outcome is counted before the connection stops counting as active, so that a
-    // snapshot that sees none active sees every outcome.
     match result {
         Ok(Outcome::Completed) => {
             stats.completed.fetch_add(1, Ordering::Relaxed);
@@ -75,13 +85,20 @@ pub(super) async fn serve(
             stats.idle_closed.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(peer = %addr, "idle connection closed");
         }
+        Ok(Outcome::HandedOver) => {
+            stats.handed_over.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(peer = %addr, "connection handed to the new process");
+        }
         Err(e) => {
             stats.failed.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(peer = %addr, error = %e, "connection ended with an error");
         }
     }
-    drop(tracked);
-    if stats.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+}
+
+/// A connection no longer counts as active.
+pub(super) fn ended(shared: &Shared) {
+    if shared.stats.active.fetch_sub(1, Ordering::AcqRel) == 1 {
         shared.none_live.notify_waiters();
     }
 }
@@ -408,6 +425,7 @@ pub(super) async fn splice_pair(
             let splicing = splicer.run(sockets, service, header, phase.clone());
             match splicing.await {
                 Spliced::Done(result) => result,
+                Spliced::HandedOver(handed) => super::upgrade::send_connection(shared, &handed),
                 Spliced::Refused(client, backend) => {
                     shared.stats.copied_fallback.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(

@@ -47,6 +47,14 @@ impl Carrier {
     }
 }
 
+/// A live connection as another process takes it over.
+pub struct Described {
+    pub client: SocketAddr,
+    pub service: String,
+    /// The machine's id and address.
+    pub machine: Option<(String, SocketAddr)>,
+}
+
 /// What is kept of one live connection.
 #[derive(Clone, Debug)]
 struct Conn {
@@ -111,6 +119,15 @@ impl Live {
         if let Some(c) = self.lock().get_mut(&cookie) {
             c.carrier = carrier;
         }
+    }
+
+    /// What is known of the connection whose client socket has `cookie`.
+    pub fn describe(&self, cookie: u64) -> Option<Described> {
+        self.lock().get(&cookie).map(|c| Described {
+            client: c.client,
+            service: c.service.clone(),
+            machine: c.machine.clone(),
+        })
     }
 
     /// The daemon stopped accepting: every connection left is draining.

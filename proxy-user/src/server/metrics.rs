@@ -144,6 +144,16 @@ impl Collector for Scrape {
             one(load(&c.copied_fallback)),
         )?;
         f.counter(
+            "spliced_connections_upgrade",
+            "Spliced connections handed to the new process at an upgrade, and taken over from \
+             the old one.",
+            [
+                ("handed_over", &c.handed_over),
+                ("taken_over", &c.taken_over),
+            ]
+            .map(|(r, n)| (vec![("direction", r.to_owned())], load(n))),
+        )?;
+        f.counter(
             "spliced_tls_handshakes",
             "TLS handshakes on tls and pg_tls ports, by result.",
             [("ok", &c.tls_handshakes), ("failed", &c.tls_failed)]

@@ -180,6 +180,10 @@ pub struct ConnStats {
     pub idle_closed: AtomicU64,
     /// Connections the kernel would not take (a side had already sent FIN), copied instead.
     pub copied_fallback: AtomicU64,
+    /// Spliced connections handed, open, to the new process at an upgrade.
+    pub handed_over: AtomicU64,
+    /// Spliced connections this process took over from the one it upgraded.
+    pub taken_over: AtomicU64,
     /// TLS handshakes completed on `tls` and `pg_tls` ports.
     pub tls_handshakes: AtomicU64,
     /// TLS handshakes that failed or timed out; the client is closed.
@@ -216,6 +220,11 @@ struct Shared {
     reloads: ReloadStats,
     /// The live connections, for `spliced status`.
     live: live::Live,
+    /// The way to the process an upgrade started, once it serves: the spliced connections
+    /// and their kernel go to it.
+    successor: std::sync::Mutex<Option<std::os::fd::OwnedFd>>,
+    /// The splicers over kernels taken over at an upgrade, while connections on them live.
+    adopted: std::sync::Mutex<Vec<std::sync::Weak<crate::dataplane::sockmap::Splicer>>>,
 }
 
 /// SIGHUP reloads: served, and refused (invalid config, a port that cannot be bound).
@@ -294,6 +303,8 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         current: RwLock::new(Arc::new(first)),
         reloads: ReloadStats::default(),
         live: live::Live::default(),
+        successor: std::sync::Mutex::default(),
+        adopted: std::sync::Mutex::default(),
     });
     let endpoints = endpoints(&shared, &mut inherited).await?;
     // Before the workers and the machines start, which then begin as the user.
@@ -317,7 +328,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     tracing::info!("spliced is serving");
     // The programs are loaded and every port is bound.
     crate::sys::notify(&format!("READY=1\nMAINPID={}", std::process::id()));
-    inherited.serving();
+    inherited.serving(&shared, &phase_rx);
     let successor = serve_signals(&shared, &mut ports, &mut certs, &endpoints).await?;
     let stopping = Stopping {
         phase: phase_tx,
@@ -386,6 +397,9 @@ impl Stopping {
         // The copies of the listeners go first: a listener stays open, and takes connections
         // nobody accepts, while any descriptor of it is.
         drop(self.ports);
+        if self.successor.is_some() {
+            upgrade::hand_over(shared, &self.phase).await;
+        }
         drain(shared, &self.phase).await;
         let threads = self.threads;
         let joined = tokio::task::spawn_blocking(move || {

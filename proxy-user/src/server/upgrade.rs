@@ -11,12 +11,21 @@ use std::{
     io,
     net::SocketAddr,
     os::fd::{AsFd, AsRawFd, OwnedFd},
-    sync::atomic::Ordering,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
-use super::{Endpoints, Shared, generation::Ports};
-use crate::sys;
+use tokio::sync::watch;
+
+use super::{Endpoints, Shared, connection, generation::Ports, live::Carrier};
+use crate::{
+    dataplane::{
+        Outcome, Phase, Plane, SpliceError,
+        kernel::KernelFds,
+        sockmap::{Spliced, Splicer, handover},
+    },
+    sys,
+};
 
 /// The environment variable that gives the new process its end of the socket pair.
 pub(super) const ENV: &str = "SPLICED_UPGRADE_FD";
@@ -32,6 +41,22 @@ enum Record {
     Admin,
     Metrics,
     End,
+    /// A spliced connection, with its client's and machine's sockets; the bytes userspace
+    /// held of it follow ([`handover::send_pending`]).
+    Connection(Box<ConnectionRecord>),
+    /// The kernel objects of the splicer `id`, in [`Kernel::HANDOVER_ORDER`].
+    Kernel {
+        id: u64,
+    },
+}
+
+/// What the new process needs to serve a spliced connection on.
+#[derive(serde::Serialize, serde::Deserialize, Debug)]
+struct ConnectionRecord {
+    client: SocketAddr,
+    service: String,
+    machine: Option<(String, SocketAddr)>,
+    snapshot: handover::PairSnapshot,
 }
 
 /// Copies of the descriptors this process serves on, as the next one takes them.
@@ -61,7 +86,8 @@ impl Inherited {
         let mut inherited = Self::default();
         let mut buf = [0u8; 1024];
         loop {
-            let (n, fd) = sys::recv_record(channel.as_fd(), &mut buf)?;
+            let (n, fds) = sys::recv_record(channel.as_fd(), &mut buf)?;
+            let fd = fds.into_iter().next();
             if n == 0 {
                 return Err(io::Error::other("the upgrading process went away"));
             }
@@ -79,6 +105,11 @@ impl Inherited {
                 (Record::Metrics, Some(fd)) => {
                     inherited.metrics = Some(std::net::TcpListener::from(fd));
                 }
+                (record @ (Record::Connection(_) | Record::Kernel { .. }), _) => {
+                    return Err(io::Error::other(format!(
+                        "{record:?} came before the process served"
+                    )));
+                }
                 (record, None) => {
                     return Err(io::Error::other(format!(
                         "{record:?} came without its socket"
@@ -95,12 +126,29 @@ impl Inherited {
         Ok(inherited)
     }
 
-    /// Tells the process that started this one that this one serves: it stops accepting.
-    pub fn serving(&mut self) {
-        if let Some(channel) = self.channel.take()
-            && let Err(e) = sys::send_record(channel.as_fd(), b"ready", None)
-        {
+    /// Tells the process that started this one that this one serves: it stops accepting and
+    /// hands over its spliced connections, which are taken over from here on.
+    pub fn serving(&mut self, shared: &Arc<Shared>, phase: &watch::Receiver<Phase>) {
+        let Some(channel) = self.channel.take() else {
+            return;
+        };
+        if let Err(e) = sys::send_record(channel.as_fd(), b"ready", &[]) {
             tracing::warn!(error = %e, "upgrade: could not tell the old process");
+            return;
+        }
+        let (shared, phase) = (Arc::clone(shared), phase.clone());
+        let runtime = tokio::runtime::Handle::current();
+        let spawned = std::thread::Builder::new()
+            .name("spliced-takeover".to_owned())
+            .spawn(move || {
+                let _entered = runtime.enter();
+                match take_over(&shared, &channel, &phase) {
+                    Ok(n) => tracing::info!(connections = n, "upgrade: took over the spliced connections"),
+                    Err(e) => tracing::error!(error = %e, "upgrade: taking over the spliced connections failed"),
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "upgrade: cannot take over the spliced connections");
         }
     }
 }
@@ -133,8 +181,9 @@ fn binary() -> io::Result<std::path::PathBuf> {
         .map_or_else(|| link.clone(), std::path::PathBuf::from))
 }
 
-/// Starts the new process, hands it `sockets`, and waits until it serves: its pid.
-pub(super) fn start_successor(sockets: &Handover) -> Result<u32, UpgradeError> {
+/// Starts the new process, hands it `sockets`, and waits until it serves: its pid, and the
+/// way to it.
+pub(super) fn start_successor(sockets: &Handover) -> Result<(u32, OwnedFd), UpgradeError> {
     let (ours, theirs) = sys::seqpacket_pair()?;
     let exe = binary()?;
     let mut cmd = std::process::Command::new(&exe);
@@ -159,7 +208,7 @@ pub(super) fn start_successor(sockets: &Handover) -> Result<u32, UpgradeError> {
         let _ = child.kill();
         let _ = child.wait();
     }
-    outcome.map(|()| child.id())
+    outcome.map(|()| (child.id(), ours))
 }
 
 /// How `child` exited, if it does within a second.
@@ -175,20 +224,20 @@ fn exit_status(child: &mut std::process::Child) -> Option<std::process::ExitStat
 }
 
 fn send_all(sock: std::os::fd::BorrowedFd<'_>, sockets: &Handover) -> io::Result<()> {
-    let send = |record: &Record, fd| {
+    let send = |record: &Record, fds: &[std::os::fd::BorrowedFd<'_>]| {
         let payload = serde_json::to_vec(record).map_err(io::Error::other)?;
-        sys::send_record(sock, &payload, fd)
+        sys::send_record(sock, &payload, fds)
     };
     for (addr, fd) in &sockets.listeners {
-        send(&Record::Listener(*addr), Some(fd.as_fd()))?;
+        send(&Record::Listener(*addr), &[fd.as_fd()])?;
     }
     if let Some(fd) = &sockets.admin {
-        send(&Record::Admin, Some(fd.as_fd()))?;
+        send(&Record::Admin, &[fd.as_fd()])?;
     }
     if let Some(fd) = &sockets.metrics {
-        send(&Record::Metrics, Some(fd.as_fd()))?;
+        send(&Record::Metrics, &[fd.as_fd()])?;
     }
-    send(&Record::End, None)
+    send(&Record::End, &[])
 }
 
 /// Waits for the new process's word that it serves, while it runs.
@@ -251,7 +300,13 @@ pub(super) async fn on_signal(
         },
     };
     match started {
-        Ok(pid) => Some(pid),
+        Ok((pid, channel)) => {
+            *shared
+                .successor
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(channel);
+            Some(pid)
+        }
         Err(e) => {
             shared
                 .reloads
@@ -261,4 +316,264 @@ pub(super) async fn on_signal(
             None
         }
     }
+}
+
+/// The splicers of this process: its own and those over kernels it took over.
+fn splicers(shared: &Shared) -> Vec<SplicerRef<'_>> {
+    let mut all = Vec::new();
+    if let Plane::Sockmap(own) = &shared.plane {
+        all.push(SplicerRef::Own(own));
+    }
+    let adopted = shared
+        .adopted
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    all.extend(
+        adopted
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .map(SplicerRef::Adopted),
+    );
+    all
+}
+
+enum SplicerRef<'a> {
+    Own(&'a Splicer),
+    Adopted(Arc<Splicer>),
+}
+
+impl std::ops::Deref for SplicerRef<'_> {
+    type Target = Splicer;
+    fn deref(&self) -> &Splicer {
+        match self {
+            Self::Own(s) => s,
+            Self::Adopted(s) => s,
+        }
+    }
+}
+
+/// Longest wait for the spliced connections to stop for the handover.
+const STOP_LIMIT: Duration = Duration::from_secs(10);
+
+/// Once the new process serves: stops every spliced connection between two of its events
+/// and hands it over (each connection's task sends it, [`send_connection`]), then gives each
+/// splicer's kernel, whose ring buffer this process no longer reads. Connections on other
+/// planes are left to finish here.
+pub(super) async fn hand_over(shared: &Shared, phase: &watch::Sender<Phase>) {
+    let has_channel = shared
+        .successor
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .is_some();
+    if !has_channel {
+        return;
+    }
+    let all = splicers(shared);
+    if let Some(s) = all.iter().find(|s| !s.kernel.can_hand_over()) {
+        tracing::error!(
+            kernel = s.id(),
+            "upgrade: a kernel cannot be handed over: the spliced connections stay here"
+        );
+        // The new process stops waiting for connections when the way to it closes.
+        drop(
+            shared
+                .successor
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(),
+        );
+        return;
+    }
+    for s in &all {
+        s.stop_taking();
+    }
+    phase.send_replace(Phase::HandOver);
+    let started = Instant::now();
+    while all.iter().any(|s| s.running() > 0) && started.elapsed() < STOP_LIMIT {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let left: usize = all.iter().map(|s| s.running()).sum();
+    if left > 0 {
+        tracing::error!(
+            left,
+            "upgrade: spliced connections did not stop for the handover"
+        );
+    }
+    let mut given = Vec::new();
+    for s in &all {
+        match s.give_kernel().await {
+            Ok(fds) => given.push((s.id(), fds)),
+            Err(e) => tracing::error!(error = %e, "upgrade: a kernel could not be handed over"),
+        }
+    }
+    let Some(channel) = shared
+        .successor
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+    else {
+        return;
+    };
+    let sent = given.iter().try_for_each(|(id, KernelFds(fds))| {
+        let fds: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
+        send(channel.as_fd(), &Record::Kernel { id: *id }, &fds)
+    });
+    if let Err(e) = sent.and_then(|()| send(channel.as_fd(), &Record::End, &[])) {
+        tracing::error!(error = %e, "upgrade: the kernel handover failed");
+    }
+    tracing::info!(
+        handed = shared.stats.handed_over.load(Ordering::Relaxed),
+        "upgrade: spliced connections handed over"
+    );
+}
+
+fn send(
+    sock: std::os::fd::BorrowedFd<'_>,
+    record: &Record,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> io::Result<()> {
+    let payload = serde_json::to_vec(record).map_err(io::Error::other)?;
+    sys::send_record(sock, &payload, fds)
+}
+
+/// Sends a connection stopped for the handover to the new process: it serves it from here.
+/// A connection that cannot be sent is reset.
+pub(super) fn send_connection(
+    shared: &Shared,
+    handed: &handover::HandedPair,
+) -> Result<Outcome, SpliceError> {
+    let cookie = handed.snapshot.cookies[0];
+    let sent = (|| {
+        let super::live::Described {
+            client,
+            service,
+            machine,
+        } = shared
+            .live
+            .describe(cookie)
+            .ok_or_else(|| io::Error::other("the connection is not among the live ones"))?;
+        let record = Record::Connection(Box::new(ConnectionRecord {
+            client,
+            service,
+            machine,
+            snapshot: handed.snapshot.clone(),
+        }));
+        let channel = shared
+            .successor
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let channel = channel
+            .as_ref()
+            .ok_or_else(|| io::Error::other("the handover is over"))?;
+        send(channel.as_fd(), &record, &handover::pair_fds(handed))?;
+        handover::send_pending(channel.as_fd(), &handed.pending)
+    })();
+    match sent {
+        Ok(()) => Ok(Outcome::HandedOver),
+        Err(e) => {
+            for s in [&handed.client, &handed.backend] {
+                socket2::SockRef::from(s)
+                    .set_linger(Some(Duration::ZERO))
+                    .ok();
+            }
+            Err(SpliceError::Internal(e))
+        }
+    }
+}
+
+/// Receives the spliced connections and their kernels from the process that started this
+/// one, and serves each on the kernel it ran on. How many were taken over.
+fn take_over(
+    shared: &Arc<Shared>,
+    channel: &OwnedFd,
+    phase: &watch::Receiver<Phase>,
+) -> io::Result<usize> {
+    let settings = crate::dataplane::sockmap::Settings {
+        max_buffer: shared.opts.max_buffer,
+        idle_timeout: shared.opts.idle_timeout,
+        egress_audit: false,
+    };
+    let mut buf = vec![0u8; 1 << 16];
+    let mut waiting: Vec<(ConnectionRecord, handover::HandedPair)> = Vec::new();
+    let mut kernels: HashMap<u64, Arc<Splicer>> = HashMap::new();
+    let mut taken = 0;
+    loop {
+        let (n, fds) = sys::recv_record(channel.as_fd(), &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        let record: Record = serde_json::from_slice(&buf[..n]).map_err(io::Error::other)?;
+        match record {
+            Record::Connection(c) => {
+                let [client, backend]: [OwnedFd; 2] = fds
+                    .try_into()
+                    .map_err(|_| io::Error::other("a connection came without its two sockets"))?;
+                let pending = handover::recv_pending(channel.as_fd(), &c.snapshot)?;
+                let (client, backend) = handover::handed_sockets(client, backend);
+                let handed =
+                    handover::HandedPair::new(client, backend, c.snapshot.clone(), pending);
+                waiting.push((*c, handed));
+            }
+            Record::Kernel { id } => {
+                let splicer = Splicer::adopt(settings, id, KernelFds(fds))
+                    .map_err(|e| io::Error::other(format!("adopting a kernel: {e}")))?;
+                let splicer = Arc::new(splicer);
+                shared
+                    .adopted
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(Arc::downgrade(&splicer));
+                kernels.insert(id, splicer);
+            }
+            Record::End => break,
+            other => tracing::warn!(record = ?other, "upgrade: unexpected record after ready"),
+        }
+    }
+    for (record, handed) in waiting {
+        let Some(splicer) = kernels.get(&record.snapshot.kernel) else {
+            tracing::error!(client = %record.client, "upgrade: a connection came without its kernel: reset");
+            for s in [&handed.client, &handed.backend] {
+                socket2::SockRef::from(s)
+                    .set_linger(Some(Duration::ZERO))
+                    .ok();
+            }
+            continue;
+        };
+        taken += 1;
+        resume(shared, Arc::clone(splicer), record, handed, phase.clone());
+    }
+    Ok(taken)
+}
+
+/// Serves a connection taken over, counted as this process's own.
+fn resume(
+    shared: &Arc<Shared>,
+    splicer: Arc<Splicer>,
+    record: ConnectionRecord,
+    handed: handover::HandedPair,
+    phase: watch::Receiver<Phase>,
+) {
+    let shared = Arc::clone(shared);
+    shared.stats.taken_over.fetch_add(1, Ordering::Relaxed);
+    shared.stats.active.fetch_add(1, Ordering::AcqRel);
+    tokio::spawn(async move {
+        let cookies = handed.snapshot.cookies;
+        let tracked = shared
+            .live
+            .track(cookies[0], record.client, &record.service);
+        if let Some((id, addr)) = &record.machine {
+            shared.live.connected(cookies[0], id, *addr, cookies[1]);
+        }
+        shared.live.carried(cookies[0], Carrier::Sockmap);
+        let result = match splicer.resume(handed, phase).await {
+            Spliced::Done(result) => result,
+            Spliced::HandedOver(h) => send_connection(&shared, &h),
+            Spliced::Refused(..) => Err(SpliceError::Internal(io::Error::other(
+                "a connection taken over was refused",
+            ))),
+        };
+        connection::count_outcome(&shared, record.client, &result);
+        drop(tracked);
+        connection::ended(&shared);
+    });
 }

@@ -78,6 +78,41 @@ pub fn sockhash(max_entries: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Copies of this process's descriptors of BPF links whose program is one of `prog_ids`, as
+/// `/proc/self/fdinfo` describes each descriptor (`link_id` and `prog_id` lines).
+pub fn own_bpf_links(prog_ids: &[u32]) -> io::Result<Vec<OwnedFd>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fdinfo")? {
+        let entry = entry?;
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // A descriptor closed since the listing has no fdinfo any more.
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u32>().ok())
+        };
+        if field("link_id:").is_none() {
+            continue;
+        }
+        if field("prog_id:").is_some_and(|id| prog_ids.contains(&id)) {
+            // SAFETY: the descriptor is open in this process for the duration of the call
+            // (the daemon's own link descriptors are not closed while it loads).
+            let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+            found.push(borrowed.try_clone_to_owned()?);
+        }
+    }
+    Ok(found)
+}
+
 fn fd_u32(fd: BorrowedFd<'_>) -> u32 {
     u32::try_from(fd.as_raw_fd()).unwrap_or(u32::MAX)
 }

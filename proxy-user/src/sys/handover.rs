@@ -1,5 +1,6 @@
 //! Passing descriptors to another process: a Unix `SOCK_SEQPACKET` pair, whose records keep
-//! their bounds, each record a short message with at most one descriptor (`SCM_RIGHTS`).
+//! their bounds, each record a short message with at most [`MAX_FDS`] descriptors
+//! (`SCM_RIGHTS`).
 
 use std::{
     io,
@@ -25,15 +26,16 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Space for one descriptor's control message.
-const CMSG_SPACE: usize = 32;
+/// Most descriptors one record carries.
+pub const MAX_FDS: usize = 16;
+/// Space for one control message of [`MAX_FDS`] descriptors.
+const CMSG_SPACE: usize = 16 + 4 * MAX_FDS;
 
-/// Sends one record: `payload`, and `fd` with it if given.
-pub fn send_record(
-    sock: BorrowedFd<'_>,
-    payload: &[u8],
-    fd: Option<BorrowedFd<'_>>,
-) -> io::Result<()> {
+/// Sends one record: `payload`, and `fds` with it (at most [`MAX_FDS`]).
+pub fn send_record(sock: BorrowedFd<'_>, payload: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::other("too many descriptors for one record"));
+    }
     let mut iov = libc::iovec {
         iov_base: payload.as_ptr().cast_mut().cast(),
         iov_len: payload.len(),
@@ -43,19 +45,22 @@ pub fn send_record(
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &raw mut iov;
     msg.msg_iovlen = 1;
-    if let Some(fd) = fd {
-        let raw: RawFd = fd.as_raw_fd();
+    if !fds.is_empty() {
+        let bytes = (fds.len() * size_of::<RawFd>()) as u32;
         msg.msg_control = control.as_mut_ptr().cast();
         // SAFETY: CMSG_SPACE and CMSG_LEN only compute sizes.
-        msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
-        // SAFETY: the control buffer is large enough for one header and one descriptor, and
-        // the header pointer is within it.
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(bytes) } as usize;
+        // SAFETY: the control buffer is large enough for one header and `MAX_FDS`
+        // descriptors, and the header pointer is within it.
         unsafe {
             let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
             (*cmsg).cmsg_level = libc::SOL_SOCKET;
             (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as usize;
-            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), raw);
+            (*cmsg).cmsg_len = libc::CMSG_LEN(bytes) as usize;
+            let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+            for (i, fd) in fds.iter().enumerate() {
+                std::ptr::write_unaligned(data.add(i), fd.as_raw_fd());
+            }
         }
     }
     // SAFETY: every pointer in `msg` refers to a live local for the call.
@@ -66,9 +71,9 @@ pub fn send_record(
     Ok(())
 }
 
-/// Receives one record into `buf`: its length (0 at the peer's end) and the descriptor that
+/// Receives one record into `buf`: its length (0 at the peer's end) and the descriptors that
 /// came with it, made close-on-exec.
-pub fn recv_record(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+pub fn recv_record(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -88,19 +93,24 @@ pub fn recv_record(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, O
     if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
         return Err(io::Error::other("a handover record was cut short"));
     }
-    let mut fd = None;
-    // SAFETY: the kernel filled the control buffer; the macros walk it within its length.
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled the control buffer; the macros walk it within its length,
+    // and each SCM_RIGHTS message holds as many descriptors as its length says.
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
         while !cmsg.is_null() {
             if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let raw = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>());
-                fd = Some(OwnedFd::from_raw_fd(raw));
+                let header = libc::CMSG_LEN(0) as usize;
+                let count = ((*cmsg).cmsg_len as usize).saturating_sub(header) / size_of::<RawFd>();
+                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
             }
             cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
         }
     }
-    Ok((usize::try_from(n).unwrap_or(0), fd))
+    Ok((usize::try_from(n).unwrap_or(0), fds))
 }
 
 /// Makes `cmd`'s child keep `fd` open across exec (it is close-on-exec here).

@@ -16,7 +16,9 @@ mod process;
 mod tcp;
 mod user;
 
-pub use bpf::{map_delete, map_delete_all, map_lookup, map_update, map_update_batch, sockhash};
+pub use bpf::{
+    map_delete, map_delete_all, map_lookup, map_update, map_update_batch, own_bpf_links, sockhash,
+};
 pub use epoll::{Epoll, async_readable, ev, read_pod};
 pub use handover::{inherit_fd, recv_record, send_record, seqpacket_pair, take_env_fd};
 pub use mount::{detach_mount, mount_cgroup2};

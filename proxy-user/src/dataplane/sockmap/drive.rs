@@ -18,15 +18,19 @@ pub(super) async fn drive(
     phase: &mut watch::Receiver<Phase>,
 ) -> Result<Outcome, SpliceError> {
     let mut delay = POLL_MIN;
-    let mut waiting = false;
+    // Nothing waits on a new pair; one taken over may be ending, held or carried.
+    let mut waiting = pair.on_tick()?;
     let idle = pair.splicer.idle_timeout;
     let mut idle_check = tokio::time::Instant::now() + idle.unwrap_or_default();
     loop {
         if pair.sides.iter().all(|d| d.done) {
             return Ok(Outcome::Completed);
         }
-        if *phase.borrow() == Phase::Abort {
-            return Ok(Outcome::Aborted);
+        match *phase.borrow() {
+            Phase::Abort => return Ok(Outcome::Aborted),
+            // Between two events, the pair's state is whole.
+            Phase::HandOver => return Ok(Outcome::HandedOver),
+            Phase::Serve | Phase::Drain => {}
         }
         let event = tokio::select! {
             e = rx.recv() => e,

@@ -15,6 +15,7 @@
 
 mod drive;
 mod end;
+pub mod handover;
 mod hold;
 mod pair;
 
@@ -44,6 +45,9 @@ use crate::{
 
 /// Shared by every spliced connection.
 pub struct Splicer {
+    /// Unique across an upgrade chain's processes ([`handover::PairSnapshot::kernel`]).
+    id: u64,
+    handover: handover::HandoverState,
     pub kernel: Kernel,
     pub registry: Arc<Registry>,
     pub watcher: Watcher,
@@ -77,25 +81,39 @@ impl Splicer {
     /// Loads the kernel programs and starts the reader of kernel events; each thread that
     /// splices starts its watcher of socket events at its first connection.
     pub fn load(settings: Settings) -> Result<Self, super::kernel::LoadError> {
-        let Settings {
-            max_buffer,
-            idle_timeout,
-            egress_audit,
-        } = settings;
+        let egress_audit = settings.egress_audit;
         let registry = Arc::new(Registry::default());
         let kernel = Kernel::load(Arc::clone(&registry), egress_audit)?;
         let watcher = Watcher::new(Arc::clone(&registry));
-        Ok(Self {
+        Ok(Self::with_kernel(
+            settings,
+            handover::new_id(),
             kernel,
             registry,
             watcher,
-            max_buffer,
+        ))
+    }
+
+    fn with_kernel(
+        settings: Settings,
+        id: u64,
+        kernel: Kernel,
+        registry: Arc<Registry>,
+        watcher: Watcher,
+    ) -> Self {
+        Self {
+            id,
+            handover: handover::HandoverState::default(),
+            kernel,
+            registry,
+            watcher,
+            max_buffer: settings.max_buffer,
             moved_bytes: AtomicU64::new(0),
             holds: AtomicU64::new(0),
             squeezes_relieved: AtomicU64::new(0),
             squeezes_refused: AtomicU64::new(0),
-            idle_timeout,
-        })
+            idle_timeout: settings.idle_timeout,
+        }
     }
 }
 
@@ -114,9 +132,17 @@ pub struct Sockets {
 pub enum Spliced {
     /// The connection was spliced and has ended.
     Done(Result<Outcome, SpliceError>),
-    /// The kernel would not take the sockets (one had already received FIN); nothing was
-    /// forwarded, and the caller should copy them.
+    /// The kernel would not take the sockets (one had already received FIN, or the kernel
+    /// is being handed over); nothing was forwarded, and the caller should copy them.
     Refused(TcpStream, TcpStream),
+    /// Stopped for an upgrade's new process, which the caller hands it to.
+    HandedOver(Box<handover::HandedPair>),
+}
+
+/// How a pair's loop ended, as [`Splicer::finish`] leaves it.
+enum Finished {
+    HandOver(Box<handover::PairSnapshot>, [Vec<u8>; 2]),
+    Close(Result<Outcome, SpliceError>),
 }
 
 /// First and last wait between checks while a direction is held or ending.
@@ -135,6 +161,12 @@ impl Splicer {
         preface: &[u8],
         mut phase: watch::Receiver<Phase>,
     ) -> Spliced {
+        // Counted before the check: the handover either sees this pair running or this pair
+        // sees the kernel closed (both sequentially consistent).
+        let running = handover::Running::new(&self.handover);
+        if self.closed() {
+            return Spliced::Refused(sockets.client, sockets.backend);
+        }
         let cookies = sockets.cookies;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut pair = match self.pair(&sockets, service, preface.len() as u64) {
@@ -154,41 +186,94 @@ impl Splicer {
             drive::drive(&mut pair, &mut rx, &mut phase).await
         }
         .await;
-
-        if !refused
-            && !matches!(result, Ok(Outcome::Completed | Outcome::Idle))
-            && !faults::active(Fault::FinNotReset)
-        {
-            // Abortive close: the peers see a reset, not a clean end of a truncated stream.
-            for s in [&sockets.client, &sockets.backend] {
-                socket2::SockRef::from(s)
-                    .set_linger(Some(Duration::ZERO))
-                    .ok();
-            }
-        }
-        drop(pair);
-        for cookie in cookies {
-            self.registry.remove(cookie);
-        }
-        let Sockets {
-            client, backend, ..
-        } = sockets;
         if refused {
+            drop(pair);
+            for cookie in cookies {
+                self.registry.remove(cookie);
+            }
+            let Sockets {
+                client, backend, ..
+            } = sockets;
             for s in [&client, &backend] {
                 watch.delete(s.as_fd()).ok();
             }
             self.kernel.forget(&cookies);
             return Spliced::Refused(client, backend);
         }
-        // Closing a socket takes it out of the socket maps and the watcher's epoll.
-        drop((client, backend));
-        let forget = if faults::active(Fault::LeakEntry) {
-            &cookies[1..]
-        } else {
-            &cookies[..]
-        };
-        self.kernel.forget_closed(forget);
-        Spliced::Done(result)
+        let finished = self.finish(pair, &watch, result, service);
+        let Sockets {
+            client, backend, ..
+        } = sockets;
+        self.close(finished, client, backend, cookies, running)
+    }
+
+    /// After a pair's loop: its state when it stopped to be handed over; else, with resets
+    /// unless it ended cleanly, the end of its sockets' registrations.
+    fn finish(
+        &self,
+        mut pair: Pair<'_>,
+        watch: &LocalWatch,
+        result: Result<Outcome, SpliceError>,
+        service: u32,
+    ) -> Finished {
+        let cookies = pair.sides.each_ref().map(|s| s.cookie);
+        for cookie in cookies {
+            self.registry.remove(cookie);
+        }
+        if let Ok(Outcome::HandedOver) = result {
+            // The sockets stay open and in the maps: the new process holds them next.
+            for side in [Side::Client, Side::Backend] {
+                watch.delete(pair.fd(side)).ok();
+            }
+            let (snapshot, pending) = pair.snapshot(self.id, service);
+            return Finished::HandOver(Box::new(snapshot), pending);
+        }
+        if !matches!(result, Ok(Outcome::Completed | Outcome::Idle))
+            && !faults::active(Fault::FinNotReset)
+        {
+            // Abortive close: the peers see a reset, not a clean end of a truncated stream.
+            for side in [Side::Client, Side::Backend] {
+                socket2::SockRef::from(&pair.fd(side))
+                    .set_linger(Some(Duration::ZERO))
+                    .ok();
+            }
+        }
+        Finished::Close(result)
+    }
+
+    /// Hands the sockets on with the pair's state, or closes them (which takes them out of
+    /// the socket maps and the watcher's epoll) and removes the pair's other entries.
+    /// `running`: the pair's count among this splicer's, kept by a pair handed on until it
+    /// is sent.
+    fn close(
+        &self,
+        finished: Finished,
+        client: TcpStream,
+        backend: TcpStream,
+        cookies: [u64; 2],
+        running: handover::Running,
+    ) -> Spliced {
+        match finished {
+            Finished::HandOver(snapshot, pending) => {
+                Spliced::HandedOver(Box::new(handover::HandedPair {
+                    client,
+                    backend,
+                    snapshot: *snapshot,
+                    pending,
+                    _counted: Some(running),
+                }))
+            }
+            Finished::Close(result) => {
+                drop((client, backend));
+                let forget = if faults::active(Fault::LeakEntry) {
+                    &cookies[1..]
+                } else {
+                    &cookies[..]
+                };
+                self.kernel.forget_closed(forget);
+                Spliced::Done(result)
+            }
+        }
     }
 
     /// The state of a pair about to enter the maps; `preface`: the length of what is written
