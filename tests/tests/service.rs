@@ -256,6 +256,55 @@ fn serves_unprivileged_with_the_units_capabilities() {
     assert_kernel_moved(&s, 12);
 }
 
+/// An upgrade as the unit runs it (`kill -USR2` of the main pid): the new process starts with
+/// the same user and capabilities, loads its programs, and takes over a connection open
+/// since before, which echoes on through the kernel; the old process exits.
+#[test]
+fn upgrades_unprivileged_with_the_units_capabilities() {
+    let net = Net::new(Topo::Loopback);
+    let wrapper = unprivileged(UNIT_CAP_NAMES);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let mut daemon = Daemon::start_with(&net.proxy, &wrapper, Plane::Sockmap, &[]);
+    let _backend = echo_server(&net);
+    let mut c = net.connect();
+    tests::assert_echoes(&mut c, b"before");
+    let old = daemon.pid;
+    // SAFETY: kill with plain integers.
+    assert_eq!(
+        unsafe { libc::kill(i32::try_from(old).expect("pid"), libc::SIGUSR2) },
+        0
+    );
+    let status = daemon.wait(Duration::from_secs(20));
+    assert!(
+        status.success(),
+        "the old process exited {status}\n{}",
+        daemon.log()
+    );
+    let new = daemon.stats()["pid"].as_u64().expect("pid");
+    assert_ne!(new, u64::from(old));
+    let mut reaper = tests::Reaper::default();
+    reaper.0.push(new);
+    let new = u32::try_from(new).expect("pid");
+    let uids = status_field(new, "Uid");
+    assert!(uids.split_whitespace().all(|u| u == "65534"), "Uid: {uids}");
+    let effective = u64::from_str_radix(&status_field(new, "CapEff"), 16).expect("hex");
+    assert_eq!(effective, UNIT_CAPS, "CapEff {effective:#x}");
+    tests::assert_echoes(&mut c, b"after");
+    c.shutdown(Shutdown::Write).expect("half-close");
+    tests::until(
+        &daemon,
+        Duration::from_secs(20),
+        "the connection completed",
+        |s| s["connections"]["completed"] == 1,
+    );
+    let s = daemon.stats();
+    assert_eq!(s["connections"]["taken_over"], 1, "{s:#}");
+    assert_kernel_moved(&s, 11);
+    // SAFETY: kill with plain integers.
+    unsafe { libc::kill(i32::try_from(new).expect("pid"), libc::SIGTERM) };
+    tests::wait_ended(u64::from(new), Duration::from_secs(20));
+}
+
 /// The snapshot `s` shows the kernel moved at least `bytes` to the backend, with one
 /// connection completed.
 fn assert_kernel_moved(s: &serde_json::Value, bytes: u64) {

@@ -65,7 +65,7 @@ pub(super) fn snapshot(shared: &Shared) -> Snapshot<'_> {
         Plane::Copy => None,
         Plane::Sockmap(s) => {
             let services = (0..proxy_common::MAX_SERVICES)
-                .map(|i| (i, s.kernel.service_totals(i)))
+                .map(|i| (i, shared.service_totals(i)))
                 .filter(|(_, t)| {
                     t.segments != 0 || t.redirect_failures != 0 || t.stream_faults != 0
                 })

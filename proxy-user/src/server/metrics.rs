@@ -194,7 +194,7 @@ impl Collector for Scrape {
         let current = shared.current();
         services(&mut f, &current.pools)?;
         if let Plane::Sockmap(s) = &shared.plane {
-            kernel(&mut f, &current.pools, s)?;
+            kernel(&mut f, &current.pools, s, shared)?;
         }
         process(&mut f)
     }
@@ -304,13 +304,14 @@ fn kernel(
     f: &mut Family<'_, '_>,
     pools: &[Arc<Pool>],
     s: &crate::dataplane::sockmap::Splicer,
+    shared: &Shared,
 ) -> std::fmt::Result {
     let totals: Vec<(String, proxy_common::ServiceCounters)> = pools
         .iter()
         .enumerate()
         .filter_map(|(i, p)| {
             let id = u32::try_from(i).ok()?;
-            Some((p.service.clone(), s.kernel.service_totals(id)))
+            Some((p.service.clone(), shared.service_totals(id)))
         })
         .collect();
     let svc = |name: &String| vec![("service", name.clone())];

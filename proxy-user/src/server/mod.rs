@@ -224,7 +224,10 @@ struct Shared {
     /// and their kernel go to it.
     successor: std::sync::Mutex<Option<std::os::fd::OwnedFd>>,
     /// The splicers over kernels taken over at an upgrade, while connections on them live.
-    adopted: std::sync::Mutex<Vec<std::sync::Weak<crate::dataplane::sockmap::Splicer>>>,
+    adopted: std::sync::Mutex<Vec<std::sync::Weak<upgrade::Adopted>>>,
+    /// Per service, the kernel counters of adopted kernels that are gone (their last
+    /// connection ended), so that the totals only grow.
+    retired: std::sync::Mutex<std::collections::HashMap<u32, proxy_common::ServiceCounters>>,
 }
 
 /// SIGHUP reloads: served, and refused (invalid config, a port that cannot be bound).
@@ -237,6 +240,25 @@ pub struct ReloadStats {
 }
 
 impl Shared {
+    /// A service's kernel counters, summed over CPUs: this process's kernel's and those of
+    /// the kernels taken over at an upgrade while connections run on them.
+    fn service_totals(&self, service: u32) -> proxy_common::ServiceCounters {
+        let mut sum = match &self.plane {
+            Plane::Sockmap(s) => s.kernel.service_totals(service),
+            Plane::Copy => proxy_common::ServiceCounters::default(),
+        };
+        let adopted = self.adopted.lock().unwrap_or_else(PoisonError::into_inner);
+        for splicer in adopted.iter().filter_map(std::sync::Weak::upgrade) {
+            sum.add(&splicer.kernel.service_totals(service));
+        }
+        drop(adopted);
+        let retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(gone) = retired.get(&service) {
+            sum.add(gone);
+        }
+        sum
+    }
+
     fn current(&self) -> Arc<Generation> {
         Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
     }
@@ -305,6 +327,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         live: live::Live::default(),
         successor: std::sync::Mutex::default(),
         adopted: std::sync::Mutex::default(),
+        retired: std::sync::Mutex::default(),
     });
     let endpoints = endpoints(&shared, &mut inherited).await?;
     // Before the workers and the machines start, which then begin as the user.

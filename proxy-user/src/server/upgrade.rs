@@ -339,7 +339,39 @@ fn splicers(shared: &Shared) -> Vec<SplicerRef<'_>> {
 
 enum SplicerRef<'a> {
     Own(&'a Splicer),
-    Adopted(Arc<Splicer>),
+    Adopted(Arc<Adopted>),
+}
+
+/// A splicer over a kernel taken over at an upgrade. When its last connection ends and it
+/// goes, its counters are kept in [`Shared`]'s totals.
+pub(super) struct Adopted {
+    splicer: Splicer,
+    shared: std::sync::Weak<Shared>,
+}
+
+impl std::ops::Deref for Adopted {
+    type Target = Splicer;
+    fn deref(&self) -> &Splicer {
+        &self.splicer
+    }
+}
+
+impl Drop for Adopted {
+    fn drop(&mut self) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        let mut retired = shared
+            .retired
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for service in 0..proxy_common::MAX_SERVICES {
+            let totals = self.splicer.kernel.service_totals(service);
+            if totals != proxy_common::ServiceCounters::default() {
+                retired.entry(service).or_default().add(&totals);
+            }
+        }
+    }
 }
 
 impl std::ops::Deref for SplicerRef<'_> {
@@ -495,7 +527,7 @@ fn take_over(
     };
     let mut buf = vec![0u8; 1 << 16];
     let mut waiting: Vec<(ConnectionRecord, handover::HandedPair)> = Vec::new();
-    let mut kernels: HashMap<u64, Arc<Splicer>> = HashMap::new();
+    let mut kernels: HashMap<u64, Arc<Adopted>> = HashMap::new();
     let mut taken = 0;
     loop {
         let (n, fds) = sys::recv_record(channel.as_fd(), &mut buf)?;
@@ -517,7 +549,10 @@ fn take_over(
             Record::Kernel { id } => {
                 let splicer = Splicer::adopt(settings, id, KernelFds(fds))
                     .map_err(|e| io::Error::other(format!("adopting a kernel: {e}")))?;
-                let splicer = Arc::new(splicer);
+                let splicer = Arc::new(Adopted {
+                    splicer,
+                    shared: Arc::downgrade(shared),
+                });
                 shared
                     .adopted
                     .lock()
@@ -548,7 +583,7 @@ fn take_over(
 /// Serves a connection taken over, counted as this process's own.
 fn resume(
     shared: &Arc<Shared>,
-    splicer: Arc<Splicer>,
+    splicer: Arc<Adopted>,
     record: ConnectionRecord,
     handed: handover::HandedPair,
     phase: watch::Receiver<Phase>,
@@ -572,6 +607,9 @@ fn resume(
                 "a connection taken over was refused",
             ))),
         };
+        // The last connection on a kernel takes it (and keeps its counters) before the
+        // outcome is counted, so that a snapshot that sees the outcome sees its bytes.
+        drop(splicer);
         connection::count_outcome(&shared, record.client, &result);
         drop(tracked);
         connection::ended(&shared);
