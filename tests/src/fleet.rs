@@ -116,6 +116,20 @@ pub fn fleet(n: usize, serving: &[usize]) -> Fleet {
     }
 }
 
+/// Waits until the daemon (after an upgrade) counts one connection completed, the one it took
+/// over; its snapshot then.
+pub fn completed_one_taken_over(daemon: &Daemon) -> Value {
+    until(
+        daemon,
+        Duration::from_secs(20),
+        "the connection completed",
+        |s| s["connections"]["completed"] == 1,
+    );
+    let s = daemon.stats();
+    assert_eq!(s["connections"]["taken_over"], 1, "{s:#}");
+    s
+}
+
 /// Waits up to `limit` for the admin snapshot to satisfy `cond`; how long it took. Panics
 /// naming `what` when it never does.
 pub fn until(

@@ -291,14 +291,7 @@ fn upgrades_unprivileged_with_the_units_capabilities() {
     assert_eq!(effective, UNIT_CAPS, "CapEff {effective:#x}");
     tests::assert_echoes(&mut c, b"after");
     c.shutdown(Shutdown::Write).expect("half-close");
-    tests::until(
-        &daemon,
-        Duration::from_secs(20),
-        "the connection completed",
-        |s| s["connections"]["completed"] == 1,
-    );
-    let s = daemon.stats();
-    assert_eq!(s["connections"]["taken_over"], 1, "{s:#}");
+    let s = tests::completed_one_taken_over(&daemon);
     assert_kernel_moved(&s, 11);
     // SAFETY: kill with plain integers.
     unsafe { libc::kill(i32::try_from(new).expect("pid"), libc::SIGTERM) };

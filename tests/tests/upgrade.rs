@@ -346,14 +346,7 @@ fn a_held_connection_flows_again_in_the_new_process() {
         .expect("the machine's verdict");
     assert_eq!(result, Ok(()), "{}", daemon.log());
     writer.join().expect("writer").expect("the client's stream");
-    tests::until(
-        &daemon,
-        Duration::from_secs(20),
-        "the connection completed",
-        |s| s["connections"]["completed"] == 1,
-    );
-    let s = daemon.stats();
-    assert_eq!(s["connections"]["taken_over"], 1, "{s:#}");
+    tests::completed_one_taken_over(&daemon);
     signal(new, libc::SIGTERM);
     wait_ended(new, Duration::from_secs(40));
 }
