@@ -262,7 +262,22 @@ fn serves_unprivileged_with_the_units_capabilities() {
 #[test]
 fn upgrades_unprivileged_with_the_units_capabilities() {
     let net = Net::new(Topo::Loopback);
-    let wrapper = unprivileged(UNIT_CAP_NAMES);
+    // The new process is the binary at the old one's path, which the user must reach (a
+    // checkout may be in a private directory): a copy in a scratch directory runs.
+    let dir = Scratch::new();
+    let copy = dir.0.join("spliced");
+    std::fs::copy(tests::spliced_bin(), &copy).expect("copy the binary");
+    let mut wrapper = unprivileged(UNIT_CAP_NAMES);
+    // The harness appends its binary and the arguments: run the copy with the arguments.
+    wrapper.extend(
+        [
+            "sh",
+            "-c",
+            &format!("shift; exec {} \"$@\"", copy.display()),
+            "sh",
+        ]
+        .map(str::to_owned),
+    );
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let mut daemon = Daemon::start_with(&net.proxy, &wrapper, Plane::Sockmap, &[]);
     let _backend = echo_server(&net);
