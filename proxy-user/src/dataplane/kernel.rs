@@ -119,12 +119,7 @@ pub struct Kernel {
 impl Drop for Kernel {
     fn drop(&mut self) {
         // The reader holds the ring buffer's map open.
-        if let Some(pump) = self
-            .pump
-            .get_mut()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
-        {
+        if let Some(pump) = self.take_pump() {
             pump.abort();
         }
         if self
@@ -138,8 +133,8 @@ impl Drop for Kernel {
     }
 }
 
-/// Descriptors of a loaded kernel's maps and hold link, handed to the process that adopts
-/// them ([`Kernel::adopt`]), in [`Kernel::HANDOVER_ORDER`].
+/// Descriptors of a loaded kernel's maps and its programs' links, handed to the process that
+/// adopts them ([`Kernel::adopt`]), in [`Kernel::HANDOVER_ORDER`].
 pub struct KernelFds(pub Vec<OwnedFd>);
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
@@ -290,15 +285,18 @@ impl Kernel {
     /// Stops reading the ring buffer (a ring buffer has one consumer: the process that
     /// adopts this kernel reads it next). Returns once the reader has stopped.
     pub async fn stop_events(&self) {
-        let pump = self
-            .pump
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(pump) = pump {
+        if let Some(pump) = self.take_pump() {
             pump.abort();
             pump.await.ok();
         }
+    }
+
+    /// The ring buffer's reader, if it still runs.
+    fn take_pump(&self) -> Option<tokio::task::JoinHandle<()>> {
+        self.pump
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     /// The order of [`KernelFds`]: these maps, then the programs' links.
@@ -365,25 +363,27 @@ impl Kernel {
             fds.try_into()
                 .map_err(|_| LoadError::Unsupported("a kernel handover's maps".to_owned()))?;
         let events_copy = events.try_clone()?;
+        let maps = Maps {
+            hold_ports: adopted_map(names::HOLD_PORTS, hold_ports)?,
+            socks: adopted_map(names::SOCKS, socks)?,
+            recv: adopted_map(names::RECV, recv)?,
+            links: adopted_map(names::LINKS, links)?,
+            flows: adopted_map(names::FLOWS, flows)?,
+        };
+        let stats = adopted_map(names::SERVICE_STATS, stats)?;
         let ring: RingBuf<MapData> = adopted_map(names::EVENTS, events)?;
+        // Last: nothing after it can fail and leave the reader running.
         let pump = events::spawn_event_pump(ring, registry)?;
-        let kernel = Self {
-            maps: Maps {
-                hold_ports: adopted_map(names::HOLD_PORTS, hold_ports)?,
-                socks: adopted_map(names::SOCKS, socks)?,
-                recv: adopted_map(names::RECV, recv)?,
-                links: adopted_map(names::LINKS, links)?,
-                flows: adopted_map(names::FLOWS, flows)?,
-            },
-            stats: adopted_map(names::SERVICE_STATS, stats)?,
+        Ok(Self {
+            maps,
+            stats,
             sent: None,
             events: events_copy,
             links: prog_links,
             ebpf: None,
             leave_attached: std::sync::atomic::AtomicBool::new(false),
             pump: std::sync::Mutex::new(Some(pump)),
-        };
-        Ok(kernel)
+        })
     }
 
     /// A socket's link as last written.

@@ -497,17 +497,13 @@ pub(super) fn send_connection(
         let channel = channel
             .as_ref()
             .ok_or_else(|| io::Error::other("the handover is over"))?;
-        send(channel.as_fd(), &record, &handover::pair_fds(handed))?;
+        send(channel.as_fd(), &record, &handed.fds())?;
         handover::send_pending(channel.as_fd(), &handed.pending)
     })();
     match sent {
         Ok(()) => Ok(Outcome::HandedOver),
         Err(e) => {
-            for s in [&handed.client, &handed.backend] {
-                socket2::SockRef::from(s)
-                    .set_linger(Some(Duration::ZERO))
-                    .ok();
-            }
+            handed.reset();
             Err(SpliceError::Internal(e))
         }
     }
@@ -541,9 +537,12 @@ fn take_over(
                     .try_into()
                     .map_err(|_| io::Error::other("a connection came without its two sockets"))?;
                 let pending = handover::recv_pending(channel.as_fd(), &c.snapshot)?;
-                let (client, backend) = handover::handed_sockets(client, backend);
-                let handed =
-                    handover::HandedPair::new(client, backend, c.snapshot.clone(), pending);
+                let handed = handover::HandedPair::new(
+                    client.into(),
+                    backend.into(),
+                    c.snapshot.clone(),
+                    pending,
+                );
                 waiting.push((*c, handed));
             }
             Record::Kernel { id } => {
@@ -567,11 +566,7 @@ fn take_over(
     for (record, handed) in waiting {
         let Some(splicer) = kernels.get(&record.snapshot.kernel) else {
             tracing::error!(client = %record.client, "upgrade: a connection came without its kernel: reset");
-            for s in [&handed.client, &handed.backend] {
-                socket2::SockRef::from(s)
-                    .set_linger(Some(Duration::ZERO))
-                    .ok();
-            }
+            handed.reset();
             continue;
         };
         taken += 1;

@@ -61,18 +61,7 @@ pub fn sockhash(max_entries: u32) -> io::Result<OwnedFd> {
         max_entries,
         ..CreateAttr::default()
     };
-    // SAFETY: as in `bpf`; the command returns a new descriptor, which nothing else owns.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            MAP_CREATE,
-            (&raw mut attr).cast::<libc::c_void>(),
-            size_of::<CreateAttr>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let rc = bpf_call(MAP_CREATE, &mut attr)?;
     let fd = i32::try_from(rc).map_err(|_| io::Error::other("bpf() returned no descriptor"))?;
     // SAFETY: `fd` was just returned by the kernel and is owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -117,7 +106,8 @@ fn fd_u32(fd: BorrowedFd<'_>) -> u32 {
     u32::try_from(fd.as_raw_fd()).unwrap_or(u32::MAX)
 }
 
-fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
+/// The command's return value (a new descriptor for the commands that make one).
+fn bpf_call<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a `union bpf_attr` prefix of the layout `cmd` reads, valid for its
     // size; every pointer in it refers to memory the caller keeps alive for the call.
     let rc = unsafe {
@@ -131,7 +121,11 @@ fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(())
+    Ok(rc)
+}
+
+fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
+    bpf_call(cmd, attr).map(drop)
 }
 
 /// Sets `key` to `value` (`flags`: `BPF_ANY`, `BPF_NOEXIST`, `BPF_EXIST`). For a socket map

@@ -75,6 +75,20 @@ pub struct HandedPair {
 }
 
 impl HandedPair {
+    /// Its two sockets, client first, as they are sent.
+    pub fn fds(&self) -> [std::os::fd::BorrowedFd<'_>; 2] {
+        [self.client.as_fd(), self.backend.as_fd()]
+    }
+
+    /// Makes the close of both sockets a reset: a pair that could not be handed over.
+    pub fn reset(&self) {
+        for s in [&self.client, &self.backend] {
+            socket2::SockRef::from(s)
+                .set_linger(Some(std::time::Duration::ZERO))
+                .ok();
+        }
+    }
+
     /// A pair received from the process that handed it over.
     pub fn new(
         client: TcpStream,
@@ -323,17 +337,4 @@ pub fn recv_pending(
         }
     }
     Ok(out)
-}
-
-/// Both sockets of a handed pair as the new process takes them.
-pub fn handed_sockets(
-    client: std::os::fd::OwnedFd,
-    backend: std::os::fd::OwnedFd,
-) -> (TcpStream, TcpStream) {
-    (TcpStream::from(client), TcpStream::from(backend))
-}
-
-/// The descriptors of a handed pair, client first.
-pub fn pair_fds(h: &HandedPair) -> [std::os::fd::BorrowedFd<'_>; 2] {
-    [h.client.as_fd(), h.backend.as_fd()]
 }
