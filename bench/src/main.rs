@@ -10,6 +10,7 @@ mod cold;
 mod load;
 mod machine;
 mod real;
+mod registry;
 mod report;
 mod targets;
 mod topo;
@@ -239,6 +240,18 @@ fn main() -> Result<()> {
                 Ok(s) => samples.extend(s),
                 Err(e) => eprintln!("[bench] cold start: {e:#}"),
             }
+        }
+    }
+    // The registry is spliced's alone, and a fleet of its own rather than a topology: once.
+    let wanted = plan.workloads.is_empty()
+        || plan
+            .workloads
+            .iter()
+            .any(|w| "registry change".starts_with(w.as_str()));
+    if wanted && args.targets.contains(&"sockmap") {
+        match registry::run(&args.spliced.bin, plan.rounds * 4, &dir) {
+            Ok(s) => samples.extend(s),
+            Err(e) => eprintln!("[bench] registry change: {e:#}"),
         }
     }
     let machine = machine::machine();

@@ -11,6 +11,7 @@ pub mod health;
 pub mod http;
 pub mod machines;
 pub mod proxy_proto;
+pub mod registry;
 pub mod server;
 pub mod status;
 pub mod sys;

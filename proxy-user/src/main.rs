@@ -33,9 +33,102 @@ enum Command {
     /// Validate a fly.toml and print what spliced would serve; with --kernel, print what this
     /// host's kernel supports of what the sockmap data plane needs.
     Check(CheckArgs),
+    /// Read and change the registry edges follow (`--registry`): apps' fly.toml files and
+    /// their machines.
+    Registry(Box<RegistryCommand>),
     /// Print a running daemon's live connections (client, service, machine, data plane, state,
     /// age, bytes each way) and per-service totals, from its admin socket.
     Status(StatusArgs),
+}
+
+/// Where the registry is and how to reach it.
+#[derive(clap::Args, Clone)]
+struct RegistryArgs {
+    /// The etcd registry: etcd://HOST:PORT[,HOST:PORT...]/PREFIX. Each app's fly.toml is
+    /// under PREFIX/apps/APP/config, each of its machines (JSON) under
+    /// PREFIX/apps/APP/machines/ID; changes are served as they come.
+    #[arg(long, value_name = "URL")]
+    registry: Option<String>,
+    /// CA certificate (PEM) of etcd's members; talks TLS to them.
+    #[arg(long, value_name = "PATH")]
+    registry_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd.
+    #[arg(long, value_name = "PATH", requires = "registry_key")]
+    registry_cert: Option<PathBuf>,
+    /// Key (PEM) of --registry-cert.
+    #[arg(long, value_name = "PATH", requires = "registry_cert")]
+    registry_key: Option<PathBuf>,
+    /// etcd user; the password is read from `SPLICED_REGISTRY_PASSWORD`.
+    #[arg(long, value_name = "NAME")]
+    registry_user: Option<String>,
+}
+
+impl RegistryArgs {
+    fn settings(&self) -> anyhow::Result<Option<proxy_user::registry::Settings>> {
+        let Some(url) = &self.registry else {
+            return Ok(None);
+        };
+        let user = match &self.registry_user {
+            Some(name) => {
+                let password = std::env::var("SPLICED_REGISTRY_PASSWORD").map_err(|_| {
+                    anyhow::anyhow!("--registry-user {name}: set SPLICED_REGISTRY_PASSWORD")
+                })?;
+                Some((name.clone(), password))
+            }
+            None => None,
+        };
+        Ok(Some(proxy_user::registry::Settings {
+            url: url.parse()?,
+            access: proxy_user::registry::Access {
+                ca: self.registry_ca.clone(),
+                cert: self.registry_cert.clone(),
+                key: self.registry_key.clone(),
+                user,
+            },
+        }))
+    }
+}
+
+/// `spliced registry`.
+#[derive(clap::Args)]
+struct RegistryCommand {
+    #[command(flatten)]
+    registry: RegistryArgs,
+    #[command(subcommand)]
+    op: RegistryOp,
+}
+
+#[derive(Subcommand)]
+enum RegistryOp {
+    /// Write APP's fly.toml, once it reads as one.
+    PutConfig { app: String, file: PathBuf },
+    /// Write machine ID of APP. With --lease, the machine stays only while this command runs
+    /// and keeps its lease alive (as a host agent would): it goes when the command stops, and
+    /// when the command's host dies, once the lease expires.
+    PutMachine {
+        app: String,
+        id: String,
+        /// Where the app's services accept, at their `internal_port`.
+        #[arg(long)]
+        address: IpAddr,
+        /// A process group the machine runs; repeat for several. Default: every group.
+        #[arg(long = "process", value_name = "GROUP")]
+        processes: Vec<String>,
+        #[arg(long)]
+        region: Option<String>,
+        /// Time to live of the machine's lease.
+        #[arg(long, value_name = "DURATION", value_parser = duration)]
+        lease: Option<Duration>,
+    },
+    /// Remove machine ID of APP.
+    RemoveMachine { app: String, id: String },
+    /// Remove APP: its fly.toml and its machines.
+    RemoveApp { app: String },
+    /// Print every app and machine.
+    List {
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
 }
 
 /// `spliced status`.
@@ -53,9 +146,11 @@ struct StatusArgs {
 /// number is seconds.
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Path of the fly.toml.
-    #[arg(long)]
-    config: PathBuf,
+    /// Path of the fly.toml; with --registry, one more app beside the registry's.
+    #[arg(long, required_unless_present = "registry")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    registry: RegistryArgs,
     /// Address to listen on; repeat for several. Default: every IPv4 and IPv6 address.
     #[arg(long = "listen-addr", value_name = "IP")]
     listen_addrs: Vec<IpAddr>,
@@ -244,7 +339,8 @@ impl TryFrom<&RunArgs> for RunOptions {
                 stop_grace: a.machine_stop_grace,
             },
             autostop_interval: a.autostop_interval,
-            config_path: Some(a.config.clone()),
+            config_path: a.config.clone(),
+            registry: a.registry.settings()?,
             user: a
                 .user
                 .as_ref()
@@ -280,6 +376,7 @@ fn main() -> ExitCode {
             None => check_kernel(a.format),
         },
         Command::Run(a) => run(&a),
+        Command::Registry(a) => registry(&a),
         Command::Status(a) => status(&a),
     }
 }
@@ -310,12 +407,42 @@ fn run(args: &RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let path = &args.config;
+    let config = match &args.config {
+        Some(path) => match load_servable(path) {
+            Some(c) => Some(c),
+            None => return ExitCode::from(2),
+        },
+        None => None,
+    };
+    raise_fd_limit();
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
+        return ExitCode::FAILURE;
+    };
+    match runtime.block_on(server::run(config, opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The runtime `builder` makes, timers and I/O enabled; `None` (said on stderr) if it cannot.
+fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
+    builder
+        .enable_all()
+        .build()
+        .map_err(|e| eprintln!("spliced: cannot start the runtime: {e}"))
+        .ok()
+}
+
+/// The config at `path` if `spliced run` can serve it; else `None`, every reason printed.
+fn load_servable(path: &std::path::Path) -> Option<Config> {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
-            return ExitCode::from(2);
+            return None;
         }
     };
     for w in &config.warnings {
@@ -327,24 +454,111 @@ fn run(args: &RunArgs) -> ExitCode {
             eprintln!("{}: {problem}", path.display());
         }
         eprintln!("spliced: refusing to start; `spliced check` shows what each port needs");
-        return ExitCode::from(2);
+        return None;
     }
-    raise_fd_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
+    Some(config)
+}
+
+/// `spliced registry`: one operation on the registry; 0 when done, 1 when etcd failed it,
+/// 2 when the input is wrong.
+fn registry(args: &RegistryCommand) -> ExitCode {
+    use proxy_user::registry::{MachineRecord, RegistryError, ops};
+    let settings = match args.registry.settings() {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            eprintln!(
+                "spliced registry: --registry etcd://HOST:PORT[,HOST:PORT...]/PREFIX is needed"
+            );
+            return ExitCode::from(2);
+        }
         Err(e) => {
-            eprintln!("spliced: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
+            eprintln!("spliced registry: {e}");
+            return ExitCode::from(2);
         }
     };
-    match runtime.block_on(server::run(config, opts)) {
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+        return ExitCode::FAILURE;
+    };
+    let done: Result<(), RegistryError> = runtime.block_on(async {
+        match &args.op {
+            RegistryOp::PutConfig { app, file } => {
+                let revision = ops::put_config(&settings, app, file).await?;
+                println!(
+                    "{}: written at revision {revision}",
+                    settings.config_key(app)
+                );
+            }
+            RegistryOp::PutMachine {
+                app,
+                id,
+                address,
+                processes,
+                region,
+                lease,
+            } => {
+                let record = MachineRecord {
+                    address: *address,
+                    processes: processes.clone(),
+                    region: region.clone(),
+                };
+                ops::put_machine(&settings, app, id, &record, *lease, stop_signal()).await?;
+                if lease.is_none() {
+                    println!("{}: written", settings.machine_key(app, id));
+                }
+            }
+            RegistryOp::RemoveMachine { app, id } => {
+                let key = settings.machine_key(app, id);
+                if ops::remove_machine(&settings, app, id).await? {
+                    println!("{key}: removed");
+                } else {
+                    println!("{key}: was not there");
+                }
+            }
+            RegistryOp::RemoveApp { app } => {
+                let n = ops::remove_app(&settings, app).await?;
+                println!("app {app}: {n} key(s) removed");
+            }
+            RegistryOp::List { format } => {
+                let listing = ops::list(&settings).await?;
+                match format {
+                    Format::Text => print!("{}", listing.render()),
+                    Format::Json => println!(
+                        "{}",
+                        serde_json::to_string_pretty(&listing).unwrap_or_default()
+                    ),
+                }
+            }
+        }
+        Ok(())
+    });
+    match done {
         Ok(()) => ExitCode::SUCCESS,
+        Err(
+            e
+            @ (RegistryError::Invalid(_) | RegistryError::Url { .. } | RegistryError::File { .. }),
+        ) => {
+            eprintln!("spliced registry: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
-            tracing::error!("{e}");
+            eprintln!("spliced registry: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves at SIGINT or SIGTERM.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            tokio::signal::ctrl_c().await.ok();
         }
     }
 }
@@ -434,7 +648,9 @@ mod tests {
         let argv = [&["spliced", "run", "--config", "fly.toml"], extra].concat();
         Cli::try_parse_from(argv).map(|c| match c.command {
             Command::Run(a) => *a,
-            Command::Check(_) | Command::Status(_) => unreachable!("run was parsed"),
+            Command::Check(_) | Command::Status(_) | Command::Registry(_) => {
+                unreachable!("run was parsed")
+            }
         })
     }
 

@@ -133,18 +133,35 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with a command (and its arguments) that runs the daemon.
     pub fn start_with(ns: &Netns, wrapper: &[&str], plane: Plane, extra: &[&str]) -> Self {
-        Self::start_full(ns, wrapper, &test_config(), plane, extra)
+        Self::start_full(ns, wrapper, Some(&test_config()), plane, extra)
     }
 
     /// Like [`Daemon::start`], serving the fly.toml `config`.
     pub fn start_config(ns: &Netns, config: &str, plane: Plane, extra: &[&str]) -> Self {
-        Self::start_full(ns, &[], config, plane, extra)
+        Self::start_full(ns, &[], Some(config), plane, extra)
+    }
+
+    /// Like [`Daemon::start`], serving the apps of the registry at `url` and no file.
+    pub fn start_registry(ns: &Netns, url: &str, plane: Plane, extra: &[&str]) -> Self {
+        Self::start_registry_with(ns, &[], url, plane, extra)
+    }
+
+    /// [`Daemon::start_registry`] under `wrapper` (a command and its arguments).
+    pub fn start_registry_with(
+        ns: &Netns,
+        wrapper: &[&str],
+        url: &str,
+        plane: Plane,
+        extra: &[&str],
+    ) -> Self {
+        let args = [&["--registry", url], extra].concat();
+        Self::start_full(ns, wrapper, None, plane, &args)
     }
 
     fn start_full(
         ns: &Netns,
         wrapper: &[&str],
-        config_text: &str,
+        config_text: Option<&str>,
         plane: Plane,
         extra: &[&str],
     ) -> Self {
@@ -153,16 +170,20 @@ impl Daemon {
         std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o1777))
             .expect("scratch permissions");
         let config = dir.0.join("fly.toml");
-        std::fs::write(&config, config_text).expect("write the config");
+        if let Some(text) = config_text {
+            std::fs::write(&config, text).expect("write the config");
+        }
         let admin = dir.0.join("admin.sock");
         let log = dir.0.join("spliced.log");
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &ns.name])
             .args(wrapper)
             .arg(spliced_bin());
-        cmd.args(["run", "--config"])
-            .arg(&config)
-            .args(["--dataplane", plane.name(), "--admin-socket"])
+        cmd.arg("run");
+        if config_text.is_some() {
+            cmd.arg("--config").arg(&config);
+        }
+        cmd.args(["--dataplane", plane.name(), "--admin-socket"])
             .arg(&admin)
             .args(extra)
             // SPLICED_TEST_LOG replaces the filter (trace, when a test is being looked into).

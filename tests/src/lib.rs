@@ -7,8 +7,10 @@ mod backends;
 mod daemon;
 mod fleet;
 pub mod http;
+pub mod metrics;
 mod netns;
 mod pattern;
+pub mod registry;
 pub mod tls;
 
 pub use backends::*;

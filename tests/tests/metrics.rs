@@ -8,7 +8,11 @@ use std::{
     time::Duration,
 };
 
-use tests::{Net, Plane, Scratch, Topo, echo_server, eventually, setup_with};
+use tests::{
+    Net, Plane, Scratch, Topo, echo_server, eventually,
+    metrics::{promtool, sample},
+    setup_with,
+};
 
 /// Where the daemon serves its metrics, in the proxy's namespace.
 const METRICS: &str = "127.0.0.1:9464";
@@ -35,36 +39,6 @@ fn scrape(net: &Net) -> String {
     let (ok, text) = get(net, &format!("http://{METRICS}/metrics"));
     assert!(ok, "{text}");
     text
-}
-
-/// The value of the sample whose name and labels are `series`, as written in the text.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
-/// `promtool check metrics` on `text`: its verdict and what it said.
-fn promtool(text: &str) -> (bool, String) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (cargo xtask setup installs prometheus)");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("feed promtool");
-    let out = child.wait_with_output().expect("promtool");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success() && said.trim().is_empty(), said)
 }
 
 /// One echo of `size` bytes through the proxy, ended with FIN both ways.

@@ -14,7 +14,8 @@ use crate::{EBPF_TOOLCHAIN, check, is_root, note, succeeds};
 /// for applications that move their bytes with splice(2), iproute2 for network namespaces,
 /// netcat for the demo `cargo xtask run` suggests, curl, openssl and h2load (nghttp2-client)
 /// as the clients of the TLS and HTTP handlers, Prometheus (and its promtool) to scrape and
-/// check the metrics.
+/// check the metrics, protoc and protobuf's own definitions for the etcd client's build, and
+/// etcd (server and etcdctl) for the registry's tests.
 pub const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -32,6 +33,10 @@ pub const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "netcat-openbsd",
     "prometheus",
+    "protobuf-compiler",
+    "libprotobuf-dev",
+    "etcd-server",
+    "etcd-client",
 ];
 /// Installs, idempotently, everything the build and the tests need.
 /// While alive, Debian's maintainer scripts may not start services (`policy-rc.d` exiting

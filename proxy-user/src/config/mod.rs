@@ -4,6 +4,7 @@
 //! Every problem names the file, line, column and field path; one run reports all of them.
 //! Sections an L4 edge proxy does not act on are accepted and listed in [`Config::ignored`].
 
+mod fleet;
 mod read;
 mod route;
 mod source;
@@ -13,6 +14,7 @@ use std::{net::IpAddr, path::Path, time::Duration};
 
 use serde::{Serialize, Serializer};
 
+pub use fleet::Merged;
 pub use route::LOCAL_MACHINE;
 pub use source::Diagnostic;
 pub use words::parse_duration;
@@ -94,6 +96,10 @@ pub struct Service {
     pub auto_deploy: Option<bool>,
     /// Ids of the machines that serve it (those running one of its process groups).
     pub machines: Vec<String>,
+    /// `primary_region` of the app it belongs to, when several apps are served together
+    /// (see [`Config::merge`]); `None`: the config's own.
+    #[serde(skip)]
+    pub region: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -327,9 +333,23 @@ impl Config {
 
     /// Checks `text`, naming `file` in messages.
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        Self::parse_with(file, text, None)
+    }
+
+    /// [`Config::parse`]; with `registry`, the file is one app of a registry, served by those
+    /// machines (besides its own, if it lists any) and by no implicit local machine.
+    fn parse_with(
+        file: &str,
+        text: &str,
+        registry: Option<Vec<Machine>>,
+    ) -> Result<Self, ConfigError> {
         let mut r = source::Reader::new(file, text);
         let (mut config, sites) = read::read(&mut r, text)?;
-        route::resolve(&mut r, &mut config, &sites);
+        let implicit_local = registry.is_none();
+        if let Some(machines) = registry {
+            fleet::add_machines(&mut r, &mut config, machines);
+        }
+        route::resolve(&mut r, &mut config, &sites, implicit_local);
         let by_place = |d: &Diagnostic| (d.line, d.column);
         if !r.errors.is_empty() {
             r.errors.sort_by_key(by_place);

@@ -15,7 +15,14 @@ use super::{
 /// Id of the machine spliced assumes when the file names none.
 pub const LOCAL_MACHINE: &str = "local";
 
-pub(super) fn resolve(r: &mut Reader<'_>, config: &mut Config, sites: &Sites) {
+/// Resolves the routing of `config`; `implicit_local`: a file without machines is served by
+/// one local machine.
+pub(super) fn resolve(
+    r: &mut Reader<'_>,
+    config: &mut Config,
+    sites: &Sites,
+    implicit_local: bool,
+) {
     if config.services.len() > proxy_common::MAX_SERVICES as usize {
         r.error(
             0,
@@ -30,7 +37,7 @@ pub(super) fn resolve(r: &mut Reader<'_>, config: &mut Config, sites: &Sites) {
     claim_ports(r, config, sites);
     default_ports(r, config, sites);
     check_groups(r, config, sites);
-    assign_machines(r, config, sites);
+    assign_machines(r, config, sites, implicit_local);
 }
 
 /// Two services may not claim the same port and protocol; one service may not list a port
@@ -146,9 +153,9 @@ fn check_groups(r: &mut Reader<'_>, config: &Config, sites: &Sites) {
 }
 
 /// A service is served by every machine that runs one of its process groups; without
-/// `[[machines]]`, by one local machine.
-fn assign_machines(r: &mut Reader<'_>, config: &mut Config, sites: &Sites) {
-    if config.machines.is_empty() {
+/// `[[machines]]`, by one local machine when `implicit_local`.
+fn assign_machines(r: &mut Reader<'_>, config: &mut Config, sites: &Sites, implicit_local: bool) {
+    if config.machines.is_empty() && implicit_local {
         config.machines.push(Machine {
             id: LOCAL_MACHINE.to_owned(),
             address: IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -169,7 +176,13 @@ fn assign_machines(r: &mut Reader<'_>, config: &mut Config, sites: &Sites) {
             })
             .map(|m| m.id.clone())
             .collect();
-        if s.machines.is_empty() {
+        if s.machines.is_empty() && config.machines.is_empty() {
+            r.warn(
+                *at,
+                &s.name,
+                "no machine serves it: its connections will be refused",
+            );
+        } else if s.machines.is_empty() {
             r.warn(
                 *at,
                 &s.name,

@@ -26,6 +26,10 @@ pub(super) struct Snapshot<'a> {
     /// SIGHUP reloads served and refused, and SIGUSR2 upgrades that did not happen.
     reloads: &'a super::ReloadStats,
     kernel: Option<KernelSnapshot>,
+    /// This edge's view of the registry (`--registry`): the revision it serves, whether it
+    /// watches now, what it leaves out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    registry: Option<&'a crate::registry::Status>,
 }
 
 #[derive(Serialize)]
@@ -106,6 +110,7 @@ pub(super) fn snapshot(shared: &Shared) -> Snapshot<'_> {
         machines: serde_json::to_value(machines).unwrap_or_default(),
         reloads: &shared.reloads,
         kernel,
+        registry: shared.registry.as_deref(),
     }
 }
 

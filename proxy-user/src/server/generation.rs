@@ -52,7 +52,7 @@ impl Generation {
         let mut pools = Vec::new();
         let mut health = Vec::new();
         let mut fresh = Vec::new();
-        for (i, service) in config.services.iter().enumerate() {
+        for service in &config.services {
             let machines: Vec<(String, SocketAddr)> = config
                 .machines_of(service)
                 .map(|m| {
@@ -67,7 +67,8 @@ impl Generation {
                 .map(|(id, _)| managed.iter().find(|m| &m.spec.id == id).cloned())
                 .collect();
             let kept = prev.and_then(|p| {
-                let old = p.config.services.get(i)?;
+                let i = p.config.services.iter().position(|o| o.id == service.id)?;
+                let old = &p.config.services[i];
                 let same = old == service
                     && config.machines_of(service).eq(p.config.machines_of(old))
                     && p.pools[i].machines.iter().zip(&runs).all(|(m, new)| {
@@ -106,7 +107,10 @@ impl Generation {
         }
         let mut routes = BTreeMap::new();
         for (service, port) in config.public_ports() {
-            let pool = Arc::clone(&pools[service.id as usize]);
+            let at = config.services.iter().position(|s| s.id == service.id);
+            let Some(pool) = at.map(|i| Arc::clone(&pools[i])) else {
+                continue;
+            };
             if pool.machines.is_empty() {
                 tracing::warn!(port = port.port, service = %service.name, "no machine serves this port: its connections will be refused");
             }

@@ -181,23 +181,76 @@ impl Collector for Scrape {
             ]
             .map(|(code, n)| (vec![("code", code.to_owned())], load(n))),
         )?;
-        f.counter(
-            "spliced_reloads",
-            "Reloads (SIGHUP), by result.",
-            [
-                ("ok", &shared.reloads.done),
-                ("failed", &shared.reloads.failed),
-            ]
-            .map(|(r, n)| (vec![("result", r.to_owned())], load(n))),
-        )?;
+        reloads(&mut f, shared)?;
         // One reading of the config for the whole scrape: a reload may replace it meanwhile.
         let current = shared.current();
         services(&mut f, &current.pools)?;
         if let Plane::Sockmap(s) = &shared.plane {
-            kernel(&mut f, &current.pools, s, shared)?;
+            kernel(&mut f, &current, s, shared)?;
         }
         process(&mut f)
     }
+}
+
+/// Reloads, and this edge's view of the registry when it follows one.
+fn reloads(f: &mut Family<'_, '_>, shared: &Shared) -> std::fmt::Result {
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    f.counter(
+        "spliced_reloads",
+        "Reloads (SIGHUP), by result.",
+        [
+            ("ok", &shared.reloads.done),
+            ("failed", &shared.reloads.failed),
+        ]
+        .map(|(r, n)| (vec![("result", r.to_owned())], load(n))),
+    )?;
+    match &shared.registry {
+        Some(r) => registry(f, r),
+        None => Ok(()),
+    }
+}
+
+/// This edge's view of the registry, so that an operator can tell whether edges agree.
+fn registry(f: &mut Family<'_, '_>, r: &crate::registry::Status) -> std::fmt::Result {
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    f.gauge(
+        "spliced_registry_connected",
+        "1 while the registry is watched; 0 while it cannot be reached (the last state is served).",
+        [(vec![], i64::from(r.connected.load(Ordering::Relaxed)))],
+    )?;
+    f.gauge(
+        "spliced_registry_revision",
+        "The registry revision of the state served.",
+        [(vec![], r.revision.load(Ordering::Relaxed))],
+    )?;
+    f.gauge(
+        "spliced_registry_machines",
+        "Machines the registry lists, over every app.",
+        [(vec![], gauge_of(load(&r.machines)))],
+    )?;
+    f.gauge(
+        "spliced_registry_left_out",
+        "Apps and machine records of the registry the state served leaves out (see the log).",
+        [(
+            vec![],
+            gauge_of(
+                r.left_out
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .len() as u64,
+            ),
+        )],
+    )?;
+    f.counter(
+        "spliced_registry_updates",
+        "States taken from the registry: whole loads and watched changes.",
+        [(vec![], load(&r.updates))],
+    )?;
+    f.counter(
+        "spliced_registry_reconnects",
+        "Times the registry's connection was lost and tried again.",
+        [(vec![], load(&r.reconnects))],
+    )
 }
 
 fn services(f: &mut Family<'_, '_>, pools: &[Arc<Pool>]) -> std::fmt::Result {
@@ -302,17 +355,15 @@ fn services(f: &mut Family<'_, '_>, pools: &[Arc<Pool>]) -> std::fmt::Result {
 
 fn kernel(
     f: &mut Family<'_, '_>,
-    pools: &[Arc<Pool>],
+    current: &super::generation::Generation,
     s: &crate::dataplane::sockmap::Splicer,
     shared: &Shared,
 ) -> std::fmt::Result {
-    let totals: Vec<(String, proxy_common::ServiceCounters)> = pools
+    let totals: Vec<(String, proxy_common::ServiceCounters)> = current
+        .pools
         .iter()
-        .enumerate()
-        .filter_map(|(i, p)| {
-            let id = u32::try_from(i).ok()?;
-            Some((p.service.clone(), shared.service_totals(id)))
-        })
+        .zip(&current.config.services)
+        .map(|(p, service)| (p.service.clone(), shared.service_totals(service.id)))
         .collect();
     let svc = |name: &String| vec![("service", name.clone())];
     f.counter(

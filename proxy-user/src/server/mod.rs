@@ -9,6 +9,7 @@ mod generation;
 mod listen;
 mod live;
 mod metrics;
+mod source;
 mod terminate;
 mod upgrade;
 
@@ -82,6 +83,8 @@ pub struct RunOptions {
     pub autostop_interval: Duration,
     /// The config file, read again on SIGHUP.
     pub config_path: Option<PathBuf>,
+    /// The registry whose apps are served, followed live.
+    pub registry: Option<crate::registry::Settings>,
     /// The user the daemon becomes once its programs are loaded and its ports bound.
     pub user: Option<(String, crate::sys::Identity)>,
 }
@@ -228,6 +231,8 @@ struct Shared {
     /// Per service, the kernel counters of adopted kernels that are gone (their last
     /// connection ended), so that the totals only grow.
     retired: std::sync::Mutex<std::collections::HashMap<u32, proxy_common::ServiceCounters>>,
+    /// What this edge knows of the registry, when it follows one.
+    registry: Option<Arc<crate::registry::Status>>,
 }
 
 /// SIGHUP reloads: served, and refused (invalid config, a port that cannot be bound).
@@ -276,9 +281,10 @@ impl Shared {
     }
 }
 
-/// Runs the daemon until a stop signal and the end of the grace period; SIGHUP re-reads the
-/// config (see [`generation`]).
-pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
+/// Runs the daemon until a stop signal and the end of the grace period, serving `config` (the
+/// `--config` file) and the apps of `--registry`; SIGHUP re-reads the file, and each change
+/// of the registry is served as it comes (see [`generation`]).
+pub async fn run(config: Option<Config>, opts: RunOptions) -> Result<(), StartError> {
     let mut inherited = upgrade::Inherited::receive().map_err(StartError::Upgrade)?;
     let settings = sockmap::Settings {
         max_buffer: opts.max_buffer,
@@ -300,7 +306,8 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         opts.listen_addrs.clone()
     };
     let mut certs = None;
-    let first = Generation::build(config, &opts, None, &mut certs)?;
+    let mut source = source::Source::start(config, &opts).await;
+    let first = Generation::build(source.compose(None), &opts, None, &mut certs)?;
     watch_ports(&plane, &first)?;
     let workers = opts.workers.max(1);
     let (worker_tx, worker_rx): (Vec<_>, Vec<_>) =
@@ -328,6 +335,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         successor: std::sync::Mutex::default(),
         adopted: std::sync::Mutex::default(),
         retired: std::sync::Mutex::default(),
+        registry: source.status(),
     });
     let endpoints = endpoints(&shared, &mut inherited).await?;
     // Before the workers and the machines start, which then begin as the user.
@@ -352,7 +360,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     // The programs are loaded and every port is bound.
     crate::sys::notify(&format!("READY=1\nMAINPID={}", std::process::id()));
     inherited.serving(&shared, &phase_rx);
-    let successor = serve_signals(&shared, &mut ports, &mut certs, &endpoints).await?;
+    let successor = serve_signals(&shared, &mut ports, &mut certs, &mut source, &endpoints).await?;
     let stopping = Stopping {
         phase: phase_tx,
         threads,
@@ -365,11 +373,12 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
 }
 
 /// Handles signals until one stops the daemon: SIGINT or SIGTERM, or SIGUSR2 once a new
-/// process serves in this one's place (its pid).
+/// process serves in this one's place (its pid). Serves each new state of the registry.
 async fn serve_signals(
     shared: &Arc<Shared>,
     ports: &mut Ports,
     certs: &mut Option<Arc<crate::tls::CertStore>>,
+    source: &mut source::Source,
     endpoints: &Endpoints,
 ) -> Result<Option<u32>, StartError> {
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -379,7 +388,16 @@ async fn serve_signals(
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(None),
             _ = sigterm.recv() => return Ok(None),
-            _ = sighup.recv() => reload(shared, ports, certs),
+            _ = sighup.recv() => reload(shared, ports, certs, source),
+            () = source.changed() => {
+                let old = shared.current();
+                let config = source.compose(Some(&old.config));
+                if let Err(e) = serve(shared, ports, certs, config) {
+                    for line in e.lines() {
+                        tracing::error!("registry change refused, still serving the state before: {line}");
+                    }
+                }
+            }
             _ = sigusr2.recv() => {
                 if let Some(pid) = upgrade::on_signal(shared, ports, endpoints).await {
                     return Ok(Some(pid));
@@ -541,40 +559,17 @@ fn watch_ports(plane: &Plane, g: &Generation) -> Result<(), StartError> {
 /// SIGHUP: reads the config file again and serves it, or, if it is invalid or cannot be
 /// served, logs why and keeps serving the one before. Counted either way; the service manager
 /// hears `RELOADING=1` before and `READY=1` after.
-fn reload(shared: &Arc<Shared>, ports: &mut Ports, certs: &mut Option<Arc<crate::tls::CertStore>>) {
-    crate::sys::notify("RELOADING=1");
-    reload_config(shared, ports, certs);
-    crate::sys::notify("READY=1");
-}
-
-fn reload_config(
+fn reload(
     shared: &Arc<Shared>,
     ports: &mut Ports,
     certs: &mut Option<Arc<crate::tls::CertStore>>,
+    source: &mut source::Source,
 ) {
-    let Some(path) = &shared.opts.config_path else {
-        tracing::warn!("SIGHUP: no config file to read again");
-        return;
-    };
-    let outcome = Config::load(path)
-        .map_err(|e| e.to_string())
-        .and_then(|config| {
-            for w in &config.warnings {
-                tracing::warn!("{w}");
-            }
-            let old = shared.current();
-            let next = Generation::build(config, &shared.opts, Some(&old), certs)
-                .map_err(|e| e.to_string())?;
-            watch_ports(&shared.plane, &next).map_err(|e| e.to_string())?;
-            ports.apply(&next.routes).map_err(|e| e.to_string())?;
-            let next = Arc::new(next);
-            *shared
-                .current
-                .write()
-                .unwrap_or_else(PoisonError::into_inner) = Arc::clone(&next);
-            next.start(Some(&old));
-            Ok(next)
-        });
+    crate::sys::notify("RELOADING=1");
+    let outcome = source.reread().map_err(|e| e.to_string()).and_then(|()| {
+        let old = shared.current();
+        serve(shared, ports, certs, source.compose(Some(&old.config)))
+    });
     match outcome {
         Ok(next) => {
             shared.reloads.done.fetch_add(1, Ordering::Relaxed);
@@ -592,6 +587,32 @@ fn reload_config(
             }
         }
     }
+    crate::sys::notify("READY=1");
+}
+
+/// Serves `config` in place of the config of the moment: its ports bound and its pools
+/// ready before it replaces the one before, which keeps serving if any of that fails.
+fn serve(
+    shared: &Arc<Shared>,
+    ports: &mut Ports,
+    certs: &mut Option<Arc<crate::tls::CertStore>>,
+    config: Config,
+) -> Result<Arc<Generation>, String> {
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    let old = shared.current();
+    let next =
+        Generation::build(config, &shared.opts, Some(&old), certs).map_err(|e| e.to_string())?;
+    watch_ports(&shared.plane, &next).map_err(|e| e.to_string())?;
+    ports.apply(&next.routes).map_err(|e| e.to_string())?;
+    let next = Arc::new(next);
+    *shared
+        .current
+        .write()
+        .unwrap_or_else(PoisonError::into_inner) = Arc::clone(&next);
+    next.start(Some(&old));
+    Ok(next)
 }
 
 /// Stops every machine spliced runs and waits for their processes to end (SIGKILL after

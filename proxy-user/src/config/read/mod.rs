@@ -144,18 +144,7 @@ pub(super) fn read(r: &mut Reader<'_>, text: &str) -> Result<(Config, Sites), Co
         ConfigError::Invalid(vec![r.diagnostic(at, "", message)])
     })?;
     let top = Table::new("", root.get_ref(), root.span());
-    let mut config = Config {
-        app: None,
-        primary_region: None,
-        env: Vec::new(),
-        process_groups: Vec::new(),
-        services: Vec::new(),
-        machines: Vec::new(),
-        kill_signal: None,
-        kill_timeout: None,
-        ignored: Vec::new(),
-        warnings: Vec::new(),
-    };
+    let mut config = Config::empty();
     let mut sites = Sites::default();
 
     for (key, span) in top.keys() {

@@ -89,6 +89,7 @@ pub(super) fn new_service(name: String) -> Service {
         min_machines_running: None,
         auto_deploy: None,
         machines: Vec::new(),
+        region: None,
     }
 }
 
