@@ -68,8 +68,9 @@ pub struct QueuePolicy {
 pub struct MachineStats {
     pub id: String,
     pub addr: SocketAddr,
-    /// Connections spliced to it now.
-    pub active: AtomicU64,
+    /// Connections spliced to it now, through this pool and the pools it replaced (see
+    /// [`Pool::carrying`]).
+    pub active: Arc<AtomicU64>,
     /// Connections it has been given in all.
     pub chosen: AtomicU64,
     /// Connects it refused or did not answer in time.
@@ -240,7 +241,7 @@ impl Pool {
                 .map(|(id, addr)| MachineStats {
                     id,
                     addr,
-                    active: AtomicU64::new(0),
+                    active: Arc::default(),
                     chosen: AtomicU64::new(0),
                     connect_failures: AtomicU64::new(0),
                     healthy: AtomicBool::new(true),
@@ -274,6 +275,43 @@ impl Pool {
             m.managed = managed;
         }
         self
+    }
+
+    /// Shares, with `old` (the pool this one replaces at a reload), the live load of each
+    /// machine both have (same id and address): connections still on `old` count against this
+    /// pool's limits until they end, so a change of the machine set never lets a machine take
+    /// more than its hard limit.
+    #[must_use]
+    pub fn carrying(mut self, old: &Pool) -> Self {
+        for m in &mut self.machines {
+            if let Some(o) = old
+                .machines
+                .iter()
+                .find(|o| o.id == m.id && o.addr == m.addr)
+            {
+                m.active = Arc::clone(&o.active);
+            }
+        }
+        self
+    }
+
+    /// A lease for a connection that exists already (one taken over at an upgrade) to machine
+    /// `id` at `addr`: counted against the machine's limits from now until the lease goes.
+    /// `None` when this pool has no such machine, or it is one spliced runs that is not started.
+    pub fn adopt(self: &Arc<Self>, id: &str, addr: SocketAddr) -> Option<Lease> {
+        let _state = self.lock();
+        let i = self
+            .machines
+            .iter()
+            .position(|m| m.id == id && m.addr == addr)?;
+        let m = &self.machines[i];
+        if let Some(managed) = &m.managed
+            && !managed.enter()
+        {
+            return None;
+        }
+        m.active.fetch_add(1, Ordering::Relaxed);
+        Some(Lease::new(self, i))
     }
 
     /// Machines in rotation. Their flags change only with the state locked.

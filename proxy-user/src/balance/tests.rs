@@ -174,3 +174,42 @@ async fn no_machine_is_refused() {
     let p = pool(0, None, None, 8, 50);
     assert_eq!(p.acquire().await.err(), Some(Refusal::NoMachine));
 }
+
+#[tokio::test]
+async fn a_pool_that_replaces_another_counts_its_live_connections() {
+    let old = pool(2, None, Some(1), 0, 10);
+    let on_old: Vec<Lease> = vec![
+        old.acquire().await.expect("m0"),
+        old.acquire().await.expect("m1"),
+    ];
+    // The machine set changes: m1 stays (same address), m0 goes, m2 comes.
+    let machines = vec![
+        ("m1".to_owned(), SocketAddr::from(([10, 0, 0, 2], 80))),
+        ("m2".to_owned(), SocketAddr::from(([10, 0, 0, 3], 80))),
+    ];
+    let policy = QueuePolicy {
+        limit: 0,
+        max_wait: Duration::from_millis(10),
+    };
+    let new = Arc::new(
+        Pool::new("services[0]".to_owned(), machines, None, Some(1), policy).carrying(&old),
+    );
+    assert_eq!(
+        active(&new),
+        vec![1, 0],
+        "m1's connection on the old pool counts"
+    );
+    let l = new.acquire().await.expect("a slot on m2");
+    assert_eq!(new.machines[l.index()].id, "m2");
+    assert!(
+        new.acquire().await.is_err(),
+        "m1 is at its hard limit already"
+    );
+    drop(on_old);
+    assert_eq!(active(&new), vec![0, 1]);
+    let l = new
+        .acquire()
+        .await
+        .expect("m1 is free once its old connection ends");
+    assert_eq!(new.machines[l.index()].id, "m1");
+}

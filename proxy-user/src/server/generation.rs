@@ -40,6 +40,12 @@ pub(super) struct Generation {
 }
 
 impl Generation {
+    /// The pool of the service with id `service`, if this reading has it.
+    fn pool_of(&self, service: u32) -> Option<&Pool> {
+        let i = self.config.services.iter().position(|s| s.id == service)?;
+        Some(&self.pools[i])
+    }
+
     /// Reads `config` into pools and routes, keeping from `prev` every machine process and
     /// every pool that did not change. Starts nothing: see [`Generation::start`].
     pub fn build(
@@ -91,16 +97,19 @@ impl Generation {
                 auto_stop: service.auto_stop_machines.unwrap_or(AutoStop::Off),
                 min_running: service.min_machines_running.unwrap_or(0),
             };
-            let pool = Arc::new(
-                Pool::new(
-                    service.name.clone(),
-                    machines,
-                    limits.and_then(|c| c.soft_limit),
-                    limits.and_then(|c| c.hard_limit),
-                    opts.queue,
-                )
-                .with_demand(demand, runs),
-            );
+            let mut pool = Pool::new(
+                service.name.clone(),
+                machines,
+                limits.and_then(|c| c.soft_limit),
+                limits.and_then(|c| c.hard_limit),
+                opts.queue,
+            )
+            .with_demand(demand, runs);
+            let before = prev.and_then(|p| p.pool_of(service.id));
+            if let Some(old) = before.filter(|old| old.service == service.name) {
+                pool = pool.carrying(old);
+            }
+            let pool = Arc::new(pool);
             health.push(Arc::new(crate::health::start_pool(service, &pool)));
             fresh.push(Arc::clone(&pool));
             pools.push(pool);
