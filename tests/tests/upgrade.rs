@@ -340,6 +340,9 @@ fn a_held_connection_flows_again_in_the_new_process() {
     reaper.0.push(new);
     let status = daemon.wait(Duration::from_secs(20));
     assert!(status.success(), "the old process exited {status}");
+    // The new process counts the connection it took over against its machine's limits.
+    let active = |d: &Daemon| d.stats()["services"][0]["machines"][0]["active"].clone();
+    assert_eq!(active(&daemon), 1, "{}", daemon.stats());
     go.send(()).expect("the machine reads");
     let result = received
         .recv_timeout(Duration::from_secs(60))
@@ -347,6 +350,11 @@ fn a_held_connection_flows_again_in_the_new_process() {
     assert_eq!(result, Ok(()), "{}", daemon.log());
     writer.join().expect("writer").expect("the client's stream");
     tests::completed_one_taken_over(&daemon);
+    assert_eq!(
+        active(&daemon),
+        0,
+        "the slot is freed when the connection ends"
+    );
     signal(new, libc::SIGTERM);
     wait_ended(new, Duration::from_secs(40));
 }

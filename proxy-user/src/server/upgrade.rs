@@ -586,6 +586,12 @@ fn resume(
     let shared = Arc::clone(shared);
     shared.stats.taken_over.fetch_add(1, Ordering::Relaxed);
     shared.stats.active.fetch_add(1, Ordering::AcqRel);
+    // Its machine's slot, as the old process held it, while the config served has both.
+    let lease = record.machine.as_ref().and_then(|(id, addr)| {
+        let current = shared.current();
+        let pool = current.pools.iter().find(|p| p.service == record.service)?;
+        pool.adopt(id, *addr)
+    });
     tokio::spawn(async move {
         let cookies = handed.snapshot.cookies;
         let tracked = shared
@@ -606,7 +612,7 @@ fn resume(
         // outcome is counted, so that a snapshot that sees the outcome sees its bytes.
         drop(splicer);
         connection::count_outcome(&shared, record.client, &result);
-        drop(tracked);
+        drop((tracked, lease));
         connection::ended(&shared);
     });
 }
