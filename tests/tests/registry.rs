@@ -439,6 +439,20 @@ fn edges_serve_through_etcd_failures_and_catch_up() {
     assert_eq!(reached(&w.client, a1).as_deref(), Ok("m1"));
     let log = d0.log();
     assert!(log.contains("registry unreachable"), "{log}");
+    // An upgrade now would start a process with nothing to serve: it is refused, and the
+    // edge serves on as it was.
+    let pid = d0.stats()["pid"].clone();
+    d0.signal(libc::SIGUSR2);
+    tests::until(&d0, Duration::from_secs(30), "a failed upgrade", |s| {
+        s["reloads"]["upgrades_failed"] == 1
+    });
+    assert_eq!(d0.stats()["pid"], pid);
+    let log = d0.log();
+    assert!(
+        log.contains("a process started by an upgrade serves no less"),
+        "{log}"
+    );
+    assert_eq!(reached(&w.client, a0).as_deref(), Ok("m1"));
 
     // Back: the edges watch again and take the next change.
     for i in 0..3 {

@@ -418,6 +418,11 @@ impl Follower {
         follower
     }
 
+    /// Whether the registry has been read whole yet.
+    pub fn loaded(&self) -> bool {
+        self.status.full_loads.load(Ordering::Relaxed) > 0
+    }
+
     /// The apps as last read; changes with each update.
     pub fn apps(&self) -> watch::Receiver<Arc<Apps>> {
         self.apps.subscribe()

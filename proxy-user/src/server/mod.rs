@@ -141,6 +141,10 @@ pub enum StartError {
     },
     #[error("upgrade: receiving the sockets of the process before: {0}")]
     Upgrade(#[source] std::io::Error),
+    #[error(
+        "--registry {0}: cannot be read, and a process started by an upgrade serves no less than the one before it; that one goes on serving"
+    )]
+    RegistryAway(String),
     #[error("--user {name}: cannot switch to it: {source}")]
     User {
         name: String,
@@ -306,7 +310,7 @@ pub async fn run(config: Option<Config>, opts: RunOptions) -> Result<(), StartEr
         opts.listen_addrs.clone()
     };
     let mut certs = None;
-    let mut source = source::Source::start(config, &opts).await;
+    let mut source = source::Source::start(config, &opts, inherited.is_upgrade()).await?;
     let first = Generation::build(source.compose(None), &opts, None, &mut certs)?;
     watch_ports(&plane, &first)?;
     let workers = opts.workers.max(1);

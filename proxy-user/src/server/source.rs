@@ -7,7 +7,7 @@ use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 
-use super::{AbortOnDrop, RunOptions};
+use super::{AbortOnDrop, RunOptions, StartError};
 use crate::{
     config::{Config, ConfigError},
     registry::{Apps, Follower, Status},
@@ -33,11 +33,19 @@ struct Followed {
 
 impl Source {
     /// The file as read at start, and the registry loaded (or, after [`START_WAIT`], being
-    /// tried) and followed from now on.
-    pub async fn start(file: Option<Config>, opts: &RunOptions) -> Self {
+    /// tried) and followed from now on. With `must_load` (a process an upgrade started, whose
+    /// predecessor serves what the registry held), a registry not loaded by then is an error.
+    pub async fn start(
+        file: Option<Config>,
+        opts: &RunOptions,
+        must_load: bool,
+    ) -> Result<Self, StartError> {
         let registry = match &opts.registry {
             Some(settings) => {
                 let follower = Follower::start(settings.clone(), START_WAIT).await;
+                if must_load && !follower.loaded() {
+                    return Err(StartError::RegistryAway(settings.url.to_string()));
+                }
                 Some(Followed {
                     prefix: follower.prefix().to_owned(),
                     apps: follower.apps(),
@@ -48,11 +56,11 @@ impl Source {
             }
             None => None,
         };
-        Self {
+        Ok(Self {
             path: opts.config_path.clone(),
             file,
             registry,
-        }
+        })
     }
 
     pub fn status(&self) -> Option<Arc<Status>> {

@@ -126,6 +126,11 @@ impl Inherited {
         Ok(inherited)
     }
 
+    /// Whether this process was started by an upgrade.
+    pub fn is_upgrade(&self) -> bool {
+        self.channel.is_some()
+    }
+
     /// Tells the process that started this one that this one serves: it stops accepting and
     /// hands over its spliced connections, which are taken over from here on.
     pub fn serving(&mut self, shared: &Arc<Shared>, phase: &watch::Receiver<Phase>) {
