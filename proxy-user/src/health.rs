@@ -64,12 +64,12 @@ pub fn start_pool(service: &Service, pool: &Arc<Pool>) -> JoinSet<()> {
         };
         probes.push((name, Probe::Http(Arc::new(c.clone())), timing));
     }
-    for (name, probe, timing) in probes {
+    for (number, (name, probe, timing)) in probes.into_iter().enumerate() {
         for index in 0..pool.machines.len() {
             tasks.spawn(run(
                 Arc::clone(pool),
                 index,
-                name.clone(),
+                (number, name.clone()),
                 probe.clone(),
                 timing,
             ));
@@ -78,13 +78,21 @@ pub fn start_pool(service: &Service, pool: &Arc<Pool>) -> JoinSet<()> {
     tasks
 }
 
-/// Runs one check on one machine forever, reporting each change of outcome to the pool.
-async fn run(pool: Arc<Pool>, index: usize, name: String, probe: Probe, timing: Timing) {
+/// Runs check `number` (named `name`) on one machine forever, reporting each change of
+/// outcome to the pool, from the outcome the pool holds (a pool that replaced another may
+/// hold a failure).
+async fn run(
+    pool: Arc<Pool>,
+    index: usize,
+    (number, name): (usize, String),
+    probe: Probe,
+    timing: Timing,
+) {
     let addr = pool.machines[index].addr;
     tokio::time::sleep(timing.grace).await;
     let mut ticks = tokio::time::interval(timing.interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut passing = true;
+    let mut passing = !pool.machines[index].check_failing(number);
     loop {
         ticks.tick().await;
         // A machine spliced has stopped, or not yet started, keeps its last outcome.
@@ -101,7 +109,7 @@ async fn run(pool: Arc<Pool>, index: usize, name: String, probe: Probe, timing: 
             Ok(()) => {
                 if !passing {
                     passing = true;
-                    pool.check_changed(index, true, &name, "");
+                    pool.check_changed(index, (number, &name), true, "");
                 }
             }
             Err(why) => {
@@ -109,7 +117,7 @@ async fn run(pool: Arc<Pool>, index: usize, name: String, probe: Probe, timing: 
                 tracing::debug!(service = %pool.service, machine = %machine.id, check = %name, %why, "health check failed");
                 if passing {
                     passing = false;
-                    pool.check_changed(index, false, &name, &why);
+                    pool.check_changed(index, (number, &name), false, &why);
                 }
             }
         }

@@ -22,12 +22,10 @@ fn health_check_takes_a_dead_machine_out_and_brings_it_back() {
     const INTERVAL_MS: u64 = 500;
     const TIMEOUT_MS: u64 = 300;
     let s = fleet(2, &[0, 1]);
-    let cfg = fleet_config(
-        &s.machines,
-        &format!(
-            "  [[services.tcp_checks]]\n    interval = {INTERVAL_MS}\n    timeout = {TIMEOUT_MS}\n"
-        ),
+    let checks = format!(
+        "  [[services.tcp_checks]]\n    interval = {INTERVAL_MS}\n    timeout = {TIMEOUT_MS}\n"
     );
+    let cfg = fleet_config(&s.machines, &checks);
     let daemon = Daemon::start_config(&s.net.proxy, &cfg, Plane::Sockmap, &[]);
     // Both pass their first check.
     until(&daemon, Duration::from_secs(5), "first checks", |st| {
@@ -52,6 +50,12 @@ fn health_check_takes_a_dead_machine_out_and_brings_it_back() {
         failover <= Duration::from_millis(INTERVAL_MS + TIMEOUT_MS + 500),
         "failover took {failover:?}"
     );
+    assert!(machine(&daemon.stats(), 0)["check_failures"].as_u64() >= Some(1));
+    // A reload that rebuilds the service's pool (new limits, the same checks) keeps it out.
+    let limits = "  [services.concurrency]\n    type = \"connections\"\n    hard_limit = 100\n";
+    let reloaded = daemon.reload(&fleet_config(&s.machines, &format!("{checks}{limits}")));
+    assert_eq!(reloaded["reloads"]["done"], 1, "{}", daemon.log());
+    assert_eq!(machine(&reloaded, 0)["healthy"], false, "{reloaded:#}");
     let before = daemon.stats();
     for i in 0..10 {
         let mut c = s.net.connect();
@@ -68,7 +72,6 @@ fn health_check_takes_a_dead_machine_out_and_brings_it_back() {
         0,
         "a connect to the dead machine was tried"
     );
-    assert!(machine(&after, 0)["check_failures"].as_u64() >= Some(1));
 
     // It recovers: back within one interval.
     s.machines.set_up(0, true);

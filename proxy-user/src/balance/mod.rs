@@ -79,6 +79,10 @@ pub struct MachineStats {
     pub healthy: AtomicBool,
     /// Health checks it fails now.
     pub failing_checks: AtomicU32,
+    /// Which: bit N for the service's check N (`tcp_checks` then `http_checks`; from the 64th
+    /// on, bit 63).
+    #[serde(skip)]
+    pub failing: AtomicU64,
     /// Health check runs it has had in all, passed or failed.
     pub checks: AtomicU64,
     /// Health check runs it has failed in all.
@@ -92,6 +96,11 @@ pub struct MachineStats {
 }
 
 impl MachineStats {
+    /// Whether check `probe` of its service fails now.
+    pub fn check_failing(&self, probe: usize) -> bool {
+        self.failing.load(Ordering::Relaxed) & check_bit(probe) != 0
+    }
+
     /// Whether it can take connections: always for a machine spliced does not run.
     pub fn running(&self) -> bool {
         self.managed
@@ -246,6 +255,7 @@ impl Pool {
                     connect_failures: AtomicU64::new(0),
                     healthy: AtomicBool::new(true),
                     failing_checks: AtomicU32::new(0),
+                    failing: AtomicU64::new(0),
                     checks: AtomicU64::new(0),
                     check_failures: AtomicU64::new(0),
                     // 25 us doubling to about 0.8 s: loopback to a machine across the world.
@@ -280,16 +290,27 @@ impl Pool {
     /// Shares, with `old` (the pool this one replaces at a reload), the live load of each
     /// machine both have (same id and address): connections still on `old` count against this
     /// pool's limits until they end, so a change of the machine set never lets a machine take
-    /// more than its hard limit.
+    /// more than its hard limit. With `same_checks` (the service's checks did not change),
+    /// each such machine also keeps the outcome of each check, so one out of rotation stays
+    /// out until its checks pass (the checks start again from those outcomes).
     #[must_use]
-    pub fn carrying(mut self, old: &Pool) -> Self {
+    pub fn carrying(mut self, old: &Pool, same_checks: bool) -> Self {
         for m in &mut self.machines {
-            if let Some(o) = old
+            let Some(o) = old
                 .machines
                 .iter()
                 .find(|o| o.id == m.id && o.addr == m.addr)
-            {
-                m.active = Arc::clone(&o.active);
+            else {
+                continue;
+            };
+            m.active = Arc::clone(&o.active);
+            if same_checks {
+                let _state = old.lock();
+                let failing = o.failing.load(Ordering::Relaxed);
+                m.failing.store(failing, Ordering::Relaxed);
+                m.failing_checks
+                    .store(failing.count_ones(), Ordering::Relaxed);
+                m.healthy.store(failing == 0, Ordering::Relaxed);
             }
         }
         self
@@ -597,14 +618,23 @@ impl Pool {
 
     /// A health check of machine `index` changed from passing to failing or back. The
     /// machine is in rotation while it fails none.
-    pub fn check_changed(self: &Arc<Self>, index: usize, passing: bool, check: &str, why: &str) {
+    pub fn check_changed(
+        self: &Arc<Self>,
+        index: usize,
+        (probe, check): (usize, &str),
+        passing: bool,
+        why: &str,
+    ) {
         let mut state = self.lock();
         let m = &self.machines[index];
+        let bit = check_bit(probe);
         let failing = if passing {
-            m.failing_checks.fetch_sub(1, Ordering::Relaxed) - 1
+            m.failing.fetch_and(!bit, Ordering::Relaxed) & !bit
         } else {
-            m.failing_checks.fetch_add(1, Ordering::Relaxed) + 1
+            m.failing.fetch_or(bit, Ordering::Relaxed) | bit
         };
+        m.failing_checks
+            .store(failing.count_ones(), Ordering::Relaxed);
         let healthy = failing == 0;
         if healthy == m.healthy.swap(healthy, Ordering::Relaxed) {
             return;
@@ -626,6 +656,11 @@ impl Pool {
             }
         }
     }
+}
+
+/// The bit of check `probe` in [`MachineStats::failing`].
+fn check_bit(probe: usize) -> u64 {
+    1 << probe.min(63)
 }
 
 #[cfg(test)]

@@ -136,7 +136,7 @@ async fn retry_skips_tried_machines() {
 #[tokio::test]
 async fn failing_machines_leave_rotation_unless_all_fail() {
     let p = pool(2, None, Some(1), 8, 5_000);
-    p.check_changed(0, false, "tcp_checks[0]", "refused");
+    p.check_changed(0, (0, "tcp_checks[0]"), false, "refused");
     for _ in 0..3 {
         let l = p.acquire().await.expect("a slot");
         assert_eq!(l.index(), 1, "the failing machine is out of rotation");
@@ -150,22 +150,22 @@ async fn failing_machines_leave_rotation_unless_all_fail() {
     while p.stats.queued.load(Ordering::Relaxed) < 1 {
         tokio::task::yield_now().await;
     }
-    p.check_changed(0, true, "tcp_checks[0]", "");
+    p.check_changed(0, (0, "tcp_checks[0]"), true, "");
     assert_eq!(waiting.await.expect("waiter task"), Ok(0));
     drop(held);
     // Both failing: both used, and counted.
-    p.check_changed(0, false, "tcp_checks[0]", "refused");
-    p.check_changed(1, false, "tcp_checks[0]", "refused");
+    p.check_changed(0, (0, "tcp_checks[0]"), false, "refused");
+    p.check_changed(1, (0, "tcp_checks[0]"), false, "refused");
     let a = p.acquire().await.expect("a slot while all fail");
     let b = p.acquire().await.expect("a slot while all fail");
     assert_ne!(a.index(), b.index());
     assert_eq!(p.stats.routed_all_failing.load(Ordering::Relaxed), 2);
     // Two checks failing on one machine: it returns only when both pass.
-    p.check_changed(1, true, "tcp_checks[0]", "");
-    p.check_changed(0, false, "http_checks[0]", "status 500");
-    p.check_changed(0, true, "tcp_checks[0]", "");
+    p.check_changed(1, (0, "tcp_checks[0]"), true, "");
+    p.check_changed(0, (1, "http_checks[0]"), false, "status 500");
+    p.check_changed(0, (0, "tcp_checks[0]"), true, "");
     assert!(!p.machines[0].healthy.load(Ordering::Relaxed));
-    p.check_changed(0, true, "http_checks[0]", "");
+    p.check_changed(0, (1, "http_checks[0]"), true, "");
     assert!(p.machines[0].healthy.load(Ordering::Relaxed));
 }
 
@@ -192,7 +192,7 @@ async fn a_pool_that_replaces_another_counts_its_live_connections() {
         max_wait: Duration::from_millis(10),
     };
     let new = Arc::new(
-        Pool::new("services[0]".to_owned(), machines, None, Some(1), policy).carrying(&old),
+        Pool::new("services[0]".to_owned(), machines, None, Some(1), policy).carrying(&old, true),
     );
     assert_eq!(
         active(&new),
@@ -212,4 +212,42 @@ async fn a_pool_that_replaces_another_counts_its_live_connections() {
         .await
         .expect("m1 is free once its old connection ends");
     assert_eq!(new.machines[l.index()].id, "m1");
+}
+
+#[tokio::test]
+async fn a_pool_that_replaces_another_keeps_its_check_outcomes_while_the_checks_are_the_same() {
+    let old = pool(2, None, None, 0, 10);
+    old.check_changed(1, (1, "http_checks[0]"), false, "status 500");
+    let again = |same_checks| {
+        let machines = old
+            .machines
+            .iter()
+            .map(|m| (m.id.clone(), m.addr))
+            .collect();
+        let policy = QueuePolicy {
+            limit: 0,
+            max_wait: Duration::from_millis(10),
+        };
+        Arc::new(
+            Pool::new("services[0]".to_owned(), machines, None, None, policy)
+                .carrying(&old, same_checks),
+        )
+    };
+    let kept = again(true);
+    assert!(!kept.machines[1].healthy.load(Ordering::Relaxed));
+    assert!(kept.machines[1].check_failing(1) && !kept.machines[1].check_failing(0));
+    for _ in 0..10 {
+        let l = kept.acquire().await.expect("m0");
+        assert_eq!(l.index(), 0, "m1 stays out of rotation");
+    }
+    kept.check_changed(1, (1, "http_checks[0]"), true, "");
+    assert!(
+        kept.machines[1].healthy.load(Ordering::Relaxed),
+        "back once the check passes"
+    );
+    let fresh = again(false);
+    assert!(
+        fresh.machines[1].healthy.load(Ordering::Relaxed),
+        "other checks start over"
+    );
 }

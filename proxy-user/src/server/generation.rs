@@ -40,10 +40,10 @@ pub(super) struct Generation {
 }
 
 impl Generation {
-    /// The pool of the service with id `service`, if this reading has it.
-    fn pool_of(&self, service: u32) -> Option<&Pool> {
+    /// The service with id `service` and its pool, if this reading has it.
+    fn pool_of(&self, service: u32) -> Option<(&crate::config::Service, &Pool)> {
         let i = self.config.services.iter().position(|s| s.id == service)?;
-        Some(&self.pools[i])
+        Some((&self.config.services[i], &self.pools[i]))
     }
 
     /// Reads `config` into pools and routes, keeping from `prev` every machine process and
@@ -105,9 +105,12 @@ impl Generation {
                 opts.queue,
             )
             .with_demand(demand, runs);
-            let before = prev.and_then(|p| p.pool_of(service.id));
-            if let Some(old) = before.filter(|old| old.service == service.name) {
-                pool = pool.carrying(old);
+            if let Some((old_service, old)) = prev.and_then(|p| p.pool_of(service.id))
+                && old.service == service.name
+            {
+                let same_checks = old_service.tcp_checks == service.tcp_checks
+                    && old_service.http_checks == service.http_checks;
+                pool = pool.carrying(old, same_checks);
             }
             let pool = Arc::new(pool);
             health.push(Arc::new(crate::health::start_pool(service, &pool)));
