@@ -143,6 +143,11 @@ pub struct Pool {
     policy: QueuePolicy,
     pub demand: Demand,
     state: Mutex<State>,
+    /// The pool that replaced this one at a reload, sharing its machines' counts: a slot freed
+    /// here may be the one its waiters wait for.
+    successor: Mutex<std::sync::Weak<Pool>>,
+    /// The pools this one replaced that still live (their connections go on).
+    predecessors: Mutex<Vec<std::sync::Weak<Pool>>>,
     pub stats: PoolStats,
 }
 
@@ -267,6 +272,8 @@ impl Pool {
             hard_limit: hard_limit.map(u64::from),
             policy,
             demand: Demand::default(),
+            successor: Mutex::default(),
+            predecessors: Mutex::default(),
             state: Mutex::new(State {
                 waiters: VecDeque::new(),
                 queued_since: None,
@@ -314,6 +321,21 @@ impl Pool {
             }
         }
         self
+    }
+
+    /// Notes that `next`, made with [`Pool::carrying`] from this pool, replaces it: from now
+    /// on a slot freed on this pool or on any pool this one replaced serves `next`'s waiters.
+    pub fn replaced_by(self: &Arc<Self>, next: &Arc<Pool>) {
+        let mut older: Vec<std::sync::Weak<Pool>> = lock(&self.predecessors)
+            .iter()
+            .filter(|p| p.strong_count() > 0)
+            .cloned()
+            .collect();
+        older.push(Arc::downgrade(self));
+        for p in older.iter().filter_map(std::sync::Weak::upgrade) {
+            *lock(&p.successor) = Arc::downgrade(next);
+        }
+        *lock(&next.predecessors) = older;
     }
 
     /// A lease for a connection that exists already (one taken over at an upgrade) to machine
@@ -582,6 +604,12 @@ impl Pool {
             managed.leave();
         }
         self.serve_waiters(&mut state);
+        drop(state);
+        let next = lock(&self.successor).upgrade();
+        if let Some(next) = next {
+            let mut state = next.lock();
+            next.serve_waiters(&mut state);
+        }
     }
 
     /// Hands free slots to waiters, oldest first.
@@ -656,6 +684,10 @@ impl Pool {
             }
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The bit of check `probe` in [`MachineStats::failing`].

@@ -251,3 +251,46 @@ async fn a_pool_that_replaces_another_keeps_its_check_outcomes_while_the_checks_
         "other checks start over"
     );
 }
+
+#[tokio::test]
+async fn a_slot_freed_on_a_replaced_pool_serves_the_new_pools_waiters() {
+    let first = pool(1, None, Some(1), 4, 5_000);
+    let on_first = first.acquire().await.expect("m0");
+    let policy = QueuePolicy {
+        limit: 4,
+        max_wait: Duration::from_secs(5),
+    };
+    let machines = vec![("m0".to_owned(), first.machines[0].addr)];
+    let second = Arc::new(
+        Pool::new(
+            "services[0]".to_owned(),
+            machines.clone(),
+            None,
+            Some(1),
+            policy,
+        )
+        .carrying(&first, true),
+    );
+    first.replaced_by(&second);
+    // A third reading replaces the second while the first's connection still runs.
+    let third = Arc::new(
+        Pool::new("services[0]".to_owned(), machines, None, Some(1), policy)
+            .carrying(&second, true),
+    );
+    second.replaced_by(&third);
+    drop(second);
+    let waiting = {
+        let third = Arc::clone(&third);
+        tokio::spawn(async move { third.acquire().await.map(|l| l.index()) })
+    };
+    while third.stats.queued.load(Ordering::Relaxed) < 1 {
+        tokio::task::yield_now().await;
+    }
+    let started = std::time::Instant::now();
+    drop(on_first);
+    assert_eq!(waiting.await.expect("waiter"), Ok(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "served at once, not at its timeout"
+    );
+}

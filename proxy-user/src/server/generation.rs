@@ -41,7 +41,7 @@ pub(super) struct Generation {
 
 impl Generation {
     /// The service with id `service` and its pool, if this reading has it.
-    fn pool_of(&self, service: u32) -> Option<(&crate::config::Service, &Pool)> {
+    fn pool_of(&self, service: u32) -> Option<(&crate::config::Service, &Arc<Pool>)> {
         let i = self.config.services.iter().position(|s| s.id == service)?;
         Some((&self.config.services[i], &self.pools[i]))
     }
@@ -105,14 +105,18 @@ impl Generation {
                 opts.queue,
             )
             .with_demand(demand, runs);
-            if let Some((old_service, old)) = prev.and_then(|p| p.pool_of(service.id))
-                && old.service == service.name
-            {
+            let old = prev
+                .and_then(|p| p.pool_of(service.id))
+                .filter(|(_, old)| old.service == service.name);
+            if let Some((old_service, old)) = old {
                 let same_checks = old_service.tcp_checks == service.tcp_checks
                     && old_service.http_checks == service.http_checks;
                 pool = pool.carrying(old, same_checks);
             }
             let pool = Arc::new(pool);
+            if let Some((_, old)) = old {
+                old.replaced_by(&pool);
+            }
             health.push(Arc::new(crate::health::start_pool(service, &pool)));
             fresh.push(Arc::clone(&pool));
             pools.push(pool);
