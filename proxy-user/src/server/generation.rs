@@ -135,7 +135,7 @@ impl Generation {
                 pool,
                 proxy_proto: port.proxy_proto,
                 tls: tls_port(&config, port, opts, certs)?,
-                http: http_port(&config, port, opts, opts.workers.max(1))?,
+                http: http_port(service, &config, port, opts)?,
             };
             routes.insert(port.port, Arc::new(route));
         }

@@ -734,12 +734,13 @@ fn tls_port(
     Ok(Some(tls))
 }
 
-/// The `http` handler of `port`, if it has one.
+/// The `http` handler of `port` of `service`, if it has one; `Fly-Region` is the service's
+/// app's `primary_region` (see [`Config::merge`]), else the config's.
 fn http_port(
+    service: &crate::config::Service,
     config: &Config,
     port: &crate::config::PublicPort,
     opts: &RunOptions,
-    workers: usize,
 ) -> Result<Option<Arc<crate::http::HttpPort>>, StartError> {
     if !port.handlers.contains(&crate::config::Handler::Http) {
         return Ok(None);
@@ -750,12 +751,16 @@ fn http_port(
         connect_attempts: opts.connect_attempts,
         idle_timeout: opts.idle_timeout,
     };
-    let http =
-        crate::http::HttpPort::new(port, config.primary_region.as_deref(), settings, workers)
-            .map_err(|source| StartError::Http {
-                port: port.port,
-                source,
-            })?;
+    let region = service
+        .region
+        .as_deref()
+        .or(config.primary_region.as_deref());
+    let http = crate::http::HttpPort::new(port, region, settings, opts.workers.max(1)).map_err(
+        |source| StartError::Http {
+            port: port.port,
+            source,
+        },
+    )?;
     tracing::info!(
         port = port.port,
         force_https = http.force_https,
