@@ -12,7 +12,7 @@ use std::{
 };
 
 use tests::{
-    BACKEND_PORT, Daemon, Net, PUBLIC_PORT, Pattern, Plane, Scratch, Server, Topo,
+    BACKEND_PORT, Daemon, Net, Nginx, PUBLIC_PORT, Pattern, Plane, Scratch, Server, Topo,
     http::{head_echo, silent},
     tls::TestCa,
 };
@@ -403,4 +403,118 @@ fn failures_are_answered_400_502_504_and_idle_connections_closed() {
     assert!(out.starts_with("HTTP/1.1 502"), "{out}");
     let stats = d.wait_idle();
     assert_eq!(stats["http"]["bad_gateway"], 1, "{stats:#}");
+}
+
+/// nginx's answer: the protocol it was asked in, its connection's serial number and how many
+/// requests that connection has carried.
+const CONNECTION_ECHO: &str =
+    "return 200 \"$server_protocol conn=$connection n=$connection_requests\\n\";";
+
+/// The (connection, request count) of each of nginx's [`CONNECTION_ECHO`] answers in `out`,
+/// from lines starting with `protocol`.
+fn connection_echoes(out: &str, protocol: &str) -> Vec<(u64, u64)> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix(protocol)?.strip_prefix(" conn="))
+        .filter_map(|l| {
+            let (conn, n) = l.trim().split_once(" n=")?;
+            Some((conn.parse().ok()?, n.parse().ok()?))
+        })
+        .collect()
+}
+
+/// One request on `s` and its whole answer (nginx's [`CONNECTION_ECHO`]: one line of body).
+fn request_on(s: &mut std::net::TcpStream, path: &str) -> String {
+    write!(s, "GET {path} HTTP/1.1\r\nHost: kept.example\r\n\r\n").expect("request");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((_, body)) = text.split_once("\r\n\r\n")
+            && body.ends_with('\n')
+        {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "no whole answer: {text:?}");
+        let n = s.read(&mut buf).expect("read answer");
+        assert!(n > 0, "closed before a whole answer: {text:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[test]
+fn machines_are_reached_over_kept_connections_http1_and_http2() {
+    let net = Net::new(Topo::Loopback);
+    let h1 = machine("127.0.0.1");
+    let h2 = SocketAddr::new(h1.ip(), BACKEND_PORT + 1);
+    let nginx = Nginx::start(
+        &net.proxy,
+        &format!(
+            "  keepalive_timeout 1s;\n  server {{ listen {h1}; location / {{ {CONNECTION_ECHO} }} }}\n  \
+             server {{ listen {h2} http2; keepalive_requests 50; location / {{ {CONNECTION_ECHO} }} }}\n"
+        ),
+        h1,
+    );
+    // HTTP/1.1: the requests of one client connection go one after the other over one
+    // connection to the machine.
+    let d = start(
+        &net,
+        &config("", "    handlers = [\"http\"]", &["127.0.0.1"]),
+        &[],
+    );
+    let urls: Vec<String> = (0..20).map(|i| url(&net, &format!("/{i}"))).collect();
+    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let (ok, out, err) = curl(&net, &args);
+    assert!(ok, "{err}\n{}", nginx.error_log());
+    let seen = connection_echoes(&out, "HTTP/1.1");
+    assert_eq!(seen.len(), 20, "{out}");
+    assert!(seen.iter().all(|(c, _)| *c == seen[0].0), "{seen:?}");
+    let counts: Vec<u64> = seen.iter().map(|(_, n)| *n).collect();
+    assert_eq!(counts, (1..=20).collect::<Vec<u64>>(), "{out}");
+    // The machine closes the connection once idle for a second: the next request goes on a
+    // new one, answered as any other.
+    let mut s = net.client().connect(net.public()).expect("connect");
+    let first = connection_echoes(&request_on(&mut s, "/a"), "HTTP/1.1");
+    std::thread::sleep(Duration::from_millis(1500));
+    let answer = request_on(&mut s, "/b");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let second = connection_echoes(&answer, "HTTP/1.1");
+    assert_eq!((first.len(), second.len()), (1, 1), "{answer}");
+    assert_ne!(first[0].0, second[0].0, "{answer}");
+    assert_eq!(second[0].1, 1, "{answer}");
+    drop(s);
+    let stats = d.wait_idle();
+    assert_eq!(stats["http"]["bad_gateway"], 0, "{stats:#}");
+    drop(d);
+
+    // `h2_backend`: HTTP/2 to the machine, every request on one connection.
+    let port =
+        "    handlers = [\"http\"]\n    [services.ports.http_options]\n      h2_backend = true\n";
+    let toml = config("", port, &["127.0.0.1"]).replace(
+        &format!("internal_port = {BACKEND_PORT}"),
+        &format!("internal_port = {}", h2.port()),
+    );
+    let d = start(&net, &toml, &[]);
+    let (ok, out, err) = curl(&net, &args);
+    assert!(ok, "{err}\n{}\n{}", nginx.error_log(), d.log());
+    let seen = connection_echoes(&out, "HTTP/2.0");
+    assert_eq!(seen.len(), 20, "{out}\n{}", d.log());
+    assert!(seen.iter().all(|(c, _)| *c == seen[0].0), "{seen:?}");
+    // The machine sends GOAWAY after every 50 requests of a connection, with requests in
+    // flight: those it did not process go again on a new connection, none is lost.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &net.client().name, "h2load"])
+        .args(["-n", "3000", "-c", "20", "-m", "4", "--h1"])
+        .arg(url(&net, "/load"))
+        .output()
+        .expect("h2load (Debian's nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("3000 succeeded") && text.contains("3000 2xx"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats = d.wait_idle();
+    assert_eq!(stats["http"]["bad_gateway"], 0, "{stats:#}");
+    assert_eq!(stats["http"]["requests"], 3020, "{stats:#}");
 }

@@ -7,6 +7,7 @@
 
 pub mod options;
 mod proxy;
+mod upstream;
 
 use std::{
     future::Future,
@@ -21,7 +22,6 @@ use http::HeaderValue;
 use http_body_util::combinators::BoxBody;
 use hyper::service::service_fn;
 use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
@@ -79,9 +79,11 @@ pub struct HttpPort {
     pub options: HttpOptions,
     /// `Fly-Region`: the config's `primary_region`.
     region: Option<HeaderValue>,
+    /// The public port, as `X-Forwarded-Port` and `Fly-Forwarded-Port` give it.
+    port_value: HeaderValue,
     settings: Settings,
-    /// One pool per worker thread: a connection's task stays on the thread that uses it.
-    clients: Vec<Client<HttpConnector, ProxyBody>>,
+    /// The connections to the machines.
+    upstreams: upstream::Upstreams,
 }
 
 impl HttpPort {
@@ -92,30 +94,19 @@ impl HttpPort {
         workers: usize,
     ) -> Result<Self, OptionsError> {
         let options = HttpOptions::read(port.http_options.as_ref())?;
-        let client = || {
-            let mut connector = HttpConnector::new();
-            connector.set_nodelay(true);
-            connector.set_connect_timeout(Some(settings.connect_timeout));
-            Client::builder(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(Duration::from_secs(90))
-                .http2_only(options.h2_backend)
-                .build(connector)
-        };
         Ok(Self {
             public_port: port.port,
             force_https: port.force_https,
             region: region.and_then(|r| HeaderValue::from_str(r).ok()),
-            clients: (0..workers.max(1)).map(|_| client()).collect(),
+            port_value: HeaderValue::from(port.port),
+            upstreams: upstream::Upstreams::new(
+                workers,
+                settings.connect_timeout,
+                options.h2_backend,
+            ),
             options,
             settings,
         })
-    }
-
-    /// The pool of the worker thread this runs on.
-    fn client(&self) -> &Client<HttpConnector, ProxyBody> {
-        &self.clients[crate::server::worker_index() % self.clients.len()]
     }
 
     /// How long a client connection may wait for its next request.
@@ -153,6 +144,8 @@ struct Conn {
     pool: Arc<Pool>,
     stats: Arc<HttpStats>,
     client: ClientSide,
+    /// The client's address, as `Fly-Client-IP` gives it.
+    client_ip: HeaderValue,
     /// The tunnels of upgraded requests, which outlive the HTTP connection.
     tunnels: Mutex<Vec<JoinHandle<()>>>,
     phase: watch::Receiver<Phase>,
@@ -203,11 +196,14 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let idle = port.idle_timeout();
+    let client_ip = HeaderValue::from_str(&client.peer.ip().to_canonical().to_string())
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
     let conn = Arc::new(Conn {
         port,
         pool,
         stats,
         client,
+        client_ip,
         tunnels: Mutex::new(Vec::new()),
         phase: phase.clone(),
     });

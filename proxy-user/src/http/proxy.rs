@@ -12,8 +12,9 @@ use std::{
 use bytes::Bytes;
 use http::{
     HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version,
-    header::{CONNECTION, HOST, LOCATION, UPGRADE, VIA},
+    header::{CONNECTION, HOST, LOCATION, TE, UPGRADE, VIA},
     request::Parts,
+    uri::PathAndQuery,
 };
 use http_body_util::{BodyExt as _, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -26,7 +27,11 @@ use tokio::{
     sync::watch,
 };
 
-use super::{Conn, Join, ProxyBody, options::HeaderEdit};
+use super::{
+    Conn, HttpPort, Join, ProxyBody,
+    options::HeaderEdit,
+    upstream::{Checkout, SendError},
+};
 use crate::{
     balance::{Lease, Refusal},
     dataplane::Phase,
@@ -56,9 +61,8 @@ pub(super) async fn handle(
     let upgrade = wants_upgrade(req.headers());
     let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut head, body) = req.into_parts();
-    let replayable = body.is_end_stream();
-    let mut body = Some(body.boxed());
     forward_headers(&mut head, &conn, upgrade);
+    let mut req = to_machine(head, body.boxed());
 
     let mut lease = match conn.pool.acquire().await {
         Ok(l) => l,
@@ -66,19 +70,13 @@ pub(super) async fn handle(
     };
     let mut tried = Vec::new();
     loop {
-        let req = to_machine(
-            &head,
-            lease.addr(),
-            conn.port.options.h2_backend,
-            body.take(),
-        );
         let sent = tokio::time::timeout(
             conn.port.settings.response_timeout,
-            conn.port.client().request(req),
+            conn.port.upstreams.send(lease.addr(), req),
         )
         .await;
-        let error = match sent {
-            Ok(Ok(resp)) => return Ok(respond(resp, lease, client_side, &conn)),
+        let (error, back) = match sent {
+            Ok(Ok((resp, used))) => return Ok(respond(resp, lease, used, client_side, &conn)),
             Err(_) => {
                 stats.gateway_timeout.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(machine = %lease.addr(), "no response head in time: 504");
@@ -87,19 +85,21 @@ pub(super) async fn handle(
                     "the machine did not answer in time",
                 ));
             }
-            Ok(Err(e)) => e,
+            Ok(Err(SendError::Broken(error))) => {
+                tracing::debug!(machine = %lease.addr(), %error, "request to a machine failed");
+                stats.bad_gateway.fetch_add(1, Ordering::Relaxed);
+                return Ok(answer(
+                    StatusCode::BAD_GATEWAY,
+                    "the machine's answer was broken",
+                ));
+            }
+            Ok(Err(SendError::Connect(error, back))) => (error, back),
         };
-        tracing::debug!(machine = %lease.addr(), %error, "request to a machine failed");
-        if !error.is_connect() {
-            stats.bad_gateway.fetch_add(1, Ordering::Relaxed);
-            return Ok(answer(
-                StatusCode::BAD_GATEWAY,
-                "the machine's answer was broken",
-            ));
-        }
+        // Nothing of the request went out: it can go to the next machine whole.
+        tracing::debug!(machine = %lease.addr(), %error, "connecting to a machine failed");
         lease.connect_failed();
         tried.push(lease.index());
-        let next = (replayable && tried.len() < conn.port.settings.connect_attempts)
+        let next = (tried.len() < conn.port.settings.connect_attempts)
             .then(|| conn.pool.retry(&tried))
             .flatten();
         let Some(next) = next else {
@@ -110,9 +110,7 @@ pub(super) async fn handle(
             ));
         };
         lease = next;
-        if body.is_none() {
-            body = Some(Empty::new().map_err(|never| match never {}).boxed());
-        }
+        req = *back;
     }
 }
 
@@ -127,38 +125,58 @@ fn wants_upgrade(headers: &HeaderMap) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// Whether `name` is one of [`HOP_BY_HOP`].
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name.as_str())
+}
+
 /// Removes hop-by-hop headers; `upgrade` keeps `Connection: upgrade` and `Upgrade`.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+    // Those the `Connection` header names are there only with it.
+    let mut hop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
         .collect();
+    if hop.is_empty() {
+        return;
+    }
+    hop.extend(
+        headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok()),
+    );
     let upgrade_to = headers.get(UPGRADE).cloned();
     let trailers = headers
-        .get("te")
+        .get(TE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| {
             v.split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
         });
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
+    for name in hop {
         headers.remove(name);
     }
     if trailers {
         // What gRPC needs: the machine may send trailers.
-        headers.insert("te", HeaderValue::from_static("trailers"));
+        headers.insert(TE, HeaderValue::from_static("trailers"));
     }
     if upgrade && let Some(to) = upgrade_to {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(UPGRADE, to);
     }
 }
+
+const FLY_CLIENT_IP: HeaderName = HeaderName::from_static("fly-client-ip");
+const FLY_FORWARDED_PORT: HeaderName = HeaderName::from_static("fly-forwarded-port");
+const FLY_REGION: HeaderName = HeaderName::from_static("fly-region");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_SSL: HeaderName = HeaderName::from_static("x-forwarded-ssl");
 
 /// The headers Fly's proxy sets on each request, over whatever the client sent as them.
 fn forward_headers(head: &mut Parts, conn: &Conn, upgrade: bool) {
@@ -170,82 +188,67 @@ fn forward_headers(head: &mut Parts, conn: &Conn, upgrade: bool) {
         headers.insert(HOST, v);
     }
     strip_hop_by_hop(headers, upgrade);
-    let ip = conn.client.peer.ip().to_canonical().to_string();
-    let forwarded_for: Vec<&str> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .chain([ip.as_str()])
-        .collect();
-    let forwarded_for = forwarded_for.join(", ");
-    let port = conn.port.public_port.to_string();
+    let forwarded_for = forwarded_for(headers, &conn.client_ip);
+    headers.insert(X_FORWARDED_FOR, forwarded_for);
+    headers.insert(FLY_CLIENT_IP, conn.client_ip.clone());
     let (proto, ssl) = if conn.client.tls {
         ("https", "on")
     } else {
         ("http", "off")
     };
-    let set = [
-        ("fly-client-ip", ip.as_str()),
-        ("x-forwarded-for", forwarded_for.as_str()),
-        ("x-forwarded-proto", proto),
-        ("x-forwarded-ssl", ssl),
-        ("x-forwarded-port", port.as_str()),
-        ("fly-forwarded-port", port.as_str()),
-    ];
-    for (name, value) in set {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            headers.insert(name, v);
-        }
-    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    headers.insert(X_FORWARDED_SSL, HeaderValue::from_static(ssl));
+    headers.insert(X_FORWARDED_PORT, conn.port.port_value.clone());
+    headers.insert(FLY_FORWARDED_PORT, conn.port.port_value.clone());
     match &conn.port.region {
         Some(region) => {
-            headers.insert("fly-region", region.clone());
+            headers.insert(FLY_REGION, region.clone());
         }
         None => {
-            headers.remove("fly-region");
+            headers.remove(FLY_REGION);
         }
     }
     append_via(headers, head.version);
 }
 
-/// Adds this hop to `Via`: the protocol version it was received with, and spliced's name.
-fn append_via(headers: &mut HeaderMap, version: Version) {
-    let v = match version {
-        Version::HTTP_09 => "0.9",
-        Version::HTTP_10 => "1.0",
-        Version::HTTP_2 => "2",
-        Version::HTTP_3 => "3",
-        _ => "1.1",
-    };
-    if let Ok(value) = HeaderValue::from_str(&format!("{v} spliced")) {
-        headers.append(VIA, value);
+/// `X-Forwarded-For`: the client's own list, if it sent one, then the client's address.
+fn forwarded_for(headers: &HeaderMap, client_ip: &HeaderValue) -> HeaderValue {
+    let mut sent = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .peekable();
+    if sent.peek().is_none() {
+        return client_ip.clone();
     }
+    let ip = client_ip.to_str().unwrap_or_default();
+    let list: Vec<&str> = sent.chain([ip]).collect();
+    HeaderValue::from_str(&list.join(", ")).unwrap_or_else(|_| client_ip.clone())
 }
 
-/// The request as sent to the machine at `machine`.
-fn to_machine(
-    head: &Parts,
-    machine: std::net::SocketAddr,
-    h2: bool,
-    body: Option<ProxyBody>,
-) -> Request<ProxyBody> {
-    let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri = Uri::builder()
-        .scheme("http")
-        .authority(machine.to_string())
-        .path_and_query(path)
-        .build()
-        .unwrap_or_else(|_| Uri::from_static("/"));
-    let mut req =
-        Request::new(body.unwrap_or_else(|| Empty::new().map_err(|never| match never {}).boxed()));
-    *req.method_mut() = head.method.clone();
-    *req.uri_mut() = uri;
-    *req.version_mut() = if h2 {
-        Version::HTTP_2
-    } else {
-        Version::HTTP_11
+/// Adds this hop to `Via`: the protocol version it was received with, and spliced's name.
+fn append_via(headers: &mut HeaderMap, version: Version) {
+    let value = match version {
+        Version::HTTP_09 => "0.9 spliced",
+        Version::HTTP_10 => "1.0 spliced",
+        Version::HTTP_2 => "2 spliced",
+        Version::HTTP_3 => "3 spliced",
+        _ => "1.1 spliced",
     };
-    *req.headers_mut() = head.headers.clone();
+    headers.append(VIA, HeaderValue::from_static(value));
+}
+
+/// The request as sent to a machine: HTTP/1.1 in origin form (the upstream connection
+/// names the machine for HTTP/2), with a `Host` when the client gave none.
+fn to_machine(head: Parts, body: ProxyBody) -> Request<ProxyBody> {
+    let mut req = Request::from_parts(head, body);
+    let origin = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::from(origin);
+    *req.version_mut() = Version::HTTP_11;
     req
 }
 
@@ -254,6 +257,7 @@ fn to_machine(
 fn respond(
     mut resp: Response<Incoming>,
     lease: Lease,
+    used: Checkout,
     client_side: Option<OnUpgrade>,
     conn: &Arc<Conn>,
 ) -> Response<ProxyBody> {
@@ -290,9 +294,12 @@ fn respond(
             .push(tunnel);
         return resp.map(|_| Empty::new().map_err(|never| match never {}).boxed());
     }
+    let port = Arc::clone(&conn.port);
     resp.map(|body| {
         Leased {
-            body: body.boxed(),
+            body,
+            used: Some(used),
+            port,
             _lease: lease,
         }
         .boxed()
@@ -416,9 +423,12 @@ fn answer(status: StatusCode, why: &str) -> Response<ProxyBody> {
     resp
 }
 
-/// A body that holds its request's slot on the machine until it ends or is dropped.
+/// A body that holds its request's slot on the machine until it ends or is dropped, and
+/// gives its connection back for the next request when it was read to its end.
 struct Leased {
-    body: ProxyBody,
+    body: Incoming,
+    used: Option<Checkout>,
+    port: Arc<HttpPort>,
     _lease: Lease,
 }
 
@@ -439,5 +449,16 @@ impl Body for Leased {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+impl Drop for Leased {
+    fn drop(&mut self) {
+        // A connection whose response was not read whole cannot carry another request.
+        if self.body.is_end_stream()
+            && let Some(used) = self.used.take()
+        {
+            self.port.upstreams.give_back(used);
+        }
     }
 }
