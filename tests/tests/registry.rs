@@ -14,6 +14,7 @@ use std::{
 
 use tests::{
     BACKEND_PORT, Daemon, Netns, Plane, Scratch, Server,
+    http::head_echo,
     metrics::{promtool, sample},
     registry::{Etcd, Fabric, leased_machine, registry_cmd, registry_output, registry_output_env},
 };
@@ -22,6 +23,9 @@ const PORT: u16 = 10080;
 /// Where each edge serves its metrics, in its namespace.
 const METRICS: &str = "127.0.0.1:9464";
 const APP: &str = "web";
+/// The public and machine ports of the second app, behind the http handler.
+const API_PORT: u16 = 10081;
+const API_BACKEND: u16 = BACKEND_PORT + 1;
 
 /// A machine: says its name, then echoes.
 fn named(name: &'static str) -> impl Fn(TcpStream) + Send + Sync + 'static {
@@ -328,12 +332,73 @@ fn edges_follow_the_registry_within_a_second_and_keep_established_connections() 
     let listing = registry_cmd(&w.client, &url, &["list", "--format", "json"]);
     let listing: serde_json::Value = serde_json::from_str(&listing).expect("json");
     assert_eq!(listing["apps"][0]["machines"][0]["id"], "m1", "{listing}");
+
+    an_http_app_is_told_its_region(&w, &url, &edges);
     stop.store(true, Ordering::Relaxed);
     let errors = traffic.join().expect("traffic thread");
     assert!(errors.is_empty(), "connections failed: {errors:?}");
     assert!(served.load(Ordering::Relaxed) > 20);
     d0.stop();
     d1.stop();
+}
+
+/// An app behind the http handler, added to the registry: its machine is told the app's own
+/// primary region (`Fly-Region`) through every edge.
+fn an_http_app_is_told_its_region(w: &World, url: &str, edges: &[Ipv4Addr]) {
+    let api = w.dir.0.join("api.toml");
+    std::fs::write(
+        &api,
+        format!(
+            "app = \"api\"\nprimary_region = \"fra\"\n\n[[services]]\n  internal_port = {API_BACKEND}\n\n  [[services.ports]]\n    port = {API_PORT}\n    handlers = [\"http\"]\n"
+        ),
+    )
+    .expect("write");
+    registry_cmd(
+        &w.client,
+        url,
+        &["put-config", "api", api.to_str().expect("utf-8")],
+    );
+    let (machine_ns, machine_ip) = (&w.machines[0].1, w.machines[0].2);
+    let _api_machine = Server::start(
+        machine_ns,
+        SocketAddr::new(machine_ip.into(), API_BACKEND),
+        head_echo("api"),
+    );
+    registry_cmd(
+        &w.client,
+        url,
+        &[
+            "put-machine",
+            "api",
+            "a0",
+            "--address",
+            &machine_ip.to_string(),
+        ],
+    );
+    for &e in edges {
+        let fetch = || {
+            let out = std::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &w.client.name,
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "5",
+                ])
+                .arg(format!("http://{e}:{API_PORT}/"))
+                .output()
+                .expect("curl");
+            String::from_utf8_lossy(&out.stdout).to_ascii_lowercase()
+        };
+        assert!(
+            tests::eventually(Duration::from_secs(3), || fetch()
+                .contains("fly-region: fra")),
+            "through {e}: {}",
+            fetch()
+        );
+    }
 }
 
 /// A client connecting through each of `edges` in turn until `stop`, each connection checked
