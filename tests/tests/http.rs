@@ -94,6 +94,14 @@ fn the_machine_gets_fly_forwarding_headers_over_every_protocol() {
             "Fly-Client-IP: 192.0.2.1",
             "-H",
             "X-Forwarded-Proto: https",
+            "-H",
+            "Connection: keep-alive, X-Hop",
+            "-H",
+            "X-Hop: this hop only",
+            "-H",
+            "Keep-Alive: timeout=5",
+            "-H",
+            "X-Kept: yes",
             &url(&net, "/path?q=1"),
         ],
     );
@@ -120,6 +128,12 @@ fn the_machine_gets_fly_forwarding_headers_over_every_protocol() {
         !body.contains("192.0.2.1"),
         "the client's Fly-Client-IP was passed on:\n{body}"
     );
+    // Hop-by-hop headers, and those the client's `Connection` names, stay on this hop.
+    let lower = body.to_ascii_lowercase();
+    assert!(lower.contains("x-kept: yes"), "{body}");
+    for gone in ["x-hop:", "keep-alive:", "timeout=5"] {
+        assert!(!lower.contains(gone), "{gone:?} was passed on:\n{body}");
+    }
     // HTTP/2 in the clear (prior knowledge): the authority becomes the Host header.
     let (ok, body, err) = curl(&net, &["-i", "--http2-prior-knowledge", &url(&net, "/h2c")]);
     assert!(ok, "{err}");

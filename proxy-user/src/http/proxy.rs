@@ -141,13 +141,19 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if hop.is_empty() {
         return;
     }
+    // `keep-alive` and `close`, the usual tokens, name nothing more to remove.
     hop.extend(
         headers
             .get_all(CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok()),
+            .map(str::trim)
+            .filter(|t| {
+                !t.eq_ignore_ascii_case("close")
+                    && !HOP_BY_HOP.iter().any(|h| t.eq_ignore_ascii_case(h))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()),
     );
     let upgrade_to = headers.get(UPGRADE).cloned();
     let trailers = headers
