@@ -9,6 +9,7 @@
 //! request, replaced when it closes.
 
 use std::{
+    collections::VecDeque,
     net::SocketAddr,
     sync::{
         Mutex, PoisonError,
@@ -71,7 +72,8 @@ const H2_ATTEMPTS: usize = 3;
 /// One worker's connections.
 #[derive(Default)]
 struct Worker {
-    idle: Vec<Idle>,
+    /// Oldest first.
+    idle: VecDeque<Idle>,
     h2: Vec<H2>,
 }
 
@@ -102,13 +104,19 @@ impl Upstreams {
     }
 
     /// The most recently used idle connection to `machine` on this worker, dropping those
-    /// idle too long.
+    /// idle too long. One the machine closed is found out by the caller (it is never ready).
     fn take(&self, worker: usize, machine: SocketAddr) -> Option<SendRequest<ProxyBody>> {
         let idle = &mut self.worker(worker).idle;
         let now = Instant::now();
-        idle.retain(|i| now.duration_since(i.since) < IDLE_LIMIT && !i.sender.is_closed());
+        // Oldest first: those idle too long are at the front.
+        while idle
+            .front()
+            .is_some_and(|i| now.duration_since(i.since) >= IDLE_LIMIT)
+        {
+            idle.pop_front();
+        }
         let at = idle.iter().rposition(|i| i.machine == machine)?;
-        Some(idle.remove(at).sender)
+        idle.remove(at).map(|i| i.sender)
     }
 
     /// Keeps `used` for the next request to its machine.
@@ -118,9 +126,9 @@ impl Upstreams {
         };
         let idle = &mut self.worker(used.worker).idle;
         if idle.len() >= MAX_IDLE {
-            idle.remove(0);
+            idle.pop_front();
         }
-        idle.push(Idle {
+        idle.push_back(Idle {
             machine: used.machine,
             sender,
             since: Instant::now(),
