@@ -102,6 +102,15 @@ impl Held {
     }
 }
 
+/// An app's fly.toml: one service from `ports` (machine port, public port), whose public
+/// port has the keys in `port_keys`.
+fn app_toml(app: &str, region: &str, ports: (u16, u16), port_keys: &str) -> String {
+    let (internal, public) = ports;
+    format!(
+        "app = \"{app}\"\nprimary_region = \"{region}\"\n\n[[services]]\n  internal_port = {internal}\n\n  [[services.ports]]\n    port = {public}\n{port_keys}"
+    )
+}
+
 /// The hosts; fields drop in order, each server before its namespace, the router last.
 struct World {
     machines: Vec<(Server, Netns, Ipv4Addr)>,
@@ -159,13 +168,7 @@ impl World {
     /// Writes the app's fly.toml with `env` and `access` (the registry flags) given.
     fn put_config_with(&self, env: &[&str], url: &str, access: &[&str]) {
         let path = self.dir.0.join("fly.toml");
-        std::fs::write(
-            &path,
-            format!(
-                "app = \"{APP}\"\nprimary_region = \"ams\"\n\n[[services]]\n  internal_port = {BACKEND_PORT}\n\n  [[services.ports]]\n    port = {PORT}\n"
-            ),
-        )
-        .expect("write");
+        std::fs::write(&path, app_toml(APP, "ams", (BACKEND_PORT, PORT), "")).expect("write");
         let args = [access, &["put-config", APP, path.to_str().expect("utf-8")]].concat();
         let out = registry_output_env(&self.client, env, url, &args);
         assert!(out.status.success(), "put-config: {out:?}");
@@ -348,8 +351,11 @@ fn an_http_app_is_told_its_region(w: &World, url: &str, edges: &[Ipv4Addr]) {
     let api = w.dir.0.join("api.toml");
     std::fs::write(
         &api,
-        format!(
-            "app = \"api\"\nprimary_region = \"fra\"\n\n[[services]]\n  internal_port = {API_BACKEND}\n\n  [[services.ports]]\n    port = {API_PORT}\n    handlers = [\"http\"]\n"
+        app_toml(
+            "api",
+            "fra",
+            (API_BACKEND, API_PORT),
+            "    handlers = [\"http\"]\n",
         ),
     )
     .expect("write");
