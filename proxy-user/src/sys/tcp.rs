@@ -257,10 +257,9 @@ pub struct ReceiveMemory {
     pub drops: u64,
 }
 
-/// Reads [`ReceiveMemory`] of a socket.
-pub fn receive_memory(fd: BorrowedFd<'_>) -> io::Result<ReceiveMemory> {
-    // SK_MEMINFO_VARS: rmem_alloc, rcvbuf, wmem_alloc, sndbuf, fwd_alloc, wmem_queued,
-    // optmem, backlog, drops.
+/// A socket's `SO_MEMINFO`: `rmem_alloc`, `rcvbuf`, `wmem_alloc`, `sndbuf`, `fwd_alloc`,
+/// `wmem_queued`, `optmem`, `backlog`, `drops`.
+fn memory_info(fd: BorrowedFd<'_>) -> io::Result<[u32; 9]> {
     let mut info = [0u32; 9];
     let mut len = size_of_val(&info) as libc::socklen_t;
     // SAFETY: the buffer and its length describe nine u32 for the kernel to fill.
@@ -276,11 +275,24 @@ pub fn receive_memory(fd: BorrowedFd<'_>) -> io::Result<ReceiveMemory> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(info)
+}
+
+/// Reads [`ReceiveMemory`] of a socket.
+pub fn receive_memory(fd: BorrowedFd<'_>) -> io::Result<ReceiveMemory> {
+    let info = memory_info(fd)?;
     Ok(ReceiveMemory {
         held: u64::from(info[0]),
         buffer: u64::from(info[1]),
         drops: u64::from(info[8]),
     })
+}
+
+/// Memory a socket's send queue may still take: its send buffer less what is queued
+/// (`sk_sndbuf - sk_wmem_queued`), counted with the kernel's overhead per segment.
+pub fn send_room(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let info = memory_info(fd)?;
+    Ok(u64::from(info[3]).saturating_sub(u64::from(info[5])))
 }
 
 /// Makes a TCP socket with bytes in its receive queue send its peer the window it can offer

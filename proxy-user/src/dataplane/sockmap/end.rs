@@ -5,6 +5,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
+    os::fd::AsFd as _,
     sync::atomic::Ordering,
 };
 
@@ -43,7 +44,16 @@ impl Pair<'_> {
             let dir = &mut self.sides[i];
             let mut progress = false;
             if clear && !dir.pending.is_empty() {
-                match (&*to).write(&dir.pending) {
+                // A write the send queue cannot take whole is cut short in the kernel after
+                // the sk_msg program (the egress audit) counted all of it, and the program
+                // then skips the next write: each write is kept to half the queue's free
+                // memory, the other half for the kernel's overhead per segment.
+                let room = sys::send_room(to.as_fd()).map_err(|e| side_error(side.other(), e))?;
+                let n = dir
+                    .pending
+                    .len()
+                    .min(usize::try_from(room / 2).unwrap_or(usize::MAX));
+                match (&*to).write(&dir.pending[..n]) {
                     Ok(n) => {
                         dir.pending.drain(..n);
                         dir.sent += n as u64;
