@@ -285,7 +285,16 @@ fn edges_follow_the_registry_within_a_second_and_keep_established_connections() 
     let expired = converge(&w.client, &edges, &["m1"], Duration::from_secs(8));
     println!("lease of 2 s: m2 left both edges {expired:?} after its agent died");
 
-    // Both edges see the same registry revision and machines.
+    // Both edges see the same registry revision and machines. Routing alone can look
+    // converged while an edge still lists m2 (m1 chosen five times in a row): wait for both
+    // to list one machine first.
+    let one_machine = || [&d0, &d1].iter().all(|d| registry_of(d)["machines"] == 1);
+    assert!(
+        tests::eventually(Duration::from_secs(5), one_machine),
+        "{}\n{}",
+        registry_of(&d0),
+        registry_of(&d1)
+    );
     let (r0, r1) = (registry_of(&d0), registry_of(&d1));
     assert_eq!(r0["revision"], r1["revision"], "{r0}\n{r1}");
     assert_eq!(r0["machines"], 1, "{r0}");
