@@ -47,13 +47,19 @@ impl Pair<'_> {
                 // A write the send queue cannot take whole is cut short in the kernel after
                 // the sk_msg program (the egress audit) counted all of it, and the program
                 // then skips the next write: each write is kept to half the queue's free
-                // memory, the other half for the kernel's overhead per segment.
+                // memory, the other half for the kernel's overhead per segment. No room is
+                // as a full queue: nothing written, no progress.
                 let room = sys::send_room(to.as_fd()).map_err(|e| side_error(side.other(), e))?;
                 let n = dir
                     .pending
                     .len()
                     .min(usize::try_from(room / 2).unwrap_or(usize::MAX));
-                match (&*to).write(&dir.pending[..n]) {
+                let written = if n == 0 {
+                    Err(std::io::ErrorKind::WouldBlock.into())
+                } else {
+                    (&*to).write(&dir.pending[..n])
+                };
+                match written {
                     Ok(n) => {
                         dir.pending.drain(..n);
                         dir.sent += n as u64;
