@@ -245,7 +245,7 @@ fn append_via(headers: &mut HeaderMap, version: Version) {
 }
 
 /// The request as sent to a machine: HTTP/1.1 in origin form (the upstream connection
-/// names the machine for HTTP/2), with a `Host` when the client gave none.
+/// names the machine for HTTP/2, and gives a `Host` to a request without one).
 fn to_machine(head: Parts, body: ProxyBody) -> Request<ProxyBody> {
     let mut req = Request::from_parts(head, body);
     let origin = req

@@ -47,7 +47,7 @@ pub enum SendError {
 
 /// A connection in use, to give back once its response has been read whole.
 pub struct Checkout {
-    pub machine: SocketAddr,
+    machine: SocketAddr,
     worker: usize,
     /// An HTTP/1.1 connection, reused once the response has been read whole.
     sender: Option<SendRequest<ProxyBody>>,
@@ -164,9 +164,9 @@ impl Upstreams {
                     };
                     return Ok((resp, used));
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(back) => req = back,
-                    None => return Err(SendError::Broken(e.into_error())),
+                Err(e) => match split(e) {
+                    (_, Some(back)) => req = back,
+                    (error, None) => return Err(SendError::Broken(error)),
                 },
             }
         }
