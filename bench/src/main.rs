@@ -294,6 +294,21 @@ fn cpu(target: &Target) -> Cpu {
     }
 }
 
+/// The CPU a sample that moved `bytes` took, per GiB, from the readings around it.
+fn cpu_figures(before: &Cpu, after: &Cpu, bytes: u64) -> [(String, f64); 2] {
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    [
+        (
+            "proxy CPU s/GiB".to_owned(),
+            (after.proxy - before.proxy) / gib,
+        ),
+        (
+            "machine CPU s/GiB".to_owned(),
+            (after.machine - before.machine) / gib,
+        ),
+    ]
+}
+
 /// What spliced's kernel plane did for a sample that moved `bytes` (`before`: its counters
 /// when the sample started): the share of bytes the daemon moved itself, and holds and
 /// daemon wake-ups per GiB. Empty for other targets.
@@ -370,19 +385,9 @@ fn run_round(
         let before = cpu(t);
         let secs = client.run(move || load::bulk(addr, bytes))?;
         let after = cpu(t);
-        let gib = bytes as f64 / (1u64 << 30) as f64;
         let mut figures = kernel_figures(t, work, bytes);
-        figures.extend(BTreeMap::from([
-            ("MB/s".to_owned(), bytes as f64 / secs / 1e6),
-            (
-                "proxy CPU s/GiB".to_owned(),
-                (after.proxy - before.proxy) / gib,
-            ),
-            (
-                "machine CPU s/GiB".to_owned(),
-                (after.machine - before.machine) / gib,
-            ),
-        ]));
+        figures.extend(cpu_figures(&before, &after, bytes));
+        figures.insert("MB/s".to_owned(), bytes as f64 / secs / 1e6);
         Ok(figures)
     });
     measure("duplex", &|t| {
@@ -414,8 +419,11 @@ fn run_round(
         measure(&format!("sweep {conns:>4}"), &|t| {
             let (addr, bytes) = (t.addr, plan.sweep_bytes);
             let work = t.kernel_work();
+            let before = cpu(t);
             let secs = client.run(move || load::sweep(addr, conns, bytes))?;
+            let after = cpu(t);
             let mut figures = kernel_figures(t, work, bytes);
+            figures.extend(cpu_figures(&before, &after, bytes));
             figures.insert("MB/s".to_owned(), bytes as f64 / secs / 1e6);
             Ok(figures)
         });
@@ -450,18 +458,9 @@ fn run_round(
         let config = std::sync::Arc::clone(tls);
         let secs = client.run(move || load::tls_bulk(addr, bytes, &config))?;
         let after = cpu(t);
-        let gib = bytes as f64 / (1u64 << 30) as f64;
-        Ok(BTreeMap::from([
-            ("MB/s".to_owned(), bytes as f64 / secs / 1e6),
-            (
-                "proxy CPU s/GiB".to_owned(),
-                (after.proxy - before.proxy) / gib,
-            ),
-            (
-                "machine CPU s/GiB".to_owned(),
-                (after.machine - before.machine) / gib,
-            ),
-        ]))
+        let mut figures = BTreeMap::from(cpu_figures(&before, &after, bytes));
+        figures.insert("MB/s".to_owned(), bytes as f64 / secs / 1e6);
+        Ok(figures)
     });
     measure("tls connect", &|t| {
         terminates(t)?;

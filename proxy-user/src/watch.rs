@@ -1,6 +1,7 @@
 //! Delivers what the kernel says about spliced sockets to the task that owns their
 //! connection: end-of-stream and errors (from a private epoll instance that asks only for
-//! `EPOLLRDHUP`, so bytes passing through never wake the daemon), and flow-control events
+//! `EPOLLRDHUP`, so bytes passing through never wake the daemon; input and room only on the
+//! sockets of a direction userspace carries), and flow-control events
 //! from the verdict program's ring buffer. Both are keyed by socket cookie.
 
 use std::{
@@ -168,6 +169,11 @@ impl LocalWatch {
 
     pub fn add(&self, fd: BorrowedFd<'_>, cookie: u64) -> std::io::Result<()> {
         self.0.get_ref().add(fd, cookie)
+    }
+
+    /// Also asks for the readiness in `extra` (`sys::ev::IN`, `sys::ev::OUT`), re-armed.
+    pub fn modify(&self, fd: BorrowedFd<'_>, cookie: u64, extra: u32) -> std::io::Result<()> {
+        self.0.get_ref().modify(fd, cookie, extra)
     }
 
     pub fn delete(&self, fd: BorrowedFd<'_>) -> std::io::Result<()> {

@@ -120,10 +120,23 @@ fn slow_reader(plane: Plane, topo: Topo) {
     let backends: Vec<TcpStream> = std::mem::take(&mut *held.lock().expect("lock"));
     assert_eq!(backends.len(), CLIENTS);
     let conns: Vec<TcpStream> = pushers.into_iter().map(|x| x.c).collect();
+    let io_before = daemon.io_bytes();
     read_back(&conns, backends, &pushed);
     drop(conns);
+    let io = daemon.io_bytes() - io_before;
     let s = daemon.wait_idle();
     if plane.in_kernel() {
+        // Every client half-closed while held, so the daemon moved the rest of each stream
+        // (its socket cannot go back into a socket map); through pipes, copying none of it.
+        let moved = s["kernel"]["userspace_moved_bytes"]
+            .as_u64()
+            .expect("moved");
+        eprintln!("slow_reader {plane} {topo:?}: the daemon moved {moved} B, read or wrote {io} B");
+        assert!(moved >= CLIENTS as u64 * (256 << 10), "{s:#}");
+        assert!(
+            io < 1 << 20,
+            "the daemon read or wrote {io} bytes of {moved} it moved"
+        );
         // Each held direction was told when its backend had drained it (the hold program's
         // event on the backend socket's acknowledgements), not left to a poll.
         let drained = s["kernel"]["services"][0]["drain_events"]

@@ -5,7 +5,8 @@ use std::{
     os::fd::{AsRawFd, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
 };
 
-/// An epoll instance used only to learn of end-of-stream and errors on spliced sockets.
+/// An epoll instance that learns of end-of-stream and errors on spliced sockets, and of
+/// input and room on those whose bytes userspace carries.
 pub struct Epoll {
     fd: OwnedFd,
 }
@@ -18,6 +19,10 @@ pub mod ev {
     pub const HUP: u32 = libc::EPOLLHUP as u32;
     /// An error is pending.
     pub const ERR: u32 = libc::EPOLLERR as u32;
+    /// Bytes to read.
+    pub const IN: u32 = libc::EPOLLIN as u32;
+    /// Room to write.
+    pub const OUT: u32 = libc::EPOLLOUT as u32;
 }
 
 impl Epoll {
@@ -36,19 +41,25 @@ impl Epoll {
     /// Watches `fd` for FIN, hang-up and errors only, edge-triggered. Not asking for `EPOLLIN`
     /// keeps the daemon asleep while the kernel moves bytes through the socket.
     pub fn add(&self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, token, 0)
+    }
+
+    /// Watches `fd` as [`Self::add`] does, and also for the readiness in `extra` (`ev::IN`,
+    /// `ev::OUT`). Each call re-arms: the kernel polls the socket at once, so an event comes
+    /// now if it is ready already, and a TCP socket found without room is marked to report
+    /// the room it gets next.
+    pub fn modify(&self, fd: BorrowedFd<'_>, token: u64, extra: u32) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd, token, extra)
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: BorrowedFd<'_>, token: u64, extra: u32) -> io::Result<()> {
         let mut event = libc::epoll_event {
-            events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+            events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32 | extra,
             u64: token,
         };
         // SAFETY: both fds are valid for the duration of the call; the event is initialised.
-        let rc = unsafe {
-            libc::epoll_ctl(
-                self.fd.as_raw_fd(),
-                libc::EPOLL_CTL_ADD,
-                fd.as_raw_fd(),
-                &raw mut event,
-            )
-        };
+        let rc =
+            unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd.as_raw_fd(), &raw mut event) };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }

@@ -2,7 +2,8 @@
 //! sockets ([`tcp`]), BPF maps ([`bpf`]), epoll and tokio registration ([`epoll`]), cgroup
 //! mounts ([`mount`]), machines' processes ([`process`]), the service manager ([`notify`]),
 //! kernel TLS ([`ktls`]), the kernel's table of TCP sockets ([`diag`]), the daemon's user and
-//! capabilities (`user`), descriptors passed to the next process on an upgrade (`handover`).
+//! capabilities (`user`), descriptors passed to the next process on an upgrade (`handover`),
+//! pipes that move bytes between sockets with splice(2) ([`Pipe`]).
 //! Every `unsafe` block of the daemon lives here.
 
 mod bpf;
@@ -12,6 +13,7 @@ mod handover;
 pub mod ktls;
 mod mount;
 mod notify;
+mod pipe;
 mod process;
 mod tcp;
 mod user;
@@ -23,6 +25,7 @@ pub use epoll::{Epoll, async_readable, ev, read_pod};
 pub use handover::{inherit_fd, recv_record, send_record, seqpacket_pair, take_env_fd};
 pub use mount::{detach_mount, mount_cgroup2};
 pub use notify::{NOTIFY_SOCKET, notify};
+pub use pipe::Pipe;
 pub use process::{die_with_parent, signal_group};
 pub use tcp::{
     ReceiveMemory, TcpCounters, TcpState, bytes_read, bytes_written, offer_window, poke_receive,

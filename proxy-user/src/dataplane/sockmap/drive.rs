@@ -7,13 +7,14 @@ use tokio::sync::{mpsc, watch};
 use super::{Outcome, POLL_MAX, POLL_MIN, Phase, SpliceError, end::side_error, pair::Pair};
 use crate::{
     sys::{self, ev},
-    watch::SockEvent,
+    watch::{LocalWatch, SockEvent},
 };
 
 /// Drives `pair` until both directions have ended, the daemon aborts, the pair is idle for
 /// the timeout, or a side fails.
 pub(super) async fn drive(
     pair: &mut Pair<'_>,
+    watch: &LocalWatch,
     rx: &mut mpsc::UnboundedReceiver<SockEvent>,
     phase: &mut watch::Receiver<Phase>,
 ) -> Result<Outcome, SpliceError> {
@@ -74,6 +75,7 @@ pub(super) async fn drive(
             None => delay = (delay * 2).min(POLL_MAX),
         }
         waiting = pair.on_tick()?;
+        pair.watch_carries(watch)?;
         if std::mem::take(&mut pair.draining) {
             delay = POLL_MIN;
         }

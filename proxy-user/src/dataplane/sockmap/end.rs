@@ -2,16 +2,14 @@
 //! writing half once every byte before the FIN is in the peer's send queue, and moves itself
 //! what the verdict will not see.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
-    os::fd::AsFd as _,
-    sync::atomic::Ordering,
-};
+use std::{io::Write as _, net::TcpStream, os::fd::AsFd as _, sync::atomic::Ordering};
 
 use proxy_common::Flow;
 
-use super::{MOVE_CHUNK, POLL_MIN, SpliceError, pair::Pair};
+use super::{
+    MOVE_CHUNK, POLL_MIN, SpliceError,
+    pair::{Pair, Waits},
+};
 use crate::{
     faults::{self, Fault},
     sys::{self, TcpCounters},
@@ -19,12 +17,14 @@ use crate::{
 };
 
 impl Pair<'_> {
-    /// Moves bytes userspace must carry from `side` into its peer, as far as both sockets
-    /// allow without blocking, until `total` bytes have been taken from `side` over the life
-    /// of the connection: reads at most `max_buffer` ahead of what is written, and writes them
-    /// once every byte the kernel redirected is in the peer's send queue. Reading does not wait
-    /// for that: the bytes it frees may be what the kernel needs to make progress on the other
-    /// direction. Returns whether all `total` bytes were moved.
+    /// Moves bytes userspace must carry from `side` into its peer (through a pipe, see
+    /// [`super::pending::Pending`]), as far as both sockets allow without blocking, until
+    /// `total` bytes have been taken from `side` over the life of the connection: reads at
+    /// most `max_buffer` ahead of what is written (less when the pipe fills first), and writes
+    /// them once every byte the kernel redirected is in the peer's send queue. Reading does
+    /// not wait for that: the bytes it frees may be what the kernel needs to make progress on
+    /// the other direction. Returns whether all `total` bytes were moved; when not, `waits`
+    /// says what should wake it.
     ///
     /// The total is exact, never "until end of stream": a read that finds nothing reports end
     /// of stream once the FIN is in, also while bytes before it are still on their way to
@@ -32,16 +32,15 @@ impl Pair<'_> {
     pub(super) fn carry(&mut self, side: Side, total: u64) -> Result<bool, SpliceError> {
         let i = side.index();
         if self.sides[i].moved >= total && self.sides[i].pending.is_empty() {
+            self.sides[i].waits = Waits::Nothing;
             return Ok(true);
         }
         let flow = self.flow(side)?;
         let clear = self.backlog(side, &flow)? == 0;
         let cap = self.splicer.max_buffer as usize;
         let (from, to) = (self.sides[i].sock, self.side(side.other()).sock);
-        // Sized by the first read: most calls find nothing to read and allocate nothing.
-        let mut buf = Vec::new();
+        let dir = &mut self.sides[i];
         loop {
-            let dir = &mut self.sides[i];
             let mut progress = false;
             if clear && !dir.pending.is_empty() {
                 // A write the send queue cannot take whole is cut short in the kernel after
@@ -57,16 +56,15 @@ impl Pair<'_> {
                 let written = if n == 0 {
                     Err(std::io::ErrorKind::WouldBlock.into())
                 } else {
-                    (&*to).write(&dir.pending[..n])
+                    dir.pending.give(to, n)
                 };
                 match written {
                     Ok(n) => {
-                        dir.pending.drain(..n);
                         dir.sent += n as u64;
                         self.splicer
                             .moved_bytes
                             .fetch_add(n as u64, Ordering::Relaxed);
-                        progress = true;
+                        progress = n > 0;
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(side_error(side.other(), e)),
@@ -77,20 +75,17 @@ impl Pair<'_> {
                 .min(MOVE_CHUNK as u64)
                 .min(cap.saturating_sub(dir.pending.len()) as u64) as usize;
             if want > 0 {
-                if buf.len() < want {
-                    buf.resize(want, 0);
-                }
-                match (&*from).read(&mut buf[..want]) {
+                match dir.pending.take(from, want) {
                     // Not readable yet (see above); a later tick tries again.
                     Ok(0) => {}
                     Ok(n) => {
                         if faults::active(Fault::DuplicateBatch) && dir.moved == 0 {
-                            dir.pending.extend_from_slice(&buf[..n]);
+                            let again = dir.pending.bytes[dir.pending.bytes.len() - n..].to_vec();
+                            dir.pending.bytes.extend_from_slice(&again);
                         }
                         dir.moved += n as u64;
-                        dir.pending.extend_from_slice(&buf[..n]);
                         if faults::active(Fault::DropLastByte) && dir.moved >= total {
-                            dir.pending.pop();
+                            dir.pending.bytes.pop();
                         }
                         progress = true;
                     }
@@ -99,9 +94,20 @@ impl Pair<'_> {
                 }
             }
             if dir.moved >= total && dir.pending.is_empty() {
+                dir.waits = Waits::Nothing;
                 return Ok(true);
             }
             if !progress {
+                // What wakes this carry next: room in the peer once nothing redirected waits
+                // ahead of what it holds; input once it holds nothing (then the pipe is not
+                // full); else the next tick.
+                dir.waits = if dir.pending.is_empty() {
+                    Waits::Input
+                } else if clear {
+                    Waits::Room
+                } else {
+                    Waits::Nothing
+                };
                 return Ok(false);
             }
         }

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 use super::{
     Settings, SpliceError, Splicer, drive,
     pair::{Pair, SideState},
+    pending::Pending,
 };
 use crate::{
     dataplane::{
@@ -124,9 +125,9 @@ pub(super) fn new_id() -> u64 {
 }
 
 impl SideState<'_> {
-    fn snapshot(&mut self) -> (SideSnapshot, Vec<u8>) {
-        let pending = std::mem::take(&mut self.pending);
-        (
+    fn snapshot(&mut self) -> std::io::Result<(SideSnapshot, Vec<u8>)> {
+        let pending = self.pending.take_bytes()?;
+        Ok((
             SideSnapshot {
                 preface: self.preface,
                 read_before: self.read_before,
@@ -144,7 +145,7 @@ impl SideState<'_> {
                 drops_seen: self.drops_seen,
             },
             pending,
-        )
+        ))
     }
 }
 
@@ -165,7 +166,7 @@ impl<'a> SideState<'a> {
         side.outside = s.outside;
         side.moved = s.moved;
         side.sent = s.sent;
-        side.pending = pending;
+        side.pending = Pending::from_bytes(pending);
         side.buffer_before_squeeze = s.buffer_before_squeeze;
         side.squeeze_refused = s.squeeze_refused;
         side.drops_seen = s.drops_seen;
@@ -174,10 +175,15 @@ impl<'a> SideState<'a> {
 }
 
 impl Pair<'_> {
-    pub(super) fn snapshot(&mut self, kernel: u64, service: u32) -> (PairSnapshot, [Vec<u8>; 2]) {
+    pub(super) fn snapshot(
+        &mut self,
+        kernel: u64,
+        service: u32,
+    ) -> std::io::Result<(PairSnapshot, [Vec<u8>; 2])> {
         let cookies = self.sides.each_ref().map(|s| s.cookie);
-        let [(a, pa), (b, pb)] = self.sides.each_mut().map(SideState::snapshot);
-        (
+        let [a, b] = self.sides.each_mut().map(SideState::snapshot);
+        let ((a, pa), (b, pb)) = (a?, b?);
+        Ok((
             PairSnapshot {
                 kernel,
                 cookies,
@@ -186,7 +192,7 @@ impl Pair<'_> {
                 sides: [a, b],
             },
             [pa, pb],
-        )
+        ))
     }
 }
 
@@ -294,7 +300,7 @@ impl Splicer {
                     pair.on_pressure(side)?;
                 }
             }
-            drive::drive(&mut pair, &mut rx, &mut phase).await
+            drive::drive(&mut pair, &watch, &mut rx, &mut phase).await
         }
         .await;
         let finished = self.finish(pair, &watch, result, snapshot.service);

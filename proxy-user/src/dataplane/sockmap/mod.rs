@@ -18,6 +18,7 @@ mod end;
 pub mod handover;
 mod hold;
 mod pair;
+mod pending;
 
 use std::{
     net::TcpStream,
@@ -148,8 +149,9 @@ enum Finished {
 /// First and last wait between checks while a direction is held or ending.
 const POLL_MIN: Duration = Duration::from_millis(1);
 const POLL_MAX: Duration = Duration::from_millis(20);
-/// Largest read when userspace moves bytes.
-const MOVE_CHUNK: usize = 256 * 1024;
+/// Largest read when userspace moves bytes, and the size asked of the pipe they go through
+/// (`fs.pipe-max-size`'s default).
+const MOVE_CHUNK: usize = 1024 * 1024;
 
 impl Splicer {
     /// Splices `client` and `backend` until both directions end, one side fails, or the
@@ -183,7 +185,7 @@ impl Splicer {
                 refused = true;
                 return Ok(Outcome::Completed);
             }
-            drive::drive(&mut pair, &mut rx, &mut phase).await
+            drive::drive(&mut pair, &watch, &mut rx, &mut phase).await
         }
         .await;
         if refused {
@@ -213,7 +215,7 @@ impl Splicer {
         &self,
         mut pair: Pair<'_>,
         watch: &LocalWatch,
-        result: Result<Outcome, SpliceError>,
+        mut result: Result<Outcome, SpliceError>,
         service: u32,
     ) -> Finished {
         let cookies = pair.sides.each_ref().map(|s| s.cookie);
@@ -221,12 +223,17 @@ impl Splicer {
             self.registry.remove(cookie);
         }
         if let Ok(Outcome::HandedOver) = result {
-            // The sockets stay open and in the maps: the new process holds them next.
-            for side in [Side::Client, Side::Backend] {
-                watch.delete(pair.fd(side)).ok();
+            // The sockets stay open and in the maps: the new process holds them next. A pair
+            // whose carried bytes cannot be read back is reset instead.
+            match pair.snapshot(self.id, service) {
+                Ok((snapshot, pending)) => {
+                    for side in [Side::Client, Side::Backend] {
+                        watch.delete(pair.fd(side)).ok();
+                    }
+                    return Finished::HandOver(Box::new(snapshot), pending);
+                }
+                Err(e) => result = Err(SpliceError::Internal(e)),
             }
-            let (snapshot, pending) = pair.snapshot(self.id, service);
-            return Finished::HandOver(Box::new(snapshot), pending);
         }
         if !matches!(result, Ok(Outcome::Completed | Outcome::Idle))
             && !faults::active(Fault::FinNotReset)

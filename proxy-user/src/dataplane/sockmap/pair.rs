@@ -9,10 +9,10 @@ use std::{
 
 use proxy_common::{Flow, Link};
 
-use super::{SpliceError, Splicer};
+use super::{SpliceError, Splicer, pending::Pending};
 use crate::{
-    sys::{self, TcpCounters},
-    watch::Side,
+    sys::{self, TcpCounters, ev},
+    watch::{LocalWatch, Side},
 };
 
 /// One socket of a pair, and the direction of the bytes it receives.
@@ -52,7 +52,11 @@ pub(super) struct SideState<'a> {
     /// Bytes userspace wrote into the other side.
     pub(super) sent: u64,
     /// Taken, not yet written.
-    pub(super) pending: Vec<u8>,
+    pub(super) pending: Pending,
+    /// What the carry of its bytes waits for, when userspace carries them.
+    pub(super) waits: Waits,
+    /// The readiness its socket is watched for besides FIN and errors (`sys::ev` bits).
+    pub(super) interest: u32,
     /// The receiving side's receive buffer before this hold first raised it ([`Pair::relieve_squeeze`]).
     pub(super) buffer_before_squeeze: Option<u64>,
     /// This hold has raised it as far as it may.
@@ -83,12 +87,25 @@ impl<'a> SideState<'a> {
             outside: false,
             moved: 0,
             sent: 0,
-            pending: Vec::new(),
+            pending: Pending::default(),
+            waits: Waits::Nothing,
+            interest: 0,
             buffer_before_squeeze: None,
             squeeze_refused: false,
             drops_seen: 0,
         }
     }
+}
+
+/// What the carry of a direction stopped for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Waits {
+    /// Nothing a socket reports: the next tick looks again.
+    Nothing,
+    /// Bytes to read from the side.
+    Input,
+    /// Room in the peer's send queue.
+    Room,
 }
 
 pub(super) struct Pair<'a> {
@@ -208,5 +225,29 @@ impl<'a> Pair<'a> {
             }
         }
         Ok(waiting)
+    }
+
+    /// Watches each socket for what a carry waits for: input on one whose bytes userspace
+    /// carries and holds none of, room on one whose peer's carry holds bytes it could not
+    /// write. Room is asked again after every stop: the kernel reports room only to a socket
+    /// a write or a poll found full, and the carry's writes stop short of that.
+    pub(super) fn watch_carries(&mut self, watch: &LocalWatch) -> Result<(), SpliceError> {
+        for side in [Side::Client, Side::Backend] {
+            let mut want = 0;
+            if self.side(side).waits == Waits::Input {
+                want |= ev::IN;
+            }
+            if self.side(side.other()).waits == Waits::Room {
+                want |= ev::OUT;
+            }
+            let s = &self.sides[side.index()];
+            if want != s.interest || want & ev::OUT != 0 {
+                watch
+                    .modify(s.sock.as_fd(), s.cookie, want)
+                    .map_err(SpliceError::Internal)?;
+                self.sides[side.index()].interest = want;
+            }
+        }
+        Ok(())
     }
 }
