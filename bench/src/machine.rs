@@ -102,8 +102,14 @@ pub fn kernel_kib() -> f64 {
             Some(active * size / 1024.0)
         })
         .sum();
+    slab + tcp_buffer_kib()
+}
+
+/// Memory TCP's buffers hold on the whole host, KiB (`/proc/net/sockstat`'s `mem`, which
+/// counts every namespace: the client's and the sink's sockets too, the same for every target).
+pub fn tcp_buffer_kib() -> f64 {
     let sockstat = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
-    let tcp_pages = sockstat
+    let pages = sockstat
         .lines()
         .find(|l| l.starts_with("TCP:"))
         .and_then(|l| {
@@ -112,7 +118,26 @@ pub fn kernel_kib() -> f64 {
             f.get(i + 1)?.parse::<f64>().ok()
         })
         .unwrap_or(0.0);
-    slab + tcp_pages * 4.0
+    pages * 4.0
+}
+
+/// Runs `work` while sampling [`tcp_buffer_kib`] every 2 ms; returns its result and the most
+/// TCP buffer memory seen meanwhile.
+pub fn with_peak_tcp_kib<T>(work: impl FnOnce() -> T) -> (T, f64) {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut peak = tcp_buffer_kib();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                peak = peak.max(tcp_buffer_kib());
+            }
+            peak
+        });
+        let out = work();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (out, sampler.join().unwrap_or(0.0))
+    })
 }
 
 /// What the numbers were measured on.

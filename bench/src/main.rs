@@ -420,10 +420,17 @@ fn run_round(
             let (addr, bytes) = (t.addr, plan.sweep_bytes);
             let work = t.kernel_work();
             let before = cpu(t);
-            let secs = client.run(move || load::sweep(addr, conns, bytes))?;
+            let idle_kib = machine::tcp_buffer_kib();
+            let (secs, peak_kib) =
+                machine::with_peak_tcp_kib(|| client.run(move || load::sweep(addr, conns, bytes)));
+            let secs = secs?;
             let after = cpu(t);
             let mut figures = kernel_figures(t, work, bytes);
             figures.extend(cpu_figures(&before, &after, bytes));
+            figures.insert(
+                "TCP buffers KiB/conn (peak)".to_owned(),
+                (peak_kib - idle_kib).max(0.0) / conns as f64,
+            );
             figures.insert("MB/s".to_owned(), bytes as f64 / secs / 1e6);
             Ok(figures)
         });
