@@ -290,31 +290,7 @@ fn bodies_stream_both_ways_and_h2load_completes_every_request() {
     );
     // h2load: 2,000 requests over 10 connections, HTTP/1.1 and HTTP/2.
     for proto in [&["--h1"][..], &[][..]] {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &net.client().name,
-                "h2load",
-                "-n",
-                "2000",
-                "-c",
-                "10",
-                "-m",
-                "4",
-            ])
-            .args(proto)
-            .arg(url(&net, "/load"))
-            .output()
-            .expect("h2load (Debian's nghttp2-client)");
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            text.contains("2000 total")
-                && text.contains("2000 succeeded")
-                && text.contains("2000 2xx"),
-            "{proto:?}:\n{text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        h2load_all_succeed(&net, 2000, 10, proto);
     }
     let stats = d.wait_idle();
     assert_eq!(stats["http"]["requests"], 4001, "{stats:#}");
@@ -436,8 +412,31 @@ fn connection_echoes(out: &str, protocol: &str) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// h2load from the client's namespace: `n` requests to `/load` over `conns` connections, 4 at
+/// once on each, with `proto` (`--h1`, or none for HTTP/2); every one must succeed with 2xx.
+fn h2load_all_succeed(net: &Net, n: u32, conns: u32, proto: &[&str]) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &net.client().name, "h2load"])
+        .args(["-n", &n.to_string(), "-c", &conns.to_string(), "-m", "4"])
+        .args(proto)
+        .arg(url(net, "/load"))
+        .output()
+        .expect("h2load (Debian's nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("{n} total"))
+            && text.contains(&format!("{n} succeeded"))
+            && text.contains(&format!("{n} 2xx")),
+        "{proto:?}:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// One request on `s` and its whole answer (nginx's [`CONNECTION_ECHO`]: one line of body).
 fn request_on(s: &mut std::net::TcpStream, path: &str) -> String {
+    // A read that waits past the deadline fails instead of hanging the test.
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
     write!(s, "GET {path} HTTP/1.1\r\nHost: kept.example\r\n\r\n").expect("request");
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
@@ -516,18 +515,7 @@ fn machines_are_reached_over_kept_connections_http1_and_http2() {
     assert!(seen.iter().all(|(c, _)| *c == seen[0].0), "{seen:?}");
     // The machine sends GOAWAY after every 50 requests of a connection, with requests in
     // flight: those it did not process go again on a new connection, none is lost.
-    let out = Command::new("ip")
-        .args(["netns", "exec", &net.client().name, "h2load"])
-        .args(["-n", "3000", "-c", "20", "-m", "4", "--h1"])
-        .arg(url(&net, "/load"))
-        .output()
-        .expect("h2load (Debian's nghttp2-client)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("3000 succeeded") && text.contains("3000 2xx"),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    h2load_all_succeed(&net, 3000, 20, &["--h1"]);
     let stats = d.wait_idle();
     assert_eq!(stats["http"]["bad_gateway"], 0, "{stats:#}");
     assert_eq!(stats["http"]["requests"], 3020, "{stats:#}");
