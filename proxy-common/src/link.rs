@@ -21,7 +21,10 @@ pub struct Link {
     /// Cookie of the socket the bytes are redirected to (its key in [`crate::names::SOCKS`]).
     pub peer_cookie: u64,
     /// When [`Flow::redirected`] reaches this many bytes the verdict program emits one
-    /// [`FlowEvent`], and userspace checks how much is buffered in the kernel.
+    /// [`FlowEvent`], and userspace checks how much is buffered in the kernel. The daemon
+    /// sets none (`u64::MAX`): the `sock_ops` program keeps the bound ([`Link::max_unacked`])
+    /// and emits an event for each hold. Kept so that a kernel taken over in an upgrade
+    /// reads its links as the process that loaded it wrote them.
     pub check_at: u64,
     /// Index into [`crate::names::SERVICE_STATS`].
     pub service: u32,
@@ -45,8 +48,7 @@ pub struct Link {
     /// Non-zero: the bound. The `sock_ops` program holds this socket by itself (as for
     /// [`Link::hold`]) once the peer's receiver has left more than this many of its bytes
     /// unacknowledged: [`Link::owed_base`] plus [`Flow::redirected`] of this socket, less
-    /// [`Flow::acked`] of the peer. It acts within a packet; userspace's check points
-    /// ([`Link::check_at`]) act within the daemon's reaction time.
+    /// [`Flow::acked`] of the peer. It acts within a packet.
     pub max_unacked: u64,
     /// Bytes of the peer's send queue written before this socket's first (the PROXY protocol
     /// header), counted in the peer's acknowledged bytes.

@@ -54,7 +54,7 @@ impl Side {
 pub enum SockEvent {
     /// epoll bits (`sys::ev`).
     Epoll(Side, u32),
-    /// The verdict program reached the socket's check point: look at what is buffered.
+    /// The kernel held the socket, reached its drain point, or dropped bytes: look at its flow.
     Pressure(Side),
 }
 

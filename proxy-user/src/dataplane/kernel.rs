@@ -423,7 +423,7 @@ impl Kernel {
             .map_err(|source| op_err("insert", names::LINKS, cookies[0], source))
     }
 
-    /// Replaces the link of a socket (check point, hold).
+    /// Replaces the link of a socket (a hold asked or ended, a drain point).
     pub fn set_link(&self, cookie: u64, link: &Link) -> Result<(), MapOpError> {
         sys::map_update(map_fd(&self.maps.links), &cookie, link, 0)
             .map_err(|source| op_err("update", names::LINKS, cookie, source))

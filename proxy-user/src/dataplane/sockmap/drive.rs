@@ -1,6 +1,6 @@
-//! The event loop of one spliced connection: kernel events (a check point reached), socket
-//! events (FIN, error, reset), ticks while something waits, the idle timeout and the daemon's
-//! phase.
+//! The event loop of one spliced connection: kernel events (a hold made, a drain point
+//! reached), socket events (FIN, error, reset; input and room while userspace carries), ticks
+//! while something waits, the idle timeout and the daemon's phase.
 
 use tokio::sync::{mpsc, watch};
 

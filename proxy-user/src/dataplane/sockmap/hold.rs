@@ -14,10 +14,10 @@ use crate::{
 };
 
 impl Pair<'_> {
-    /// Reacts to a kernel event: a fault (see [`Self::intact`]), a hold the kernel set by
-    /// itself (see [`proxy_common::Link::max_unacked`]), which is then watched for release,
-    /// or a check point, where `side` is held if too much waits in the peer's backlog, else
-    /// the check point moves.
+    /// Reacts to a kernel event: a fault (see [`Self::intact`]), or a hold the kernel set by
+    /// itself (see [`proxy_common::Link::max_unacked`]), which is then watched for release.
+    /// A side found over the bound and not yet taken out (a pair taken over in an upgrade,
+    /// looked at once) is asked to be held.
     pub(super) fn on_pressure(&mut self, side: Side) -> Result<(), SpliceError> {
         let i = side.index();
         let flow = self.flow(side)?;
@@ -29,7 +29,7 @@ impl Pair<'_> {
         let taken_out = self.out_for_hold(side, &flow);
         if !taken_out {
             if unacked <= self.splicer.max_buffer || faults::active(Fault::NoBound) {
-                return self.rearm(side, &flow, unacked);
+                return Ok(());
             }
             self.sides[i].link.hold = 1;
             self.set_link(side)?;
@@ -94,7 +94,7 @@ impl Pair<'_> {
             return Ok(false);
         }
         self.sides[i].link.hold = 0;
-        self.rearm(side, &flow, unacked)?;
+        self.set_link(side)?;
         self.sides[i].held = false;
         // Putting it back takes the socket lock, as the hold does, so the two cannot cross:
         // either the socket was taken out before this, or it stays in (busy).

@@ -166,18 +166,6 @@ impl<'a> Pair<'a> {
             .set_link(self.sides[i].cookie, &self.sides[i].link)?)
     }
 
-    /// Places the next check point where the bound could first be exceeded.
-    pub(super) fn rearm(
-        &mut self,
-        side: Side,
-        flow: &Flow,
-        unacked: u64,
-    ) -> Result<(), SpliceError> {
-        let room = self.splicer.max_buffer.saturating_sub(unacked).max(1);
-        self.side_mut(side).link.check_at = flow.redirected + room;
-        self.set_link(side)
-    }
-
     /// Fails when the kernel dropped bytes `side` received (a redirect it refused, or a batch
     /// the verdict found out of sequence): the stream the peer gets is damaged, so the
     /// connection is aborted rather than ended as if complete.
