@@ -206,7 +206,10 @@ impl<'a> Pair<'a> {
                 // established, and this one has half-closed since it was held): userspace
                 // moves what it receives until its FIN.
                 let (own, flow) = (self.counters(side)?, self.flow(side)?);
-                self.carry(side, self.not_redirected(side, &own, &flow))?;
+                if self.carry(side, self.not_redirected(side, &own, &flow))? {
+                    // All it received so far is moved: the next bytes wake the carry.
+                    self.sides[i].waits = Waits::Input;
+                }
                 waiting = true;
             } else if self.sides[i].held {
                 waiting |= !self.release(side)?;
