@@ -40,6 +40,12 @@ impl Pair<'_> {
         let cap = self.splicer.max_buffer as usize;
         let (from, to) = (self.sides[i].sock, self.side(side.other()).sock);
         let dir = &mut self.sides[i];
+        // The socket reported the end of its stream with bytes still to come: it polls
+        // readable from now on, so only a tick may look again.
+        let mut ended = false;
+        // The kernel refused a write the queue's free memory had room for (TCP's memory
+        // pressure): a poll may still say writable, so only a tick may look again.
+        let mut refused = false;
         loop {
             let mut progress = false;
             if clear && !dir.pending.is_empty() {
@@ -66,7 +72,7 @@ impl Pair<'_> {
                             .fetch_add(n as u64, Ordering::Relaxed);
                         progress = n > 0;
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => refused = n > 0,
                     Err(e) => return Err(side_error(side.other(), e)),
                 }
             }
@@ -77,7 +83,7 @@ impl Pair<'_> {
             if want > 0 {
                 match dir.pending.take(from, want) {
                     // Not readable yet (see above); a later tick tries again.
-                    Ok(0) => {}
+                    Ok(0) => ended = true,
                     Ok(n) => {
                         if faults::active(Fault::DuplicateBatch) && dir.moved == 0 {
                             let again = dir.pending.bytes[dir.pending.bytes.len() - n..].to_vec();
@@ -101,9 +107,9 @@ impl Pair<'_> {
                 // What wakes this carry next: room in the peer once nothing redirected waits
                 // ahead of what it holds; input once it holds nothing (then the pipe is not
                 // full); else the next tick.
-                dir.waits = if dir.pending.is_empty() {
+                dir.waits = if dir.pending.is_empty() && !ended {
                     Waits::Input
-                } else if clear {
+                } else if clear && !refused {
                     Waits::Room
                 } else {
                     Waits::Nothing
