@@ -219,6 +219,60 @@ fn sessions_go_to_kernel_tls_where_the_kernel_has_it() {
     }
 }
 
+/// SIGUSR2 with a TLS session open on a port that forwards plaintext. Where the kernel has
+/// TLS, the session's state is its socket's: it goes to the new process with the socket and
+/// the old one exits at once. Where rustls carries it, the old process serves it to its end,
+/// then exits. Either way the session echoes before and after, exact, and both ends see
+/// `close_notify`.
+#[test]
+fn a_tls_session_lives_across_an_upgrade() {
+    let kernel = kernel_has_tls();
+    let setup = serve_tls(Topo::Loopback, Plane::Sockmap, &["tls"], "", &[]);
+    let old = u64::from(setup.d.pid);
+    let name = rustls::pki_types::ServerName::try_from("a.example.com").expect("name");
+    let session = rustls::ClientConnection::new(client_config(&setup.ca.pem), name)
+        .expect("a client session");
+    let conn = setup.net.connect();
+    conn.set_read_timeout(Some(Duration::from_secs(20))).ok();
+    let mut tls = rustls::StreamOwned::new(session, conn);
+    let echo_round = |tls: &mut rustls::StreamOwned<_, std::net::TcpStream>, seed| {
+        tests::send_pattern(tls, seed, 64 << 10).expect("send through TLS");
+        let mut p = tests::Pattern::new(seed);
+        tests::recv_exact_pattern(tls, &mut p, 64 << 10)
+    };
+    assert_eq!(echo_round(&mut tls, 1), Ok(()), "{}", setup.d.log());
+    setup.d.signal(libc::SIGUSR2);
+    let d = &setup.d;
+    let new = tests::eventually(Duration::from_secs(20), || {
+        d.stats()["pid"].as_u64() != Some(old)
+    });
+    assert!(new, "no new process:\n{}", d.log());
+    let new = d.stats()["pid"].as_u64().expect("pid");
+    let mut reaper = tests::Reaper::default();
+    reaper.0.push(new);
+    if kernel {
+        tests::wait_ended(old, Duration::from_secs(20));
+        assert_eq!(d.stats()["connections"]["taken_over"], 1, "{}", d.log());
+    } else {
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            !tests::ended(old),
+            "the old process left its TLS session:\n{}",
+            d.log()
+        );
+    }
+    assert_eq!(echo_round(&mut tls, 2), Ok(()), "{}", d.log());
+    tls.conn.send_close_notify();
+    tls.flush().expect("close_notify");
+    let mut rest = Vec::new();
+    tls.read_to_end(&mut rest).expect("the echo's close_notify");
+    assert!(rest.is_empty(), "{} bytes after the stream", rest.len());
+    tests::wait_ended(old, Duration::from_secs(20));
+    // SAFETY: kill with plain integers.
+    unsafe { libc::kill(i32::try_from(new).expect("pid"), libc::SIGTERM) };
+    tests::wait_ended(new, Duration::from_secs(40));
+}
+
 /// A client whose first record of data arrives in two parts, the first with its Finished:
 /// the handshake ends inside that record, and the session goes to kernel TLS (where there is
 /// one) once rustls has read the record to its end, its plaintext first.

@@ -19,7 +19,7 @@ use tokio::{
     time::Instant,
 };
 
-use super::{Outcome, Phase, SpliceError};
+use super::{Outcome, Phase, SpliceError, gate::Running};
 use crate::{
     faults::{self, Fault},
     sys::ktls,
@@ -28,53 +28,192 @@ use crate::{
 /// Bytes buffered in the daemon per direction.
 pub const COPY_BUFFER: usize = 64 * 1024;
 
+/// A connection the copy plane carries: its two sockets and the state of each direction,
+/// client to backend first. Between two awaits of its copy the state is whole, so the copy
+/// can stop at any of them and go on from the state, here or in the process an upgrade
+/// starts ([`Self::snapshot`], [`Self::resume`]).
+pub struct CopyPair {
+    pub client: TcpStream,
+    pub backend: TcpStream,
+    /// How the client's stream is read and ended.
+    client_framing: Framing,
+    directions: [Direction; 2],
+}
+
+/// One direction: the bytes read and not yet written, and how far its end got.
+#[derive(Default)]
+struct Direction {
+    /// The bytes read; `buf[start..end]` are not yet written. Given back while the
+    /// direction waits for input, so an idle connection costs no buffer.
+    buf: Option<Vec<u8>>,
+    start: usize,
+    end: usize,
+    /// The stream read ended.
+    eof: bool,
+    /// And its end was passed on.
+    done: bool,
+    faulty: FaultyStream,
+}
+
+/// A direction's state as an upgrade hands it over, without its bytes.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, Copy)]
+pub struct DirectionSnapshot {
+    /// Bytes read and not yet written, sent after the record.
+    pub pending: usize,
+    pub eof: bool,
+    pub done: bool,
+}
+
+impl CopyPair {
+    pub fn new(client: TcpStream, backend: TcpStream) -> Self {
+        Self {
+            client,
+            backend,
+            client_framing: Framing::Bytes,
+            directions: Default::default(),
+        }
+    }
+
+    /// A pair whose client socket carries kernel TLS: its plaintext is read and written as
+    /// on a bare socket; TLS's `close_notify` (or a FIN) ends its stream, and the end of the
+    /// backend's is `close_notify` then FIN. Any other alert, or a record of the handshake (a
+    /// key update, which the kernel cannot take), fails the connection.
+    pub fn kernel_tls(client: TcpStream, backend: TcpStream) -> Self {
+        Self {
+            client_framing: Framing::KernelTls,
+            ..Self::new(client, backend)
+        }
+    }
+
+    /// Whether its client socket carries kernel TLS (the session's state is the socket's, so
+    /// it goes where the socket goes).
+    pub fn is_kernel_tls(&self) -> bool {
+        matches!(self.client_framing, Framing::KernelTls)
+    }
+
+    /// A pair stopped as [`Self::snapshot`] describes it, with the bytes it held; `kernel_tls`
+    /// as [`Self::is_kernel_tls`] said.
+    pub fn resume(
+        (client, backend): (TcpStream, TcpStream),
+        kernel_tls: bool,
+        snapshots: [DirectionSnapshot; 2],
+        pending: [Vec<u8>; 2],
+    ) -> Self {
+        let mut pending = pending.into_iter();
+        let directions = snapshots.map(|s| {
+            let bytes = pending.next().unwrap_or_default();
+            Direction {
+                start: 0,
+                end: bytes.len(),
+                buf: (!bytes.is_empty()).then_some(bytes),
+                eof: s.eof,
+                done: s.done,
+                faulty: FaultyStream::default(),
+            }
+        });
+        let client_framing = if kernel_tls {
+            Framing::KernelTls
+        } else {
+            Framing::Bytes
+        };
+        Self {
+            client,
+            backend,
+            client_framing,
+            directions,
+        }
+    }
+
+    /// Each direction's state and the bytes it read and has not written.
+    pub fn snapshot(&self) -> ([DirectionSnapshot; 2], [Vec<u8>; 2]) {
+        let pending = self.directions.each_ref().map(|d| {
+            d.buf
+                .as_ref()
+                .map_or_else(Vec::new, |b| b[d.start..d.end].to_vec())
+        });
+        let snapshots = self.directions.each_ref().map(|d| DirectionSnapshot {
+            pending: d.end - d.start,
+            eof: d.eof,
+            done: d.done,
+        });
+        (snapshots, pending)
+    }
+
+    /// Its two sockets, client first.
+    pub fn fds(&self) -> [std::os::fd::BorrowedFd<'_>; 2] {
+        [self.client.as_fd(), self.backend.as_fd()]
+    }
+
+    /// Makes the close of both sockets a reset.
+    pub fn reset(&self) {
+        for s in [&self.client, &self.backend] {
+            socket2::SockRef::from(s)
+                .set_linger(Some(Duration::ZERO))
+                .ok();
+        }
+    }
+}
+
+/// How a copy ended: done, or stopped for an upgrade's handover.
+pub enum Copied {
+    Done(Result<Outcome, SpliceError>),
+    /// Stopped whole between two awaits, to be sent to the new process; counted in the
+    /// handover's gate until dropped.
+    HandedOver(Box<CopyPair>, Running),
+}
+
 /// Copies both ways until both directions end, one side fails, the grace period ends, or no
 /// byte has moved for `idle_timeout`. An end of stream on one side becomes a shutdown of the
 /// other side's writing half once every byte before it was written. Each socket's buffers are
 /// fixed ([`super::tune_socket`]): what waits for a slow reader stays within both and one
-/// [`COPY_BUFFER`].
+/// [`COPY_BUFFER`]. With `handover` (the pair counted in the upgrade's gate), the copy stops
+/// at [`Phase::HandOver`] and the pair is given back; without, it goes on to its end.
 pub async fn run(
-    client: TcpStream,
-    backend: TcpStream,
+    pair: CopyPair,
     phase: watch::Receiver<Phase>,
     idle_timeout: Option<Duration>,
-) -> Result<Outcome, SpliceError> {
-    run_framed((client, Framing::Bytes), backend, phase, idle_timeout).await
+    handover: Option<Running>,
+) -> Copied {
+    let mut pair = pair;
+    let result = run_framed(&mut pair, phase, idle_timeout, handover.is_some()).await;
+    match (result, handover) {
+        (Ok(Outcome::HandedOver), Some(running)) => Copied::HandedOver(Box::new(pair), running),
+        (result, _) => Copied::Done(result),
+    }
 }
 
-/// [`run`] for a client whose socket carries kernel TLS: its plaintext is read and written
-/// as on a bare socket; TLS's `close_notify` (or a FIN) ends its stream, and the end of the
-/// backend's is `close_notify` then FIN. Any other alert, or a record of the handshake (a key
-/// update, which the kernel cannot take), fails the connection.
-pub async fn run_kernel_tls(
-    client: TcpStream,
-    backend: TcpStream,
-    phase: watch::Receiver<Phase>,
-    idle_timeout: Option<Duration>,
-) -> Result<Outcome, SpliceError> {
-    run_framed((client, Framing::KernelTls), backend, phase, idle_timeout).await
-}
-
-/// [`run`] with the client's stream read and ended as `framing` says.
+/// [`run`], with `Outcome::HandedOver` when it stopped for the handover (only with
+/// `hand_over`), the sockets left as they are.
 async fn run_framed(
-    (client, framing): (TcpStream, Framing),
-    backend: TcpStream,
+    pair: &mut CopyPair,
     phase: watch::Receiver<Phase>,
     idle_timeout: Option<Duration>,
+    hand_over: bool,
 ) -> Result<Outcome, SpliceError> {
     let start = Instant::now();
     // Milliseconds after `start` of the last byte read from either side.
     let last_read = AtomicU64::new(0);
-    let (client_side, backend_side) = ((&client, framing), (&backend, Framing::Bytes));
+    let CopyPair {
+        client,
+        backend,
+        client_framing,
+        directions: [to_backend, to_client],
+    } = pair;
+    let (client_side, backend_side) = ((&*client, *client_framing), (&*backend, Framing::Bytes));
     let copy = async {
         tokio::try_join!(
-            one_way(client_side, backend_side, start, &last_read),
-            one_way(backend_side, client_side, start, &last_read)
+            one_way(client_side, backend_side, to_backend, start, &last_read),
+            one_way(backend_side, client_side, to_client, start, &last_read)
         )
         .map(|_| ())
     };
-    let result = supervise(copy, phase, idle_timeout, start, &last_read).await;
-    reset_unless_ended(&result, [&client, &backend]);
+    let watching = Watching {
+        phase,
+        idle_timeout,
+        hand_over,
+    };
+    let result = supervise(copy, watching, start, &last_read).await;
+    reset_unless_ended(&result, [client, backend]);
     result
 }
 
@@ -156,7 +295,12 @@ pub async fn run_stream<S: OverTcp>(
             )
             .map(|_| ())
         };
-        supervise(copy, phase, idle_timeout, start, &last_read).await
+        let watching = Watching {
+            phase,
+            idle_timeout,
+            hand_over: false,
+        };
+        supervise(copy, watching, start, &last_read).await
     };
     let client = from_client.unsplit(to_client);
     reset_unless_ended(&result, [client.tcp(), &backend]);
@@ -174,21 +318,36 @@ impl OverTcp for tokio_rustls::server::TlsStream<crate::tls::Records<TcpStream>>
     }
 }
 
-/// Runs `copy` until it ends, the grace period ends, or no byte has moved for
-/// `idle_timeout` (`last_read`: milliseconds after `start` of the last byte read).
+/// What a copy's supervisor watches besides the copy.
+struct Watching {
+    phase: watch::Receiver<Phase>,
+    idle_timeout: Option<Duration>,
+    /// Whether the copy stops at [`Phase::HandOver`].
+    hand_over: bool,
+}
+
+/// Runs `copy` until it ends, the grace period ends, the handover comes (when asked), or no
+/// byte has moved for the idle timeout (`last_read`: milliseconds after `start` of the last
+/// byte read).
 async fn supervise(
     copy: impl Future<Output = io::Result<()>>,
-    mut phase: watch::Receiver<Phase>,
-    idle_timeout: Option<Duration>,
+    watching: Watching,
     start: Instant,
     last_read: &AtomicU64,
 ) -> Result<Outcome, SpliceError> {
+    let Watching {
+        mut phase,
+        idle_timeout,
+        hand_over,
+    } = watching;
     tokio::pin!(copy);
     let idle = idle_timeout.unwrap_or_default();
     let mut idle_check = start + idle;
     loop {
-        if *phase.borrow() == Phase::Abort {
-            return Ok(Outcome::Aborted);
+        match *phase.borrow() {
+            Phase::Abort => return Ok(Outcome::Aborted),
+            Phase::HandOver if hand_over => return Ok(Outcome::HandedOver),
+            _ => {}
         }
         tokio::select! {
             r = &mut copy => return r.map(|()| Outcome::Completed).map_err(classify),
@@ -205,10 +364,12 @@ async fn supervise(
 }
 
 /// Makes the close of both sockets a reset unless the connection ended cleanly (or timed
-/// out idle, which closes with FIN).
+/// out idle, which closes with FIN) or goes on in the process an upgrade started.
 fn reset_unless_ended(result: &Result<Outcome, SpliceError>, sockets: [&TcpStream; 2]) {
-    if !matches!(result, Ok(Outcome::Completed | Outcome::Idle))
-        && !faults::active(Fault::FinNotReset)
+    if !matches!(
+        result,
+        Ok(Outcome::Completed | Outcome::Idle | Outcome::HandedOver)
+    ) && !faults::active(Fault::FinNotReset)
     {
         for s in sockets {
             socket2::SockRef::from(s)
@@ -244,41 +405,52 @@ async fn stream_one_way(
 }
 
 /// Moves bytes from `from` to `to` until `from` ends its stream, then ends `to`'s (each
-/// side read and ended as its framing says). Notes in `last_read` (milliseconds after
-/// `start`) when it last read bytes.
+/// side read and ended as its framing says), keeping its state in `dir` (whole at every
+/// await, so the copy may stop at any). Notes in `last_read` (milliseconds after `start`)
+/// when it last read bytes.
 async fn one_way(
     (from, from_framing): (&TcpStream, Framing),
     (to, to_framing): (&TcpStream, Framing),
+    dir: &mut Direction,
     start: Instant,
     last_read: &AtomicU64,
 ) -> io::Result<()> {
-    let mut buf: Option<Vec<u8>> = None;
-    let mut faulty = FaultyStream::default();
     loop {
-        from.readable().await?;
-        let b = buf.get_or_insert_with(|| vec![0; COPY_BUFFER]);
-        let n = match from_framing.try_read(from, b) {
-            Ok(0) => return to_framing.end(to).await,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Drained: give the buffer back until there is more to read.
-                buf = None;
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        last_read.store(ms, Ordering::Relaxed);
-        let bytes = faulty.pass(&b[..n]);
-        let bytes = bytes.as_deref().unwrap_or(&b[..n]);
-        let mut sent = 0;
-        while sent < bytes.len() {
+        if let (true, Some(b)) = (dir.start < dir.end, &dir.buf) {
             to.writable().await?;
-            match to.try_write(&bytes[sent..]) {
-                Ok(w) => sent += w,
+            match to.try_write(&b[dir.start..dir.end]) {
+                Ok(w) => dir.start += w,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
+            continue;
+        }
+        if dir.done {
+            return Ok(());
+        }
+        if dir.eof {
+            to_framing.end(to).await?;
+            dir.done = true;
+            return Ok(());
+        }
+        from.readable().await?;
+        let b = dir.buf.get_or_insert_with(Vec::new);
+        // A fault may have left it another size.
+        b.resize(COPY_BUFFER, 0);
+        match from_framing.try_read(from, b) {
+            Ok(0) => dir.eof = true,
+            Ok(n) => {
+                let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+                last_read.store(ms, Ordering::Relaxed);
+                (dir.start, dir.end) = (0, n);
+                if let Some(altered) = dir.faulty.pass(&b[..n]) {
+                    dir.end = altered.len();
+                    *b = altered;
+                }
+            }
+            // Drained: give the buffer back until there is more to read.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => dir.buf = None,
+            Err(e) => return Err(e),
         }
     }
 }

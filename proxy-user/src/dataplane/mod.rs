@@ -4,6 +4,7 @@
 mod cgroup;
 pub mod copy;
 mod events;
+pub mod gate;
 pub mod kernel;
 pub mod probe;
 pub mod sockmap;

@@ -19,7 +19,8 @@ use super::{Route, Shared, live::Carrier};
 use crate::{
     balance::{Lease, Refusal},
     dataplane::{
-        self, Outcome, Phase, Plane, SpliceError, copy,
+        self, Outcome, Phase, Plane, SpliceError,
+        copy::{self, Copied, CopyPair},
         sockmap::{Sockets, Spliced},
     },
 };
@@ -390,7 +391,6 @@ pub(super) async fn splice_pair(
         dataplane::tune_socket(s, max_buffer, shared.plane.send_buffer(max_buffer))
             .map_err(SpliceError::Internal)?;
     }
-    let idle = shared.opts.idle_timeout;
     let carrier = match &shared.plane {
         Plane::Copy => Carrier::Copy,
         Plane::Sockmap(_) => Carrier::Sockmap,
@@ -399,7 +399,7 @@ pub(super) async fn splice_pair(
     match &shared.plane {
         Plane::Copy => {
             write_preface(&client, &mut backend, header).await?;
-            copy::run(client, backend, phase, idle).await
+            copy_pair(shared, CopyPair::new(client, backend), cookies[0], phase).await
         }
         Plane::Sockmap(splicer) => {
             // The verdict takes whole queued segments, however much of one was read before
@@ -441,10 +441,25 @@ pub(super) async fn splice_pair(
                     let mut backend =
                         TcpStream::from_std(backend).map_err(SpliceError::Internal)?;
                     write_preface(&client, &mut backend, header).await?;
-                    copy::run(client, backend, phase, idle).await
+                    copy_pair(shared, CopyPair::new(client, backend), cookies[0], phase).await
                 }
             }
         }
+    }
+}
+
+/// Copies a pair's bytes until both directions end; one that an upgrade stops is sent to
+/// the new process. `cookie`: its client socket's.
+pub(super) async fn copy_pair(
+    shared: &Shared,
+    pair: CopyPair,
+    cookie: u64,
+    phase: watch::Receiver<Phase>,
+) -> Result<Outcome, SpliceError> {
+    let counted = shared.copy_handover.enter();
+    match copy::run(pair, phase, shared.opts.idle_timeout, counted).await {
+        Copied::Done(result) => result,
+        Copied::HandedOver(pair, _counted) => super::upgrade::send_copied(shared, &pair, cookie),
     }
 }
 

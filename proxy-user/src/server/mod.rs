@@ -230,6 +230,8 @@ struct Shared {
     /// The way to the process an upgrade started, once it serves: the spliced connections
     /// and their kernel go to it.
     successor: std::sync::Mutex<Option<std::os::fd::OwnedFd>>,
+    /// The copy plane's connections an upgrade may hand over (not TLS's nor HTTP's).
+    copy_handover: crate::dataplane::gate::Gate,
     /// The splicers over kernels taken over at an upgrade, while connections on them live.
     adopted: std::sync::Mutex<Vec<std::sync::Weak<upgrade::Adopted>>>,
     /// Per service, the kernel counters of adopted kernels that are gone (their last
@@ -337,6 +339,7 @@ pub async fn run(config: Option<Config>, opts: RunOptions) -> Result<(), StartEr
         reloads: ReloadStats::default(),
         live: live::Live::default(),
         successor: std::sync::Mutex::default(),
+        copy_handover: crate::dataplane::gate::Gate::default(),
         adopted: std::sync::Mutex::default(),
         retired: std::sync::Mutex::default(),
         registry: source.status(),

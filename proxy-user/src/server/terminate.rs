@@ -161,5 +161,6 @@ async fn serve_kernel_tls(
     header.extend_from_slice(&early);
     connection::write_preface(&client, &mut backend, &header).await?;
     shared.live.carried(peer.cookie, Carrier::KernelTls);
-    copy::run_kernel_tls(client, backend, phase, shared.opts.idle_timeout).await
+    let pair = copy::CopyPair::kernel_tls(client, backend);
+    connection::copy_pair(shared, pair, peer.cookie, phase).await
 }

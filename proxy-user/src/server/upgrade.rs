@@ -21,6 +21,7 @@ use super::{Endpoints, Shared, connection, generation::Ports, live::Carrier};
 use crate::{
     dataplane::{
         Outcome, Phase, Plane, SpliceError,
+        copy::{self, CopyPair},
         kernel::KernelFds,
         sockmap::{Spliced, Splicer, handover},
     },
@@ -44,6 +45,9 @@ enum Record {
     /// A spliced connection, with its client's and machine's sockets; the bytes userspace
     /// held of it follow ([`handover::send_pending`]).
     Connection(Box<ConnectionRecord>),
+    /// A connection of the copy plane, with its client's and machine's sockets; the bytes
+    /// read and not yet written follow.
+    Copied(Box<CopiedRecord>),
     /// The kernel objects of the splicer `id`, in [`Kernel::HANDOVER_ORDER`].
     Kernel {
         id: u64,
@@ -57,6 +61,17 @@ struct ConnectionRecord {
     service: String,
     machine: Option<(String, SocketAddr)>,
     snapshot: handover::PairSnapshot,
+}
+
+/// What the new process needs to serve a connection of the copy plane on.
+#[derive(serde::Serialize, serde::Deserialize, Debug)]
+struct CopiedRecord {
+    client: SocketAddr,
+    service: String,
+    machine: Option<(String, SocketAddr)>,
+    /// Its client socket carries kernel TLS.
+    kernel_tls: bool,
+    directions: [copy::DirectionSnapshot; 2],
 }
 
 /// Copies of the descriptors this process serves on, as the next one takes them.
@@ -105,7 +120,10 @@ impl Inherited {
                 (Record::Metrics, Some(fd)) => {
                     inherited.metrics = Some(std::net::TcpListener::from(fd));
                 }
-                (record @ (Record::Connection(_) | Record::Kernel { .. }), _) => {
+                (
+                    record @ (Record::Connection(_) | Record::Copied(_) | Record::Kernel { .. }),
+                    _,
+                ) => {
                     return Err(io::Error::other(format!(
                         "{record:?} came before the process served"
                     )));
@@ -392,10 +410,11 @@ impl std::ops::Deref for SplicerRef<'_> {
 /// Longest wait for the spliced connections to stop for the handover.
 const STOP_LIMIT: Duration = Duration::from_secs(10);
 
-/// Once the new process serves: stops every spliced connection between two of its events
-/// and hands it over (each connection's task sends it, [`send_connection`]), then gives each
-/// splicer's kernel, whose ring buffer this process no longer reads. Connections on other
-/// planes are left to finish here.
+/// Once the new process serves: stops every spliced connection between two of its events,
+/// and every one the copy plane carries between two of its calls, and hands it over (each
+/// connection's task sends it, [`send_connection`], [`send_copied`]), then gives each
+/// splicer's kernel, whose ring buffer this process no longer reads. TLS sessions that rustls
+/// carries and HTTP connections, whose state lives in this process, are left to finish here.
 pub(super) async fn hand_over(shared: &Shared, phase: &watch::Sender<Phase>) {
     let has_channel = shared
         .successor
@@ -424,17 +443,17 @@ pub(super) async fn hand_over(shared: &Shared, phase: &watch::Sender<Phase>) {
     for s in &all {
         s.stop_taking();
     }
+    shared.copy_handover.close();
     phase.send_replace(Phase::HandOver);
     let started = Instant::now();
-    while all.iter().any(|s| s.running() > 0) && started.elapsed() < STOP_LIMIT {
+    let running =
+        || all.iter().map(|s| s.running()).sum::<usize>() + shared.copy_handover.running();
+    while running() > 0 && started.elapsed() < STOP_LIMIT {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let left: usize = all.iter().map(|s| s.running()).sum();
+    let left = running();
     if left > 0 {
-        tracing::error!(
-            left,
-            "upgrade: spliced connections did not stop for the handover"
-        );
+        tracing::error!(left, "upgrade: connections did not stop for the handover");
     }
     let mut given = Vec::new();
     for s in &all {
@@ -479,22 +498,62 @@ pub(super) fn send_connection(
     shared: &Shared,
     handed: &handover::HandedPair,
 ) -> Result<Outcome, SpliceError> {
-    let cookie = handed.snapshot.cookies[0];
+    let record = |d: super::live::Described| {
+        Record::Connection(Box::new(ConnectionRecord {
+            client: d.client,
+            service: d.service,
+            machine: d.machine,
+            snapshot: handed.snapshot.clone(),
+        }))
+    };
+    let sent = send_live(
+        shared,
+        handed.snapshot.cookies[0],
+        record,
+        handed.fds(),
+        &handed.pending,
+    );
+    sent.inspect_err(|_| handed.reset())
+}
+
+/// [`send_connection`] for a connection of the copy plane; `cookie`: its client socket's.
+pub(super) fn send_copied(
+    shared: &Shared,
+    pair: &CopyPair,
+    cookie: u64,
+) -> Result<Outcome, SpliceError> {
+    let (directions, pending) = pair.snapshot();
+    tracing::debug!(
+        pending_to_machine = directions[0].pending,
+        pending_to_client = directions[1].pending,
+        "upgrade: handing over a copied connection"
+    );
+    let record = |d: super::live::Described| {
+        Record::Copied(Box::new(CopiedRecord {
+            client: d.client,
+            service: d.service,
+            machine: d.machine,
+            kernel_tls: pair.is_kernel_tls(),
+            directions,
+        }))
+    };
+    send_live(shared, cookie, record, pair.fds(), &pending).inspect_err(|_| pair.reset())
+}
+
+/// Sends the record `record` makes of the live connection `cookie` (its client socket's),
+/// with its two sockets, then the bytes it held each way.
+fn send_live(
+    shared: &Shared,
+    cookie: u64,
+    record: impl FnOnce(super::live::Described) -> Record,
+    fds: [std::os::fd::BorrowedFd<'_>; 2],
+    pending: &[Vec<u8>; 2],
+) -> Result<Outcome, SpliceError> {
     let sent = (|| {
-        let super::live::Described {
-            client,
-            service,
-            machine,
-        } = shared
+        let described = shared
             .live
             .describe(cookie)
             .ok_or_else(|| io::Error::other("the connection is not among the live ones"))?;
-        let record = Record::Connection(Box::new(ConnectionRecord {
-            client,
-            service,
-            machine,
-            snapshot: handed.snapshot.clone(),
-        }));
         let channel = shared
             .successor
             .lock()
@@ -502,16 +561,11 @@ pub(super) fn send_connection(
         let channel = channel
             .as_ref()
             .ok_or_else(|| io::Error::other("the handover is over"))?;
-        send(channel.as_fd(), &record, &handed.fds())?;
-        handover::send_pending(channel.as_fd(), &handed.pending)
+        send(channel.as_fd(), &record(described), &fds)?;
+        handover::send_pending(channel.as_fd(), pending)
     })();
-    match sent {
-        Ok(()) => Ok(Outcome::HandedOver),
-        Err(e) => {
-            handed.reset();
-            Err(SpliceError::Internal(e))
-        }
-    }
+    sent.map(|()| Outcome::HandedOver)
+        .map_err(SpliceError::Internal)
 }
 
 /// Receives the spliced connections and their kernels from the process that started this
@@ -541,7 +595,8 @@ fn take_over(
                 let [client, backend]: [OwnedFd; 2] = fds
                     .try_into()
                     .map_err(|_| io::Error::other("a connection came without its two sockets"))?;
-                let pending = handover::recv_pending(channel.as_fd(), &c.snapshot)?;
+                let lengths = c.snapshot.sides.each_ref().map(|s| s.pending);
+                let pending = handover::recv_pending(channel.as_fd(), lengths)?;
                 let handed = handover::HandedPair::new(
                     client.into(),
                     backend.into(),
@@ -549,6 +604,15 @@ fn take_over(
                     pending,
                 );
                 waiting.push((*c, handed));
+            }
+            Record::Copied(c) => {
+                let [client, backend]: [OwnedFd; 2] = fds
+                    .try_into()
+                    .map_err(|_| io::Error::other("a connection came without its two sockets"))?;
+                let lengths = c.directions.map(|d| d.pending);
+                let pending = handover::recv_pending(channel.as_fd(), lengths)?;
+                taken += 1;
+                resume_copied(shared, *c, [client, backend], pending, phase.clone());
             }
             Record::Kernel { id } => {
                 let splicer = Splicer::adopt(settings, id, KernelFds(fds))
@@ -580,6 +644,80 @@ fn take_over(
     Ok(taken)
 }
 
+/// Serves a connection of the copy plane taken over, counted as this process's own. One
+/// whose sockets cannot be served here is reset.
+fn resume_copied(
+    shared: &Arc<Shared>,
+    record: CopiedRecord,
+    [client, backend]: [OwnedFd; 2],
+    pending: [Vec<u8>; 2],
+    phase: watch::Receiver<Phase>,
+) {
+    let shared = Arc::clone(shared);
+    let [client, backend] = [client, backend].map(std::net::TcpStream::from);
+    let sockets = (|| {
+        let cookies = [
+            sys::socket_cookie(client.as_fd())?,
+            sys::socket_cookie(backend.as_fd())?,
+        ];
+        let client = tokio::net::TcpStream::from_std(client.try_clone()?)?;
+        let backend = tokio::net::TcpStream::from_std(backend.try_clone()?)?;
+        io::Result::Ok((cookies, client, backend))
+    })();
+    let (cookies, client, backend) = match sockets {
+        Ok(sockets) => sockets,
+        Err(e) => {
+            tracing::error!(client = %record.client, error = %e, "upgrade: a copied connection cannot be served here: reset");
+            for s in [&client, &backend] {
+                socket2::SockRef::from(s)
+                    .set_linger(Some(Duration::ZERO))
+                    .ok();
+            }
+            return;
+        }
+    };
+    shared.stats.taken_over.fetch_add(1, Ordering::Relaxed);
+    shared.stats.active.fetch_add(1, Ordering::AcqRel);
+    let lease = adopt_lease(&shared, &record.service, record.machine.as_ref());
+    tokio::spawn(async move {
+        let tracked = shared
+            .live
+            .track(cookies[0], record.client, &record.service);
+        if let Some((id, addr)) = &record.machine {
+            shared.live.connected(cookies[0], id, *addr, cookies[1]);
+        }
+        let carrier = if record.kernel_tls {
+            Carrier::KernelTls
+        } else {
+            Carrier::Copy
+        };
+        shared.live.carried(cookies[0], carrier);
+        let pair = CopyPair::resume(
+            (client, backend),
+            record.kernel_tls,
+            record.directions,
+            pending,
+        );
+        let result = connection::copy_pair(&shared, pair, cookies[0], phase).await;
+        connection::count_outcome(&shared, record.client, &result);
+        drop((tracked, lease));
+        connection::ended(&shared);
+    });
+}
+
+/// The slot the old process held on a connection's machine, while the config served has
+/// both the service and the machine.
+fn adopt_lease(
+    shared: &Shared,
+    service: &str,
+    machine: Option<&(String, SocketAddr)>,
+) -> Option<crate::balance::Lease> {
+    let (id, addr) = machine?;
+    let current = shared.current();
+    let pool = current.pools.iter().find(|p| p.service == service)?;
+    pool.adopt(id, *addr)
+}
+
 /// Serves a connection taken over, counted as this process's own.
 fn resume(
     shared: &Arc<Shared>,
@@ -591,12 +729,7 @@ fn resume(
     let shared = Arc::clone(shared);
     shared.stats.taken_over.fetch_add(1, Ordering::Relaxed);
     shared.stats.active.fetch_add(1, Ordering::AcqRel);
-    // Its machine's slot, as the old process held it, while the config served has both.
-    let lease = record.machine.as_ref().and_then(|(id, addr)| {
-        let current = shared.current();
-        let pool = current.pools.iter().find(|p| p.service == record.service)?;
-        pool.adopt(id, *addr)
-    });
+    let lease = adopt_lease(&shared, &record.service, record.machine.as_ref());
     tokio::spawn(async move {
         let cookies = handed.snapshot.cookies;
         let tracked = shared

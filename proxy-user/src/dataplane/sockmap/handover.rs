@@ -9,7 +9,7 @@ use std::{
     os::fd::AsFd as _,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
 };
 
@@ -24,6 +24,7 @@ use super::{
 use crate::{
     dataplane::{
         Phase,
+        gate::Running,
         kernel::{Kernel, KernelFds, LoadError},
     },
     sys,
@@ -107,15 +108,6 @@ impl HandedPair {
     }
 }
 
-/// What a splicer keeps for handovers.
-#[derive(Default)]
-pub struct HandoverState {
-    /// Pairs in their loop now, or stopped and not yet sent.
-    running: Arc<AtomicUsize>,
-    /// Set once its kernel is being handed over: new pairs are refused (and copied).
-    closed: AtomicBool,
-}
-
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A splicer's id, unique across the processes of an upgrade chain (the pid in the upper
@@ -196,41 +188,20 @@ impl Pair<'_> {
     }
 }
 
-/// Counts a pair in its loop, or stopped for the handover and not yet sent, while this lives.
-pub struct Running(Arc<AtomicUsize>);
-
-impl Running {
-    pub(super) fn new(state: &HandoverState) -> Self {
-        state.running.fetch_add(1, Ordering::SeqCst);
-        Self(Arc::clone(&state.running))
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 impl Splicer {
     /// This splicer's id, which a handed pair names ([`PairSnapshot::kernel`]).
     pub fn id(&self) -> u64 {
         self.id
     }
 
-    /// Whether new pairs are refused (its kernel is being handed over).
-    pub(super) fn closed(&self) -> bool {
-        self.handover.closed.load(Ordering::SeqCst)
-    }
-
     /// Refuses new pairs from now on; those refused are copied by the caller.
     pub fn stop_taking(&self) {
-        self.handover.closed.store(true, Ordering::SeqCst);
+        self.handover.close();
     }
 
-    /// Pairs in their loop now.
+    /// Pairs in their loop now, or stopped and not yet sent.
     pub fn running(&self) -> usize {
-        self.handover.running.load(Ordering::SeqCst)
+        self.handover.running()
     }
 
     /// Once no pair runs: stops reading the ring buffer, and gives copies of the kernel's
@@ -277,7 +248,7 @@ impl Splicer {
             Ok(watch) => watch,
             Err(e) => return super::Spliced::Done(Err(SpliceError::Internal(e))),
         };
-        let running = Running::new(&self.handover);
+        let running = self.handover.count();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut pair = Pair {
             splicer: self,
@@ -324,15 +295,15 @@ pub fn send_pending(
     Ok(())
 }
 
-/// Receives the bytes [`send_pending`] sent for `snapshot`.
+/// Receives the bytes [`send_pending`] sent, `lengths` of them each way.
 pub fn recv_pending(
     sock: std::os::fd::BorrowedFd<'_>,
-    snapshot: &PairSnapshot,
+    lengths: [usize; 2],
 ) -> std::io::Result<[Vec<u8>; 2]> {
     let mut out = [Vec::new(), Vec::new()];
     let mut buf = vec![0u8; PENDING_CHUNK];
-    for (i, side) in snapshot.sides.iter().enumerate() {
-        while out[i].len() < side.pending {
+    for (i, length) in lengths.into_iter().enumerate() {
+        while out[i].len() < length {
             let (n, _) = sys::recv_record(sock, &mut buf)?;
             if n == 0 {
                 return Err(std::io::Error::other(

@@ -36,6 +36,7 @@ use self::{
 };
 use super::{
     Outcome, Phase, SpliceError,
+    gate::{Gate, Running},
     kernel::{Kernel, MapOpError},
 };
 use crate::{
@@ -48,7 +49,7 @@ use crate::{
 pub struct Splicer {
     /// Unique across an upgrade chain's processes ([`handover::PairSnapshot::kernel`]).
     id: u64,
-    handover: handover::HandoverState,
+    handover: Gate,
     pub kernel: Kernel,
     pub registry: Arc<Registry>,
     pub watcher: Watcher,
@@ -104,7 +105,7 @@ impl Splicer {
     ) -> Self {
         Self {
             id,
-            handover: handover::HandoverState::default(),
+            handover: Gate::default(),
             kernel,
             registry,
             watcher,
@@ -163,12 +164,9 @@ impl Splicer {
         preface: &[u8],
         mut phase: watch::Receiver<Phase>,
     ) -> Spliced {
-        // Counted before the check: the handover either sees this pair running or this pair
-        // sees the kernel closed (both sequentially consistent).
-        let running = handover::Running::new(&self.handover);
-        if self.closed() {
+        let Some(running) = self.handover.enter() else {
             return Spliced::Refused(sockets.client, sockets.backend);
-        }
+        };
         let cookies = sockets.cookies;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut pair = match self.pair(&sockets, service, preface.len() as u64) {
@@ -258,7 +256,7 @@ impl Splicer {
         client: TcpStream,
         backend: TcpStream,
         cookies: [u64; 2],
-        running: handover::Running,
+        running: Running,
     ) -> Spliced {
         match finished {
             Finished::HandOver(snapshot, pending) => {
