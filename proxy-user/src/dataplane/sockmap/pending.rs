@@ -18,6 +18,9 @@ pub(super) struct Pending {
     pipe: Option<sys::Pipe>,
     /// Bytes in the pipe.
     piped: usize,
+    /// A pipe could not be made (the process's or the user's limit): this direction copies,
+    /// without asking again at every call.
+    no_pipe: bool,
 }
 
 /// Whether carried bytes go through memory, where the faults that alter them act.
@@ -44,10 +47,13 @@ impl Pending {
     /// Takes at most `len` bytes from `from`. `Ok(0)` once the stream ended and nothing is
     /// queued; `WouldBlock` when nothing is queued yet, or the pipe is full.
     pub(super) fn take(&mut self, from: &TcpStream, len: usize) -> io::Result<usize> {
-        if !copies() && self.pipe.is_none() {
+        if !copies() && self.pipe.is_none() && !self.no_pipe {
             match sys::Pipe::new(MOVE_CHUNK) {
                 Ok(pipe) => self.pipe = Some(pipe),
-                Err(e) => tracing::debug!(error = %e, "no pipe for carried bytes; copying them"),
+                Err(e) => {
+                    self.no_pipe = true;
+                    tracing::debug!(error = %e, "no pipe for carried bytes; copying them");
+                }
             }
         }
         if let Some(pipe) = &self.pipe {
