@@ -182,6 +182,16 @@ pub async fn run(
     }
 }
 
+/// [`run`] to the end, whatever an upgrade does (a pair it could not hand over).
+pub async fn run_here(
+    pair: CopyPair,
+    phase: watch::Receiver<Phase>,
+    idle_timeout: Option<Duration>,
+) -> Result<Outcome, SpliceError> {
+    let mut pair = pair;
+    run_framed(&mut pair, phase, idle_timeout, false).await
+}
+
 /// [`run`], with `Outcome::HandedOver` when it stopped for the handover (only with
 /// `hand_over`), the sockets left as they are.
 async fn run_framed(

@@ -15,7 +15,7 @@ use tokio::{
     sync::watch,
 };
 
-use super::{Route, Shared, live::Carrier};
+use super::{Route, Shared, live::Carrier, upgrade::Handed};
 use crate::{
     balance::{Lease, Refusal},
     dataplane::{
@@ -457,9 +457,18 @@ pub(super) async fn copy_pair(
     phase: watch::Receiver<Phase>,
 ) -> Result<Outcome, SpliceError> {
     let counted = shared.copy_handover.enter();
-    match copy::run(pair, phase, shared.opts.idle_timeout, counted).await {
+    let idle = shared.opts.idle_timeout;
+    match copy::run(pair, phase.clone(), idle, counted).await {
         Copied::Done(result) => result,
-        Copied::HandedOver(pair, _counted) => super::upgrade::send_copied(shared, &pair, cookie),
+        Copied::HandedOver(pair, counted) => {
+            match super::upgrade::send_copied(shared, &pair, cookie)? {
+                Handed::Sent => Ok(Outcome::HandedOver),
+                Handed::Kept => {
+                    drop(counted);
+                    copy::run_here(*pair, phase, idle).await
+                }
+            }
+        }
     }
 }
 

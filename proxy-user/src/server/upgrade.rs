@@ -407,7 +407,7 @@ impl std::ops::Deref for SplicerRef<'_> {
     }
 }
 
-/// Longest wait for the spliced connections to stop for the handover.
+/// Longest wait for the next connection to stop for the handover.
 const STOP_LIMIT: Duration = Duration::from_secs(10);
 
 /// Once the new process serves: stops every spliced connection between two of its events,
@@ -445,15 +445,23 @@ pub(super) async fn hand_over(shared: &Shared, phase: &watch::Sender<Phase>) {
     }
     shared.copy_handover.close();
     phase.send_replace(Phase::HandOver);
-    let started = Instant::now();
     let running =
         || all.iter().map(|s| s.running()).sum::<usize>() + shared.copy_handover.running();
-    while running() > 0 && started.elapsed() < STOP_LIMIT {
+    // However many there are, as long as they go: the wait ends when none went for a while.
+    let (mut left, mut moved) = (running(), Instant::now());
+    while left > 0 && moved.elapsed() < STOP_LIMIT {
         tokio::time::sleep(Duration::from_millis(5)).await;
+        let now = running();
+        if now < left {
+            moved = Instant::now();
+        }
+        left = now;
     }
-    let left = running();
     if left > 0 {
-        tracing::error!(left, "upgrade: connections did not stop for the handover");
+        tracing::error!(
+            left,
+            "upgrade: connections did not stop for the handover (the copied ones stay here)"
+        );
     }
     let mut given = Vec::new();
     for s in &all {
@@ -513,15 +521,25 @@ pub(super) fn send_connection(
         handed.fds(),
         &handed.pending,
     );
-    sent.inspect_err(|_| handed.reset())
+    // Its kernel is the new process's: kept here, nothing would move its bytes.
+    let sent = match sent {
+        Ok(Handed::Sent) => Ok(Outcome::HandedOver),
+        Ok(Handed::Kept) => Err(io::Error::other(
+            "the handover ended before this connection",
+        )),
+        Err(e) => Err(e),
+    };
+    sent.map_err(SpliceError::Internal)
+        .inspect_err(|_| handed.reset())
 }
 
 /// [`send_connection`] for a connection of the copy plane; `cookie`: its client socket's.
+/// One kept goes on here.
 pub(super) fn send_copied(
     shared: &Shared,
     pair: &CopyPair,
     cookie: u64,
-) -> Result<Outcome, SpliceError> {
+) -> Result<Handed, SpliceError> {
     let (directions, pending) = pair.snapshot();
     tracing::debug!(
         pending_to_machine = directions[0].pending,
@@ -537,35 +555,47 @@ pub(super) fn send_copied(
             directions,
         }))
     };
-    send_live(shared, cookie, record, pair.fds(), &pending).inspect_err(|_| pair.reset())
+    send_live(shared, cookie, record, pair.fds(), &pending)
+        .map_err(SpliceError::Internal)
+        .inspect_err(|_| pair.reset())
+}
+
+/// Whether a connection stopped for the handover went to the new process.
+pub(super) enum Handed {
+    Sent,
+    /// Nothing of it was sent (the handover is over, or the new process went away before
+    /// its record): it is still this process's, whole.
+    Kept,
 }
 
 /// Sends the record `record` makes of the live connection `cookie` (its client socket's),
-/// with its two sockets, then the bytes it held each way.
+/// with its two sockets, then the bytes it held each way. An error once its record went
+/// leaves the connection in neither process.
 fn send_live(
     shared: &Shared,
     cookie: u64,
     record: impl FnOnce(super::live::Described) -> Record,
     fds: [std::os::fd::BorrowedFd<'_>; 2],
     pending: &[Vec<u8>; 2],
-) -> Result<Outcome, SpliceError> {
-    let sent = (|| {
-        let described = shared
-            .live
-            .describe(cookie)
-            .ok_or_else(|| io::Error::other("the connection is not among the live ones"))?;
-        let channel = shared
-            .successor
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let channel = channel
-            .as_ref()
-            .ok_or_else(|| io::Error::other("the handover is over"))?;
-        send(channel.as_fd(), &record(described), &fds)?;
-        handover::send_pending(channel.as_fd(), pending)
-    })();
-    sent.map(|()| Outcome::HandedOver)
-        .map_err(SpliceError::Internal)
+) -> io::Result<Handed> {
+    let described = shared
+        .live
+        .describe(cookie)
+        .ok_or_else(|| io::Error::other("the connection is not among the live ones"))?;
+    let channel = shared
+        .successor
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let Some(channel) = channel.as_ref() else {
+        return Ok(Handed::Kept);
+    };
+    // A record goes whole or not at all (a datagram).
+    if let Err(e) = send(channel.as_fd(), &record(described), &fds) {
+        tracing::warn!(error = %e, "upgrade: a connection could not be handed over: it stays here");
+        return Ok(Handed::Kept);
+    }
+    handover::send_pending(channel.as_fd(), pending)?;
+    Ok(Handed::Sent)
 }
 
 /// Receives the spliced connections and their kernels from the process that started this
@@ -654,53 +684,57 @@ fn resume_copied(
     phase: watch::Receiver<Phase>,
 ) {
     let shared = Arc::clone(shared);
-    let [client, backend] = [client, backend].map(std::net::TcpStream::from);
-    let sockets = (|| {
-        let cookies = [
-            sys::socket_cookie(client.as_fd())?,
-            sys::socket_cookie(backend.as_fd())?,
-        ];
-        let client = tokio::net::TcpStream::from_std(client.try_clone()?)?;
-        let backend = tokio::net::TcpStream::from_std(backend.try_clone()?)?;
-        io::Result::Ok((cookies, client, backend))
-    })();
-    let (cookies, client, backend) = match sockets {
-        Ok(sockets) => sockets,
-        Err(e) => {
-            tracing::error!(client = %record.client, error = %e, "upgrade: a copied connection cannot be served here: reset");
-            for s in [&client, &backend] {
-                socket2::SockRef::from(s)
-                    .set_linger(Some(Duration::ZERO))
-                    .ok();
-            }
-            return;
-        }
-    };
     shared.stats.taken_over.fetch_add(1, Ordering::Relaxed);
     shared.stats.active.fetch_add(1, Ordering::AcqRel);
-    let lease = adopt_lease(&shared, &record.service, record.machine.as_ref());
+    // Everything past the record is done in the task: the records of the next connections
+    // wait for this loop, and their connections stand still until they are read.
     tokio::spawn(async move {
-        let tracked = shared
-            .live
-            .track(cookies[0], record.client, &record.service);
-        if let Some((id, addr)) = &record.machine {
-            shared.live.connected(cookies[0], id, *addr, cookies[1]);
-        }
-        let carrier = if record.kernel_tls {
-            Carrier::KernelTls
-        } else {
-            Carrier::Copy
+        let [client, backend] = [client, backend].map(std::net::TcpStream::from);
+        let sockets = (|| {
+            let cookies = [
+                sys::socket_cookie(client.as_fd())?,
+                sys::socket_cookie(backend.as_fd())?,
+            ];
+            let client = tokio::net::TcpStream::from_std(client.try_clone()?)?;
+            let backend = tokio::net::TcpStream::from_std(backend.try_clone()?)?;
+            io::Result::Ok((cookies, client, backend))
+        })();
+        let result = match sockets {
+            Ok((cookies, client, backend)) => {
+                let lease = adopt_lease(&shared, &record.service, record.machine.as_ref());
+                let tracked = shared
+                    .live
+                    .track(cookies[0], record.client, &record.service);
+                if let Some((id, addr)) = &record.machine {
+                    shared.live.connected(cookies[0], id, *addr, cookies[1]);
+                }
+                let carrier = if record.kernel_tls {
+                    Carrier::KernelTls
+                } else {
+                    Carrier::Copy
+                };
+                shared.live.carried(cookies[0], carrier);
+                let pair = CopyPair::resume(
+                    (client, backend),
+                    record.kernel_tls,
+                    record.directions,
+                    pending,
+                );
+                let result = connection::copy_pair(&shared, pair, cookies[0], phase).await;
+                drop((tracked, lease));
+                result
+            }
+            Err(e) => {
+                tracing::error!(client = %record.client, error = %e, "upgrade: a copied connection cannot be served here: reset");
+                for s in [&client, &backend] {
+                    socket2::SockRef::from(s)
+                        .set_linger(Some(Duration::ZERO))
+                        .ok();
+                }
+                Err(SpliceError::Internal(e))
+            }
         };
-        shared.live.carried(cookies[0], carrier);
-        let pair = CopyPair::resume(
-            (client, backend),
-            record.kernel_tls,
-            record.directions,
-            pending,
-        );
-        let result = connection::copy_pair(&shared, pair, cookies[0], phase).await;
         connection::count_outcome(&shared, record.client, &result);
-        drop((tracked, lease));
         connection::ended(&shared);
     });
 }
