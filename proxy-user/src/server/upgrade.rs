@@ -700,7 +700,10 @@ fn resume_copied(
             io::Result::Ok((cookies, client, backend))
         })();
         let result = match sockets {
-            Ok((cookies, client, backend)) => {
+            Ok((cookies, served_client, served_backend)) => {
+                // The copies serve it from here on.
+                drop((client, backend));
+                let (client, backend) = (served_client, served_backend);
                 let lease = adopt_lease(&shared, &record.service, record.machine.as_ref());
                 let tracked = shared
                     .live
