@@ -87,12 +87,15 @@ pub fn allow_congestion(congestion: &str) -> Result<()> {
 }
 
 /// Settings every namespace gets: ports enough that the connection-rate workload does not
-/// run out to `TIME_WAIT`, and one congestion control for every socket of every target
-/// (a namespace starts with the host's, which may pace where nothing needs pacing).
+/// run out to `TIME_WAIT`, none of them among the ports the bench listens on (an outgoing
+/// connection that took one first would make its listener fail to bind), and one congestion
+/// control for every socket of every target (a namespace starts with the host's, which may
+/// pace where nothing needs pacing).
 fn tune(ns: &Netns, congestion: &str) {
     for (key, value) in [
         ("net.ipv4.tcp_tw_reuse", "1"),
         ("net.ipv4.ip_local_port_range", "1024 65535"),
+        ("net.ipv4.ip_local_reserved_ports", "10000-19999"),
         ("net.core.somaxconn", "8192"),
         ("net.ipv4.tcp_congestion_control", congestion),
     ] {
