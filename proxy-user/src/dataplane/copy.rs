@@ -146,11 +146,7 @@ impl CopyPair {
 
     /// Makes the close of both sockets a reset.
     pub fn reset(&self) {
-        for s in [&self.client, &self.backend] {
-            socket2::SockRef::from(s)
-                .set_linger(Some(Duration::ZERO))
-                .ok();
-        }
+        crate::sys::reset_on_close(self.fds());
     }
 }
 

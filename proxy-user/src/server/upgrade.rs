@@ -729,11 +729,7 @@ fn resume_copied(
             }
             Err(e) => {
                 tracing::error!(client = %record.client, error = %e, "upgrade: a copied connection cannot be served here: reset");
-                for s in [&client, &backend] {
-                    socket2::SockRef::from(s)
-                        .set_linger(Some(Duration::ZERO))
-                        .ok();
-                }
+                sys::reset_on_close([client.as_fd(), backend.as_fd()]);
                 Err(SpliceError::Internal(e))
             }
         };

@@ -29,8 +29,8 @@ pub use pipe::Pipe;
 pub use process::{die_with_parent, signal_group};
 pub use tcp::{
     ReceiveMemory, TcpCounters, TcpState, bytes_read, bytes_written, offer_window, poke_receive,
-    receive_memory, send_queue, send_room, set_congestion, set_no_delay, set_receive_buffer,
-    set_send_buffer, socket_cookie, tcp_counters,
+    receive_memory, reset_on_close, send_queue, send_room, set_congestion, set_no_delay,
+    set_receive_buffer, set_send_buffer, socket_cookie, tcp_counters,
 };
 pub use user::{Identity, become_user, lookup_user};
 

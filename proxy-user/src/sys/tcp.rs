@@ -229,6 +229,16 @@ pub fn poke_receive(fd: BorrowedFd<'_>) -> io::Result<()> {
     setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 1)
 }
 
+/// Makes the close of each of `sockets` a reset (`SO_LINGER` of zero): for a connection
+/// that cannot go on. Best effort: a socket that refuses is closed with FIN.
+pub fn reset_on_close<'a>(sockets: impl IntoIterator<Item = BorrowedFd<'a>>) {
+    for fd in sockets {
+        socket2::SockRef::from(&fd)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .ok();
+    }
+}
+
 /// Turns Nagle's algorithm off (`TCP_NODELAY`).
 pub fn set_no_delay(fd: BorrowedFd<'_>) -> io::Result<()> {
     setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)

@@ -84,11 +84,7 @@ impl HandedPair {
 
     /// Makes the close of both sockets a reset: a pair that could not be handed over.
     pub fn reset(&self) {
-        for s in [&self.client, &self.backend] {
-            socket2::SockRef::from(s)
-                .set_linger(Some(std::time::Duration::ZERO))
-                .ok();
-        }
+        sys::reset_on_close(self.fds());
     }
 
     /// A pair received from the process that handed it over.
