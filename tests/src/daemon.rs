@@ -501,7 +501,19 @@ pub fn run_to_exit(ns: &Netns, wrapper: &[&str], config: &Path, secs: u32) -> st
 /// A BPF program or map, by its kernel id: `("prog", 12)`, `("map", 40)`.
 pub type BpfObject = (&'static str, u64);
 
-/// Which of `objects` are still loaded in the kernel.
+/// Which of `objects` are still loaded once the kernel has had `limit` to free them: it frees a
+/// program or map after its last reference goes, which may come a little after the process
+/// holding it exited (a map stays while a program using it waits out an RCU grace period).
+pub fn left_loaded(objects: &[BpfObject], limit: Duration) -> Vec<BpfObject> {
+    let mut left = still_loaded(objects);
+    crate::eventually(limit, || {
+        left = still_loaded(objects);
+        left.is_empty()
+    });
+    left
+}
+
+/// Which of `objects` are loaded in the kernel now.
 pub fn still_loaded(objects: &[BpfObject]) -> Vec<BpfObject> {
     let mut loaded = Vec::new();
     for kind in ["prog", "map"] {

@@ -537,7 +537,7 @@ fn a_second_daemon_on_the_same_ports_is_refused_and_a_killed_one_restarts() {
     first.signal(libc::SIGKILL);
     assert!(!first.wait(Duration::from_secs(10)).success());
     assert_eq!(
-        tests::still_loaded(&objects),
+        tests::left_loaded(&objects, Duration::from_secs(5)),
         vec![],
         "left behind after SIGKILL"
     );

@@ -239,12 +239,10 @@ fn shutdown_with_live_sessions(plane: Plane, topo: Topo) {
     );
     let log = daemon.stop();
     assert!(log.contains("grace period over"), "{log}");
-    // The kernel frees programs and maps after their last reference goes, a little later.
-    assert!(
-        eventually(Duration::from_secs(5), || tests::still_loaded(&ours)
-            .is_empty()),
-        "left in the kernel after exit: {:?}",
-        tests::still_loaded(&ours)
+    assert_eq!(
+        tests::left_loaded(&ours, Duration::from_secs(5)),
+        vec![],
+        "left in the kernel after exit"
     );
 }
 

@@ -220,13 +220,10 @@ fn upgrades_in_a_row(plane: Plane, topo: Topo) {
         status.success(),
         "{plane}: the first process exited {status}"
     );
-    let gone = tests::eventually(Duration::from_secs(10), || {
-        tests::still_loaded(&objects).is_empty()
-    });
-    assert!(
-        gone,
-        "{plane}: still loaded: {:?}",
-        tests::still_loaded(&objects)
+    assert_eq!(
+        tests::left_loaded(&objects, Duration::from_secs(10)),
+        vec![],
+        "{plane}: still loaded"
     );
     let last = *pids.last().expect("a pid");
     let s = daemon.stats();
