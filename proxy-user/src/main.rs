@@ -165,6 +165,12 @@ struct RunArgs {
     /// back (sockmap data plane); at least 65536.
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
     max_buffer: u64,
+    /// Kernel memory the proxied sockets of all connections may hold together: as more
+    /// connections are live, each one's bound shrinks from --max-buffer (to 16 KiB at
+    /// least) so that stalled connections cannot push the host into TCP memory pressure.
+    /// Default: half the pressure threshold of `net.ipv4.tcp_mem`.
+    #[arg(long, value_name = "BYTES")]
+    buffer_budget: Option<u64>,
     /// How long to wait for a backend to accept a connection.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = duration)]
     connect_timeout: Duration,
@@ -315,6 +321,7 @@ impl TryFrom<&RunArgs> for RunOptions {
             dataplane: a.dataplane,
             grace: a.grace,
             max_buffer: a.max_buffer,
+            buffer_budget: a.buffer_budget,
             connect_timeout: a.connect_timeout,
             admin_socket: a.admin_socket.clone(),
             metrics_addr: a.metrics_addr,
@@ -563,20 +570,42 @@ async fn stop_signal() {
     }
 }
 
-/// Each connection holds two sockets: take every descriptor the hard limit allows.
+/// Each connection holds two sockets: take every descriptor the kernel allows a process
+/// (`fs.nr_open`) where this process may raise its hard limit (root), else every one the
+/// hard limit allows. Only ever raised; the limit stays after `--user`.
 fn raise_fd_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: getrlimit and setrlimit read or write only the struct passed.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) != 0 {
-                tracing::warn!("cannot raise the open-file limit to {}", lim.rlim_max);
-            }
-        }
+    // SAFETY: getrlimit reads only into the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
+        return;
+    }
+    let before = lim.rlim_cur;
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|v| v.trim().parse::<libc::rlim_t>().ok())
+        .unwrap_or(0);
+    let set = |cur, max| {
+        let want = libc::rlimit {
+            rlim_cur: cur,
+            rlim_max: max,
+        };
+        // SAFETY: setrlimit reads only the struct passed.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const want) == 0 }
+    };
+    let raised = if nr_open > lim.rlim_max && set(nr_open, nr_open) {
+        nr_open
+    } else if lim.rlim_cur < lim.rlim_max && set(lim.rlim_max, lim.rlim_max) {
+        lim.rlim_max
+    } else {
+        before
+    };
+    if raised > before {
+        tracing::info!(from = before, to = raised, "raised the open-file limit");
+    } else if raised < lim.rlim_max {
+        tracing::warn!("cannot raise the open-file limit to {}", lim.rlim_max);
     }
 }
 

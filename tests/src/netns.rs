@@ -37,18 +37,33 @@ pub fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Raises this process's open-file limit: some tests hold thousands of sockets.
-pub fn raise_fd_limit() {
+/// Raises this process's open-file limit: some tests hold tens of thousands of sockets. To
+/// what the kernel allows a process (`fs.nr_open`) where the hard limit may be raised, else
+/// to the hard limit. Returns the limit.
+pub fn raise_fd_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
+    let nr_open: libc::rlim_t = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .expect("fs.nr_open")
+        .trim()
+        .parse()
+        .expect("a number");
     // SAFETY: getrlimit and setrlimit read or write only the struct passed.
     unsafe {
         assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim), 0);
+        let hard = lim.rlim_max;
+        lim.rlim_max = hard.max(nr_open);
         lim.rlim_cur = lim.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim), 0);
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) != 0 {
+            // Without CAP_SYS_RESOURCE.
+            lim.rlim_max = hard;
+            lim.rlim_cur = hard;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim), 0);
+        }
     }
+    lim.rlim_cur
 }
 
 /// Joins two namespaces by a veth pair: each end is named, given its addresses (IPv6 ones

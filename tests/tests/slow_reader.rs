@@ -58,8 +58,15 @@ fn in_proxy(pushers: &[Pusher], backends: &[TcpStream]) -> Vec<u64> {
 fn slow_reader(plane: Plane, topo: Topo) {
     const CLIENTS: usize = 100;
     // A held client moves no byte until every other is held too: under an emulated CPU that
-    // takes longer than the default idle timeout, which this test is not about.
-    let (net, daemon) = setup_with(plane, topo, &["--idle-timeout", "0"]);
+    // takes longer than the default idle timeout, which this test is not about. A budget that
+    // gives every connection the whole `--max-buffer`: this test is about the bound itself
+    // (tests/tests/budget.rs about sharing it).
+    let budget = (5 * MAX_BUFFER * CLIENTS as u64).to_string();
+    let (net, daemon) = setup_with(
+        plane,
+        topo,
+        &["--idle-timeout", "0", "--buffer-budget", &budget],
+    );
     let rss_idle = daemon.rss_kib();
     let held: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
     let held2 = Arc::clone(&held);

@@ -7,7 +7,7 @@
 
 use std::{
     io,
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, BorrowedFd},
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
@@ -27,6 +27,18 @@ use crate::{
 
 /// Bytes buffered in the daemon per direction.
 pub const COPY_BUFFER: usize = 64 * 1024;
+
+/// What a copied connection's socket buffers were set for, and the bound the buffer budget
+/// gives from then on ([`super::budget`]): each change sets them again ([`super::retune`]).
+pub struct Tuned {
+    pub bound: watch::Receiver<u64>,
+    /// The bound the sockets were set for; 0 when not known (a connection taken over in an
+    /// upgrade), which sets them at once.
+    pub set_for: u64,
+}
+
+/// How often a socket whose receive buffer could not shrink yet is looked at again.
+const RETUNE_RETRY: Duration = Duration::from_millis(100);
 
 /// A connection the copy plane carries: its two sockets and the state of each direction,
 /// client to backend first. Between two awaits of its copy the state is whole, so the copy
@@ -169,9 +181,10 @@ pub async fn run(
     phase: watch::Receiver<Phase>,
     idle_timeout: Option<Duration>,
     handover: Option<Running>,
+    tuned: Tuned,
 ) -> Copied {
     let mut pair = pair;
-    let result = run_framed(&mut pair, phase, idle_timeout, handover.is_some()).await;
+    let result = run_framed(&mut pair, phase, idle_timeout, handover.is_some(), tuned).await;
     match (result, handover) {
         (Ok(Outcome::HandedOver), Some(running)) => Copied::HandedOver(Box::new(pair), running),
         (result, _) => Copied::Done(result),
@@ -183,9 +196,10 @@ pub async fn run_here(
     pair: CopyPair,
     phase: watch::Receiver<Phase>,
     idle_timeout: Option<Duration>,
+    tuned: Tuned,
 ) -> Result<Outcome, SpliceError> {
     let mut pair = pair;
-    run_framed(&mut pair, phase, idle_timeout, false).await
+    run_framed(&mut pair, phase, idle_timeout, false, tuned).await
 }
 
 /// [`run`], with `Outcome::HandedOver` when it stopped for the handover (only with
@@ -195,6 +209,7 @@ async fn run_framed(
     phase: watch::Receiver<Phase>,
     idle_timeout: Option<Duration>,
     hand_over: bool,
+    tuned: Tuned,
 ) -> Result<Outcome, SpliceError> {
     let start = Instant::now();
     // Milliseconds after `start` of the last byte read from either side.
@@ -217,6 +232,8 @@ async fn run_framed(
         phase,
         idle_timeout,
         hand_over,
+        tuned,
+        sockets: [client.as_fd(), backend.as_fd()],
     };
     let result = supervise(copy, watching, start, &last_read).await;
     reset_unless_ended(&result, [client, backend]);
@@ -288,9 +305,15 @@ pub async fn run_stream<S: OverTcp>(
     mut backend: TcpStream,
     phase: watch::Receiver<Phase>,
     idle_timeout: Option<Duration>,
+    tuned: Tuned,
 ) -> Result<Outcome, SpliceError> {
     let start = Instant::now();
     let last_read = AtomicU64::new(0);
+    // Both sockets, for their buffers, while the streams over them are split.
+    let sockets = [client.tcp().as_fd(), backend.as_fd()]
+        .map(|fd| fd.try_clone_to_owned().map_err(SpliceError::Internal));
+    let [client_socket, backend_socket] = sockets;
+    let (client_socket, backend_socket) = (client_socket?, backend_socket?);
     let (mut from_client, mut to_client) = tokio::io::split(client);
     let result = {
         let (mut from_backend, mut to_backend) = backend.split();
@@ -305,6 +328,8 @@ pub async fn run_stream<S: OverTcp>(
             phase,
             idle_timeout,
             hand_over: false,
+            tuned,
+            sockets: [client_socket.as_fd(), backend_socket.as_fd()],
         };
         supervise(copy, watching, start, &last_read).await
     };
@@ -325,11 +350,33 @@ impl OverTcp for tokio_rustls::server::TlsStream<crate::tls::Records<TcpStream>>
 }
 
 /// What a copy's supervisor watches besides the copy.
-struct Watching {
+struct Watching<'a> {
     phase: watch::Receiver<Phase>,
     idle_timeout: Option<Duration>,
     /// Whether the copy stops at [`Phase::HandOver`].
     hand_over: bool,
+    tuned: Tuned,
+    /// The client's socket and the machine's, whose buffers follow the bound.
+    sockets: [BorrowedFd<'a>; 2],
+}
+
+/// Sets `sockets` for the bound `tuned` follows, when it is not the one they were set for;
+/// returns whether a receive buffer must be looked at again ([`super::retune`]).
+fn retune(tuned: &mut Tuned, sockets: [BorrowedFd<'_>; 2], again: bool) -> bool {
+    let bound = *tuned.bound.borrow_and_update();
+    if bound == tuned.set_for && !again {
+        return false;
+    }
+    tuned.set_for = bound;
+    let mut deferred = false;
+    for fd in sockets {
+        match super::retune(fd, bound, super::Plane::Copy.send_buffer(bound)) {
+            Ok(set) => deferred |= !set,
+            // The copy meets the socket's failure itself.
+            Err(e) => tracing::debug!(error = %e, "a copied socket's buffers were not set"),
+        }
+    }
+    deferred
 }
 
 /// Runs `copy` until it ends, the grace period ends, the handover comes (when asked), or no
@@ -337,7 +384,7 @@ struct Watching {
 /// byte read).
 async fn supervise(
     copy: impl Future<Output = io::Result<()>>,
-    watching: Watching,
+    watching: Watching<'_>,
     start: Instant,
     last_read: &AtomicU64,
 ) -> Result<Outcome, SpliceError> {
@@ -345,10 +392,13 @@ async fn supervise(
         mut phase,
         idle_timeout,
         hand_over,
+        mut tuned,
+        sockets,
     } = watching;
     tokio::pin!(copy);
     let idle = idle_timeout.unwrap_or_default();
     let mut idle_check = start + idle;
+    let mut deferred = retune(&mut tuned, sockets, false);
     loop {
         match *phase.borrow() {
             Phase::Abort => return Ok(Outcome::Aborted),
@@ -358,6 +408,10 @@ async fn supervise(
         tokio::select! {
             r = &mut copy => return r.map(|()| Outcome::Completed).map_err(classify),
             _ = phase.changed() => {}
+            Ok(()) = tuned.bound.changed() => deferred = retune(&mut tuned, sockets, false),
+            () = tokio::time::sleep(RETUNE_RETRY), if deferred => {
+                deferred = retune(&mut tuned, sockets, true);
+            }
             () = tokio::time::sleep_until(idle_check), if idle_timeout.is_some() => {
                 let last = start + Duration::from_millis(last_read.load(Ordering::Relaxed));
                 if last.elapsed() >= idle {

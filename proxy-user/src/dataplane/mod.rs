@@ -1,6 +1,7 @@
 //! The two data planes and what they share: `sockmap` (the kernel moves the bytes) and
 //! `copy` (tokio moves them), chosen once at start-up.
 
+pub mod budget;
 mod cgroup;
 pub mod copy;
 mod events;
@@ -62,10 +63,10 @@ impl Plane {
     /// writable (less than half its send buffer free), and holds keep what the peer has not
     /// acknowledged near the bound, so a send buffer of the bound is seldom found so
     /// (docs/design.md).
-    pub fn send_buffer(&self, max_buffer: u64) -> u64 {
+    pub fn send_buffer(&self, bound: u64) -> u64 {
         match self {
-            Self::Sockmap(_) => max_buffer,
-            Self::Copy => max_buffer / 2,
+            Self::Sockmap(_) => bound,
+            Self::Copy => bound / 2,
         }
     }
 
@@ -90,14 +91,44 @@ impl Plane {
 /// (docs/design.md says why).
 pub fn tune_socket(
     s: &impl std::os::fd::AsFd,
-    max_buffer: u64,
+    bound: u64,
     send_buffer: u64,
 ) -> std::io::Result<()> {
     let fd = s.as_fd();
     crate::sys::set_no_delay(fd)?;
+    set_buffers(fd, bound, send_buffer)
+}
+
+/// Sets a proxied socket's send buffer at `send_buffer` bytes of payload and its receive
+/// buffer at [`receive_buffer`]`(bound)` of kernel memory: at set-up ([`tune_socket`]) and
+/// when the buffer budget changes the bound of the live connections.
+pub fn set_buffers(
+    fd: std::os::fd::BorrowedFd<'_>,
+    bound: u64,
+    send_buffer: u64,
+) -> std::io::Result<()> {
     crate::sys::set_send_buffer(fd, send_buffer)?;
     // The kernel doubles the value for its overhead.
-    crate::sys::set_receive_buffer(fd, receive_buffer(max_buffer) / 2)
+    crate::sys::set_receive_buffer(fd, receive_buffer(bound) / 2)
+}
+
+/// Sets a live connection's socket for a new bound: its send buffer at once, its receive
+/// buffer once what its queue holds is within a quarter of the new one. A queue past its
+/// buffer drops what arrives, and the kernel then retracts the window it offered
+/// (docs/design.md), so a socket whose reader has stopped keeps its buffer until it has
+/// read. Returns whether the receive buffer was set.
+pub fn retune(
+    fd: std::os::fd::BorrowedFd<'_>,
+    bound: u64,
+    send_buffer: u64,
+) -> std::io::Result<bool> {
+    crate::sys::set_send_buffer(fd, send_buffer)?;
+    let buffer = receive_buffer(bound);
+    if crate::sys::receive_memory(fd)?.held > buffer / 4 {
+        return Ok(false);
+    }
+    crate::sys::set_receive_buffer(fd, buffer / 2)?;
+    Ok(true)
 }
 
 /// Kernel memory of every proxied socket's receive buffer: half as much again as the bound.
@@ -105,8 +136,8 @@ pub fn tune_socket(
 /// measured; segments that carry more overhead than that (merged segments on veth, a mix of
 /// sizes) fill the buffer before the window, and the last ones are dropped for memory, which
 /// costs the sender a retransmission timeout. The extra half takes that difference.
-pub fn receive_buffer(max_buffer: u64) -> u64 {
-    max_buffer + max_buffer / 2
+pub fn receive_buffer(bound: u64) -> u64 {
+    bound + bound / 2
 }
 
 /// Which data plane the operator asked for.

@@ -18,6 +18,7 @@ pub(super) struct Snapshot<'a> {
     pid: u32,
     dataplane: &'static str,
     connections: &'a ConnStats,
+    buffers: Buffers,
     http: &'a crate::http::HttpStats,
     /// Per service: its machines' load and its queue.
     services: serde_json::Value,
@@ -30,6 +31,14 @@ pub(super) struct Snapshot<'a> {
     /// watches now, what it leaves out.
     #[serde(skip_serializing_if = "Option::is_none")]
     registry: Option<&'a crate::registry::Status>,
+}
+
+/// The buffer budget and the bound it gives each live connection now.
+#[derive(Serialize)]
+struct Buffers {
+    budget: u64,
+    bound: u64,
+    connections: u64,
 }
 
 #[derive(Serialize)]
@@ -105,6 +114,11 @@ pub(super) fn snapshot(shared: &Shared) -> Snapshot<'_> {
         pid: std::process::id(),
         dataplane: shared.plane.name(),
         connections: &shared.stats,
+        buffers: Buffers {
+            budget: shared.budget.total(),
+            bound: shared.budget.bound(),
+            connections: shared.budget.live(),
+        },
         http: &shared.http,
         services: serde_json::to_value(services).unwrap_or_default(),
         machines: serde_json::to_value(machines).unwrap_or_default(),

@@ -41,6 +41,7 @@ pub(super) async fn serve(
     route: Arc<Route>,
     phase: watch::Receiver<Phase>,
 ) {
+    let share = shared.budget.enter();
     let (result, tracked) = match crate::sys::socket_cookie(client.as_fd()) {
         Ok(cookie) => {
             let tracked = shared.live.track(cookie, addr, &route.pool.service);
@@ -61,7 +62,7 @@ pub(super) async fn serve(
         Err(e) => (Err(SpliceError::Internal(e)), None),
     };
     count_outcome(&shared, addr, &result);
-    drop(tracked);
+    drop((tracked, share));
     ended(&shared);
 }
 
@@ -114,8 +115,8 @@ async fn serve_plain_http(
     http: &Arc<crate::http::HttpPort>,
     phase: watch::Receiver<Phase>,
 ) -> Result<Outcome, SpliceError> {
-    let max_buffer = shared.opts.max_buffer;
-    dataplane::tune_socket(&client, max_buffer, Plane::Copy.send_buffer(max_buffer))
+    let bound = shared.budget.bound();
+    dataplane::tune_socket(&client, bound, Plane::Copy.send_buffer(bound))
         .map_err(SpliceError::Internal)?;
     let join = Arc::new(PlaneJoin {
         shared: Arc::clone(shared),
@@ -386,9 +387,9 @@ pub(super) async fn splice_pair(
         cookies,
         fresh,
     } = joined;
-    let max_buffer = shared.opts.max_buffer;
+    let bound = shared.budget.bound();
     for s in [&client, &backend] {
-        dataplane::tune_socket(s, max_buffer, shared.plane.send_buffer(max_buffer))
+        dataplane::tune_socket(s, bound, shared.plane.send_buffer(bound))
             .map_err(SpliceError::Internal)?;
     }
     let carrier = match &shared.plane {
@@ -399,7 +400,14 @@ pub(super) async fn splice_pair(
     match &shared.plane {
         Plane::Copy => {
             write_preface(&client, &mut backend, header).await?;
-            copy_pair(shared, CopyPair::new(client, backend), cookies[0], phase).await
+            copy_pair(
+                shared,
+                CopyPair::new(client, backend),
+                cookies[0],
+                phase,
+                bound,
+            )
+            .await
         }
         Plane::Sockmap(splicer) => {
             // The verdict takes whole queued segments, however much of one was read before
@@ -431,7 +439,7 @@ pub(super) async fn splice_pair(
                     tracing::debug!(
                         "socket already half-closed before splicing: copying this connection"
                     );
-                    let send_buffer = Plane::Copy.send_buffer(shared.opts.max_buffer);
+                    let send_buffer = Plane::Copy.send_buffer(bound);
                     for s in [&client, &backend] {
                         crate::sys::set_send_buffer(s.as_fd(), send_buffer)
                             .map_err(SpliceError::Internal)?;
@@ -441,7 +449,8 @@ pub(super) async fn splice_pair(
                     let mut backend =
                         TcpStream::from_std(backend).map_err(SpliceError::Internal)?;
                     write_preface(&client, &mut backend, header).await?;
-                    copy_pair(shared, CopyPair::new(client, backend), cookies[0], phase).await
+                    let pair = CopyPair::new(client, backend);
+                    copy_pair(shared, pair, cookies[0], phase, bound).await
                 }
             }
         }
@@ -449,23 +458,27 @@ pub(super) async fn splice_pair(
 }
 
 /// Copies a pair's bytes until both directions end; one that an upgrade stops is sent to
-/// the new process. `cookie`: its client socket's.
+/// the new process. `cookie`: its client socket's; `bound`: the one its sockets' buffers were
+/// set for (0: not known).
 pub(super) async fn copy_pair(
     shared: &Shared,
     pair: CopyPair,
     cookie: u64,
     phase: watch::Receiver<Phase>,
+    bound: u64,
 ) -> Result<Outcome, SpliceError> {
     let counted = shared.copy_handover.enter();
     let idle = shared.opts.idle_timeout;
-    match copy::run(pair, phase.clone(), idle, counted).await {
+    match copy::run(pair, phase.clone(), idle, counted, shared.tuned(bound)).await {
         Copied::Done(result) => result,
         Copied::HandedOver(pair, counted) => {
             match super::upgrade::send_copied(shared, &pair, cookie)? {
                 Handed::Sent => Ok(Outcome::HandedOver),
                 Handed::Kept => {
                     drop(counted);
-                    copy::run_here(*pair, phase, idle).await
+                    // Its sockets are as the copy left them.
+                    let bound = shared.budget.bound();
+                    copy::run_here(*pair, phase, idle, shared.tuned(bound)).await
                 }
             }
         }

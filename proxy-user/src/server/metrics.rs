@@ -117,6 +117,7 @@ impl Collector for Scrape {
             "Connections open now.",
             one(gauge_of(load(&c.active))),
         )?;
+        buffers(&mut f, shared)?;
         f.counter(
             "spliced_connections_ended",
             "Connections ended, by how: completed (FIN both ways), aborted (at the end of the \
@@ -418,6 +419,19 @@ fn kernel(
             .entry_counts()
             .into_iter()
             .map(|(map, n)| (vec![("map", map.to_owned())], gauge_of(n as u64))),
+    )
+}
+
+fn buffers(f: &mut Family<'_, '_>, shared: &Shared) -> std::fmt::Result {
+    f.gauge(
+        "spliced_buffer_budget_bytes",
+        "Kernel memory the proxied sockets of all connections may hold (--buffer-budget).",
+        one(gauge_of(shared.budget.total())),
+    )?;
+    f.gauge(
+        "spliced_buffer_bound_bytes",
+        "The per-direction bound the buffer budget gives each connection now.",
+        one(gauge_of(shared.budget.bound())),
     )
 }
 

@@ -34,7 +34,12 @@ use tokio::{
 use crate::{
     balance::{Pool, QueuePolicy},
     config::{Config, ProxyProtoVersion},
-    dataplane::{DataplaneChoice, Phase, Plane, kernel::LoadError, sockmap},
+    dataplane::{
+        DataplaneChoice, Phase, Plane,
+        budget::{Budget, MEMORY_PER_BOUND},
+        kernel::LoadError,
+        sockmap,
+    },
     machines::Managed,
 };
 use generation::{Generation, Ports};
@@ -49,6 +54,9 @@ pub struct RunOptions {
     pub grace: Duration,
     /// Bound on bytes buffered in the kernel per direction of a connection.
     pub max_buffer: u64,
+    /// Kernel memory the proxied sockets of all connections may hold
+    /// ([`crate::dataplane::budget`]); `None`: half the host's TCP memory pressure threshold.
+    pub buffer_budget: Option<u64>,
     /// How long to wait for a backend to accept.
     pub connect_timeout: Duration,
     /// Where to serve a JSON snapshot of counters, one per connection.
@@ -139,6 +147,10 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "--buffer-budget not given, and neither the host's TCP memory limits (net.ipv4.tcp_mem) nor its memory (/proc/meminfo) can be read: {0}"
+    )]
+    BufferBudget(#[source] std::io::Error),
     #[error("upgrade: receiving the sockets of the process before: {0}")]
     Upgrade(#[source] std::io::Error),
     #[error(
@@ -217,6 +229,9 @@ struct Route {
 
 struct Shared {
     plane: Plane,
+    /// The kernel memory every connection's sockets share; each live connection holds a
+    /// part ([`crate::dataplane::budget::Share`]) and keeps its bound.
+    budget: Arc<Budget>,
     stats: ConnStats,
     opts: RunOptions,
     /// Signalled when the last live connection ends (`stats.active` falls to zero).
@@ -251,6 +266,14 @@ pub struct ReloadStats {
 }
 
 impl Shared {
+    /// A copied connection's buffers, set for `bound`, following the budget from now on.
+    fn tuned(&self, bound: u64) -> crate::dataplane::copy::Tuned {
+        crate::dataplane::copy::Tuned {
+            bound: self.budget.watch(),
+            set_for: bound,
+        }
+    }
+
     /// A service's kernel counters, summed over CPUs: this process's kernel's and those of
     /// the kernels taken over at an upgrade while connections run on them.
     fn service_totals(&self, service: u32) -> proxy_common::ServiceCounters {
@@ -287,13 +310,30 @@ impl Shared {
     }
 }
 
+/// The buffer budget `--buffer-budget` sets, or half the host's TCP memory pressure threshold
+/// ([`Budget::host_default`]).
+fn buffer_budget(opts: &RunOptions) -> Result<Arc<Budget>, StartError> {
+    let (total, source) = match opts.buffer_budget {
+        Some(total) => (total, "--buffer-budget"),
+        None => Budget::host_default().map_err(StartError::BufferBudget)?,
+    };
+    tracing::info!(
+        budget = total,
+        from = source,
+        connections_at_max_buffer = total / (MEMORY_PER_BOUND * opts.max_buffer),
+        "buffer budget: each connection's bound shrinks from --max-buffer as more are live"
+    );
+    Ok(Budget::new(total, opts.max_buffer))
+}
+
 /// Runs the daemon until a stop signal and the end of the grace period, serving `config` (the
 /// `--config` file) and the apps of `--registry`; SIGHUP re-reads the file, and each change
 /// of the registry is served as it comes (see [`generation`]).
 pub async fn run(config: Option<Config>, opts: RunOptions) -> Result<(), StartError> {
     let mut inherited = upgrade::Inherited::receive().map_err(StartError::Upgrade)?;
+    let budget = buffer_budget(&opts)?;
     let settings = sockmap::Settings {
-        max_buffer: opts.max_buffer,
+        budget: Arc::clone(&budget),
         idle_timeout: opts.idle_timeout,
         egress_audit: opts.egress_audit,
     };
@@ -331,6 +371,7 @@ pub async fn run(config: Option<Config>, opts: RunOptions) -> Result<(), StartEr
 
     let shared = Arc::new(Shared {
         plane,
+        budget,
         stats: ConnStats::default(),
         opts,
         none_live: Notify::new(),

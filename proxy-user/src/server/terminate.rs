@@ -71,11 +71,11 @@ pub(super) async fn serve(
     };
     stats.tls_handshakes.fetch_add(1, Ordering::Relaxed);
     if let Some(http) = &route.http {
-        let max_buffer = shared.opts.max_buffer;
+        let bound = shared.budget.bound();
         dataplane::tune_socket(
             stream.get_ref().0.get_ref(),
-            max_buffer,
-            Plane::Copy.send_buffer(max_buffer),
+            bound,
+            Plane::Copy.send_buffer(bound),
         )
         .map_err(SpliceError::Internal)?;
         let side = crate::http::ClientSide {
@@ -103,15 +103,16 @@ pub(super) async fn serve(
     else {
         return Ok(Outcome::Aborted);
     };
-    let max_buffer = shared.opts.max_buffer;
+    let bound = shared.budget.bound();
     for s in [tcp, &backend] {
-        dataplane::tune_socket(s, max_buffer, Plane::Copy.send_buffer(max_buffer))
+        dataplane::tune_socket(s, bound, Plane::Copy.send_buffer(bound))
             .map_err(SpliceError::Internal)?;
     }
     let header = connection::proxy_header(route, tcp, peer.addr)?;
     connection::write_preface(tcp, &mut backend, &header).await?;
     shared.live.carried(peer.cookie, Carrier::Tls);
-    copy::run_stream(stream, backend, phase, shared.opts.idle_timeout).await
+    let tuned = shared.tuned(bound);
+    copy::run_stream(stream, backend, phase, shared.opts.idle_timeout, tuned).await
 }
 
 /// Hands the session to kernel TLS, then moves the plaintext between the client's socket and
@@ -152,9 +153,9 @@ async fn serve_kernel_tls(
     else {
         return Ok(Outcome::Aborted);
     };
-    let max_buffer = shared.opts.max_buffer;
+    let bound = shared.budget.bound();
     for s in [&client, &backend] {
-        dataplane::tune_socket(s, max_buffer, Plane::Copy.send_buffer(max_buffer))
+        dataplane::tune_socket(s, bound, Plane::Copy.send_buffer(bound))
             .map_err(SpliceError::Internal)?;
     }
     let mut header = connection::proxy_header(route, &client, peer.addr)?;
@@ -162,5 +163,5 @@ async fn serve_kernel_tls(
     connection::write_preface(&client, &mut backend, &header).await?;
     shared.live.carried(peer.cookie, Carrier::KernelTls);
     let pair = copy::CopyPair::kernel_tls(client, backend);
-    connection::copy_pair(shared, pair, peer.cookie, phase).await
+    connection::copy_pair(shared, pair, peer.cookie, phase, bound).await
 }

@@ -606,7 +606,7 @@ fn take_over(
     phase: &watch::Receiver<Phase>,
 ) -> io::Result<usize> {
     let settings = crate::dataplane::sockmap::Settings {
-        max_buffer: shared.opts.max_buffer,
+        budget: Arc::clone(&shared.budget),
         idle_timeout: shared.opts.idle_timeout,
         egress_audit: false,
     };
@@ -645,7 +645,7 @@ fn take_over(
                 resume_copied(shared, *c, [client, backend], pending, phase.clone());
             }
             Record::Kernel { id } => {
-                let splicer = Splicer::adopt(settings, id, KernelFds(fds))
+                let splicer = Splicer::adopt(settings.clone(), id, KernelFds(fds))
                     .map_err(|e| io::Error::other(format!("adopting a kernel: {e}")))?;
                 let splicer = Arc::new(Adopted {
                     splicer,
@@ -686,6 +686,7 @@ fn resume_copied(
     let shared = Arc::clone(shared);
     shared.stats.taken_over.fetch_add(1, Ordering::Relaxed);
     shared.stats.active.fetch_add(1, Ordering::AcqRel);
+    let share = shared.budget.enter();
     // Everything past the record is done in the task: the records of the next connections
     // wait for this loop, and their connections stand still until they are read.
     tokio::spawn(async move {
@@ -723,7 +724,7 @@ fn resume_copied(
                     record.directions,
                     pending,
                 );
-                let result = connection::copy_pair(&shared, pair, cookies[0], phase).await;
+                let result = connection::copy_pair(&shared, pair, cookies[0], phase, 0).await;
                 drop((tracked, lease));
                 result
             }
@@ -734,6 +735,7 @@ fn resume_copied(
             }
         };
         connection::count_outcome(&shared, record.client, &result);
+        drop(share);
         connection::ended(&shared);
     });
 }
@@ -762,6 +764,7 @@ fn resume(
     let shared = Arc::clone(shared);
     shared.stats.taken_over.fetch_add(1, Ordering::Relaxed);
     shared.stats.active.fetch_add(1, Ordering::AcqRel);
+    let share = shared.budget.enter();
     let lease = adopt_lease(&shared, &record.service, record.machine.as_ref());
     tokio::spawn(async move {
         let cookies = handed.snapshot.cookies;
@@ -783,7 +786,7 @@ fn resume(
         // outcome is counted, so that a snapshot that sees the outcome sees its bytes.
         drop(splicer);
         connection::count_outcome(&shared, record.client, &result);
-        drop((tracked, lease));
+        drop((tracked, lease, share));
         connection::ended(&shared);
     });
 }

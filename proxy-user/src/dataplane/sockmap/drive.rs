@@ -23,6 +23,9 @@ pub(super) async fn drive(
     let mut waiting = pair.on_tick()?;
     let idle = pair.splicer.idle_timeout;
     let mut idle_check = tokio::time::Instant::now() + idle.unwrap_or_default();
+    // A pair taken over may have been set for another bound.
+    let mut bound = pair.splicer.budget.watch();
+    pair.set_bound(*bound.borrow_and_update())?;
     loop {
         if pair.sides.iter().all(|d| d.done) {
             return Ok(Outcome::Completed);
@@ -37,6 +40,10 @@ pub(super) async fn drive(
             e = rx.recv() => e,
             () = tokio::time::sleep(delay), if waiting => None,
             _ = phase.changed() => continue,
+            Ok(()) = bound.changed() => {
+                pair.set_bound(*bound.borrow_and_update())?;
+                continue;
+            }
             () = tokio::time::sleep_until(idle_check), if idle.is_some() => {
                 let left = pair.idle_left(idle.unwrap_or_default())?;
                 if left.is_zero() {

@@ -20,7 +20,7 @@ impl Pair<'_> {
     /// Moves bytes userspace must carry from `side` into its peer (through a pipe, see
     /// [`super::pending::Pending`]), as far as both sockets allow without blocking, until
     /// `total` bytes have been taken from `side` over the life of the connection: reads at
-    /// most `max_buffer` ahead of what is written (less when the pipe fills first), and writes
+    /// most the bound ahead of what is written (less when the pipe fills first), and writes
     /// them once every byte the kernel redirected is in the peer's send queue. Reading does
     /// not wait for that: the bytes it frees may be what the kernel needs to make progress on
     /// the other direction. Returns whether all `total` bytes were moved; when not, `waits`
@@ -37,7 +37,7 @@ impl Pair<'_> {
         }
         let flow = self.flow(side)?;
         let clear = self.backlog(side, &flow)? == 0;
-        let cap = self.splicer.max_buffer as usize;
+        let cap = self.bound as usize;
         let (from, to) = (self.sides[i].sock, self.side(side.other()).sock);
         let dir = &mut self.sides[i];
         // The socket reported the end of its stream with bytes still to come: it polls

@@ -246,12 +246,19 @@ impl Splicer {
         };
         let running = self.handover.count();
         let (tx, mut rx) = mpsc::unbounded_channel();
+        let bound = match la.max_unacked {
+            0 => self.budget.bound(),
+            set => set,
+        };
         let mut pair = Pair {
             splicer: self,
             sides: [
                 SideState::restore(&client, cookies[0], la, &snapshot.sides[0], pa),
                 SideState::restore(&backend, cookies[1], lb, &snapshot.sides[1], pb),
             ],
+            // The bound the old process set; `drive` sets this process's.
+            bound,
+            largest_bound: bound,
             started_ns: snapshot.started_ns,
             draining: false,
         };

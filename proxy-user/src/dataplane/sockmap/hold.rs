@@ -28,7 +28,7 @@ impl Pair<'_> {
         let unacked = self.unacked(side, &flow)?;
         let taken_out = self.out_for_hold(side, &flow);
         if !taken_out {
-            if unacked <= self.splicer.max_buffer || faults::active(Fault::NoBound) {
+            if unacked <= self.bound || faults::active(Fault::NoBound) {
                 return Ok(());
             }
             self.sides[i].link.hold = 1;
@@ -45,15 +45,43 @@ impl Pair<'_> {
         Ok(())
     }
 
+    /// Sets the pair for the bound the buffer budget now gives each connection: both links'
+    /// bound (the hold program keeps it from the next packet on) and both sockets' buffers.
+    /// A held socket keeps its receive buffer until it is released (its queue may hold more
+    /// than a smaller buffer would, and a queue past its buffer takes no acknowledgement) and
+    /// has its drain point moved to half the new bound.
+    pub(super) fn set_bound(&mut self, bound: u64) -> Result<(), SpliceError> {
+        if bound == self.bound {
+            return Ok(());
+        }
+        self.bound = bound;
+        self.largest_bound = self.largest_bound.max(bound);
+        for side in [Side::Client, Side::Backend] {
+            let i = side.index();
+            if !faults::active(Fault::NoBound) {
+                self.sides[i].link.max_unacked = bound;
+                self.set_link(side)?;
+            }
+            let fd = self.fd(side);
+            if self.sides[i].held {
+                sys::set_send_buffer(fd, bound).map_err(SpliceError::Internal)?;
+                self.sides[i].buffer_before_squeeze = Some(crate::dataplane::receive_buffer(bound));
+                let flow = self.flow(side)?;
+                self.arm_drain(side, &flow)?;
+            } else {
+                crate::dataplane::set_buffers(fd, bound, bound).map_err(SpliceError::Internal)?;
+            }
+        }
+        tracing::trace!(bound, "bound set by the buffer budget");
+        Ok(())
+    }
+
     /// Asks the kernel to say when held `side` may flow again: when its peer's receiver has
     /// acknowledged all but half the bound of what `side` owes it
     /// ([`proxy_common::Link::drained_at`]). Writes the peer's link only when that point
     /// moved.
     fn arm_drain(&mut self, side: Side, flow: &Flow) -> Result<(), SpliceError> {
-        let at = self
-            .owed(side, flow)
-            .saturating_sub(self.splicer.max_buffer / 2)
-            .max(1);
+        let at = self.owed(side, flow).saturating_sub(self.bound / 2).max(1);
         let peer = side.other();
         if self.side(peer).link.drained_at == at {
             return Ok(());
@@ -89,7 +117,7 @@ impl Pair<'_> {
         // less and less often.
         self.draining |= unacked < self.sides[i].held_unacked;
         self.sides[i].held_unacked = unacked;
-        if unacked > self.splicer.max_buffer / 2 {
+        if unacked > self.bound / 2 {
             self.arm_drain(side, &flow)?;
             return Ok(false);
         }
@@ -135,7 +163,8 @@ impl Pair<'_> {
     /// the buffer to an eighth above what the queue holds (the kernel offers no window while
     /// less than a sixteenth of the buffer is free) and makes the socket offer the window
     /// that opens, which the peer's next retransmission, carrying its acknowledgement, fits
-    /// in. A hold raises it to at most twice the bound; past that the connection waits for
+    /// in. A hold raises it to at most twice the bound (or the buffer of a larger bound the
+    /// pair had, whose window may still be open); past that the connection waits for
     /// its idle timeout, so a peer that sends and never reads cannot make it grow further.
     pub(super) fn relieve_squeeze(&mut self, side: Side) -> Result<(), SpliceError> {
         const MARGIN: u64 = 256 * 1024;
@@ -154,7 +183,10 @@ impl Pair<'_> {
         }
         let dir = &mut self.sides[i];
         let from = *dir.buffer_before_squeeze.get_or_insert(memory.buffer);
-        let limit = (2 * self.splicer.max_buffer).max(from);
+        // A window offered under a larger bound may still be open.
+        let limit = (2 * self.bound)
+            .max(from)
+            .max(crate::dataplane::receive_buffer(self.largest_bound));
         let buffer = (memory.held + memory.held / 8 + MARGIN).min(limit);
         if buffer <= memory.buffer {
             if !dir.squeeze_refused {

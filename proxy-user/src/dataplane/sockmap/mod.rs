@@ -36,6 +36,7 @@ use self::{
 };
 use super::{
     Outcome, Phase, SpliceError,
+    budget::Budget,
     gate::{Gate, Running},
     kernel::{Kernel, MapOpError},
 };
@@ -53,9 +54,10 @@ pub struct Splicer {
     pub kernel: Kernel,
     pub registry: Arc<Registry>,
     pub watcher: Watcher,
-    /// Bound on bytes of one direction of one connection that the kernel has taken from the
-    /// sender and the receiver has not acknowledged (the redirect backlog and the send queue).
-    pub max_buffer: u64,
+    /// The bound on bytes of one direction of one connection that the kernel has taken from
+    /// the sender and the receiver has not acknowledged (the redirect backlog and the send
+    /// queue), as the buffer budget sets it for the connections live ([`Pair::set_bound`]).
+    pub budget: Arc<Budget>,
     /// Bytes userspace moved itself (the ends of streams described above).
     pub moved_bytes: AtomicU64,
     /// Times a socket was held because its peer was slow.
@@ -69,10 +71,10 @@ pub struct Splicer {
 }
 
 /// What the operator sets for the sockmap plane.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Settings {
-    /// See [`Splicer::max_buffer`].
-    pub max_buffer: u64,
+    /// See [`Splicer::budget`].
+    pub budget: Arc<Budget>,
     /// See [`Splicer::idle_timeout`].
     pub idle_timeout: Option<Duration>,
     /// Whether the `sk_msg` program counts what enters each spliced socket's send path.
@@ -109,7 +111,7 @@ impl Splicer {
             kernel,
             registry,
             watcher,
-            max_buffer: settings.max_buffer,
+            budget: settings.budget,
             moved_bytes: AtomicU64::new(0),
             holds: AtomicU64::new(0),
             squeezes_relieved: AtomicU64::new(0),
@@ -300,6 +302,7 @@ impl Splicer {
         };
         let (client_before, backend_before) = (before(&sockets.client)?, before(&sockets.backend)?);
         let backend_written = backend_before.0 + preface;
+        let bound = self.budget.bound();
         let link = |peer, side: Side| Link {
             peer_cookie: peer,
             // No check point: the hold program keeps the bound by itself (`max_unacked`) and
@@ -308,7 +311,7 @@ impl Splicer {
             max_unacked: if faults::active(Fault::NoBound) {
                 0
             } else {
-                self.max_buffer
+                bound
             },
             // What is in each peer's send queue ahead of this socket's bytes (the header).
             owed_base: match side {
@@ -341,6 +344,8 @@ impl Splicer {
                     backend_before.1,
                 ),
             ],
+            bound,
+            largest_bound: bound,
             started_ns: sys::monotonic_coarse_ns(),
             draining: false,
         })

@@ -57,7 +57,9 @@ pub(super) struct SideState<'a> {
     pub(super) waits: Waits,
     /// The readiness its socket is watched for besides FIN and errors (`sys::ev` bits).
     pub(super) interest: u32,
-    /// The receiving side's receive buffer before this hold first raised it ([`Pair::relieve_squeeze`]).
+    /// The receive buffer the receiving side gets back when its hold ends: the one it had
+    /// before this hold first raised it ([`Pair::relieve_squeeze`]), or the one a new bound
+    /// gave it meanwhile ([`Pair::set_bound`]).
     pub(super) buffer_before_squeeze: Option<u64>,
     /// This hold has raised it as far as it may.
     pub(super) squeeze_refused: bool,
@@ -112,6 +114,11 @@ pub(super) struct Pair<'a> {
     pub(super) splicer: &'a Splicer,
     /// Indexed by [`Side::index`].
     pub(super) sides: [SideState<'a>; 2],
+    /// The bound its links and socket buffers are set for ([`Pair::set_bound`]).
+    pub(super) bound: u64,
+    /// The largest bound it was set for: the windows its sockets offered then may still be
+    /// open, and a held queue may fill them ([`Pair::relieve_squeeze`]).
+    pub(super) largest_bound: u64,
     /// [`sys::monotonic_coarse_ns`] when the pair was spliced.
     pub(super) started_ns: u64,
     /// A held side's peer drained since the last tick: look again soon.
