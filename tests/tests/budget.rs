@@ -84,10 +84,10 @@ fn ten_thousand_stalled_connections(plane: Plane) {
         pressures_before,
         "the host went into TCP memory pressure"
     );
-    // Each client pushed more than its own and its machine's buffers hold: the daemon holds
-    // some of every stream.
+    // Each client pushed more than its own and its machine's buffers hold (8 KiB of memory
+    // each): the daemon holds some of every stream.
     let least = clients.iter().map(|c| c.pushed).min().expect("clients");
-    assert!(least > 64 * 1024, "a client pushed only {least} B");
+    assert!(least > 32 * 1024, "a client pushed only {least} B");
 
     read_back(&clients, sinks);
     drop(clients);

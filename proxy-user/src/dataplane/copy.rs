@@ -37,8 +37,10 @@ pub struct Tuned {
     pub set_for: u64,
 }
 
-/// How often a socket whose receive buffer could not shrink yet is looked at again.
+/// How soon a socket whose receive buffer could not shrink yet is looked at again, first and
+/// at most (the wait doubles: a reader may stay stopped for long).
 const RETUNE_RETRY: Duration = Duration::from_millis(100);
+const RETUNE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// A connection the copy plane carries: its two sockets and the state of each direction,
 /// client to backend first. Between two awaits of its copy the state is whole, so the copy
@@ -361,22 +363,32 @@ struct Watching<'a> {
 }
 
 /// Sets `sockets` for the bound `tuned` follows, when it is not the one they were set for;
-/// returns whether a receive buffer must be looked at again ([`super::retune`]).
-fn retune(tuned: &mut Tuned, sockets: [BorrowedFd<'_>; 2], again: bool) -> bool {
+/// `deferred` says which receive buffers wait for their queue to drain ([`super::retune`]).
+fn retune(tuned: &mut Tuned, sockets: [BorrowedFd<'_>; 2], deferred: &mut [bool; 2]) {
     let bound = *tuned.bound.borrow_and_update();
-    if bound == tuned.set_for && !again {
-        return false;
+    if bound == tuned.set_for {
+        return;
     }
     tuned.set_for = bound;
-    let mut deferred = false;
-    for fd in sockets {
-        match super::retune(fd, bound, super::Plane::Copy.send_buffer(bound)) {
-            Ok(set) => deferred |= !set,
+    for (fd, deferred) in sockets.into_iter().zip(deferred) {
+        *deferred = match super::retune(fd, bound, super::Plane::Copy.send_buffer(bound)) {
+            Ok(set) => !set,
             // The copy meets the socket's failure itself.
-            Err(e) => tracing::debug!(error = %e, "a copied socket's buffers were not set"),
+            Err(e) => {
+                tracing::debug!(error = %e, "a copied socket's buffers were not set");
+                false
+            }
+        };
+    }
+}
+
+/// Sets the receive buffers [`retune`] left waiting, where their queues have drained now.
+fn retune_waiting(tuned: &Tuned, sockets: [BorrowedFd<'_>; 2], deferred: &mut [bool; 2]) {
+    for (fd, deferred) in sockets.into_iter().zip(deferred) {
+        if *deferred {
+            *deferred = !super::set_receive_when_room(fd, tuned.set_for).unwrap_or(true);
         }
     }
-    deferred
 }
 
 /// Runs `copy` until it ends, the grace period ends, the handover comes (when asked), or no
@@ -398,7 +410,9 @@ async fn supervise(
     tokio::pin!(copy);
     let idle = idle_timeout.unwrap_or_default();
     let mut idle_check = start + idle;
-    let mut deferred = retune(&mut tuned, sockets, false);
+    let mut deferred = [false; 2];
+    let mut retry = RETUNE_RETRY;
+    retune(&mut tuned, sockets, &mut deferred);
     loop {
         match *phase.borrow() {
             Phase::Abort => return Ok(Outcome::Aborted),
@@ -408,9 +422,13 @@ async fn supervise(
         tokio::select! {
             r = &mut copy => return r.map(|()| Outcome::Completed).map_err(classify),
             _ = phase.changed() => {}
-            Ok(()) = tuned.bound.changed() => deferred = retune(&mut tuned, sockets, false),
-            () = tokio::time::sleep(RETUNE_RETRY), if deferred => {
-                deferred = retune(&mut tuned, sockets, true);
+            Ok(()) = tuned.bound.changed() => {
+                retune(&mut tuned, sockets, &mut deferred);
+                retry = RETUNE_RETRY;
+            }
+            () = tokio::time::sleep(retry), if deferred.contains(&true) => {
+                retune_waiting(&tuned, sockets, &mut deferred);
+                retry = (retry * 2).min(RETUNE_RETRY_MAX);
             }
             () = tokio::time::sleep_until(idle_check), if idle_timeout.is_some() => {
                 let last = start + Duration::from_millis(last_read.load(Ordering::Relaxed));

@@ -113,18 +113,24 @@ pub fn set_buffers(
 }
 
 /// Sets a live connection's socket for a new bound: its send buffer at once, its receive
-/// buffer once what its queue holds is within a quarter of the new one. A queue past its
-/// buffer drops what arrives, and the kernel then retracts the window it offered
-/// (docs/design.md), so a socket whose reader has stopped keeps its buffer until it has
-/// read. Returns whether the receive buffer was set.
+/// buffer as [`set_receive_when_room`] does. Returns whether the receive buffer was set.
 pub fn retune(
     fd: std::os::fd::BorrowedFd<'_>,
     bound: u64,
     send_buffer: u64,
 ) -> std::io::Result<bool> {
     crate::sys::set_send_buffer(fd, send_buffer)?;
+    set_receive_when_room(fd, bound)
+}
+
+/// Sets a live socket's receive buffer for `bound` when it grows, or when what its queue
+/// holds is within a quarter of the smaller one. A queue past its buffer drops what arrives,
+/// and the kernel then retracts the window it offered (docs/design.md), so a socket whose
+/// reader has stopped keeps its buffer until it has read. Returns whether it was set.
+pub fn set_receive_when_room(fd: std::os::fd::BorrowedFd<'_>, bound: u64) -> std::io::Result<bool> {
     let buffer = receive_buffer(bound);
-    if crate::sys::receive_memory(fd)?.held > buffer / 4 {
+    let memory = crate::sys::receive_memory(fd)?;
+    if buffer < memory.buffer && memory.held > buffer / 4 {
         return Ok(false);
     }
     crate::sys::set_receive_buffer(fd, buffer / 2)?;
