@@ -329,6 +329,7 @@ impl Managed {
             cmd.current_dir(dir);
         }
         crate::sys::die_with_parent(&mut cmd);
+        crate::sys::pass_no_capabilities(&mut cmd);
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {

@@ -237,8 +237,9 @@ struct RunArgs {
     workers: Option<u16>,
     /// Once the programs are loaded and the ports bound, run as this user (and its groups),
     /// keeping only `CAP_NET_ADMIN` (socket buffers past the host's caps, a congestion control
-    /// the host does not allow everyone) and `CAP_NET_BIND_SERVICE` (ports below 1024 that a
-    /// reload adds). Machines spliced starts run as this user too.
+    /// the host does not allow everyone), `CAP_NET_BIND_SERVICE` (ports below 1024 that a
+    /// reload adds), `CAP_BPF` and `CAP_PERFMON` (the programs an upgrade's new process
+    /// loads). Machines spliced starts run as this user too, with no capability.
     #[arg(long, value_name = "NAME")]
     user: Option<String>,
     /// How long a connection that finds no machine running waits for one of the machines

@@ -142,6 +142,17 @@ impl Daemon {
     }
 
     /// Like [`Daemon::start`], serving the apps of the registry at `url` and no file.
+    /// [`Daemon::start_config`] under `wrapper`, as [`Daemon::start_with`].
+    pub fn start_config_with(
+        ns: &Netns,
+        wrapper: &[&str],
+        config: &str,
+        plane: Plane,
+        extra: &[&str],
+    ) -> Self {
+        Self::start_full(ns, wrapper, Some(config), plane, extra)
+    }
+
     pub fn start_registry(ns: &Netns, url: &str, plane: Plane, extra: &[&str]) -> Self {
         Self::start_registry_with(ns, &[], url, plane, extra)
     }

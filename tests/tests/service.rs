@@ -256,33 +256,31 @@ fn serves_unprivileged_with_the_units_capabilities() {
     assert_kernel_moved(&s, 12);
 }
 
-/// An upgrade as the unit runs it (`kill -USR2` of the main pid): the new process starts with
-/// the same user and capabilities, loads its programs, and takes over a connection open
-/// since before, which echoes on through the kernel; the old process exits.
-#[test]
-fn upgrades_unprivileged_with_the_units_capabilities() {
-    let net = Net::new(Topo::Loopback);
-    // The new process is the binary at the old one's path, which the user must reach (a
-    // checkout may be in a private directory): a copy in a scratch directory runs.
-    let dir = Scratch::new();
+/// A command that runs the rest from a copy of the binary in `dir`, which the user 65534 can
+/// reach (a checkout may be in a private directory): an upgrade starts the binary at the
+/// running one's path. The harness appends its binary and the arguments; the copy runs with
+/// the arguments.
+fn from_reachable_copy(dir: &Scratch) -> Vec<String> {
+    let mode = |m| std::os::unix::fs::PermissionsExt::from_mode(m);
+    std::fs::set_permissions(&dir.0, mode(0o755)).expect("scratch permissions");
     let copy = dir.0.join("spliced");
     std::fs::copy(tests::spliced_bin(), &copy).expect("copy the binary");
-    let mut wrapper = unprivileged(UNIT_CAP_NAMES);
-    // The harness appends its binary and the arguments: run the copy with the arguments.
-    wrapper.extend(
-        [
-            "sh",
-            "-c",
-            &format!("shift; exec {} \"$@\"", copy.display()),
-            "sh",
-        ]
-        .map(str::to_owned),
-    );
-    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-    let mut daemon = Daemon::start_with(&net.proxy, &wrapper, Plane::Sockmap, &[]);
-    let _backend = echo_server(&net);
-    let mut c = net.connect();
-    tests::assert_echoes(&mut c, b"before");
+    std::fs::set_permissions(&copy, mode(0o755)).expect("binary permissions");
+    [
+        "sh",
+        "-c",
+        &format!("shift; exec {} \"$@\"", copy.display()),
+        "sh",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// `kill -USR2` of the daemon, which runs as user 65534 and serves `c`: the new process
+/// starts as the same user with the unit's capabilities in effect, loads its programs, and
+/// takes over `c`, which echoes on through the kernel; the old process exits.
+fn upgrade_as_the_user(daemon: &mut Daemon, c: &mut std::net::TcpStream) {
+    tests::assert_echoes(c, b"before");
     let old = daemon.pid;
     // SAFETY: kill with plain integers.
     assert_eq!(
@@ -300,17 +298,49 @@ fn upgrades_unprivileged_with_the_units_capabilities() {
     let mut reaper = tests::Reaper::default();
     reaper.0.push(new);
     let new = u32::try_from(new).expect("pid");
-    let uids = status_field(new, "Uid");
+    let status = std::fs::read_to_string(format!("/proc/{new}/status")).expect("status");
+    let uids = field(&status, "Uid");
     assert!(uids.split_whitespace().all(|u| u == "65534"), "Uid: {uids}");
-    let effective = u64::from_str_radix(&status_field(new, "CapEff"), 16).expect("hex");
-    assert_eq!(effective, UNIT_CAPS, "CapEff {effective:#x}");
-    tests::assert_echoes(&mut c, b"after");
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        let got = u64::from_str_radix(&field(&status, set), 16).expect("hex");
+        assert_eq!(got, UNIT_CAPS, "{set} {got:#x}");
+    }
+    tests::assert_echoes(c, b"after");
     c.shutdown(Shutdown::Write).expect("half-close");
-    let s = tests::completed_one_taken_over(&daemon);
+    let s = tests::completed_one_taken_over(daemon);
     assert_kernel_moved(&s, 11);
     // SAFETY: kill with plain integers.
     unsafe { libc::kill(i32::try_from(new).expect("pid"), libc::SIGTERM) };
     tests::wait_ended(u64::from(new), Duration::from_secs(20));
+}
+
+/// An upgrade as the unit runs it (`kill -USR2` of the main pid).
+#[test]
+fn upgrades_unprivileged_with_the_units_capabilities() {
+    let net = Net::new(Topo::Loopback);
+    let dir = Scratch::new();
+    let mut wrapper = unprivileged(UNIT_CAP_NAMES);
+    wrapper.extend(from_reachable_copy(&dir));
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let mut daemon = Daemon::start_with(&net.proxy, &wrapper, Plane::Sockmap, &[]);
+    let _backend = echo_server(&net);
+    let mut c = net.connect();
+    upgrade_as_the_user(&mut daemon, &mut c);
+}
+
+/// An upgrade of a daemon started as root with `--user`: the old process passes the
+/// capabilities it kept on to the new one, which starts as the user already.
+#[test]
+fn upgrades_after_switching_to_the_user() {
+    let net = Net::new(Topo::Loopback);
+    let dir = Scratch::new();
+    let wrapper = from_reachable_copy(&dir);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let mut daemon =
+        Daemon::start_with(&net.proxy, &wrapper, Plane::Sockmap, &["--user", "nobody"]);
+    let _backend = echo_server(&net);
+    let mut c = net.connect();
+    upgrade_as_the_user(&mut daemon, &mut c);
 }
 
 /// The snapshot `s` shows the kernel moved at least `bytes` to the backend, with one
@@ -351,9 +381,6 @@ fn logs_as_json() {
         );
     }
 }
-
-/// What `--user` keeps: `CAP_NET_ADMIN` (12) and `CAP_NET_BIND_SERVICE` (10).
-const USER_CAPS: u64 = (1 << 12) | (1 << 10);
 
 /// The children of process `pid`.
 fn children(pid: u32) -> Vec<u32> {
@@ -401,29 +428,72 @@ fn assert_switched(status_path: &Path, caps: u64, bounding: u64) {
     }
 }
 
-/// `--user`: started as root, the daemon loads its programs and binds its ports, then every
-/// one of its threads runs as the user with only the two capabilities it keeps, each shown
-/// to be in use: the kernel moves the bytes, the proxied sockets get receive buffers past
-/// `net.core.rmem_max` (`CAP_NET_ADMIN`), a reload binds port 80 (`CAP_NET_BIND_SERVICE`),
-/// and a machine the daemon starts runs as the user with no capability at all.
-#[test]
-fn switches_every_thread_to_the_user_keeping_two_capabilities() {
-    let net = Net::new(Topo::Loopback);
-    // The machine runs as the user, who may not reach into the checkout (a private temporary
-    // directory, say): it runs from a copy the user can read.
-    let reachable = Scratch::new();
+/// A copy of the echo app in `dir`, which the user 65534 can run: a machine runs as the
+/// user, who may not reach into the checkout (a private temporary directory, say).
+fn reachable_echo(dir: &Scratch) -> std::path::PathBuf {
     let mode = |m| std::os::unix::fs::PermissionsExt::from_mode(m);
-    std::fs::set_permissions(&reachable.0, mode(0o755)).expect("scratch permissions");
-    let echo = reachable.0.join("goecho");
+    std::fs::set_permissions(&dir.0, mode(0o755)).expect("scratch permissions");
+    let echo = dir.0.join("goecho");
     std::fs::copy(tests::apps::go_app("goecho"), &echo).expect("copy goecho");
     std::fs::set_permissions(&echo, mode(0o755)).expect("goecho permissions");
-    let config = |ports: &str| {
-        format!(
-            "app = \"as-user\"\n\n[[services]]\n  internal_port = {}\n  protocol = \"tcp\"\n  auto_stop_machines = \"off\"\n{ports}\n[[machines]]\n  id = \"echo\"\n  command = [\"sh\", \"-c\", \"exec {} 127.0.0.1:$PORT\"]\n",
-            tests::BACKEND_PORT,
-            echo.display()
-        )
-    };
+    echo
+}
+
+/// A config whose one service runs the echo app at `echo` as a machine spliced starts, on
+/// the public `ports` (`[[services.ports]]` tables).
+fn machine_config(echo: &Path, ports: &str) -> String {
+    format!(
+        "app = \"as-user\"\n\n[[services]]\n  internal_port = {}\n  protocol = \"tcp\"\n  auto_stop_machines = \"off\"\n{ports}\n[[machines]]\n  id = \"echo\"\n  command = [\"sh\", \"-c\", \"exec {} 127.0.0.1:$PORT\"]\n",
+        tests::BACKEND_PORT,
+        echo.display()
+    )
+}
+
+/// Under the unit, whose capabilities are ambient (passed on at exec), a machine the daemon
+/// starts still runs with none: the daemon empties its child's ambient and inheritable sets.
+#[test]
+fn a_machine_gets_none_of_the_units_capabilities() {
+    let net = Net::new(Topo::Loopback);
+    let reachable = Scratch::new();
+    let echo = reachable_echo(&reachable);
+    let wrapper = unprivileged(UNIT_CAP_NAMES);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let public = format!("  [[services.ports]]\n    port = {}\n", tests::PUBLIC_PORT);
+    let daemon = Daemon::start_config_with(
+        &net.proxy,
+        &wrapper,
+        &machine_config(&echo, &public),
+        Plane::Sockmap,
+        &[],
+    );
+    let amb = u64::from_str_radix(&status_field(daemon.pid, "CapAmb"), 16).expect("hex");
+    assert_eq!(amb, UNIT_CAPS, "the daemon's ambient set: {amb:#x}");
+    // The first connection starts the machine.
+    let mut c = net.connect();
+    tests::assert_echoes(&mut c, b"no capabilities");
+    let machines = children(daemon.pid);
+    assert_eq!(machines.len(), 1, "the machine's process: {machines:?}");
+    assert_switched(
+        Path::new(&format!("/proc/{}/status", machines[0])),
+        0,
+        UNIT_CAPS,
+    );
+    drop(c);
+    daemon.stop();
+}
+
+/// `--user`: started as root, the daemon loads its programs and binds its ports, then every
+/// one of its threads runs as the user with only the unit's capabilities, two shown in use
+/// here: the kernel moves the bytes, the proxied sockets get receive buffers past
+/// `net.core.rmem_max` (`CAP_NET_ADMIN`), a reload binds port 80 (`CAP_NET_BIND_SERVICE`),
+/// and a machine the daemon starts runs as the user with no capability at all (`CAP_BPF`
+/// and `CAP_PERFMON` are for an upgrade's new process: `upgrades_after_switching_to_the_user`).
+#[test]
+fn switches_every_thread_to_the_user_keeping_the_units_capabilities() {
+    let net = Net::new(Topo::Loopback);
+    let reachable = Scratch::new();
+    let echo = reachable_echo(&reachable);
+    let config = |ports: &str| machine_config(&echo, ports);
     let public = format!("  [[services.ports]]\n    port = {}\n", tests::PUBLIC_PORT);
     // A bound whose receive buffers (1.5 times it, half of that asked for) pass the host's cap.
     let rmem_max: u64 = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
@@ -444,7 +514,7 @@ fn switches_every_thread_to_the_user_keeping_two_capabilities() {
         .collect();
     assert!(tasks.len() >= 3, "threads: {tasks:?}");
     for status in &tasks {
-        assert_switched(status, USER_CAPS, USER_CAPS);
+        assert_switched(status, UNIT_CAPS, UNIT_CAPS);
     }
 
     // The first connection starts the machine.
@@ -468,7 +538,7 @@ fn switches_every_thread_to_the_user_keeping_two_capabilities() {
     assert_switched(
         Path::new(&format!("/proc/{}/status", machines[0])),
         0,
-        USER_CAPS,
+        UNIT_CAPS,
     );
     c.shutdown(Shutdown::Write).expect("half-close");
     let mut rest = Vec::new();

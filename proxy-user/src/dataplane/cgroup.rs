@@ -22,12 +22,41 @@ pub fn own_cgroup_path() -> Result<String, String> {
 /// Where no cgroup2 file system is mounted in this mount namespace (`ip netns exec` mounts a
 /// fresh `/sys`), one is mounted on a private temporary directory just long enough to open
 /// the directory, then detached.
+///
+/// The first directory opened is kept (or the one an upgrade's old process handed over,
+/// [`adopt`]) and copies of it are returned for the same path: a daemon that has since
+/// become an unprivileged user, and the new process it starts at an upgrade, could not
+/// mount the file system again.
 pub fn open_cgroup(prog: &'static str, path: &str) -> Result<std::fs::File, LoadError> {
-    open_cgroup_dir(path).map_err(|reason| LoadError::Cgroup {
+    let error = |reason| LoadError::Cgroup {
         prog,
         path: path.to_owned(),
         reason,
-    })
+    };
+    if let Some((_, dir)) = OPENED.get().filter(|(kept, _)| kept == path) {
+        return dir.try_clone().map_err(|e| error(format!("{path}: {e}")));
+    }
+    let dir = open_cgroup_dir(path).map_err(error)?;
+    if let Ok(copy) = dir.try_clone() {
+        let _ = OPENED.set((path.to_owned(), copy));
+    }
+    Ok(dir)
+}
+
+/// The cgroup directory opened first, and its path.
+static OPENED: std::sync::OnceLock<(String, std::fs::File)> = std::sync::OnceLock::new();
+
+/// A copy of the cgroup directory this process opened, and its path, to hand to the new
+/// process of an upgrade.
+pub fn opened() -> Option<(String, std::os::fd::OwnedFd)> {
+    let (path, dir) = OPENED.get()?;
+    Some((path.clone(), dir.try_clone().ok()?.into()))
+}
+
+/// Takes the cgroup directory at `path` an upgrade's old process opened as this process's
+/// own (before anything here opens one).
+pub fn adopt(path: String, dir: std::os::fd::OwnedFd) {
+    let _ = OPENED.set((path, dir.into()));
 }
 
 fn open_cgroup_dir(path: &str) -> Result<std::fs::File, String> {

@@ -2,7 +2,7 @@
 //! `copy` (tokio moves them), chosen once at start-up.
 
 pub mod budget;
-mod cgroup;
+pub mod cgroup;
 pub mod copy;
 mod events;
 pub mod gate;

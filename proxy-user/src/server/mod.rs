@@ -101,9 +101,11 @@ pub struct RunOptions {
 /// checks as that user: `CAP_NET_ADMIN` (12) for socket buffers past `net.core.rmem_max` and
 /// `wmem_max` (`SO_RCVBUFFORCE`, `SO_SNDBUFFORCE`) and for a congestion control the host
 /// does not allow everyone; `CAP_NET_BIND_SERVICE` (10) for a port below 1024 that a reload
-/// adds. The maps need none once loaded (the kernel checks capabilities when a map is made
-/// or a program loaded, not when an open map is read or written).
-pub const KEPT_CAPABILITIES: u64 = (1 << 12) | (1 << 10);
+/// adds; `CAP_BPF` (39) and `CAP_PERFMON` (38) for the programs and maps the new process of
+/// an upgrade loads, which passes them on to it. The maps in use need none (the kernel
+/// checks capabilities when a map is made or a program loaded, not when an open map is
+/// read or written).
+pub const KEPT_CAPABILITIES: u64 = (1 << 39) | (1 << 38) | (1 << 12) | (1 << 10);
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -537,11 +539,17 @@ fn become_user(opts: &RunOptions) -> Result<(), StartError> {
     let Some((name, who)) = &opts.user else {
         return Ok(());
     };
+    // SAFETY: getuid has no preconditions.
+    if who.uid != 0 && unsafe { libc::getuid() } == who.uid {
+        // The new process of an upgrade, started by one that already changed.
+        tracing::info!(user = %name, uid = who.uid, "running as an unprivileged user already, with the capabilities passed on");
+        return Ok(());
+    }
     crate::sys::become_user(who, KEPT_CAPABILITIES).map_err(|source| StartError::User {
         name: name.clone(),
         source,
     })?;
-    tracing::info!(user = %name, uid = who.uid, "running as an unprivileged user, with CAP_NET_ADMIN and CAP_NET_BIND_SERVICE");
+    tracing::info!(user = %name, uid = who.uid, "running as an unprivileged user, with CAP_NET_ADMIN, CAP_NET_BIND_SERVICE, CAP_BPF and CAP_PERFMON");
     Ok(())
 }
 

@@ -41,6 +41,8 @@ enum Record {
     Listener(SocketAddr),
     Admin,
     Metrics,
+    /// The directory of the daemon's cgroup at this path, where the hold program attaches.
+    Cgroup(String),
     End,
     /// A spliced connection, with its client's and machine's sockets; the bytes userspace
     /// held of it follow ([`handover::send_pending`]).
@@ -79,6 +81,7 @@ pub(super) struct Handover {
     pub listeners: Vec<(SocketAddr, OwnedFd)>,
     pub admin: Option<OwnedFd>,
     pub metrics: Option<OwnedFd>,
+    pub cgroup: Option<(String, OwnedFd)>,
 }
 
 /// What a process started by an upgrade received; empty in any other.
@@ -120,6 +123,7 @@ impl Inherited {
                 (Record::Metrics, Some(fd)) => {
                     inherited.metrics = Some(std::net::TcpListener::from(fd));
                 }
+                (Record::Cgroup(path), Some(fd)) => crate::dataplane::cgroup::adopt(path, fd),
                 (
                     record @ (Record::Connection(_) | Record::Copied(_) | Record::Kernel { .. }),
                     _,
@@ -183,10 +187,6 @@ pub(super) enum UpgradeError {
         "the config runs machines (`[[machines]]` with `command`), which end with this process: restart spliced instead"
     )]
     Machines,
-    #[error(
-        "spliced runs as --user and could not load the new process's programs: restart it instead"
-    )]
-    User,
     #[error("{0}")]
     Io(#[from] io::Error),
     #[error("the new process exited before it served ({0})")]
@@ -214,6 +214,9 @@ pub(super) fn start_successor(sockets: &Handover) -> Result<(u32, OwnedFd), Upgr
         .env(ENV, theirs.as_raw_fd().to_string())
         .stdin(std::process::Stdio::null());
     sys::inherit_fd(&mut cmd, theirs.as_raw_fd());
+    // After `--user` (or under a service manager's user) it loads its programs with what
+    // this process kept.
+    sys::pass_capabilities(&mut cmd);
     let mut child = cmd.spawn()?;
     drop(theirs);
     tracing::info!(pid = child.id(), binary = %exe.display(), "upgrade: new process started");
@@ -260,6 +263,9 @@ fn send_all(sock: std::os::fd::BorrowedFd<'_>, sockets: &Handover) -> io::Result
     if let Some(fd) = &sockets.metrics {
         send(&Record::Metrics, &[fd.as_fd()])?;
     }
+    if let Some((path, fd)) = &sockets.cgroup {
+        send(&Record::Cgroup(path.clone()), &[fd.as_fd()])?;
+    }
     send(&Record::End, &[])
 }
 
@@ -296,12 +302,10 @@ pub(super) async fn on_signal(
     ports: &Ports,
     endpoints: &Endpoints,
 ) -> Option<u32> {
-    let refused = if !shared.current().managed.is_empty() {
-        Some(UpgradeError::Machines)
-    } else if shared.opts.user.is_some() {
-        Some(UpgradeError::User)
-    } else {
+    let refused = if shared.current().managed.is_empty() {
         None
+    } else {
+        Some(UpgradeError::Machines)
     };
     let copies = || -> std::io::Result<Handover> {
         let copy = |fd: &Option<std::os::fd::OwnedFd>| {
@@ -311,6 +315,7 @@ pub(super) async fn on_signal(
             listeners: ports.listener_copies()?,
             admin: copy(&endpoints.admin)?,
             metrics: copy(&endpoints.metrics)?,
+            cgroup: crate::dataplane::cgroup::opened(),
         })
     };
     let started = match refused {

@@ -32,7 +32,7 @@ pub use tcp::{
     receive_memory, reset_on_close, send_queue, send_room, set_congestion, set_no_delay,
     set_receive_buffer, set_send_buffer, socket_cookie, tcp_counters,
 };
-pub use user::{Identity, become_user, lookup_user};
+pub use user::{Identity, become_user, lookup_user, pass_capabilities, pass_no_capabilities};
 
 use std::{
     io,

@@ -141,6 +141,85 @@ pub fn become_user(who: &Identity, keep: u64) -> io::Result<()> {
     result
 }
 
+/// Makes the program `cmd` starts keep the capabilities this process has: its child puts its
+/// permitted set into its inheritable and ambient sets before exec, since a program started
+/// by a process that is not root begins with its ambient capabilities only. Only the
+/// child's sets change; as root nothing is needed (exec gives root every capability its
+/// bounding set allows).
+pub fn pass_capabilities(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: the closure runs between fork and exec, in the one thread of the child, and
+    // makes only system calls (getuid, capget, capset, prctl) on locals.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::getuid() == 0 {
+                return Ok(());
+            }
+            let (header, mut data) = capabilities()?;
+            let permitted = u64::from(data[0].permitted) | (u64::from(data[1].permitted) << 32);
+            data[0].inheritable = data[0].permitted;
+            data[1].inheritable = data[1].permitted;
+            set_capabilities(&header, &data)?;
+            let raise = libc::c_ulong::try_from(libc::PR_CAP_AMBIENT_RAISE).unwrap_or(2);
+            for cap in (0..64).filter(|c| permitted & (1 << c) != 0) {
+                if libc::prctl(libc::PR_CAP_AMBIENT, raise, cap, 0, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Makes the program `cmd` starts begin with none of this process's capabilities when it
+/// is not root: its child empties its ambient and inheritable sets before exec (a daemon
+/// started with ambient capabilities, as a service manager gives them, would otherwise
+/// pass them on).
+pub fn pass_no_capabilities(cmd: &mut tokio::process::Command) {
+    // SAFETY: the closure runs between fork and exec, in the one thread of the child, and
+    // makes only system calls (prctl, capget, capset) on locals.
+    unsafe {
+        cmd.pre_exec(|| {
+            let clear = libc::c_ulong::try_from(libc::PR_CAP_AMBIENT_CLEAR_ALL).unwrap_or(4);
+            if libc::prctl(libc::PR_CAP_AMBIENT, clear, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let (header, mut data) = capabilities()?;
+            data[0].inheritable = 0;
+            data[1].inheritable = 0;
+            set_capabilities(&header, &data)
+        });
+    }
+}
+
+/// This thread's capability sets (async-signal-safe: one system call).
+fn capabilities() -> io::Result<(CapHeader, [CapData; 2])> {
+    let header = CapHeader {
+        version: CAP_VERSION_3,
+        pid: 0,
+    };
+    let empty = CapData {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    };
+    let mut data = [empty; 2];
+    // SAFETY: capget writes two `CapData` for version 3 into `data`.
+    if unsafe { libc::syscall(libc::SYS_capget, &raw const header, data.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((header, data))
+}
+
+/// Sets this thread's capability sets (async-signal-safe: one system call).
+fn set_capabilities(header: &CapHeader, data: &[CapData; 2]) -> io::Result<()> {
+    // SAFETY: capset reads the header and two `CapData`, which outlive the call.
+    if unsafe { libc::syscall(libc::SYS_capset, &raw const *header, data.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Signals every thread not yet switched, until none is left; threads started meanwhile by
 /// one not yet switched are found on the next round.
 fn switch_other_threads(uid: u32, keep: u64, signal: libc::c_int) -> io::Result<()> {
