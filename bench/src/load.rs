@@ -155,9 +155,15 @@ pub fn connection_rate(addr: SocketAddr, duration: Duration) -> Result<f64> {
     Ok(done as f64 / start.elapsed().as_secs_f64())
 }
 
-/// `conns` connections at once, each sending its share of `total` bytes to the sink: seconds
-/// from the start (every worker thread ready) until the last count is back.
-pub fn sweep(addr: SocketAddr, conns: usize, total: u64) -> Result<f64> {
+/// What a sweep measured: seconds from the start (every worker thread ready) until the last
+/// count is back, and each connection's microseconds from its connect to its count, sorted.
+pub struct Swept {
+    pub secs: f64,
+    pub each_us: Vec<u64>,
+}
+
+/// `conns` connections at once, each sending its share of `total` bytes to the sink.
+pub fn sweep(addr: SocketAddr, conns: usize, total: u64) -> Result<Swept> {
     let each = total / conns as u64;
     let block = Arc::new(block());
     // Workers wait at the gate (held shut by the write lock) until every one is ready; a
@@ -182,10 +188,16 @@ pub fn sweep(addr: SocketAddr, conns: usize, total: u64) -> Result<f64> {
     }
     drop(shut);
     let start = Instant::now();
-    for w in workers {
-        w.join().map_err(|_| anyhow::anyhow!("worker panicked"))??;
-    }
-    Ok(start.elapsed().as_secs_f64())
+    let mut each_us = workers
+        .into_iter()
+        .map(|w| {
+            let secs = w.join().map_err(|_| anyhow::anyhow!("worker panicked"))??;
+            Ok((secs * 1e6) as u64)
+        })
+        .collect::<Result<Vec<u64>>>()?;
+    let secs = start.elapsed().as_secs_f64();
+    each_us.sort_unstable();
+    Ok(Swept { secs, each_us })
 }
 
 /// Opens `n` connections that stay idle; they close when the returned sockets drop. Each is

@@ -421,9 +421,10 @@ fn run_round(
             let work = t.kernel_work();
             let before = cpu(t);
             let idle_kib = machine::tcp_buffer_kib();
-            let (secs, peak_kib) =
+            let (swept, peak_kib) =
                 machine::with_peak_tcp_kib(|| client.run(move || load::sweep(addr, conns, bytes)));
-            let secs = secs?;
+            let swept = swept?;
+            let secs = swept.secs;
             let after = cpu(t);
             let mut figures = kernel_figures(t, work, bytes);
             figures.extend(cpu_figures(&before, &after, bytes));
@@ -432,6 +433,16 @@ fn run_round(
                 (peak_kib - idle_kib).max(0.0) / conns as f64,
             );
             figures.insert("MB/s".to_owned(), bytes as f64 / secs / 1e6);
+            // A connection that stalls (a lost window update waits for its sender's probe, a
+            // retransmission timeout) shows as a slowest far behind the median.
+            figures.insert(
+                "conn median ms".to_owned(),
+                load::quantile(&swept.each_us, 0.5) / 1e3,
+            );
+            figures.insert(
+                "conn slowest ms".to_owned(),
+                load::quantile(&swept.each_us, 1.0) / 1e3,
+            );
             Ok(figures)
         });
     }

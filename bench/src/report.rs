@@ -135,7 +135,11 @@ const PEERS: &[&str] = &["copy", "haproxy", "nginx", "socat"];
 fn higher_is_better(figure: &str) -> Option<bool> {
     if figure.contains("MB/s") || figure.contains("conn/s") || figure.contains("req/s") {
         Some(true)
-    } else if figure.contains("µs") || figure.contains("s/GiB") || figure.contains("KiB") {
+    } else if figure.contains("µs")
+        || figure.ends_with(" ms")
+        || figure.contains("s/GiB")
+        || figure.contains("KiB")
+    {
         Some(false)
     } else {
         None
