@@ -248,7 +248,7 @@ impl Splicer {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let bound = match la.max_unacked {
             0 => self.budget.bound(),
-            set => 2 * set,
+            set => set,
         };
         let mut pair = Pair {
             splicer: self,

@@ -28,7 +28,7 @@ impl Pair<'_> {
         let unacked = self.unacked(side, &flow)?;
         let taken_out = self.out_for_hold(side, &flow);
         if !taken_out {
-            if unacked <= super::hold_at(self.bound) || faults::active(Fault::NoBound) {
+            if unacked <= self.bound || faults::active(Fault::NoBound) {
                 return Ok(());
             }
             self.sides[i].link.hold = 1;
@@ -59,7 +59,7 @@ impl Pair<'_> {
         for side in [Side::Client, Side::Backend] {
             let i = side.index();
             if !faults::active(Fault::NoBound) {
-                self.sides[i].link.max_unacked = super::hold_at(bound);
+                self.sides[i].link.max_unacked = bound;
                 self.set_link(side)?;
             }
             let fd = self.fd(side);
@@ -77,14 +77,11 @@ impl Pair<'_> {
     }
 
     /// Asks the kernel to say when held `side` may flow again: when its peer's receiver has
-    /// acknowledged all but half the hold point ([`super::hold_at`]) of what `side` owes it
+    /// acknowledged all but half the bound of what `side` owes it
     /// ([`proxy_common::Link::drained_at`]). Writes the peer's link only when that point
     /// moved.
     fn arm_drain(&mut self, side: Side, flow: &Flow) -> Result<(), SpliceError> {
-        let at = self
-            .owed(side, flow)
-            .saturating_sub(super::hold_at(self.bound) / 2)
-            .max(1);
+        let at = self.owed(side, flow).saturating_sub(self.bound / 2).max(1);
         let peer = side.other();
         if self.side(peer).link.drained_at == at {
             return Ok(());
@@ -120,7 +117,7 @@ impl Pair<'_> {
         // less and less often.
         self.draining |= unacked < self.sides[i].held_unacked;
         self.sides[i].held_unacked = unacked;
-        if unacked > super::hold_at(self.bound) / 2 {
+        if unacked > self.bound / 2 {
             self.arm_drain(side, &flow)?;
             return Ok(false);
         }

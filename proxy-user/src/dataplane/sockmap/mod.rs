@@ -149,18 +149,6 @@ enum Finished {
     Close(Result<Outcome, SpliceError>),
 }
 
-/// The most bytes of one direction the verdict may have redirected and the peer's reader not
-/// yet acknowledged before the hold program holds the direction's socket: half the `bound`.
-/// What the verdict redirected stays charged to the receiving socket until the peer's send
-/// queue takes it, in up to twice its payload of memory (1.5 times measured over loopback),
-/// and the socket offers only what its receive buffer (one and a half times the bound) has
-/// left. Past the bound, that closed the window while the socket was still in the map; the
-/// kernel announces no window when the charge is freed, so the sender waited for its own
-/// window probe, 200 ms or more (the sweep of 100 connections at a 2 MiB bound).
-fn hold_at(bound: u64) -> u64 {
-    bound / 2
-}
-
 /// First and last wait between checks while a direction is held or ending.
 const POLL_MIN: Duration = Duration::from_millis(1);
 const POLL_MAX: Duration = Duration::from_millis(20);
@@ -323,7 +311,7 @@ impl Splicer {
             max_unacked: if faults::active(Fault::NoBound) {
                 0
             } else {
-                hold_at(bound)
+                bound
             },
             // What is in each peer's send queue ahead of this socket's bytes (the header).
             owed_base: match side {
