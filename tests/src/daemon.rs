@@ -141,7 +141,6 @@ impl Daemon {
         Self::start_full(ns, &[], Some(config), plane, extra)
     }
 
-    /// Like [`Daemon::start`], serving the apps of the registry at `url` and no file.
     /// [`Daemon::start_config`] under `wrapper`, as [`Daemon::start_with`].
     pub fn start_config_with(
         ns: &Netns,
@@ -153,6 +152,7 @@ impl Daemon {
         Self::start_full(ns, wrapper, Some(config), plane, extra)
     }
 
+    /// Like [`Daemon::start`], serving the apps of the registry at `url` and no file.
     pub fn start_registry(ns: &Netns, url: &str, plane: Plane, extra: &[&str]) -> Self {
         Self::start_registry_with(ns, &[], url, plane, extra)
     }

@@ -261,11 +261,7 @@ fn serves_unprivileged_with_the_units_capabilities() {
 /// running one's path. The harness appends its binary and the arguments; the copy runs with
 /// the arguments.
 fn from_reachable_copy(dir: &Scratch) -> Vec<String> {
-    let mode = |m| std::os::unix::fs::PermissionsExt::from_mode(m);
-    std::fs::set_permissions(&dir.0, mode(0o755)).expect("scratch permissions");
-    let copy = dir.0.join("spliced");
-    std::fs::copy(tests::spliced_bin(), &copy).expect("copy the binary");
-    std::fs::set_permissions(&copy, mode(0o755)).expect("binary permissions");
+    let copy = reachable_copy(dir, &tests::spliced_bin(), "spliced");
     [
         "sh",
         "-c",
@@ -428,15 +424,21 @@ fn assert_switched(status_path: &Path, caps: u64, bounding: u64) {
     }
 }
 
+/// A copy of the program `from`, named `name` in `dir`, which the user 65534 can run, as
+/// `dir` itself can be entered by it.
+fn reachable_copy(dir: &Scratch, from: &Path, name: &str) -> std::path::PathBuf {
+    let mode = |m| std::os::unix::fs::PermissionsExt::from_mode(m);
+    std::fs::set_permissions(&dir.0, mode(0o755)).expect("scratch permissions");
+    let copy = dir.0.join(name);
+    std::fs::copy(from, &copy).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+    std::fs::set_permissions(&copy, mode(0o755)).expect("copy's permissions");
+    copy
+}
+
 /// A copy of the echo app in `dir`, which the user 65534 can run: a machine runs as the
 /// user, who may not reach into the checkout (a private temporary directory, say).
 fn reachable_echo(dir: &Scratch) -> std::path::PathBuf {
-    let mode = |m| std::os::unix::fs::PermissionsExt::from_mode(m);
-    std::fs::set_permissions(&dir.0, mode(0o755)).expect("scratch permissions");
-    let echo = dir.0.join("goecho");
-    std::fs::copy(tests::apps::go_app("goecho"), &echo).expect("copy goecho");
-    std::fs::set_permissions(&echo, mode(0o755)).expect("goecho permissions");
-    echo
+    reachable_copy(dir, &tests::apps::go_app("goecho"), "goecho")
 }
 
 /// A config whose one service runs the echo app at `echo` as a machine spliced starts, on

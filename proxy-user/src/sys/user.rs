@@ -155,11 +155,11 @@ pub fn pass_capabilities(cmd: &mut std::process::Command) {
             if libc::getuid() == 0 {
                 return Ok(());
             }
-            let (header, mut data) = capabilities()?;
+            let mut data = capabilities()?;
             let permitted = u64::from(data[0].permitted) | (u64::from(data[1].permitted) << 32);
             data[0].inheritable = data[0].permitted;
             data[1].inheritable = data[1].permitted;
-            set_capabilities(&header, &data)?;
+            set_capabilities(&data)?;
             let raise = libc::c_ulong::try_from(libc::PR_CAP_AMBIENT_RAISE).unwrap_or(2);
             for cap in (0..64).filter(|c| permitted & (1 << c) != 0) {
                 if libc::prctl(libc::PR_CAP_AMBIENT, raise, cap, 0, 0) != 0 {
@@ -180,24 +180,36 @@ pub fn pass_no_capabilities(cmd: &mut tokio::process::Command) {
     // makes only system calls (prctl, capget, capset) on locals.
     unsafe {
         cmd.pre_exec(|| {
-            let clear = libc::c_ulong::try_from(libc::PR_CAP_AMBIENT_CLEAR_ALL).unwrap_or(4);
-            if libc::prctl(libc::PR_CAP_AMBIENT, clear, 0, 0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let (header, mut data) = capabilities()?;
+            clear_ambient()?;
+            let mut data = capabilities()?;
             data[0].inheritable = 0;
             data[1].inheritable = 0;
-            set_capabilities(&header, &data)
+            set_capabilities(&data)
         });
     }
 }
 
-/// This thread's capability sets (async-signal-safe: one system call).
-fn capabilities() -> io::Result<(CapHeader, [CapData; 2])> {
-    let header = CapHeader {
+/// The capability header that names the calling thread.
+fn this_thread() -> CapHeader {
+    CapHeader {
         version: CAP_VERSION_3,
         pid: 0,
-    };
+    }
+}
+
+/// Empties this thread's ambient set (async-signal-safe: one system call).
+fn clear_ambient() -> io::Result<()> {
+    let clear = libc::c_ulong::try_from(libc::PR_CAP_AMBIENT_CLEAR_ALL).unwrap_or(4);
+    // SAFETY: prctl with plain integers.
+    if unsafe { libc::prctl(libc::PR_CAP_AMBIENT, clear, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// This thread's capability sets (async-signal-safe: one system call).
+fn capabilities() -> io::Result<[CapData; 2]> {
+    let header = this_thread();
     let empty = CapData {
         effective: 0,
         permitted: 0,
@@ -208,13 +220,14 @@ fn capabilities() -> io::Result<(CapHeader, [CapData; 2])> {
     if unsafe { libc::syscall(libc::SYS_capget, &raw const header, data.as_mut_ptr()) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok((header, data))
+    Ok(data)
 }
 
 /// Sets this thread's capability sets (async-signal-safe: one system call).
-fn set_capabilities(header: &CapHeader, data: &[CapData; 2]) -> io::Result<()> {
+fn set_capabilities(data: &[CapData; 2]) -> io::Result<()> {
+    let header = this_thread();
     // SAFETY: capset reads the header and two `CapData`, which outlive the call.
-    if unsafe { libc::syscall(libc::SYS_capset, &raw const *header, data.as_ptr()) } != 0 {
+    if unsafe { libc::syscall(libc::SYS_capset, &raw const header, data.as_ptr()) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
@@ -312,10 +325,6 @@ fn switch_this_thread() -> i32 {
         *g = slot.load(Ordering::SeqCst);
     }
     let (uid, gid) = (UID.load(Ordering::SeqCst), GID.load(Ordering::SeqCst));
-    let header = CapHeader {
-        version: CAP_VERSION_3,
-        pid: 0,
-    };
     let data = [
         CapData {
             effective: keep as u32,
@@ -338,13 +347,13 @@ fn switch_this_thread() -> i32 {
                 return errno();
             }
         }
-        let clear_ambient = libc::c_ulong::try_from(libc::PR_CAP_AMBIENT_CLEAR_ALL).unwrap_or(4);
-        if libc::prctl(libc::PR_CAP_AMBIENT, clear_ambient, 0, 0, 0) != 0
+        // Each step leaves errno set when it fails.
+        if clear_ambient().is_err()
             || libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0
             || libc::syscall(libc::SYS_setgroups, n, groups.as_ptr()) != 0
             || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
             || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
-            || libc::syscall(libc::SYS_capset, &raw const header, data.as_ptr()) != 0
+            || set_capabilities(&data).is_err()
             || libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) != 0
         {
             return errno();
